@@ -1,0 +1,234 @@
+"""Every fedcl setting as a pydantic model, validated once at the edge.
+
+Sources, later ones win: defaults < TOML file < environment (``FEDCL_SECTION__KEY``) <
+command-line overrides (``section.key=value``). Library functions never receive these
+objects: the CLIs and Flower adapters unpack them into keyword arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+class ConfigError(ValueError):
+    """A configuration a user wrote is wrong; the message says where and how to fix it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataSettings(_Section):
+    name: Literal["fashion-mnist", "medmnist", "folder", "synthetic"] = "fashion-mnist"
+    path: Path | None = None  # None: the data set's default location
+    partition: Literal["iid", "dirichlet", "pathological"] = "pathological"
+    num_sites: int = Field(5, ge=1)
+    alpha: float = Field(0.5, gt=0)
+    classes_per_site: int = Field(2, ge=1)
+    max_images_per_site: int | None = Field(2000, ge=1)
+    eval_split: str = "test"
+    eval_max_images: int | None = Field(2000, ge=1)
+    train_max_images: int | None = Field(None, ge=1)  # centralized training subset
+    synthetic_images: int = Field(2000, ge=10)
+    synthetic_classes: int = Field(10, ge=2)
+    seed: int = 0
+
+
+class ModelSettings(_Section):
+    arch: Literal["cnn", "resnet18"] = "cnn"
+    width: int = Field(32, ge=4)
+    proj_dim: int = Field(128, ge=2)
+    proj_hidden: int = Field(256, ge=2)
+
+
+class AugmentSettings(_Section):
+    crop_scale_min: float = Field(0.3, gt=0, le=1)
+    flip: bool = True
+    brightness: float = Field(0.4, ge=0)
+    contrast: float = Field(0.4, ge=0)
+    blur_prob: float = Field(0.5, ge=0, le=1)
+    noise_std: float = Field(0.05, ge=0)
+
+
+class TrainSettings(_Section):
+    epochs: int = Field(1, ge=1)  # local epochs per round (federated) or total (centralized)
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    temperature: float = Field(0.2, gt=0)
+    in_batch_negatives: bool = True
+    key_encoder: Literal["global", "online"] = "global"
+    num_push: int = Field(512, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1)  # torch intra-op threads; None: all cores
+    seed: int = 0
+
+
+class QueueSettings(_Section):
+    enabled: bool = True
+    num_negatives: int = Field(4096, ge=0)
+    capacity: int = Field(65536, ge=1)
+    per_site_quota: int = Field(16384, ge=1)
+    max_staleness: int = Field(2, ge=0)
+    warmup_rounds: int = Field(1, ge=0)
+    dtype: Literal["float16", "float32"] = "float16"
+
+
+class PrivacySettings(_Section):
+    dpsgd: bool = False
+    target_epsilon: float = Field(8.0, gt=0)  # for DP-SGD over the whole planned run
+    delta: float = Field(1e-5, gt=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    noise_multiplier: float | None = Field(None, ge=0)  # None: derived from target_epsilon
+    unit: Literal["example", "patient"] = "example"
+    release: Literal["raw", "prototypes", "public", "gaussian"] = "raw"
+    release_noise_multiplier: float = Field(1.0, ge=0)
+    release_sample_rate: float = Field(0.1, gt=0, le=1)
+    num_prototypes: int = Field(64, ge=1)
+    epsilon_budget: float | None = Field(None, gt=0)  # per site, all channels together
+    accountant: Literal["rdp", "prv"] = "rdp"
+
+
+class FederationSettings(_Section):
+    num_rounds: int = Field(5, ge=1)
+    strategy: str = "FedAvg"
+    fraction_train: float = Field(1.0, gt=0, le=1)
+    min_available_nodes: int = Field(1, ge=1)
+    min_train_nodes: int = Field(1, ge=1)
+    eval_every: int = Field(1, ge=1)
+
+
+class ServerSettings(_Section):
+    superlink_host: str = "127.0.0.1"
+    superlink_port: int = Field(8000, ge=0, le=65535)
+    queue_host: str = "127.0.0.1"
+    queue_port: int = Field(50051, ge=0, le=65535)
+    out_dir: Path = Path("runs/latest")
+    checkpoint_dir: Path | None = None  # None: out_dir / "checkpoints"
+    insecure: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    coordinator_token: str | None = None
+    site_tokens: dict[str, str] = Field(default_factory=dict)
+    audit_log: Path | None = None
+    tensorboard: bool = False
+
+
+class FedclConfig(BaseSettings):
+    """The whole configuration of a fedcl run."""
+
+    model_config = SettingsConfigDict(
+        extra="forbid",
+        env_prefix="FEDCL_",
+        env_nested_delimiter="__",
+        validate_assignment=True,
+    )
+
+    data: DataSettings = Field(default_factory=DataSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    augment: AugmentSettings = Field(default_factory=AugmentSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    queue: QueueSettings = Field(default_factory=QueueSettings)
+    privacy: PrivacySettings = Field(default_factory=PrivacySettings)
+    federation: FederationSettings = Field(default_factory=FederationSettings)
+    server: ServerSettings = Field(default_factory=ServerSettings)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "FedclConfig":
+        if self.privacy.dpsgd and self.train.in_batch_negatives:
+            raise ValueError(
+                "privacy.dpsgd needs train.in_batch_negatives = false: with in-batch negatives one "
+                "example's loss depends on other examples and per-example clipping is not valid"
+            )
+        if self.queue.per_site_quota > self.queue.capacity:
+            raise ValueError("queue.per_site_quota must not exceed queue.capacity")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # init (file merged with CLI overrides) wins over the environment; no .env files.
+        return (init_settings, env_settings)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. train.epochs=3)")
+    key, raw = item.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # bare strings: data.name=synthetic
+    return parts, value
+
+
+def _merge(base: dict, parts: list[str], value: Any) -> None:
+    node = base
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set {'.'.join(parts)}: {p} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def format_validation_error(err: ValidationError, *, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(root)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  - {loc}: unknown key (check the spelling; see README for the settings)")
+        else:
+            given = e.get("input")
+            shown = "" if isinstance(given, dict) else f" (got {given!r})"
+            lines.append(f"  - {loc}: {e['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def load_config(path: Path | str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> FedclConfig:
+    """Build the configuration from an optional TOML file, the environment and overrides."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    for item in overrides:
+        parts, value = _parse_override(item)
+        _merge(data, parts, value)
+    if overrides:
+        source += " + overrides"
+    if any(k.startswith("FEDCL_") for k in os.environ):
+        source += " + FEDCL_* environment"
+    try:
+        return FedclConfig(**data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source=source)) from None
+
+
+def dump_config(cfg: FedclConfig) -> str:
+    """JSON of the effective configuration, for logs and checkpoints."""
+    return json.dumps(cfg.model_dump(mode="json"), sort_keys=True)

@@ -1,0 +1,249 @@
+"""One site's local round, and centralized SimCLR training, as plain functions.
+
+A round: the global weights and K detached negatives from the queue come in; the local model
+trains E epochs on two augmented views per image; trained weights, embeddings to share and
+metrics go out. Keys follow MoCo (He et al. 2020) with the round's global model as the slowly
+moving key encoder: query = local model(view a), key = frozen global model(view b), and the
+embeddings pushed to the queue come from the same frozen model, so every key a site sees lives
+in a global model's space at most ``max_staleness`` rounds old.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from fedcl.augment import TwoViewAugment
+from fedcl.losses import info_nce, nt_xent
+from fedcl.models import canonical_state_dict
+
+
+@dataclass
+class LocalRoundResult:
+    state: dict[str, torch.Tensor]  # canonical state dict, CPU
+    embeddings: torch.Tensor  # (M, d) float32 unit norm, from the round's global model
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' picks CUDA when present; 'cuda' without a GPU is a user error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device = 'cuda' but no CUDA GPU is visible; use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def _to_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # uint8 (B, C, H, W) -> float in [0, 1] on the device
+    return images.to(device, non_blocking=True).float().div_(255.0)
+
+
+def contrastive_loss(
+    model: nn.Module,
+    key_model: nn.Module | None,
+    v1: torch.Tensor,
+    v2: torch.Tensor,
+    *,
+    negatives: torch.Tensor | None,
+    temperature: float,
+    in_batch: bool,
+) -> torch.Tensor:
+    """Symmetric InfoNCE for a batch of view pairs.
+
+    The two views go through the trained model in two separate forward calls, so that under
+    Opacus each example's per-sample gradient collects both of its views (a stacked 2B batch
+    would be clipped per view).
+    """
+    q1 = model(v1)  # (B, d)
+    q2 = model(v2)  # (B, d)
+    if key_model is not None:
+        with torch.no_grad():  # detached: keys come from the frozen round model
+            k1, k2 = key_model(v1), key_model(v2)
+    else:
+        if negatives is None or negatives.shape[0] == 0:
+            if in_batch:
+                return nt_xent(q1, q2, temperature=temperature)
+        k1, k2 = q1, q2
+    loss_a = info_nce(q1, k2, negatives, temperature=temperature, in_batch=in_batch)
+    loss_b = info_nce(q2, k1, negatives, temperature=temperature, in_batch=in_batch)
+    return 0.5 * (loss_a + loss_b)
+
+
+@torch.no_grad()
+def encode(
+    model: nn.Module, images: torch.Tensor, *, device: torch.device, batch_size: int = 1024,
+    augment: TwoViewAugment | None = None, generator: torch.Generator | None = None, projected: bool = True,
+) -> torch.Tensor:
+    """Embeddings (N, d) of uint8 images; projected=True gives the unit-norm head output."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, images.shape[0], batch_size):
+        x = _to_float(images[start:start + batch_size], device)
+        if augment is not None:
+            x = augment(x, generator=generator)
+        out.append((model(x) if projected else model.features(x)).float().cpu())
+    model.train(was_training)
+    if not out:
+        dim = model.head[-1].out_features if projected else model.feat_dim
+        return torch.zeros(0, dim)
+    return torch.cat(out)
+
+
+def local_round(
+    model: nn.Module,
+    images: torch.Tensor,
+    *,
+    negatives: torch.Tensor | None,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    temperature: float,
+    in_batch_negatives: bool,
+    key_encoder: Literal["global", "online"],
+    augment: TwoViewAugment,
+    num_push: int,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    dp=None,
+    progress: bool = False,
+) -> LocalRoundResult:
+    """Train ``model`` in place on one site's images for ``epochs`` local epochs.
+
+    images: uint8 (N, C, H, W). negatives: (K, d) detached queue entries or None.
+    dp: a ``fedcl.privacy.dp.DPParams`` for DP-SGD (Poisson sampling, per-example clipping,
+    noise); then in-batch negatives are refused, because they couple examples.
+    """
+    device = torch.device(device) if isinstance(device, str) else device
+    if dp is not None and in_batch_negatives:
+        raise ValueError("DP-SGD needs in_batch_negatives=False (per-example clipping is only valid "
+                         "when each example's loss depends on its own views and detached negatives)")
+    gen = torch.Generator().manual_seed(seed)
+    aug_gen = torch.Generator(device=device).manual_seed(seed + 1) if device.type == "cuda" else gen
+    model.to(device).train()
+    round_model = copy.deepcopy(model).eval()  # the round's global weights, frozen
+    for p in round_model.parameters():
+        p.requires_grad_(False)
+    key_model = round_model if key_encoder == "global" else None
+    negs = negatives.to(device).float() if negatives is not None and negatives.numel() > 0 else None
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    n = images.shape[0]
+    t_aug = t_step = 0.0
+    losses: list[float] = []
+    steps = 0
+    dp_info: dict[str, float] = {}
+
+    if dp is not None:
+        from fedcl.privacy.dp import dp_training_batches, make_dp_training
+
+        train_model, optimizer, check = make_dp_training(model, optimizer, params=dp, num_examples=n)
+        batches = dp_training_batches(num_examples=n, sample_rate=dp.sample_rate, epochs=epochs, generator=gen)
+        total = max(1, round(epochs / dp.sample_rate)) if dp.sample_rate > 0 else 0
+    else:
+        train_model, check = model, None
+        per_epoch = [torch.randperm(n, generator=gen).split(batch_size) for _ in range(epochs)]
+        batches = (idx for epoch in per_epoch for idx in epoch)
+        total = sum(len(e) for e in per_epoch)
+
+    bar = tqdm(batches, total=total, desc="local round", disable=not progress, leave=False)
+    for idx in bar:
+        t0 = time.perf_counter()
+        x = _to_float(images[idx], device)
+        v1, v2 = augment.two_views(x, generator=aug_gen)
+        t1 = time.perf_counter()
+        loss = contrastive_loss(train_model, key_model, v1, v2, negatives=negs, temperature=temperature,
+                                in_batch=in_batch_negatives)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if check is not None:
+            check(int(idx.numel()))
+        optimizer.step()
+        t_step += time.perf_counter() - t1
+        t_aug += t1 - t0
+        steps += 1
+        if idx.numel() > 0:
+            losses.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    if dp is not None:
+        from fedcl.privacy.dp import release_dp_training
+
+        release_dp_training(model, train_model)
+        dp_info = {"dp_steps": float(steps), "dp_sample_rate": float(dp.sample_rate),
+                   "dp_noise_multiplier": float(dp.noise_multiplier)}
+
+    t0 = time.perf_counter()
+    embeddings = torch.zeros(0, model.head[-1].out_features)
+    if num_push > 0 and n > 0:
+        pick = torch.randperm(n, generator=gen)[:num_push]
+        embeddings = encode(round_model, images[pick], device=device, augment=augment, generator=aug_gen)
+    t_push = time.perf_counter() - t0
+
+    metrics = {
+        "loss": float(sum(losses) / len(losses)) if losses else float("nan"),
+        "num_examples": float(n),
+        "steps": float(steps),
+        "negatives_used": float(0 if negs is None else negs.shape[0]),
+        "seconds_augment": t_aug,
+        "seconds_train": t_step,
+        "seconds_encode_push": t_push,
+        **dp_info,
+    }
+    model.to("cpu")
+    return LocalRoundResult(state=canonical_state_dict(model), embeddings=embeddings, metrics=metrics)
+
+
+def train_centralized(
+    model: nn.Module,
+    images: torch.Tensor,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    temperature: float,
+    augment: TwoViewAugment,
+    device: torch.device,
+    seed: int = 0,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    on_epoch=None,
+    progress: bool = True,
+) -> list[float]:
+    """SimCLR (NT-Xent, in-batch negatives) with cosine learning-rate decay; returns epoch losses."""
+    gen = torch.Generator().manual_seed(seed)
+    model.to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs))
+    n = images.shape[0]
+    history = []
+    for epoch in range(epochs):
+        batches = torch.randperm(n, generator=gen).split(batch_size)
+        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
+        total, count = 0.0, 0
+        for idx in bar:
+            if idx.numel() < 2:
+                continue  # NT-Xent needs another example as a negative
+            x = _to_float(images[idx], device)
+            v1, v2 = augment.two_views(x, generator=gen if device.type == "cpu" else None)
+            loss = nt_xent(model(v1), model(v2), temperature=temperature)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * idx.numel()
+            count += idx.numel()
+            bar.set_postfix(loss=f"{total / count:.3f}")
+        sched.step()
+        history.append(total / max(1, count))
+        if on_epoch is not None:
+            on_epoch(epoch + 1, history[-1])
+    model.to("cpu")
+    return history

@@ -1,0 +1,66 @@
+import pytest
+
+from fedcl.config import ConfigError, FedclConfig, load_config
+
+
+def test_defaults_are_valid():
+    cfg = load_config()
+    assert isinstance(cfg, FedclConfig)
+    assert cfg.data.name == "fashion-mnist" and cfg.data.num_sites == 5 and cfg.data.partition == "pathological"
+
+
+def test_file_env_and_overrides_precedence(tmp_path, monkeypatch):
+    f = tmp_path / "c.toml"
+    f.write_text("[train]\nepochs = 3\nlr = 0.1\n[data]\nname = 'synthetic'\n")
+    monkeypatch.setenv("FEDCL_TRAIN__BATCH_SIZE", "64")
+    cfg = load_config(f, ["train.lr=0.5", "queue.num_negatives=128"])
+    assert cfg.train.epochs == 3 and cfg.train.lr == 0.5 and cfg.train.batch_size == 64
+    assert cfg.data.name == "synthetic" and cfg.queue.num_negatives == 128
+
+
+def test_typo_names_the_key(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text("[train]\nepochs = 3\nlearning_rate = 0.1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    assert "train.learning_rate" in str(e.value) and "unknown key" in str(e.value)
+
+
+def test_wrong_type_names_the_key_and_value():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["train.epochs='many'"])
+    assert "train.epochs" in str(e.value) and "many" in str(e.value)
+
+
+def test_unknown_section_and_bad_literal():
+    with pytest.raises(ConfigError, match="trian"):
+        load_config(None, ["trian.epochs=2"])
+    with pytest.raises(ConfigError, match="privacy.release"):
+        load_config(None, ["privacy.release=leaky"])
+
+
+def test_dp_with_in_batch_negatives_is_refused():
+    with pytest.raises(ConfigError, match="in_batch_negatives"):
+        load_config(None, ["privacy.dpsgd=true", "train.in_batch_negatives=true"])
+    cfg = load_config(None, ["privacy.dpsgd=true", "train.in_batch_negatives=false"])
+    assert cfg.privacy.dpsgd
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\nepochs=")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+
+
+def test_cli_prints_one_paragraph_not_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    f = tmp_path / "c.toml"
+    f.write_text("[model]\narch = 'vgg'\n")
+    r = subprocess.run([sys.executable, "-m", "fedcl.cli", "train", "--config", str(f)], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "model.arch" in r.stderr and "Traceback" not in r.stderr
