@@ -65,7 +65,7 @@ def train(
     train_centralized(
         model, train_set.images, epochs=cfg.train.epochs, batch_size=cfg.train.batch_size, lr=cfg.train.lr,
         temperature=cfg.train.temperature, augment=augment, device=device, seed=cfg.train.seed,
-        momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay,
+        optimizer=cfg.train.optimizer, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay,
         on_epoch=lambda e, loss: log.write({"epoch": e, "loss": loss, "seconds": time.time() - start}),
     )
     save_encoder(out / "encoder.pt", model=model, meta={"trained": "centralized", "epochs": cfg.train.epochs,

@@ -60,9 +60,10 @@ class AugmentSettings(_Section):
 class TrainSettings(_Section):
     epochs: int = Field(1, ge=1)  # local epochs per round (federated) or total (centralized)
     batch_size: int = Field(256, ge=1)
-    lr: float = Field(0.05, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
+    optimizer: Literal["adam", "sgd"] = "adam"  # SGD at lr 0.05 collapsed the small CNN here
+    lr: float = Field(1e-3, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)  # SGD only
+    weight_decay: float = Field(1e-6, ge=0)
     temperature: float = Field(0.2, gt=0)
     in_batch_negatives: bool = True
     key_encoder: Literal["global", "online"] = "global"

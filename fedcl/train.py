@@ -40,6 +40,14 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def make_optimizer(params, *, name: str, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}: use 'adam' or 'sgd'")
+
+
 def _to_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     # uint8 (B, C, H, W) -> float in [0, 1] on the device
     return images.to(device, non_blocking=True).float().div_(255.0)
@@ -112,8 +120,9 @@ def local_round(
     num_push: int,
     device: torch.device | str = "cpu",
     seed: int = 0,
+    optimizer: str = "adam",
     momentum: float = 0.9,
-    weight_decay: float = 5e-4,
+    weight_decay: float = 1e-6,
     dp=None,
     progress: bool = False,
 ) -> LocalRoundResult:
@@ -136,7 +145,7 @@ def local_round(
     key_model = round_model if key_encoder == "global" else None
     negs = negatives.to(device).float() if negatives is not None and negatives.numel() > 0 else None
 
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    optimizer = make_optimizer(model.parameters(), name=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
     n = images.shape[0]
     t_aug = t_step = 0.0
     losses: list[float] = []
@@ -213,15 +222,16 @@ def train_centralized(
     augment: TwoViewAugment,
     device: torch.device,
     seed: int = 0,
+    optimizer: str = "adam",
     momentum: float = 0.9,
-    weight_decay: float = 5e-4,
+    weight_decay: float = 1e-6,
     on_epoch=None,
     progress: bool = True,
 ) -> list[float]:
     """SimCLR (NT-Xent, in-batch negatives) with cosine learning-rate decay; returns epoch losses."""
     gen = torch.Generator().manual_seed(seed)
     model.to(device).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    optimizer = make_optimizer(model.parameters(), name=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs))
     n = images.shape[0]
     history = []

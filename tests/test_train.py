@@ -1,0 +1,89 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fedcl.augment import TwoViewAugment
+from fedcl.data import make_synthetic
+from fedcl.models import build_model, canonical_state_dict
+from fedcl.train import encode, local_round, resolve_device, train_centralized
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_synthetic(num_images=96, num_classes=4, seed=0)
+
+
+def _round(model, images, **kw):
+    args = dict(negatives=F.normalize(torch.randn(64, 16), dim=1), epochs=1, batch_size=32, lr=1e-3,
+                temperature=0.2, in_batch_negatives=True, key_encoder="global", augment=TwoViewAugment(),
+                num_push=40, device="cpu", seed=0)
+    args.update(kw)
+    return local_round(model, images, **args)
+
+
+def test_round_outputs(data):
+    model = build_model(in_channels=1, width=8, proj_dim=16, proj_hidden=32)
+    before = canonical_state_dict(model)
+    res = _round(model, data.images)
+    assert set(res.state) == set(before)
+    assert any(not torch.equal(res.state[k], before[k]) for k in before)  # it trained
+    assert res.embeddings.shape == (40, 16)
+    torch.testing.assert_close(res.embeddings.norm(dim=1), torch.ones(40))
+    m = res.metrics
+    assert m["num_examples"] == 96 and m["steps"] == 3 and m["negatives_used"] == 64
+    assert m["loss"] > 0
+
+
+def test_pushed_embeddings_come_from_the_round_model(data):
+    torch.manual_seed(0)
+    model = build_model(in_channels=1, width=8, proj_dim=16, proj_hidden=32)
+    round_model = copy.deepcopy(model)
+    res = _round(model, data.images, num_push=96, augment=TwoViewAugment(crop_scale=(1.0, 1.0), flip=False,
+                 brightness=0.0, contrast=0.0, blur_prob=0.0, noise_std=0.0))
+    # identity augmentation: embeddings must equal the round model's encoding (order is a permutation)
+    want = encode(round_model, data.images, device=torch.device("cpu"))
+    trained = encode(model, data.images, device=torch.device("cpu"))
+    # (near-identity: the crop still resamples, so compare which model explains them better)
+    sims_round = (res.embeddings @ want.T).max(dim=1).values
+    sims_trained = (res.embeddings @ trained.T).max(dim=1).values
+    assert sims_round.min() > 0.99
+    assert sims_round.mean() > sims_trained.mean()
+
+
+@pytest.mark.parametrize("key_encoder,in_batch", [("global", False), ("online", True), ("online", False)])
+def test_modes_and_tiny_batches(data, key_encoder, in_batch):
+    model = build_model(in_channels=1, width=8, proj_dim=16, proj_hidden=32)
+    res = _round(model, data.images[:5], batch_size=1, key_encoder=key_encoder, in_batch_negatives=in_batch,
+                 num_push=0)
+    assert res.metrics["steps"] == 5 and res.embeddings.shape == (0, 16)
+    assert torch.isfinite(torch.tensor(res.metrics["loss"]))
+
+
+def test_no_negatives_global_key(data):
+    model = build_model(in_channels=1, width=8, proj_dim=16, proj_hidden=32)
+    res = _round(model, data.images, negatives=None, in_batch_negatives=True)
+    assert res.metrics["negatives_used"] == 0 and res.metrics["loss"] > 0
+
+
+def test_dp_refuses_in_batch_negatives(data):
+    model = build_model(in_channels=1, width=8)
+    with pytest.raises(ValueError, match="in_batch_negatives"):
+        _round(model, data.images, dp=object())
+
+
+def test_centralized_loss_decreases(data):
+    torch.manual_seed(0)
+    model = build_model(in_channels=1, width=8, proj_dim=16, proj_hidden=32)
+    hist = train_centralized(model, data.images, epochs=4, batch_size=32, lr=1e-3, temperature=0.5,
+                             augment=TwoViewAugment(), device=torch.device("cpu"), progress=False)
+    assert len(hist) == 4 and hist[-1] < hist[0]
+
+
+def test_device_resolution():
+    assert resolve_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        assert resolve_device("auto").type == "cpu"
+        with pytest.raises(RuntimeError, match="no CUDA"):
+            resolve_device("cuda")
