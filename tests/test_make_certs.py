@@ -1,0 +1,46 @@
+import ssl
+import subprocess
+import sys
+from pathlib import Path
+
+from cryptography import x509
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, str(ROOT / "deploy" / "make_certs.py"), *args], capture_output=True, text=True)
+
+
+def test_creates_a_verifiable_chain_and_private_keys(tmp_path):
+    r = _run("--out", str(tmp_path), "--server-ip", "127.0.0.1", "--server-name", "localhost",
+             "--site", "site-a", "--site", "site-b")
+    assert r.returncode == 0, r.stderr
+    ca = x509.load_pem_x509_certificate((tmp_path / "ca.pem").read_bytes())
+    for leaf in ["server.pem", "sites/site-a.pem", "sites/site-b.pem"]:
+        cert = x509.load_pem_x509_certificate((tmp_path / leaf).read_bytes())
+        cert.verify_directly_issued_by(ca)
+    site = x509.load_pem_x509_certificate((tmp_path / "sites/site-a.pem").read_bytes())
+    assert site.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value == "site-a"
+    for key in ["ca.key", "server.key", "sites/site-a.key", "tokens.toml", "sites/site-a.token"]:
+        assert (tmp_path / key).stat().st_mode & 0o077 == 0, key
+    # a TLS context accepts the server pair
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(tmp_path / "server.pem", tmp_path / "server.key")
+
+
+def test_rerun_adds_a_site_and_keeps_existing_tokens(tmp_path):
+    assert _run("--out", str(tmp_path), "--site", "a").returncode == 0
+    tok_a = (tmp_path / "sites/a.token").read_text()
+    ca = (tmp_path / "ca.pem").read_bytes()
+    assert _run("--out", str(tmp_path), "--site", "a", "--site", "b").returncode == 0
+    assert (tmp_path / "sites/a.token").read_text() == tok_a and (tmp_path / "ca.pem").read_bytes() == ca
+    assert (tmp_path / "sites/b.token").exists()
+    assert tok_a.strip() != (tmp_path / "sites/b.token").read_text().strip()
+
+
+def test_bad_site_id_and_ip_are_refused(tmp_path):
+    r = _run("--out", str(tmp_path), "--site", "a/../b")
+    assert r.returncode == 2 and "site id" in r.stderr
+    r = _run("--out", str(tmp_path), "--server-ip", "999.1.1.1")
+    assert r.returncode == 2 and "999.1.1.1" in r.stderr
