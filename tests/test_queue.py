@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import tempfile
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -433,10 +435,11 @@ class ListModel:
 operation = st.one_of(
     st.tuples(st.just("push"), st.sampled_from(["a", "b", "c"]), st.integers(0, 9), st.integers(-1, 1)),
     st.tuples(st.just("advance"), st.integers(-1, 2)),
+    st.tuples(st.just("restart")),
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(operation, max_size=30), st.integers(4, 20), st.integers(1, 12), st.integers(0, 3))
 def test_random_operations_match_the_list_model(ops, capacity, quota, staleness):
     q = EmbeddingQueue(dim=4, capacity=capacity, per_site_quota=quota, max_staleness=staleness, dtype="float32")
@@ -451,6 +454,10 @@ def test_random_operations_match_the_list_model(ops, capacity, quota, staleness)
                 assert ok
             except QueueError:
                 assert not ok
+        elif op[0] == "restart":
+            with tempfile.TemporaryDirectory() as tmp:
+                q.snapshot(Path(tmp) / "q.npz")
+                q = EmbeddingQueue.restore(Path(tmp) / "q.npz")
         else:
             round = model.round + op[1]
             ok = model.advance(round)

@@ -504,12 +504,22 @@ def _write_config(path: Path, body: str) -> Path:
         ("[queue_service\n", "not valid TOML"),
         ("[server]\nrounds = 3\n", "no [queue_service] table"),
     ],
+    ids=["unknown-key", "bad-port", "no-tls", "short-token", "cert-without-key", "missing-cert-file", "bad-toml",
+         "no-table"],
 )
-def test_cli_config_errors_exit_2_with_one_clear_message(tmp_path, body, message):
-    proc = _run_cli(_write_config(tmp_path / "queue.toml", body))
-    out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 2, err
-    assert message in err and "Traceback" not in err
+def test_cli_config_errors_exit_2_with_one_clear_message(tmp_path, capsys, body, message):
+    from server.queue_cli import queue_main
+
+    assert queue_main(["--config", str(_write_config(tmp_path / "queue.toml", body))]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("fedcl-server queue: error:")
+
+
+def test_cli_config_error_in_a_real_process_has_no_traceback(tmp_path):
+    proc = _run_cli(_write_config(tmp_path / "queue.toml", "[queue_service]\ninsecure = true\nbogus = 1\n"))
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2
+    assert "bogus" in err and "Traceback" not in err and len(err.strip().splitlines()) <= 3
 
 
 def test_cli_serves_snapshots_on_sigterm_and_restores(tmp_path):
@@ -564,3 +574,36 @@ def test_cli_serves_snapshots_on_sigterm_and_restores(tmp_path):
     proc = _run_cli(config)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 2 and "dim" in err and "Traceback" not in err
+
+
+def test_cli_serves_tls_with_certificate_paths_relative_to_the_config(tmp_path):
+    cert, key = _self_signed_server()
+    (tmp_path / "certs").mkdir()
+    (tmp_path / "certs" / "queue.pem").write_bytes(cert)
+    (tmp_path / "certs" / "queue.key").write_bytes(key)
+    config = _write_config(
+        tmp_path / "queue.toml",
+        f"""
+        [queue_service]
+        port = 0
+        dim = {DIM}
+        tls_cert = "certs/queue.pem"
+        tls_key = "certs/queue.key"
+        coordinator_token = "{COORD}"
+
+        [queue_service.site_tokens]
+        site-a = "{TOKENS['site-a']}"
+        """,
+    )
+    proc = _run_cli(config)
+    try:
+        line = proc.stdout.readline()
+        assert "(TLS," in line, proc.stderr.read() if proc.poll() is not None else line
+        port = int(line.split("127.0.0.1:")[1].split()[0])
+        with QueueClient(f"127.0.0.1:{port}", site_id="site-a", token=TOKENS["site-a"], root_certificates=cert) as a:
+            assert a.push(unit(3), round=0, model_version=0) == 3
+            assert a.stats()["dtype"] == "float16"  # the documented default
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0

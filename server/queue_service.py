@@ -1,0 +1,495 @@
+"""gRPC service around the in-memory EmbeddingQueue (fedcl.queue.v1.EmbeddingQueue).
+
+Three layers, top to bottom:
+- ``QueueHandlers``: pure handlers (proto messages in, proto messages out) over an
+  EmbeddingQueue, for an already authenticated ``Principal``; they raise QueueError.
+- ``_Servicer``: the one thin gRPC layer: authenticates the caller, calls a handler and maps
+  QueueError/AccessError codes to gRPC status codes, writes the audit log.
+- ``start_queue_server``: TLS (optionally mutual), health checking, snapshot on stop.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import secrets
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from concurrent import futures
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from fedcl.proto import queue_pb2, queue_pb2_grpc
+from fedcl.queue import EmbeddingQueue, QueueError
+
+__all__ = [
+    "SERVICE_NAME",
+    "AccessError",
+    "AuditLog",
+    "Principal",
+    "QueueHandlers",
+    "QueueServer",
+    "start_queue_server",
+]
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = queue_pb2.DESCRIPTOR.services_by_name["EmbeddingQueue"].full_name
+COORDINATOR = "coordinator"
+COORDINATOR_PUSH_SITE = "server"  # site id of coordinator pushes (public reference set) without x-fedcl-site
+CHUNK_OVERHEAD_BYTES = 1024  # room for the non-data fields of a chunk message
+_WIRE = {
+    queue_pb2.DTYPE_FLOAT16: np.dtype("<f2"),
+    queue_pb2.DTYPE_FLOAT32: np.dtype("<f4"),
+}
+_WIRE_BY_NAME = {"float16": queue_pb2.DTYPE_FLOAT16, "float32": queue_pb2.DTYPE_FLOAT32}
+_SEEN_REQUESTS = 4096  # push request ids remembered for idempotent retries
+_SEEN_PEERS = 10000  # (peer, site) pairs remembered for "connect" audit events
+
+
+class AccessError(Exception):
+    """Missing or wrong credentials (UNAUTHENTICATED) or a forbidden call (PERMISSION_DENIED)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: a site (pushes and samples as ``site_id`` only) or the coordinator."""
+
+    site_id: str
+    coordinator: bool = False
+
+
+def rows_per_chunk(*, dim: int, itemsize: int, max_message_bytes: int) -> int:
+    rows = (max_message_bytes - CHUNK_OVERHEAD_BYTES) // (dim * itemsize)
+    if rows < 1:
+        raise ValueError(
+            f"max_message_bytes={max_message_bytes} cannot hold one embedding of dim {dim} "
+            f"({dim * itemsize} bytes + {CHUNK_OVERHEAD_BYTES} bytes overhead)"
+        )
+    return rows
+
+
+class QueueHandlers:
+    """The service's behaviour, free of gRPC: each method takes a Principal and proto messages."""
+
+    def __init__(self, *, queue: EmbeddingQueue, max_message_bytes: int, snapshot_path: Path | None) -> None:
+        self.queue = queue
+        self.max_message_bytes = int(max_message_bytes)
+        self.snapshot_path = snapshot_path
+        self._rng = np.random.default_rng(secrets.randbits(128))
+        self._rng_lock = threading.Lock()
+        self._push_lock = threading.Lock()
+        self._seen: OrderedDict[tuple[str, str], int] = OrderedDict()
+        rows_per_chunk(dim=queue.dim, itemsize=4, max_message_bytes=self.max_message_bytes)  # fail fast
+
+    def push(self, principal: Principal, chunks: Iterable[queue_pb2.PushChunk]) -> queue_pb2.PushReply:
+        """Assemble every chunk, then validate and store all rows together; nothing is stored on error."""
+        limit = min(self.queue.per_site_quota, self.queue.capacity)
+        parts: list[np.ndarray] = []
+        first: queue_pb2.PushChunk | None = None
+        total = 0
+        for chunk in chunks:  # a broken stream raises here, before anything is stored
+            if first is None:
+                first = chunk
+                if chunk.dtype not in _WIRE:
+                    raise QueueError("INVALID_ARGUMENT", "push chunk dtype must be DTYPE_FLOAT16 or DTYPE_FLOAT32")
+            elif (chunk.round, chunk.model_version, chunk.dim, chunk.dtype, chunk.request_id) != (
+                first.round,
+                first.model_version,
+                first.dim,
+                first.dtype,
+                first.request_id,
+            ):
+                raise QueueError(
+                    "INVALID_ARGUMENT",
+                    "all chunks of one push must carry the same round, model_version, dim, dtype and request_id",
+                )
+            if chunk.dim != self.queue.dim:
+                raise QueueError("INVALID_ARGUMENT", f"embeddings have dim {chunk.dim}, this queue holds dim {self.queue.dim}")
+            wire = _WIRE[chunk.dtype]
+            if len(chunk.data) != chunk.rows * chunk.dim * wire.itemsize:
+                raise QueueError(
+                    "INVALID_ARGUMENT",
+                    f"chunk data has {len(chunk.data)} bytes, expected rows*dim*{wire.itemsize} = "
+                    f"{chunk.rows * chunk.dim * wire.itemsize}",
+                )
+            total += chunk.rows
+            if total > limit:
+                raise QueueError(
+                    "RESOURCE_EXHAUSTED",
+                    f"push of more than {limit} embeddings exceeds the per-site quota of "
+                    f"{self.queue.per_site_quota} (capacity {self.queue.capacity}); push fewer",
+                )
+            parts.append(np.frombuffer(chunk.data, dtype=wire).reshape(chunk.rows, chunk.dim))  # (rows, dim)
+        if first is None or total == 0:
+            raise QueueError("INVALID_ARGUMENT", "empty push: send at least one embedding")
+        embeddings = parts[0] if len(parts) == 1 else np.concatenate(parts)  # (N, dim)
+        key = (principal.site_id, first.request_id)
+        with self._push_lock:
+            if first.request_id and key in self._seen:
+                return queue_pb2.PushReply(accepted=self._seen[key], size=len(self.queue), duplicate=True)
+            accepted = self.queue.push(
+                embeddings, site_id=principal.site_id, round=first.round, model_version=first.model_version
+            )
+            if first.request_id:
+                self._seen[key] = accepted
+                if len(self._seen) > _SEEN_REQUESTS:
+                    self._seen.popitem(last=False)
+        return queue_pb2.PushReply(accepted=accepted, size=len(self.queue))
+
+    def sample(self, principal: Principal, request: queue_pb2.SampleRequest) -> Iterator[queue_pb2.SampleChunk]:
+        """Draw the whole sample first (errors surface before any chunk), then stream it in chunks."""
+        if principal.coordinator:
+            exclude = request.exclude_site or None
+        elif request.exclude_site and request.exclude_site != principal.site_id:
+            raise AccessError(
+                "PERMISSION_DENIED", "a site's sample always leaves out its own entries; only the coordinator sets exclude_site"
+            )
+        else:
+            exclude = principal.site_id
+        if request.dtype == queue_pb2.DTYPE_UNSPECIFIED:
+            wire_enum = _WIRE_BY_NAME[self.queue.dtype]
+        elif request.dtype in _WIRE:
+            wire_enum = request.dtype
+        else:
+            raise QueueError("INVALID_ARGUMENT", f"unknown dtype {request.dtype} in sample request")
+        wire = _WIRE[wire_enum]
+        max_age = request.max_age if request.HasField("max_age") else None
+        with self._rng_lock:  # numpy Generators are not thread-safe
+            drawn = self.queue.sample(
+                request.k, exclude_site=exclude, max_age=max_age, rng=self._rng, dtype=wire.name
+            )
+        return self._chunks(drawn.embeddings.astype(wire, copy=False), wire_enum)
+
+    def _chunks(self, embeddings: np.ndarray, wire_enum: int) -> Iterator[queue_pb2.SampleChunk]:
+        n, dim = embeddings.shape  # (n, dim) wire dtype
+        step = rows_per_chunk(dim=dim, itemsize=embeddings.itemsize, max_message_bytes=self.max_message_bytes)
+        for start in range(0, max(n, 1), step):  # an empty sample is one empty chunk
+            part = embeddings[start : start + step]
+            yield queue_pb2.SampleChunk(
+                rows=part.shape[0], dim=dim, dtype=wire_enum, data=part.tobytes(), total=n
+            )
+
+    def advance(self, principal: Principal, request: queue_pb2.AdvanceRequest) -> queue_pb2.AdvanceReply:
+        if not principal.coordinator:
+            raise AccessError("PERMISSION_DENIED", "only the coordinator (ServerApp) may advance the queue's round")
+        evicted = self.queue.advance(request.round)
+        self.save_snapshot()
+        return queue_pb2.AdvanceReply(evicted=evicted, current_round=self.queue.current_round, size=len(self.queue))
+
+    def stats(self, principal: Principal, request: queue_pb2.StatsRequest) -> queue_pb2.StatsReply:
+        s = self.queue.stats()
+        reply = queue_pb2.StatsReply(
+            size=s["size"],
+            capacity=s["capacity"],
+            dim=s["dim"],
+            dtype=_WIRE_BY_NAME[s["dtype"]],
+            current_round=s["current_round"],
+            max_staleness=s["max_staleness"],
+            per_site_quota=s["per_site_quota"],
+            per_site=s["per_site"],
+            pushed_total=s["pushed_total"],
+            evicted_capacity=s["evicted"]["capacity"],
+            evicted_quota=s["evicted"]["quota"],
+            evicted_staleness=s["evicted"]["staleness"],
+        )
+        if s["oldest_round"] is not None:
+            reply.oldest_round = s["oldest_round"]
+            reply.newest_round = s["newest_round"]
+        return reply
+
+    def save_snapshot(self) -> None:
+        if self.snapshot_path is not None:
+            self.queue.snapshot(self.snapshot_path)
+
+
+class AuditLog:
+    """Append-only JSON lines, fsynced, one per event (connect, push, sample, advance, rejection)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self._lock = threading.Lock()
+        self._file = None
+        if path is not None:
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+
+    def write(self, event: str, **fields: object) -> None:
+        if self._file is None:
+            return
+        record = {"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "event": event}
+        record.update({k: v for k, v in fields.items() if v is not None})
+        line = json.dumps(record, sort_keys=True) + "\n"
+        with self._lock:
+            if self._file is None:
+                return
+            self._file.write(line)
+            self._file.flush()
+            os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+
+class Authenticator:
+    """Maps call metadata (and the client certificate under mutual TLS) to a Principal."""
+
+    def __init__(self, *, site_tokens: dict[str, str], coordinator_token: str | None, mutual_tls: bool) -> None:
+        self._site_tokens = [(site, token.encode()) for site, token in site_tokens.items()]
+        self._coordinator = coordinator_token.encode() if coordinator_token else None
+        self.mutual_tls = mutual_tls
+        # No credentials of any kind configured: every caller is trusted (loopback tests, simulation).
+        self.open = not site_tokens and coordinator_token is None and not mutual_tls
+
+    def __call__(self, context: grpc.ServicerContext) -> Principal:
+        metadata = {key: value for key, value in context.invocation_metadata() if isinstance(value, str)}
+        claimed = metadata.get("x-fedcl-site") or None
+        header = metadata.get("authorization")
+        cert_site = None
+        if self.mutual_tls:
+            names = context.auth_context().get("x509_common_name") or []
+            cert_site = names[0].decode("utf-8", "replace") if names else None
+        if header is not None:
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                raise AccessError("UNAUTHENTICATED", "malformed authorization header: send 'authorization: Bearer <token>'")
+            presented = token.strip().encode()
+            if self._coordinator is not None and hmac.compare_digest(presented, self._coordinator):
+                return Principal(site_id=claimed or COORDINATOR_PUSH_SITE, coordinator=True)
+            site = None
+            for name, known in self._site_tokens:  # compare with every token: timing says nothing
+                if hmac.compare_digest(presented, known):
+                    site = name
+            if site is None:
+                raise AccessError("UNAUTHENTICATED", "unknown token: check the site's queue token")
+            if cert_site is not None and cert_site != site:
+                raise AccessError(
+                    "PERMISSION_DENIED", f"the token is site {site!r}'s but the client certificate is {cert_site!r}'s"
+                )
+        elif cert_site is not None:
+            site = cert_site
+        elif self.open:
+            return Principal(site_id=claimed, coordinator=False) if claimed else Principal(COORDINATOR, coordinator=True)
+        else:
+            raise AccessError("UNAUTHENTICATED", "missing credentials: send 'authorization: Bearer <token>'")
+        if claimed is not None and claimed != site:
+            raise AccessError("PERMISSION_DENIED", f"site {site!r} cannot act as site {claimed!r}")
+        return Principal(site_id=site)
+
+
+def _status(code: str) -> grpc.StatusCode:
+    return getattr(grpc.StatusCode, code)
+
+
+class _Servicer(queue_pb2_grpc.EmbeddingQueueServicer):
+    """The thin gRPC layer: authenticate, call the pure handler, map errors to status codes, audit."""
+
+    def __init__(self, handlers: QueueHandlers, authenticate: Authenticator, audit: AuditLog) -> None:
+        self._handlers = handlers
+        self._authenticate = authenticate
+        self._audit = audit
+        self._peers: set[tuple[str, str]] = set()
+        self._peers_lock = threading.Lock()
+
+    def _principal(self, context: grpc.ServicerContext, method: str) -> Principal:
+        try:
+            principal = self._authenticate(context)
+        except AccessError as err:
+            self._audit.write("rejection", method=method, peer=context.peer(), code=err.code, reason=err.message)
+            context.abort(_status(err.code), err.message)
+        key = (context.peer(), principal.site_id)
+        with self._peers_lock:
+            first = key not in self._peers
+            if first:
+                if len(self._peers) >= _SEEN_PEERS:  # bounded: a long-running service forgets old peers
+                    self._peers.clear()
+                self._peers.add(key)
+        if first:
+            self._audit.write("connect", site=principal.site_id, coordinator=principal.coordinator, peer=context.peer())
+        return principal
+
+    def _reject(self, context, method: str, principal: Principal, err: Exception, round: int | None = None) -> None:
+        if isinstance(err, (QueueError, AccessError)):
+            code, message = err.code, err.message
+        elif isinstance(err, grpc.RpcError):  # the client's stream broke: nothing was stored
+            code, message = "CANCELLED", "push stream broken before it completed; nothing stored"
+        else:
+            log.exception("queue service: %s failed", method, exc_info=err)
+            code, message = "INTERNAL", f"{method} failed inside the queue service ({type(err).__name__}); nothing stored"
+        self._audit.write(
+            "rejection",
+            method=method,
+            site=principal.site_id,
+            round=round,
+            code=code,
+            reason=message,
+        )
+        context.abort(_status(code), message)
+
+    def Push(self, request_iterator, context):
+        principal = self._principal(context, "Push")
+        seen: dict[str, int] = {}
+
+        def chunks():  # remembers the pushed round for the audit log
+            for chunk in request_iterator:
+                seen.setdefault("round", chunk.round)
+                yield chunk
+
+        try:
+            reply = self._handlers.push(principal, chunks())
+        except Exception as err:  # noqa: BLE001 - every failure becomes a status; nothing was stored
+            self._reject(context, "Push", principal, err, round=seen.get("round"))
+        self._audit.write(
+            "push",
+            site=principal.site_id,
+            round=seen.get("round"),
+            count=reply.accepted,
+            duplicate=reply.duplicate or None,
+        )
+        return reply
+
+    def Sample(self, request, context):
+        principal = self._principal(context, "Sample")
+        try:
+            chunks = self._handlers.sample(principal, request)
+        except (QueueError, AccessError) as err:
+            self._reject(context, "Sample", principal, err, round=self._handlers.queue.current_round)
+        count = 0
+        for chunk in chunks:
+            count = chunk.total
+            yield chunk
+        self._audit.write("sample", site=principal.site_id, round=self._handlers.queue.current_round, count=count)
+
+    def Advance(self, request, context):
+        principal = self._principal(context, "Advance")
+        try:
+            reply = self._handlers.advance(principal, request)
+        except (QueueError, AccessError) as err:
+            self._reject(context, "Advance", principal, err, round=request.round)
+        except OSError as err:  # the round moved but the snapshot failed: retrying the same round is safe
+            self._audit.write("rejection", method="Advance", code="INTERNAL", reason=f"snapshot failed: {err}")
+            context.abort(grpc.StatusCode.INTERNAL, f"queue snapshot failed: {err}; retry Advance with the same round")
+        self._audit.write("advance", site=principal.site_id, round=reply.current_round, count=reply.evicted)
+        return reply
+
+    def Stats(self, request, context):
+        principal = self._principal(context, "Stats")
+        return self._handlers.stats(principal, request)
+
+
+class QueueServer:
+    """A running queue service: ``.port``, ``.stop(grace)`` (snapshots), ``.wait()``."""
+
+    def __init__(self, *, server: grpc.Server, port: int, handlers: QueueHandlers, health_servicer, audit: AuditLog) -> None:
+        self._server = server
+        self.port = port
+        self.handlers = handlers
+        self._health = health_servicer
+        self._audit = audit
+        self._stopped = False
+        self._stop_lock = threading.Lock()
+
+    @property
+    def queue(self) -> EmbeddingQueue:
+        return self.handlers.queue
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stop serving (letting calls in flight finish within ``grace`` seconds), then snapshot."""
+        with self._stop_lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        self._health.enter_graceful_shutdown()
+        self._server.stop(grace).wait()
+        try:
+            self.handlers.save_snapshot()
+        finally:
+            self._audit.write("stop", size=len(self.queue), round=self.queue.current_round)
+            self._audit.close()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._server.wait_for_termination(timeout)
+
+    def __enter__(self) -> QueueServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop(grace=1.0)
+
+
+def start_queue_server(
+    *,
+    queue: EmbeddingQueue,
+    host: str,
+    port: int,
+    site_tokens: dict[str, str],
+    coordinator_token: str | None,
+    tls_cert: bytes | None,
+    tls_key: bytes | None,
+    client_ca: bytes | None,
+    snapshot_path: Path | None,
+    max_message_bytes: int,
+    audit_log: Path | None = None,
+    max_workers: int = 32,
+) -> QueueServer:
+    """Serve ``queue`` on host:port (port 0 picks a free one). TLS when tls_cert/tls_key are given;
+    mutual TLS (client certificate CN = site id) when client_ca is given too."""
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("give both tls_cert and tls_key, or neither")
+    if client_ca is not None and tls_cert is None:
+        raise ValueError("client_ca (mutual TLS) needs tls_cert and tls_key")
+    tokens = list(site_tokens.values()) + ([coordinator_token] if coordinator_token else [])
+    if len(set(tokens)) != len(tokens) or any(not t for t in tokens):
+        raise ValueError("every site token and the coordinator token must be non-empty and distinct")
+    handlers = QueueHandlers(queue=queue, max_message_bytes=max_message_bytes, snapshot_path=snapshot_path)
+    audit = AuditLog(audit_log)
+    authenticate = Authenticator(
+        site_tokens=dict(site_tokens), coordinator_token=coordinator_token, mutual_tls=client_ca is not None
+    )
+    options = [
+        ("grpc.max_receive_message_length", int(max_message_bytes)),
+        ("grpc.max_send_message_length", int(max_message_bytes)),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="queue"), options=options)
+    queue_pb2_grpc.add_EmbeddingQueueServicer_to_server(_Servicer(handlers, authenticate, audit), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        if tls_cert is not None:
+            credentials = grpc.ssl_server_credentials(
+                [(tls_key, tls_cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+            )
+            bound = server.add_secure_port(address, credentials)
+        else:
+            bound = server.add_insecure_port(address)
+    except RuntimeError as err:  # grpc raises RuntimeError when the port is taken
+        raise OSError(f"queue service cannot listen on {address}: {err}") from err
+    if not bound:
+        raise OSError(f"queue service cannot listen on {address}")
+    server.start()
+    for service in ("", SERVICE_NAME):
+        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    audit.write(
+        "start", port=bound, size=len(queue), round=queue.current_round,
+        tls=tls_cert is not None, mutual_tls=client_ca is not None, open=authenticate.open,
+    )
+    log.info("queue service listening on %s (port %d)", host, bound)
+    return QueueServer(server=server, port=bound, handlers=handlers, health_servicer=health_servicer, audit=audit)
