@@ -29,7 +29,7 @@ class SmallCNN(nn.Module):
         w = width
 
         def block(cin: int, cout: int, stride: int) -> list[nn.Module]:
-            return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), _norm(cout), nn.ReLU(inplace=True)]
+            return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), _norm(cout), nn.ReLU()]
 
         self.body = nn.Sequential(
             *block(in_channels, w, 1),      # (B, w, 28, 28)
@@ -71,7 +71,7 @@ class ContrastiveModel(nn.Module):
         else:
             raise ValueError(f"unknown encoder architecture {arch!r}: use 'cnn' or 'resnet18'")
         self.head = nn.Sequential(
-            nn.Linear(feat_dim, proj_hidden), nn.ReLU(inplace=True), nn.Linear(proj_hidden, proj_dim)
+            nn.Linear(feat_dim, proj_hidden), nn.ReLU(), nn.Linear(proj_hidden, proj_dim)
         )
         self.feat_dim = feat_dim
         self.spec: dict[str, Any] = {

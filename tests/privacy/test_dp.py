@@ -21,6 +21,9 @@ from fedcl.privacy.dp import (
     release_dp_training,
 )
 
+# torch warns once that the first layer's backward hook sees no input gradient: expected here
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+
 DIM = 8
 TEMPERATURE = 0.2
 
@@ -218,12 +221,27 @@ def test_group_sampling_takes_whole_groups_capped():
 
 
 def test_noise_for_budget_meets_the_target():
-    q, steps, target, delta = 0.01, 3000, 4.0, 1e-5
+    q, steps, target, delta = 0.01, 2000, 2.0, 1e-5
     sigma = noise_for_budget(target_epsilon=target, target_delta=delta, sample_rate=q, total_steps=steps)
     acct = RDPAccountant()
     acct.history = [(sigma, q, steps)]
     eps = acct.get_epsilon(delta=delta)
     assert target - 0.05 < eps <= target
+
+
+def test_noise_for_budget_leaves_room_for_planned_releases():
+    q, steps, target, delta = 0.01, 2000, 3.0, 1e-5
+    reserved = [(2.0, 0.1, 20)]  # e.g. one prototype release in each of 20 rounds
+    sigma = noise_for_budget(target_epsilon=target, target_delta=delta, sample_rate=q, total_steps=steps,
+                             reserved=reserved)
+    acct = RDPAccountant()
+    acct.history = [(sigma, q, steps), *reserved]
+    assert target - 0.05 < acct.get_epsilon(delta=delta) <= target
+    alone = noise_for_budget(target_epsilon=target, target_delta=delta, sample_rate=q, total_steps=steps)
+    assert sigma > alone
+    with pytest.raises(ValueError, match="reserved"):
+        noise_for_budget(target_epsilon=0.5, target_delta=delta, sample_rate=q, total_steps=steps,
+                         reserved=[(0.5, 1.0, 20)])
 
 
 def test_batchnorm_model_is_refused():
@@ -257,4 +275,5 @@ def test_trainer_runs_a_round_and_reports_its_accounting():
     assert trainer.accounting() == (1.1, 0.25, 8)
     assert trainer.expected_batch_size == pytest.approx(3.0)
     plain = trainer.detach()
-    assert plain is model and math.isfinite(float(model(images).sum()))
+    with torch.no_grad():
+        assert plain is model and math.isfinite(float(model(images).sum()))

@@ -26,6 +26,8 @@ def test_cumulative_epsilon_is_one_composition_not_rounds_times_one_round():
         ledger.record_dpsgd(noise_multiplier=sigma, sample_rate=q, steps=steps, round=r)
     one_go = _rdp([(sigma, q, rounds * steps)])
     assert ledger.epsilon() == pytest.approx(one_go, rel=1e-12)
+    assert ledger.history == [(sigma, q, rounds * steps)]  # the Opacus accountant holds it all
+    assert ledger.accountant.get_epsilon(delta=DELTA) == pytest.approx(one_go, rel=1e-12)
     one_round = _rdp([(sigma, q, steps)])
     assert ledger.events[0].epsilon_after == pytest.approx(one_round, rel=1e-12)
     assert ledger.epsilon() < 0.75 * rounds * one_round  # composition is sublinear

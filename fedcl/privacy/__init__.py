@@ -1,0 +1,43 @@
+"""Opacus DP-SGD wrapping, embedding-release mechanisms and the per-site privacy ledger."""
+
+from fedcl.privacy.dp import (
+    DPParams,
+    DPTrainer,
+    PerExampleGradientError,
+    check_per_example,
+    dp_training_batches,
+    make_dp_training,
+    make_private,
+    noise_for_budget,
+    release_dp_training,
+)
+from fedcl.privacy.ledger import BudgetExceeded, LedgerEvent, PrivacyLedger
+from fedcl.privacy.release import (
+    PrototypeRelease,
+    init_prototypes,
+    merge_prototypes,
+    release_gaussian,
+    release_prototypes,
+)
+from fedcl.privacy.report import describe_privacy
+
+__all__ = [
+    "BudgetExceeded",
+    "DPParams",
+    "DPTrainer",
+    "LedgerEvent",
+    "PerExampleGradientError",
+    "PrivacyLedger",
+    "PrototypeRelease",
+    "check_per_example",
+    "describe_privacy",
+    "dp_training_batches",
+    "init_prototypes",
+    "make_dp_training",
+    "make_private",
+    "merge_prototypes",
+    "noise_for_budget",
+    "release_dp_training",
+    "release_gaussian",
+    "release_prototypes",
+]
