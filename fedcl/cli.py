@@ -149,8 +149,15 @@ def privacy(
     ledgers: list[Path] = typer.Argument(..., help="site ledger files (JSON) or a run folder"),
 ) -> None:
     """What is protected and what is not, per site and per channel, in plain words."""
-    from fedcl.privacy.ledger import PrivacyLedger
-    from fedcl.privacy.report import describe_ledger
+    from fedcl.privacy.ledger import EMBEDDINGS, MODEL_UPDATES, PrivacyLedger
+    from fedcl.privacy.report import describe_privacy
+
+    def describe_ledger(ledger: PrivacyLedger) -> str:
+        updates = [e for e in ledger.events if e.channel == MODEL_UPDATES]
+        releases = [e for e in ledger.events if e.channel == EMBEDDINGS]
+        dp_enabled = bool(updates) and all(e.dp_protected for e in updates)
+        mode = releases[-1].mode if releases else "public"
+        return describe_privacy(dp_enabled=dp_enabled, release_mode=mode, ledger_summary=ledger.summary())
 
     files: list[Path] = []
     for p in ledgers:

@@ -1,0 +1,181 @@
+"""A site's privacy for one round: DP-SGD parameters, the embedding release, and its ledger.
+
+Everything a site releases about its data is entered in its ledger (``ledger-<site>.json`` in
+the site's state folder), which survives Flower's per-message processes. Before training and
+before pushing, the site asks the ledger whether the event would exceed its budget and refuses
+if so: the refusal is in the reply's metrics (``budget-exhausted``) and in the log.
+
+Release modes (what the site pushes to the queue):
+    raw         the round model's embeddings, unmodified; NOT differentially private.
+    gaussian    every embedding plus N(0, sigma^2) per coordinate after Poisson subsampling
+                (fedcl.privacy.release.release_gaussian), re-normalised (post-processing).
+    prototypes  noisy per-prototype sums and counts against public prototypes (the other sites'
+                released prototype directions from the queue, padded with a public random set);
+                the site pushes the directions of its noisy sums (post-processing).
+    public      nothing: the server encodes a public reference set instead. Zero epsilon.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from fedcl.config import PrivacySettings
+from fedcl.privacy.dp import DPParams, noise_for_budget
+from fedcl.privacy.ledger import BudgetExceeded, PrivacyLedger
+from fedcl.privacy.release import init_prototypes, release_gaussian, release_prototypes
+
+log = logging.getLogger("fedcl.client.privacy")
+
+PROTOTYPE_SEED = 1234  # public: the same random prototypes at every site
+
+
+@dataclass
+class RoundPrivacy:
+    """What the privacy settings mean for this site's round."""
+
+    settings: PrivacySettings
+    ledger: PrivacyLedger | None = None
+    ledger_path: Path | None = None
+    dp: DPParams | None = None
+    steps_planned: int = 0
+    refused: str | None = None  # why the site does not train this round
+    push_refused: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def summary(self) -> dict[str, Any] | None:
+        return None if self.ledger is None else self.ledger.summary()
+
+
+def ledger_path(state_dir: Path | None, site_id: str) -> Path | None:
+    return None if state_dir is None else Path(state_dir) / f"ledger-{site_id}.json"
+
+
+def _release_event(s: PrivacySettings) -> tuple[float, float, int] | None:
+    if s.release in ("gaussian", "prototypes"):
+        return (s.release_noise_multiplier, s.release_sample_rate, 1)
+    return None
+
+
+def plan_round(
+    *, privacy: dict[str, Any], site_id: str, state_dir: Path | None, round: int, num_rounds: int,
+    epochs: int, batch_size: int, num_examples: int, in_batch_negatives: bool,
+) -> RoundPrivacy:
+    """Open the ledger, derive DP-SGD parameters for the whole planned run, check the budget."""
+    s = PrivacySettings.model_validate(privacy or {})
+    path = ledger_path(state_dir, site_id)
+    ledger = None
+    if path is not None:
+        ledger = PrivacyLedger.load_or_create(
+            path, site_id=site_id, delta=s.delta, epsilon_budget=s.epsilon_budget, accountant=s.accountant,
+            privacy_unit="group" if s.unit == "patient" else "example")
+    elif s.dpsgd or s.release != "raw" or s.epsilon_budget is not None:
+        ledger = PrivacyLedger(site_id=site_id, delta=s.delta, epsilon_budget=s.epsilon_budget,
+                               accountant=s.accountant)
+    rp = RoundPrivacy(settings=s, ledger=ledger, ledger_path=path)
+    if s.dpsgd:
+        if in_batch_negatives:
+            raise ValueError("DP-SGD was asked for with in-batch negatives; the server must send "
+                             "in_batch_negatives=false (per-example clipping needs it)")
+        if num_examples == 0:
+            rp.refused = "no training images"
+            return rp
+        q = min(1.0, batch_size / num_examples)
+        steps = max(1, round_half(epochs / q))
+        release = _release_event(s)
+        reserved = [(release[0], release[1], num_rounds)] if release else []
+        sigma = s.noise_multiplier if s.noise_multiplier is not None else noise_for_budget(
+            target_epsilon=s.target_epsilon, target_delta=s.delta, sample_rate=q,
+            total_steps=steps * num_rounds, accountant=s.accountant, reserved=reserved)
+        rp.dp = DPParams(noise_multiplier=sigma, max_grad_norm=s.max_grad_norm, sample_rate=q)
+        rp.steps_planned = steps
+        if ledger is not None and ledger.would_exceed(extra=[(sigma, q, steps)]):
+            rp.refused = (f"privacy budget: training round {round} would take site {site_id} to "
+                          f"epsilon {ledger.epsilon_if(extra=[(sigma, q, steps)]):.3f} > budget {s.epsilon_budget}")
+    if rp.refused:
+        log.warning("site %s refuses to train: %s", site_id, rp.refused)
+    return rp
+
+
+def round_half(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def release(
+    rp: RoundPrivacy, embeddings: torch.Tensor, *, round: int, prototypes: torch.Tensor | None,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """What this site may push this round, (M, d) unit norm, after the budget check."""
+    s = rp.settings
+    if s.release == "public" or embeddings.shape[0] == 0:
+        return embeddings[:0]
+    event = _release_event(s)
+    if event is not None and rp.ledger is not None:
+        # this round's DP-SGD steps are entered after the push: count them here too
+        pending = [(rp.dp.noise_multiplier, rp.dp.sample_rate, rp.steps_planned)] if rp.dp and not rp.refused else []
+        if rp.ledger.would_exceed(extra=pending + [event]):
+            rp.push_refused = (f"privacy budget: releasing embeddings in round {round} would exceed "
+                               f"epsilon budget {s.epsilon_budget}")
+            log.warning("site %s does not push: %s", rp.ledger.site_id, rp.push_refused)
+            return embeddings[:0]
+    if s.release == "raw":
+        return embeddings
+    if s.release == "gaussian":
+        noisy, _ = release_gaussian(embeddings, noise_multiplier=s.release_noise_multiplier,
+                                    sample_rate=s.release_sample_rate, generator=generator)
+        return F.normalize(noisy, dim=1)  # post-processing keeps the guarantee
+    # prototypes
+    d = embeddings.shape[1]
+    public = init_prototypes(num=s.num_prototypes, dim=d, seed=PROTOTYPE_SEED)
+    if prototypes is not None and prototypes.shape[0] > 0:
+        public = torch.cat([prototypes[: s.num_prototypes], public])[: s.num_prototypes]
+    rel = release_prototypes(embeddings, public, noise_multiplier=s.release_noise_multiplier,
+                             sample_rate=s.release_sample_rate, generator=generator)
+    keep = rel.counts > 1.0  # noisy counts; a direction from (almost) nothing is noise
+    sums = rel.sums[keep]
+    return F.normalize(sums, dim=1) if sums.shape[0] else embeddings[:0]
+
+
+def record_round(rp: RoundPrivacy, *, round: int, dp_steps: int, pushed: int) -> None:
+    """Enter the round's events in the ledger and persist it atomically."""
+    if rp.ledger is None:
+        return
+    s = rp.settings
+    if rp.refused is None:
+        if rp.dp is not None and dp_steps > 0:
+            rp.ledger.record_dpsgd(noise_multiplier=rp.dp.noise_multiplier, sample_rate=rp.dp.sample_rate,
+                                   steps=dp_steps, round=round)
+        elif rp.dp is None:
+            rp.ledger.record_nonprivate_update(round=round)
+    if pushed > 0 or s.release == "public":
+        if s.release in ("gaussian", "prototypes"):
+            # one invocation of the subsampled Gaussian mechanism over the site's data
+            rp.ledger.record_release(mode=s.release, round=round, count=1,
+                                     noise_multiplier=s.release_noise_multiplier, sample_rate=s.release_sample_rate)
+        elif s.release == "raw":
+            rp.ledger.record_release(mode="raw", round=round, count=pushed)
+        else:
+            rp.ledger.record_release(mode="public", round=round, count=0)
+    if rp.ledger_path is not None:
+        rp.ledger.save(rp.ledger_path)
+
+
+def round_metrics(rp: RoundPrivacy) -> dict[str, float]:
+    """Same keys at every site (Flower aggregates metric records key by key)."""
+    eps = rp.ledger.epsilon() if rp.ledger is not None else 0.0
+    return {
+        "epsilon": float(eps) if math.isfinite(eps) else -1.0,
+        "dp-noise-multiplier": float(rp.dp.noise_multiplier) if rp.dp else 0.0,
+        "budget-exhausted": 1.0 if (rp.refused or rp.push_refused) else 0.0,
+        "raw-release": 1.0 if rp.settings.release == "raw" else 0.0,
+    }
+
+
+__all__ = ["RoundPrivacy", "plan_round", "release", "record_round", "round_metrics", "ledger_path", "BudgetExceeded"]

@@ -1,0 +1,97 @@
+"""Site-side privacy wiring: DP parameters, releases, budget stops, ledger persistence."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from opacus.accountants import RDPAccountant
+
+from client.privacy import plan_round, record_round, release, round_metrics
+from fedcl.privacy.ledger import PrivacyLedger
+
+
+def _plan(tmp_path, rnd, **privacy):
+    return plan_round(privacy=privacy, site_id="site-a", state_dir=tmp_path, round=rnd, num_rounds=4, epochs=1,
+                      batch_size=32, num_examples=320, in_batch_negatives=False)
+
+
+def _emb(n=64, d=16, seed=0):
+    return F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=1)
+
+
+def test_dp_rounds_accumulate_in_the_persisted_ledger(tmp_path):
+    sigma = 1.1
+    for rnd in (1, 2, 3):
+        rp = _plan(tmp_path, rnd, dpsgd=True, noise_multiplier=sigma, release="public")
+        assert rp.dp.sample_rate == pytest.approx(0.1) and rp.steps_planned == 10
+        record_round(rp, round=rnd, dp_steps=10, pushed=0)
+    ledger = PrivacyLedger.load(tmp_path / "ledger-site-a.json")
+    acc = RDPAccountant()
+    acc.history = [(sigma, 0.1, 30)]
+    assert ledger.epsilon() == pytest.approx(acc.get_epsilon(delta=1e-5), rel=1e-9)
+    assert round_metrics(rp)["epsilon"] == pytest.approx(ledger.epsilon())
+
+
+def test_noise_from_target_epsilon_spends_the_target_over_the_planned_run(tmp_path):
+    rp = _plan(tmp_path, 1, dpsgd=True, target_epsilon=8.0, release="public")
+    for rnd in range(1, 5):
+        rp = _plan(tmp_path, rnd, dpsgd=True, target_epsilon=8.0, release="public")
+        record_round(rp, round=rnd, dp_steps=rp.steps_planned, pushed=0)
+    eps = PrivacyLedger.load(tmp_path / "ledger-site-a.json").epsilon()
+    assert 7.5 < eps <= 8.0 + 1e-6
+
+
+def test_budget_stop_refuses_training_and_pushing(tmp_path):
+    refused_at = None
+    for rnd in range(1, 10):
+        rp = _plan(tmp_path, rnd, dpsgd=True, noise_multiplier=1.2, epsilon_budget=3.0, release="gaussian",
+                   release_noise_multiplier=2.0, release_sample_rate=0.1)
+        if rp.refused:
+            refused_at = rnd
+            out = release(rp, _emb(), round=rnd, prototypes=None, generator=None)
+            # whether or not the release alone fits, the ledger never passes the budget
+            record_round(rp, round=rnd, dp_steps=0, pushed=int(out.shape[0]))
+            break
+        out = release(rp, _emb(), round=rnd, prototypes=None, generator=torch.Generator().manual_seed(rnd))
+        record_round(rp, round=rnd, dp_steps=rp.steps_planned, pushed=int(out.shape[0]))
+    # independently: the first round r whose r rounds of (DP-SGD + release) pass the budget
+    expected = None
+    for r in range(1, 10):
+        acc = RDPAccountant()
+        acc.history = [(1.2, 0.1, 10 * r), (2.0, 0.1, r)]
+        if acc.get_epsilon(delta=1e-5) > 3.0:
+            expected = r
+            break
+    assert refused_at == expected == 3
+    ledger = PrivacyLedger.load(tmp_path / "ledger-site-a.json")
+    assert ledger.epsilon() <= 3.0
+    assert max(e.round for e in ledger.events if e.channel == "model_updates") == expected - 1
+    assert round_metrics(rp)["budget-exhausted"] == 1.0
+
+
+def test_release_modes(tmp_path):
+    emb = _emb()
+    raw = _plan(tmp_path, 1, release="raw")
+    assert torch.equal(release(raw, emb, round=1, prototypes=None, generator=None), emb)
+    pub = _plan(tmp_path, 1, release="public")
+    assert release(pub, emb, round=1, prototypes=None, generator=None).shape[0] == 0
+    g = _plan(tmp_path, 1, release="gaussian", release_noise_multiplier=1.0, release_sample_rate=1.0)
+    out = release(g, emb, round=1, prototypes=None, generator=torch.Generator().manual_seed(0))
+    assert out.shape == emb.shape and torch.allclose(out.norm(dim=1), torch.ones(64), atol=1e-5)
+    assert (out * emb).sum(1).mean() < 0.9  # noisy
+    p = _plan(tmp_path, 1, release="prototypes", num_prototypes=8, release_noise_multiplier=0.5,
+              release_sample_rate=1.0)
+    out = release(p, emb, round=1, prototypes=None, generator=torch.Generator().manual_seed(0))
+    assert 0 < out.shape[0] <= 8 and torch.allclose(out.norm(dim=1), torch.ones(out.shape[0]), atol=1e-5)
+
+
+def test_raw_release_is_recorded_as_not_protected(tmp_path):
+    rp = _plan(tmp_path, 1, release="raw")
+    record_round(rp, round=1, dp_steps=0, pushed=64)
+    ch = PrivacyLedger.load(tmp_path / "ledger-site-a.json").channels()
+    assert ch["embeddings"]["dp_protected"] is False and ch["embeddings"]["epsilon"] is None
+
+
+def test_dp_with_in_batch_negatives_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="in_batch_negatives"):
+        plan_round(privacy={"dpsgd": True}, site_id="s", state_dir=tmp_path, round=1, num_rounds=2, epochs=1,
+                   batch_size=8, num_examples=80, in_batch_negatives=True)
