@@ -233,3 +233,36 @@ def load_config(path: Path | str | None = None, overrides: list[str] | tuple[str
 def dump_config(cfg: FedclConfig) -> str:
     """JSON of the effective configuration, for logs and checkpoints."""
     return json.dumps(cfg.model_dump(mode="json"), sort_keys=True)
+
+
+class SitePolicy(BaseSettings):
+    """What a site accepts from the coordinator; stricter of the two always wins.
+
+    Loaded by ``fedcl-client --policy site.toml`` (table ``[policy]``). A round config that asks
+    for more (a larger epsilon, a weaker release mode, no DP-SGD where it is required) is refused.
+    """
+
+    model_config = SettingsConfigDict(extra="forbid", env_prefix="FEDCL_POLICY_")
+
+    epsilon_budget: float | None = Field(None, gt=0)  # the site's own total budget
+    max_target_epsilon: float | None = Field(None, gt=0)  # largest DP-SGD target the site accepts
+    require_dpsgd: bool = False
+    allowed_release_modes: list[Literal["raw", "prototypes", "public", "gaussian"]] = Field(
+        default_factory=lambda: ["raw", "prototypes", "public", "gaussian"])
+    min_release_noise_multiplier: float = Field(0.0, ge=0)
+
+
+def load_site_policy(path: Path | str | None) -> SitePolicy:
+    if path is None:
+        return SitePolicy()
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"site policy file {path} does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"site policy {path} is not valid TOML: {exc}") from None
+    try:
+        return SitePolicy(**data.get("policy", data))
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source=str(path))) from None
