@@ -1,0 +1,102 @@
+"""Smoke tests of the in-process federation harness (bench/fedsim.py) on tiny synthetic data."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # bench/ is not an installed package
+
+from bench import fedsim  # noqa: E402
+from bench.fedsim import FedMethod, Recipe, fedavg, run_federation, run_local_only  # noqa: E402
+from fedcl.data import make_synthetic  # noqa: E402
+from fedcl.models import build_model, canonical_state_dict  # noqa: E402
+
+SPEC = {"arch": "cnn", "in_channels": 1, "width": 4, "proj_dim": 16, "proj_hidden": 16}
+RECIPE = Recipe(batch_size=8, num_push=6, num_prototypes=4, release_sample_rate=1.0, prototype_min_count=1.0)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    ds = make_synthetic(num_images=60, num_classes=3, seed=0)
+    sites = [ds.images[i * 16:(i + 1) * 16] for i in range(3)]  # 3 sites x 16 images
+    torch.manual_seed(0)
+    init = canonical_state_dict(build_model(**SPEC))
+    return {"sites": sites, "init": init, "public": ds.images[48:60], "probe": ds.images[:8]}
+
+
+def run(setup, method: FedMethod, *, rounds: int = 2, sites=None):
+    return run_federation(sites=sites or setup["sites"], model_spec=SPEC, init_state=setup["init"], method=method,
+                          recipe=RECIPE, rounds=rounds, seed=0, public_images=setup["public"],
+                          probe_images=setup["probe"])
+
+
+def test_fedavg_is_the_example_weighted_mean():
+    a = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)}
+    b = {"w": torch.tensor([4.0, 8.0]), "n": torch.tensor(5)}
+    out = fedavg([a, b], [1.0, 3.0])
+    assert torch.allclose(out["w"], torch.tensor([(1 + 12) / 4, (2 + 24) / 4]))
+    assert out["n"].item() == 3  # integer buffers are copied, not averaged
+    with pytest.raises(ValueError, match="one weight per state"):
+        fedavg([a, b], [1.0])
+
+
+def test_one_site_federation_equals_training_that_site_alone(setup):
+    one = [setup["sites"][0]]
+    fed = run(setup, FedMethod(queue=False, key_encoder="online"), sites=one)
+    alone = run_local_only(sites=one, model_spec=SPEC, init_state=setup["init"], recipe=RECIPE, rounds=2, seed=0)[0]
+    for key, value in canonical_state_dict(alone).items():
+        assert torch.equal(value, canonical_state_dict(fed.model)[key]), key
+
+
+def test_queue_gives_other_sites_negatives_after_warmup(setup):
+    res = run(setup, FedMethod(queue=True, release="raw", warmup_rounds=1, max_staleness=2), rounds=3)
+    negatives = [r["negatives"] for r in res.rounds]
+    other = 2 * RECIPE.num_push  # entries of the 2 other sites per past round
+    assert negatives == [0.0, other, 2 * other]  # warm-up, then 1 and 2 rounds of pushes
+    assert res.rounds[-1]["queue_size"] == 3 * 3 * RECIPE.num_push
+    assert all(-1.0 <= r["drift"] <= 1.0 + 1e-6 for r in res.rounds)
+    assert res.rounds[-1]["epsilon_embeddings"] is None  # raw embeddings are not DP-protected
+    trained = canonical_state_dict(res.model)
+    assert any(not torch.equal(trained[k], v) for k, v in setup["init"].items())
+
+    # max_staleness=1: the entries of two rounds ago are evicted, only the last round's remain
+    res1 = run(setup, FedMethod(queue=True, release="raw", warmup_rounds=1, max_staleness=1), rounds=3)
+    assert [r["negatives"] for r in res1.rounds] == [0.0, other, other]
+
+
+def test_prototype_and_public_release_modes(setup):
+    proto = run(setup, FedMethod(queue=True, release="prototypes"))
+    assert [r["negatives"] for r in proto.rounds] == [0.0, float(RECIPE.num_prototypes)]
+    last = proto.rounds[-1]
+    assert last["epsilon_embeddings"] > 0 and last["epsilon_updates"] is None  # accounted; updates not DP
+
+    public = run(setup, FedMethod(queue=True, release="public"))
+    assert [r["negatives"] for r in public.rounds] == [0.0, float(setup["public"].shape[0])]
+    assert public.rounds[-1]["epsilon_embeddings"] == 0.0  # no private embedding left a site
+    with pytest.raises(ValueError, match="public_images"):
+        run_federation(sites=setup["sites"], model_spec=SPEC, init_state=setup["init"],
+                       method=FedMethod(queue=True, release="public"), recipe=RECIPE, rounds=1, seed=0)
+
+
+def test_dp_run_accounts_every_round_with_the_planned_noise(setup, monkeypatch):
+    from opacus.accountants import RDPAccountant
+
+    # Opacus' noise search takes ~10 s; pin the noise and check the accounting of the run.
+    monkeypatch.setattr(fedsim, "noise_for_budget", lambda **kw: 2.0)
+    fedsim.dp_plan.cache_clear()
+    with pytest.raises(ValueError, match="in_batch_negatives=False"):
+        run(setup, FedMethod(queue=True, dp_epsilon=8.0, in_batch_negatives=True))
+    res = run(setup, FedMethod(queue=True, release="raw", dp_epsilon=8.0, in_batch_negatives=False,
+                               warmup_rounds=0, bootstrap_queue=True))
+    fedsim.dp_plan.cache_clear()
+    assert res.rounds[0]["negatives"] == 2 * RECIPE.num_push  # the round-0 pushes feed round 1
+    q = RECIPE.batch_size / 16
+    steps = round(RECIPE.local_epochs / q)
+    acct = RDPAccountant()
+    acct.history = [(2.0, q, 2 * steps)]
+    assert res.rounds[-1]["epsilon_updates"] == pytest.approx(acct.get_epsilon(delta=RECIPE.delta), rel=1e-6)
+    assert res.rounds[0]["epsilon_updates"] < res.rounds[-1]["epsilon_updates"]  # cumulative over rounds
