@@ -170,8 +170,12 @@ def record_round(rp: RoundPrivacy, *, round: int, dp_steps: int, pushed: int) ->
 def round_metrics(rp: RoundPrivacy) -> dict[str, float]:
     """Same keys at every site (Flower aggregates metric records key by key)."""
     eps = rp.ledger.epsilon() if rp.ledger is not None else 0.0
+    s = rp.settings
+    # -1 marks "no DP bound": some channel released data without DP (raw embeddings, plain SGD)
+    unprotected = s.release == "raw" or not s.dpsgd
     return {
-        "epsilon": float(eps) if math.isfinite(eps) else -1.0,
+        "epsilon": -1.0 if unprotected or not math.isfinite(eps) else float(eps),
+        "epsilon-accounted": float(eps) if math.isfinite(eps) else -1.0,
         "dp-noise-multiplier": float(rp.dp.noise_multiplier) if rp.dp else 0.0,
         "budget-exhausted": 1.0 if (rp.refused or rp.push_refused) else 0.0,
         "raw-release": 1.0 if rp.settings.release == "raw" else 0.0,

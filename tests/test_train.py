@@ -87,3 +87,45 @@ def test_device_resolution():
         assert resolve_device("auto").type == "cpu"
         with pytest.raises(RuntimeError, match="no CUDA"):
             resolve_device("cuda")
+
+
+def _manual_queue_term(q, k, negatives, t):
+    # independent InfoNCE: -log(exp(q.k/t) / (exp(q.k/t) + sum_j exp(q.n_j/t))), mean over rows
+    pos = torch.exp((q * k).sum(1) / t)
+    neg = torch.exp(q @ negatives.T / t).sum(1)
+    return (-torch.log(pos / (pos + neg))).mean()
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.5, 2.0])
+def test_online_negatives_loss_is_ntxent_plus_weighted_queue_term(weight):
+    from fedcl.losses import nt_xent
+    from fedcl.train import contrastive_loss
+
+    torch.manual_seed(0)
+    model = build_model(in_channels=1, width=8, proj_dim=16, proj_hidden=32)
+    key_model = copy.deepcopy(model)
+    with torch.no_grad():  # a different frozen key model
+        for p in key_model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    v1, v2 = torch.rand(6, 1, 28, 28), torch.rand(6, 1, 28, 28)
+    negs = F.normalize(torch.randn(10, 16), dim=1)
+    got = contrastive_loss(model, key_model, v1, v2, negatives=negs, temperature=0.3, in_batch=True,
+                           online_negatives=True, queue_weight=weight)
+    q1, q2, k1, k2 = model(v1), model(v2), key_model(v1), key_model(v2)
+    want = nt_xent(q1, q2, temperature=0.3) + weight * 0.5 * (
+        _manual_queue_term(q1, k2, negs, 0.3) + _manual_queue_term(q2, k1, negs, 0.3))
+    torch.testing.assert_close(got, want)
+    # without queue negatives (warm-up rounds) it is plain SimCLR
+    none = contrastive_loss(model, key_model, v1, v2, negatives=None, temperature=0.3, in_batch=True,
+                            online_negatives=True, queue_weight=weight)
+    torch.testing.assert_close(none, nt_xent(q1, q2, temperature=0.3))
+
+
+def test_online_negatives_round_and_refusals(data):
+    model = build_model(in_channels=1, width=8, proj_dim=16, proj_hidden=32)
+    res = _round(model, data.images, online_negatives=True, queue_weight=0.5)
+    assert res.metrics["negatives_used"] == 64 and torch.isfinite(torch.tensor(res.metrics["loss"]))
+    with pytest.raises(ValueError, match="online_negatives"):
+        _round(model, data.images, in_batch_negatives=False, online_negatives=True, dp=object())
+    with pytest.raises(ValueError, match="queue_weight"):
+        _round(model, data.images, queue_weight=-1.0)

@@ -68,6 +68,38 @@ def test_queue_gives_other_sites_negatives_after_warmup(setup):
     assert [r["negatives"] for r in res1.rounds] == [0.0, other, other]
 
 
+def test_fresh_push_gives_negatives_of_the_current_global_model(setup, monkeypatch):
+    from fedcl.augment import TwoViewAugment
+
+    calls = []
+    original = fedsim.run_local_round
+
+    def spy(model, images, *, negatives, num_push, **kw):
+        calls.append((negatives, num_push, {k: v.clone() for k, v in model.state_dict().items()}))
+        return original(model, images, negatives=negatives, num_push=num_push, **kw)
+
+    monkeypatch.setattr(fedsim, "run_local_round", spy)
+    identity = TwoViewAugment(crop_scale=(1.0, 1.0), flip=False, brightness=0.0, contrast=0.0, blur_prob=0.0,
+                              noise_std=0.0)
+    res = run_federation(sites=setup["sites"], model_spec=SPEC, init_state=setup["init"], recipe=RECIPE, rounds=3,
+                         seed=0, augment=identity, method=FedMethod(queue=True, release="raw", fresh_push=True,
+                                                                    max_staleness=0, warmup_rounds=1))
+    other = 2 * RECIPE.num_push  # only this round's pushes of the 2 other sites
+    assert [r["negatives"] for r in res.rounds] == [0.0, other, other]
+    assert all(num_push == 0 for _, num_push, _ in calls)  # sites push before training, not after
+    # site 0 in round 3: its negatives are the received model's encodings of sites 1 and 2
+    negatives, _, received_state = calls[-3]
+    received = fedsim.model_from_state(SPEC, received_state)
+    previous = fedsim.model_from_state(SPEC, calls[-6][2])  # the model of round 2
+    others = torch.cat(setup["sites"][1:])
+    now = fedsim.encode(received, others, device=torch.device("cpu"), augment=identity)  # (32, d)
+    before = fedsim.encode(previous, others, device=torch.device("cpu"), augment=identity)
+    best_now = (negatives @ now.T).max(dim=1).values
+    assert best_now.min() > 0.99
+    assert best_now.mean() > (negatives @ before.T).max(dim=1).values.mean()
+
+
+
 def test_prototype_and_public_release_modes(setup):
     proto = run(setup, FedMethod(queue=True, release="prototypes"))
     assert [r["negatives"] for r in proto.rounds] == [0.0, float(RECIPE.num_prototypes)]

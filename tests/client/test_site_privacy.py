@@ -29,6 +29,9 @@ def test_dp_rounds_accumulate_in_the_persisted_ledger(tmp_path):
     acc.history = [(sigma, 0.1, 30)]
     assert ledger.epsilon() == pytest.approx(acc.get_epsilon(delta=1e-5), rel=1e-9)
     assert round_metrics(rp)["epsilon"] == pytest.approx(ledger.epsilon())
+    raw = _plan(tmp_path, 4, dpsgd=True, noise_multiplier=sigma, release="raw")
+    assert round_metrics(raw)["epsilon"] == -1.0  # raw embeddings: no DP bound, never a number
+    assert round_metrics(raw)["epsilon-accounted"] == pytest.approx(ledger.epsilon())
 
 
 def test_noise_from_target_epsilon_spends_the_target_over_the_planned_run(tmp_path):

@@ -1,0 +1,423 @@
+"""Flower ClientApp: one site's side of a fedcl round.
+
+Per train message: load the global weights, draw K negatives from the global queue (other sites'
+embeddings, at most ``max_staleness`` rounds old; none during warm-up), run
+``fedcl.train.local_round``, push the embeddings of the round's global model to the queue, and
+reply with the trained weights and the round's metrics.
+
+Site settings come from Flower's node config (``fedcl-client`` sets them):
+
+    site-id            the site's name at the queue service (also its ledger's name)
+    data-path          its images: a MedMNIST .npz, a Fashion-MNIST IDX folder, or an image folder
+                       (absent with a partition id: the server's demo data set at its default place)
+    data-format        auto | medmnist | fashion-mnist | folder | synthetic (default auto)
+    partition-id       with num-partitions: take this part of a shared demo data set
+    num-partitions     (the split itself follows the server's data settings)
+    max-images         use at most this many images (demo caps)
+    queue-token-file   file holding the site's bearer token for the queue service
+    root-certificates  CA certificate (PEM) that signed the queue service's TLS certificate
+    insecure           true: plain-text queue connection (loopback tests only)
+    queue-address      how this site reaches the queue, when not as the server advertises it
+    state-dir          where this site keeps state that outlives a round (privacy ledger)
+    policy-file        the site's own privacy policy (TOML [policy]); stricter than the server wins
+    threads            torch intra-op threads
+
+Flower starts a fresh ClientApp process per message in deployment, so nothing here relies on
+memory across rounds: seeds derive from (seed, site, round) and the ledger lives in state-dir.
+In simulation (Ray) the same handlers run inside long-lived actors; ``make_client_app`` bakes in
+the simulated sites' settings (data set partition, tokens) and caches the loaded data.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.privacy import plan_round, record_round, round_metrics
+from client.privacy import release as release_embeddings
+from client.protocol import (
+    BUDGET_REFUSAL,
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    METRICS_KEY,
+    SITE_KEY,
+    ProtocolError,
+    RoundConfig,
+    site_record,
+)
+
+log = logging.getLogger("fedcl.client")
+
+
+class BudgetRefusal(RuntimeError):
+    """The site's ledger would pass its budget: it does not train or push this round."""
+
+DATA_FORMATS = ("auto", "medmnist", "fashion-mnist", "folder", "synthetic")
+
+
+class SiteError(RuntimeError):
+    """This site cannot take part as configured; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    """Where a site's data, credentials and state are; validated once from the node config."""
+
+    site_id: str
+    data_path: Path | None = None
+    data_format: str = "auto"
+    partition_id: int | None = None
+    num_partitions: int | None = None
+    max_images: int | None = None
+    queue_token: str | None = field(default=None, repr=False)
+    root_certificates: Path | None = None
+    insecure: bool = False
+    queue_address: str | None = None
+    state_dir: Path | None = None
+    threads: int | None = None
+    policy_file: Path | None = None
+
+    @classmethod
+    def from_node_config(cls, node_config: dict[str, Any]) -> SiteSettings:
+        def opt_str(key: str) -> str | None:
+            v = node_config.get(key)
+            if v is None or v == "":
+                return None
+            return str(v)
+
+        def opt_int(key: str) -> int | None:
+            v = node_config.get(key)
+            if v is None or v == "":
+                return None
+            try:
+                return int(v)
+            except (TypeError, ValueError):
+                raise SiteError(f"node config {key}={v!r} must be an integer") from None
+
+        partition_id, num_partitions = opt_int("partition-id"), opt_int("num-partitions")
+        site_id = opt_str("site-id") or (f"site-{partition_id}" if partition_id is not None else None)
+        if site_id is None:
+            raise SiteError("node config has no site-id; start the site with fedcl-client --site-id NAME")
+        data_format = opt_str("data-format") or "auto"
+        if data_format not in DATA_FORMATS:
+            raise SiteError(f"node config data-format={data_format!r}; choose one of {', '.join(DATA_FORMATS)}")
+        if (partition_id is None) != (num_partitions is None):
+            raise SiteError("node config needs both partition-id and num-partitions, or neither")
+        if partition_id is not None and not 0 <= partition_id < num_partitions:  # type: ignore[operator]
+            raise SiteError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}")  # type: ignore[operator]
+        token = None
+        token_file = opt_str("queue-token-file")
+        if token_file is not None:
+            try:
+                token = Path(token_file).read_text().strip()
+            except OSError as exc:
+                raise SiteError(f"cannot read the queue token file {token_file}: {exc.strerror or exc}") from None
+            if not token:
+                raise SiteError(f"queue token file {token_file} is empty")
+        insecure = node_config.get("insecure", False)
+        if isinstance(insecure, str):
+            insecure = insecure.lower() in ("1", "true", "yes")
+        data_path = opt_str("data-path")
+        certs = opt_str("root-certificates")
+        state_dir = opt_str("state-dir")
+        policy_file = opt_str("policy-file")
+        return cls(
+            site_id=site_id,
+            data_path=Path(data_path) if data_path else None,
+            data_format=data_format,
+            partition_id=partition_id,
+            num_partitions=num_partitions,
+            max_images=opt_int("max-images"),
+            queue_token=token,
+            root_certificates=Path(certs) if certs else None,
+            insecure=bool(insecure),
+            queue_address=opt_str("queue-address"),
+            state_dir=Path(state_dir) if state_dir else None,
+            threads=opt_int("threads"),
+            policy_file=Path(policy_file) if policy_file else None,
+        )
+
+
+@dataclass(frozen=True)
+class SimulatedSites:
+    """What ``fedcl simulate`` bakes into its ClientApp: the shared data set and the sites' tokens.
+
+    ``config`` is the run's FedclConfig; site i is partition i of ``config.data``.
+    """
+
+    config: Any  # fedcl.config.FedclConfig (kept loose: pickled into Ray actors)
+    site_tokens: dict[str, str] = field(default_factory=dict, repr=False)
+    state_root: Path | None = None
+    threads: int | None = None
+
+    def site(self, node_config: dict[str, Any]) -> SiteSettings:
+        pid = int(node_config["partition-id"])
+        site_id = f"site-{pid}"
+        return SiteSettings(
+            site_id=site_id,
+            data_format="simulation",
+            partition_id=pid,
+            num_partitions=int(node_config.get("num-partitions", self.config.data.num_sites)),
+            queue_token=self.site_tokens.get(site_id),
+            insecure=True,
+            state_dir=None if self.state_root is None else self.state_root / site_id,
+            threads=self.threads,
+        )
+
+
+# ------------------------------------------------------------------------------------ site data
+
+_DATA_CACHE: dict[tuple, Any] = {}  # per process; Ray actors serve several simulated sites
+
+
+def _cached(key: tuple, load):
+    if key not in _DATA_CACHE:
+        if len(_DATA_CACHE) > 8:
+            _DATA_CACHE.clear()
+        _DATA_CACHE[key] = load()
+    return _DATA_CACHE[key]
+
+
+def _detect_format(path: Path) -> str:
+    if path.is_file() and path.suffix == ".npz":
+        return "medmnist"
+    if path.is_dir() and any(path.glob("train-images-idx3-ubyte*")):
+        return "fashion-mnist"
+    if path.is_dir():
+        return "folder"
+    raise SiteError(f"site data {path} does not exist (give fedcl-client --data a .npz file or an image folder)")
+
+
+def load_site_images(site: SiteSettings, rc: RoundConfig, simulated: SimulatedSites | None) -> torch.Tensor:
+    """The site's training images, uint8 (N, C, H, W)."""
+    from fedcl.config import DataSettings
+    from fedcl.data import DataError, load_dataset
+    from fedcl.runtime import first_n, load_split, site_partition
+
+    try:
+        if site.data_format == "simulation":
+            assert simulated is not None
+            d = simulated.config.data
+            full = _cached(("sim", d.model_dump_json()), lambda: load_split(d, split="train"))
+            part = _cached(("sim-part", d.model_dump_json(), site.partition_id),
+                           lambda: site_partition(d, full, site_index=int(site.partition_id)))
+            return part.images
+        fmt = site.data_format
+        if fmt == "auto" and site.data_path is None and site.partition_id is not None:
+            # no data of its own (e.g. `flwr run` in Flower's simulation): the server's demo data set
+            # at its default location, this site's partition of it
+            settings = {k: v for k, v in rc.partition.items() if k in DataSettings.model_fields}
+            d = DataSettings.model_validate({**settings, "path": None, "num_sites": site.num_partitions})
+            full = _cached(("demo", d.model_dump_json()), lambda: load_split(d, split="train"))
+            return _cached(("demo-part", d.model_dump_json(), site.partition_id),
+                           lambda: site_partition(d, full, site_index=int(site.partition_id))).images
+        if fmt == "synthetic":
+            seed = int(rc.partition.get("seed", 0)) if site.partition_id is not None else zlib.crc32(site.site_id.encode())
+            full = _cached(("synthetic", seed), lambda: load_dataset(name="synthetic", split="train", seed=seed))
+        else:
+            if site.data_path is None:
+                raise SiteError("node config has no data-path; start the site with fedcl-client --data PATH")
+            if fmt == "auto":
+                fmt = _detect_format(site.data_path)
+            full = _cached((fmt, str(site.data_path)),
+                           lambda: load_dataset(name=fmt, path=site.data_path, split="train"))
+        if site.partition_id is not None:
+            settings = {k: v for k, v in rc.partition.items() if k in DataSettings.model_fields}
+            settings.update(name=fmt if fmt != "auto" else "folder", path=None, num_sites=site.num_partitions)
+            d = DataSettings.model_validate(settings)
+            full = _cached(("part", fmt, str(site.data_path), d.model_dump_json(), site.partition_id),
+                           lambda: site_partition(d, full, site_index=int(site.partition_id)))
+        images = first_n(full, site.max_images, seed=zlib.crc32(site.site_id.encode())).images
+    except DataError as exc:
+        raise SiteError(f"site {site.site_id}: {exc}") from None
+    if images.shape[0] == 0:
+        raise SiteError(f"site {site.site_id} has no images at {site.data_path}")
+    return images
+
+
+# ------------------------------------------------------------------------------------- privacy
+
+
+def site_privacy_settings(site: SiteSettings, rc: RoundConfig) -> dict[str, Any]:
+    """The server's privacy settings checked against this site's policy (client.policy)."""
+    from client.policy import PolicyViolation, enforce
+    from fedcl.config import ConfigError, load_site_policy
+
+    try:
+        policy = load_site_policy(site.policy_file)
+    except ConfigError as exc:
+        raise SiteError(str(exc)) from None
+    try:
+        return enforce(policy, rc.privacy)
+    except PolicyViolation as exc:
+        raise SiteError(f"site {site.site_id}: {exc}") from None
+
+
+# -------------------------------------------------------------------------------------- handlers
+
+
+def _site(context: Context, simulated: SimulatedSites | None) -> SiteSettings:
+    node_config = dict(context.node_config)
+    if simulated is not None:
+        return simulated.site(node_config)
+    return SiteSettings.from_node_config(node_config)
+
+
+def _round_seed(seed: int, site_id: str, rnd: int) -> int:
+    return (seed * 1_000_003 + zlib.crc32(site_id.encode()) * 1009 + rnd) % (2**31 - 1)
+
+
+def _build_model(rc: RoundConfig, msg: Message):
+    from fedcl.models import build_model, load_canonical_state_dict
+
+    try:
+        model = build_model(**rc.model)
+    except TypeError as exc:
+        raise ProtocolError(f"round config model spec {rc.model} does not build a model: {exc}") from None
+    arrays = msg.content.array_records.get(ARRAYS_KEY)
+    if arrays is None:
+        raise ProtocolError("train message carries no 'arrays' record")
+    state = {k: v.float() if v.is_floating_point() else v for k, v in arrays.to_torch_state_dict().items()}
+    try:
+        load_canonical_state_dict(model, state)
+    except (ValueError, RuntimeError) as exc:
+        raise ProtocolError(f"global weights do not fit the model spec {rc.model}: {exc}") from None
+    return model
+
+
+def _queue_client(site: SiteSettings, rc: RoundConfig):
+    from client.queue_client import QueueClient
+
+    certs = None
+    if rc.queue_tls and not site.insecure:
+        if site.root_certificates is None:
+            raise SiteError("the queue service uses TLS: start the site with --root-certificates CA.pem "
+                            "(or --insecure for a loopback test)")
+        try:
+            certs = site.root_certificates.read_bytes()
+        except OSError as exc:
+            raise SiteError(f"cannot read root certificates {site.root_certificates}: {exc.strerror or exc}") from None
+    return QueueClient(site.queue_address or rc.queue_address, site_id=site.site_id, token=site.queue_token,
+                       root_certificates=certs, timeout=30.0)
+
+
+def train_handler(msg: Message, context: Context, simulated: SimulatedSites | None = None) -> Message:
+    from fedcl.config import AugmentSettings
+    from fedcl.runtime import configure_threads, make_augment
+    from fedcl.train import local_round, resolve_device
+
+    t_start = time.perf_counter()
+    site = _site(context, simulated)
+    rc = RoundConfig.from_config_record(msg.content.config_records[CONFIG_KEY])
+    configure_threads(site.threads or rc.threads)
+    images = load_site_images(site, rc, simulated)  # (N, C, H, W) uint8
+    model = _build_model(rc, msg)
+    privacy = plan_round(privacy=site_privacy_settings(site, rc), site_id=site.site_id, state_dir=site.state_dir,
+                         round=rc.round, num_rounds=rc.num_rounds, epochs=rc.epochs, batch_size=rc.batch_size,
+                         num_examples=int(images.shape[0]), in_batch_negatives=rc.in_batch_negatives)
+    if privacy.refused:
+        # say so in the reply: the ServerApp drops this site and stops when no site can go on
+        record_round(privacy, round=rc.round, dp_steps=0, pushed=0)
+        raise BudgetRefusal(f"{BUDGET_REFUSAL} site {site.site_id}: {privacy.refused}")
+
+    queue = _queue_client(site, rc) if rc.queue_enabled else None
+    negatives = None
+    t0 = time.perf_counter()
+    try:
+        if queue is not None and rc.use_queue_negatives:
+            negatives = queue.sample(rc.num_negatives, max_age=rc.max_staleness)  # (n, d), n <= K
+        t_sample = time.perf_counter() - t0
+        result = local_round(
+            model, images, negatives=negatives, epochs=rc.epochs, batch_size=rc.batch_size, lr=rc.lr,
+            temperature=rc.temperature, in_batch_negatives=rc.in_batch_negatives, key_encoder=rc.key_encoder,
+            augment=make_augment(AugmentSettings.model_validate(rc.augment)), num_push=rc.num_push if queue else 0,
+            device=resolve_device("auto"), seed=_round_seed(rc.seed, site.site_id, rc.round), optimizer=rc.optimizer,
+            momentum=rc.momentum, weight_decay=rc.weight_decay, dp=privacy.dp,
+        )
+        t0 = time.perf_counter()
+        pushed = 0
+        if queue is not None and result.embeddings.shape[0] > 0:
+            prototypes = None
+            if privacy.settings.release == "prototypes" and rc.use_queue_negatives and negatives is not None:
+                prototypes = negatives  # other sites' released (DP) prototype directions: public
+            to_push = release_embeddings(privacy, result.embeddings, round=rc.round, prototypes=prototypes,
+                                         generator=None)
+            if to_push.shape[0] > 0:
+                pushed = queue.push(to_push, round=rc.round, model_version=rc.round)
+        t_push = time.perf_counter() - t0
+    finally:
+        if queue is not None:
+            queue.close()
+    record_round(privacy, round=rc.round, dp_steps=int(result.metrics.get("dp_steps", 0)), pushed=pushed)
+    m = result.metrics
+    metrics = {
+        "num-examples": int(m["num_examples"]),
+        "loss": float(m["loss"]),
+        "steps": float(m["steps"]),
+        "negatives-used": float(m["negatives_used"]),
+        "pushed": float(pushed),
+        "seconds-total": time.perf_counter() - t_start,
+        "seconds-sample": t_sample,
+        "seconds-train": float(m["seconds_augment"] + m["seconds_train"]),
+        "seconds-push": t_push + float(m["seconds_encode_push"]),
+        **round_metrics(privacy),
+    }
+    content = RecordDict({
+        ARRAYS_KEY: ArrayRecord(result.state),
+        METRICS_KEY: MetricRecord(metrics),
+        SITE_KEY: site_record(site_id=site.site_id, ledger=privacy.summary),
+    })
+    return Message(content=content, reply_to=msg)
+
+
+def evaluate_handler(msg: Message, context: Context, simulated: SimulatedSites | None = None) -> Message:
+    """Label-free check of the global model on the site's own images: alignment and uniformity."""
+    from fedcl.config import AugmentSettings
+    from fedcl.evaluate import alignment_uniformity
+    from fedcl.runtime import configure_threads, make_augment
+
+    site = _site(context, simulated)
+    rc = RoundConfig.from_config_record(msg.content.config_records[CONFIG_KEY])
+    configure_threads(site.threads or rc.threads)
+    images = load_site_images(site, rc, simulated)
+    model = _build_model(rc, msg)
+    n = min(512, int(images.shape[0]))
+    if n < 2:
+        raise SiteError(f"site {site.site_id} needs at least 2 images for uniformity, has {n}")
+    align, uniform = alignment_uniformity(model, images[:n], augment=make_augment(AugmentSettings.model_validate(rc.augment)),
+                                          device=torch.device("cpu"), seed=_round_seed(rc.seed, site.site_id, rc.round))
+    content = RecordDict({
+        METRICS_KEY: MetricRecord({"num-examples": n, "alignment": align, "uniformity": uniform}),
+        SITE_KEY: site_record(site_id=site.site_id, ledger=None),
+    })
+    return Message(content=content, reply_to=msg)
+
+
+def make_client_app(*, simulated: SimulatedSites | None = None) -> ClientApp:
+    """A ClientApp; ``simulated`` gives the sites of ``fedcl simulate`` (else the node config does)."""
+    client_app = ClientApp()
+
+    @client_app.train()
+    def _train(msg: Message, context: Context) -> Message:
+        return train_handler(msg, context, simulated)
+
+    @client_app.evaluate()
+    def _evaluate(msg: Message, context: Context) -> Message:
+        return evaluate_handler(msg, context, simulated)
+
+    return client_app
+
+
+# What `flwr run` / flower-supernode load (pyproject: clientapp = "client.app:app").
+app = make_client_app()
+
+__all__ = ["SiteSettings", "SimulatedSites", "SiteError", "app", "make_client_app", "load_site_images",
+           "site_privacy_settings", "BudgetRefusal", "BUDGET_REFUSAL"]

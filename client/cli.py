@@ -1,0 +1,234 @@
+"""``fedcl-client``: join a federation as a site. A thin wrapper over Flower's SuperNode
+(``flower-supernode``, run as a child process and restarted when it drops out).
+
+    fedcl-client --server coordinator.example.org --data /site/images --site-id hospital-a \\
+        --root-certificates ca.pem --token-file /run/secrets/queue-token
+
+The site's settings travel to the ClientApp as Flower node config (``client.app`` lists the
+keys). Images never leave the site; only weights, metrics and the embeddings the privacy
+settings allow do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+DEFAULT_SUPERLINK_PORT = 8000
+_SITE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class ClientCliError(ValueError):
+    pass
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedcl-client", description="Join a fedcl federation as a site (Flower SuperNode).")
+    p.add_argument("--server", required=True, help="the coordinator's SuperLink, HOST[:PORT] (port 8000 by default)")
+    p.add_argument("--data", type=Path, help="the site's images: MedMNIST .npz, Fashion-MNIST IDX folder or image folder")
+    p.add_argument("--data-format", default="auto", choices=["auto", "medmnist", "fashion-mnist", "folder", "synthetic"])
+    p.add_argument("--site-id", required=True, help="this site's name (as the queue service's site tokens know it)")
+    p.add_argument("--root-certificates", type=Path, help="CA certificate (PEM) of the SuperLink and the queue service")
+    p.add_argument("--token", help="the site's queue token (prefer --token-file or FEDCL_QUEUE_TOKEN: "
+                                   "command lines are visible to other users)")
+    p.add_argument("--token-file", type=Path, help="file holding the site's queue token")
+    p.add_argument("--insecure", action="store_true", help="no TLS anywhere (loopback tests only)")
+    p.add_argument("--partition-id", type=int, help="demo: use this part of a shared data set")
+    p.add_argument("--num-partitions", type=int, help="demo: into how many parts the shared data set is split")
+    p.add_argument("--max-images", type=int, help="use at most this many images")
+    p.add_argument("--state-dir", type=Path, help="site state (privacy ledger, Flower's app cache); "
+                                                 "default ~/.fedcl/sites/SITE")
+    p.add_argument("--policy", type=Path, help="the site's privacy policy (TOML [policy]: epsilon_budget, "
+                                              "max_target_epsilon, require_dpsgd, allowed_release_modes); "
+                                              "round configs asking for more are refused")
+    p.add_argument("--queue-address", help="reach the queue service here instead of where the server says")
+    p.add_argument("--threads", type=int, help="torch threads for local training")
+    p.add_argument("--runtime-address", default="127.0.0.1:9094",
+                   help="local address of the SuperNode's runtime API (one per site on a machine)")
+    p.add_argument("--health-address", help="serve gRPC health checking here (HOST:PORT), for container health checks")
+    p.add_argument("--max-retries", type=int, help="give up after this many failed connection attempts")
+    p.add_argument("--max-wait-time", type=float, help="give up reconnecting after this many seconds")
+    p.add_argument("--no-rejoin", action="store_true",
+                   help="exit when the SuperNode exits (by default the site rejoins, e.g. after a coordinator restart)")
+    return p
+
+
+def _split_host_port(value: str, *, default_port: int) -> tuple[str, int]:
+    value = value.strip()
+    if value.startswith("["):  # [IPv6]:port
+        host, _, rest = value[1:].partition("]")
+        port = rest.lstrip(":") or str(default_port)
+    elif value.count(":") == 1:
+        host, port = value.split(":")
+    else:
+        host, port = value, str(default_port)
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ClientCliError(f"{value!r} is not HOST[:PORT]")
+    return host, int(port)
+
+
+def _toml_literal(key: str, value: str) -> str:
+    if "'" in value or "\n" in value:
+        raise ClientCliError(f"{key} may not contain a single quote or a newline: {value!r}")
+    return f"'{value}'"
+
+
+def build_supernode_argv(args: argparse.Namespace, *, token_file: Path | None) -> list[str]:
+    """flower-supernode's arguments for these fedcl-client arguments."""
+    if not _SITE_ID.match(args.site_id):
+        raise ClientCliError(f"--site-id {args.site_id!r}: use letters, digits, '_', '.', '-' (at most 64)")
+    if args.data is None and args.data_format != "synthetic":
+        raise ClientCliError("--data PATH is required (or --data-format synthetic for a smoke test)")
+    if args.data is not None and not args.data.exists():
+        raise ClientCliError(f"--data {args.data} does not exist")
+    if (args.partition_id is None) != (args.num_partitions is None):
+        raise ClientCliError("give both --partition-id and --num-partitions, or neither")
+    if args.root_certificates is not None and not args.root_certificates.is_file():
+        raise ClientCliError(f"--root-certificates {args.root_certificates} is not a file")
+    if args.insecure and args.root_certificates is not None:
+        raise ClientCliError("--insecure and --root-certificates exclude each other")
+    if not args.insecure and args.root_certificates is None:
+        raise ClientCliError("TLS needs --root-certificates CA.pem (the consortium CA); --insecure for loopback tests")
+    host, port = _split_host_port(args.server, default_port=DEFAULT_SUPERLINK_PORT)
+    rt_host, rt_port = _split_host_port(args.runtime_address, default_port=9094)
+
+    node: dict[str, object] = {"site-id": args.site_id, "data-format": args.data_format,
+                               "insecure": bool(args.insecure)}
+    if args.data is not None:
+        node["data-path"] = str(args.data.resolve())
+    if args.partition_id is not None:
+        node["partition-id"], node["num-partitions"] = args.partition_id, args.num_partitions
+    for key, value in (("max-images", args.max_images), ("threads", args.threads)):
+        if value is not None:
+            node[key] = int(value)
+    if token_file is not None:
+        node["queue-token-file"] = str(token_file.resolve())
+    if args.root_certificates is not None:
+        node["root-certificates"] = str(args.root_certificates.resolve())
+    if args.queue_address:
+        node["queue-address"] = args.queue_address
+    if getattr(args, "policy", None) is not None:
+        from fedcl.config import ConfigError, load_site_policy
+
+        try:
+            load_site_policy(args.policy)  # refuse a broken policy now, not at the first round
+        except ConfigError as exc:
+            raise ClientCliError(str(exc)) from None
+        node["policy-file"] = str(args.policy.resolve())
+    node["state-dir"] = str(args.state_dir.resolve())
+    parts = []
+    for key, value in node.items():
+        if isinstance(value, bool):
+            parts.append(f"{key}={'true' if value else 'false'}")
+        elif isinstance(value, int):
+            parts.append(f"{key}={value}")
+        else:
+            parts.append(f"{key}={_toml_literal(key, str(value))}")
+
+    argv = ["flower-supernode", "--superlink", f"{host}:{port}", "--node-config", " ".join(parts),
+            "--host", rt_host, "--port", str(rt_port)]
+    argv += ["--insecure"] if args.insecure else ["--root-certificates", str(args.root_certificates.resolve())]
+    if args.health_address:
+        argv += ["--health-server-address", args.health_address]
+    if args.max_retries is not None:
+        argv += ["--max-retries", str(args.max_retries)]
+    if args.max_wait_time is not None:
+        argv += ["--max-wait-time", str(args.max_wait_time)]
+    return argv
+
+
+def _store_token(token: str, state_dir: Path) -> Path:
+    """Keep the token in a 0600 file in the state folder, so it never appears on a command line."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / "queue-token"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, stat.S_IRUSR | stat.S_IWUSR)
+    with os.fdopen(fd, "w") as f:
+        f.write(token.strip() + "\n")
+    os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
+    return path
+
+
+def flower_environment(*, flwr_home: Path) -> None:
+    """Environment for Flower processes: no telemetry or update checks, our interpreter's tools first."""
+    os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
+    os.environ["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    os.environ.setdefault("FLWR_HOME", str(flwr_home))
+    bindir = str(Path(sys.executable).parent)  # flower-superexec / flwr-clientapp of this installation
+    path = os.environ.get("PATH", "")
+    if bindir not in path.split(os.pathsep):
+        os.environ["PATH"] = bindir + os.pathsep + path if path else bindir
+
+
+def _die_with_parent() -> None:  # runs in the child before exec (Linux): no orphaned SuperNode
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def supervise(argv: list[str], *, rejoin: bool, min_delay: float = 1.0, max_delay: float = 30.0) -> int:
+    """Run the SuperNode; when it exits on its own (a restarted SuperLink no longer knows this node
+    and refuses it), start it again with backoff, so the site rejoins the resumed run."""
+    stop = threading.Event()
+    child: subprocess.Popen | None = None
+
+    def on_signal(signum, _frame):
+        stop.set()
+        if child is not None and child.poll() is None:
+            child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    delay = min_delay
+    try:
+        while True:
+            started = time.time()
+            child = subprocess.Popen(argv, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+            code = child.wait()
+            if stop.is_set():
+                return 0
+            if not rejoin:
+                return code
+            if time.time() - started > 120:
+                delay = min_delay
+            print(f"fedcl-client: the SuperNode exited (status {code}); rejoining in {delay:.0f} s", flush=True)
+            if stop.wait(delay):
+                return 0
+            delay = min(2 * delay, max_delay)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.state_dir is None:
+        args.state_dir = Path.home() / ".fedcl" / "sites" / args.site_id
+    token = args.token or os.environ.get("FEDCL_QUEUE_TOKEN")
+    try:
+        if token and args.token_file:
+            raise ClientCliError("give the queue token once: --token/FEDCL_QUEUE_TOKEN or --token-file")
+        if args.token_file is not None and not args.token_file.is_file():
+            raise ClientCliError(f"--token-file {args.token_file} is not a file")
+        token_file = _store_token(token, args.state_dir) if token else args.token_file
+        supernode_argv = build_supernode_argv(args, token_file=token_file)
+    except ClientCliError as exc:
+        print(f"fedcl-client: error: {exc}", file=sys.stderr)
+        return 2
+    flower_environment(flwr_home=args.state_dir / "flwr-home")
+    print(f"fedcl-client: site {args.site_id} joining {supernode_argv[2]} "
+          f"({'insecure' if args.insecure else 'TLS'})", flush=True)
+
+    return supervise(supernode_argv, rejoin=not args.no_rejoin)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""What the ServerApp sends a site each round, and what a site sends back.
+
+Flower's ConfigRecord holds flat scalars and lists only, so the settings sections travel as JSON
+strings (parsed with ``json.loads``, never unpickled) and are validated on arrival with the same
+pydantic models (``extra="forbid"``) the server built them from.
+
+Reply contract (what Flower's FedAvg accepts): one ArrayRecord ``arrays`` (the canonical state
+dict), one MetricRecord ``metrics`` with ``num-examples``, and a ConfigRecord ``site`` naming the
+site and carrying its privacy-ledger summary as JSON. Every site reports the same metric keys.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from flwr.app import ConfigRecord
+
+# Keys of the records in train/evaluate messages and replies.
+ARRAYS_KEY = "arrays"
+CONFIG_KEY = "config"
+METRICS_KEY = "metrics"
+SITE_KEY = "site"
+
+# Metric keys every train reply carries (FedAvg needs identical key sets across replies).
+TRAIN_METRIC_KEYS = (
+    "num-examples",
+    "loss",
+    "steps",
+    "negatives-used",
+    "pushed",
+    "seconds-total",
+    "seconds-sample",
+    "seconds-train",
+    "seconds-push",
+)
+
+
+class ProtocolError(ValueError):
+    """A round message that this site cannot use (wrong or missing settings)."""
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    """Settings of one federated round, as the ServerApp decided them."""
+
+    round: int
+    num_rounds: int
+    # build_model(**model): arch, in_channels, width, proj_dim, proj_hidden
+    model: dict[str, Any]
+    augment: dict[str, Any]  # fedcl.config.AugmentSettings fields
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    temperature: float
+    in_batch_negatives: bool
+    key_encoder: str  # "global" | "online"
+    num_push: int
+    seed: int
+    queue_enabled: bool
+    queue_address: str
+    queue_tls: bool
+    num_negatives: int
+    max_staleness: int
+    warmup_rounds: int
+    # fedcl.config.PrivacySettings fields; the site builds DP-SGD and releases from them
+    privacy: dict[str, Any] = field(default_factory=dict)
+    # how a shared demo data set is split (sites started with a partition id use it)
+    partition: dict[str, Any] = field(default_factory=dict)
+    threads: int | None = None
+    optimizer: str = "adam"  # "adam" | "sgd" (momentum applies to SGD only)
+
+    _JSON_FIELDS = ("model", "augment", "privacy", "partition")
+
+    @property
+    def use_queue_negatives(self) -> bool:
+        """Negatives come from the queue after the warm-up rounds (MoCo-style keys need a filled queue)."""
+        return self.queue_enabled and self.num_negatives > 0 and self.round > self.warmup_rounds
+
+    def to_config_record(self) -> ConfigRecord:
+        out: dict[str, Any] = {}
+        for name, value in asdict(self).items():
+            if name in self._JSON_FIELDS:
+                out[name] = json.dumps(value, sort_keys=True)
+            elif value is None:
+                continue  # ConfigRecord has no None; absence means None
+            else:
+                out[name] = value
+        return ConfigRecord(out)
+
+    @classmethod
+    def from_config_record(cls, record: ConfigRecord) -> RoundConfig:
+        raw = dict(record)
+        kwargs: dict[str, Any] = {}
+        for name, f in cls.__dataclass_fields__.items():
+            if name.startswith("_"):
+                continue
+            if name not in raw:
+                if name in ("threads", "optimizer"):
+                    kwargs[name] = f.default
+                    continue
+                if name in ("privacy", "partition"):
+                    kwargs[name] = {}
+                    continue
+                raise ProtocolError(f"round config has no {name!r}; is the server running the same fedcl version?")
+            value = raw[name]
+            if name in cls._JSON_FIELDS:
+                if not isinstance(value, str):
+                    raise ProtocolError(f"round config {name!r} must be a JSON string, got {type(value).__name__}")
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError as exc:
+                    raise ProtocolError(f"round config {name!r} is not valid JSON: {exc}") from None
+                if not isinstance(value, dict):
+                    raise ProtocolError(f"round config {name!r} must be a JSON object")
+            kwargs[name] = value
+        cfg = cls(**kwargs)
+        cfg._check_types()
+        return cfg
+
+    def _check_types(self) -> None:
+        ints = ("round", "num_rounds", "epochs", "batch_size", "num_push", "seed", "num_negatives", "max_staleness",
+                "warmup_rounds")
+        for name in ints:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ProtocolError(f"round config {name!r} must be a non-negative integer, got {v!r}")
+        for name in ("lr", "momentum", "weight_decay", "temperature"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ProtocolError(f"round config {name!r} must be a number, got {v!r}")
+        for name in ("in_batch_negatives", "queue_enabled", "queue_tls"):
+            if not isinstance(getattr(self, name), bool):
+                raise ProtocolError(f"round config {name!r} must be a boolean")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ProtocolError(f"round config optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        if self.key_encoder not in ("global", "online"):
+            raise ProtocolError(f"round config key_encoder must be 'global' or 'online', got {self.key_encoder!r}")
+        if self.batch_size < 1 or self.epochs < 1:
+            raise ProtocolError("round config batch_size and epochs must be at least 1")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ProtocolError(f"round config threads must be a positive integer, got {self.threads!r}")
+
+
+def site_record(*, site_id: str, ledger: dict[str, Any] | None) -> ConfigRecord:
+    """The ``site`` record of a reply: who answered, and its privacy-ledger summary (JSON)."""
+    return ConfigRecord({"site-id": site_id, "ledger": json.dumps(ledger or {}, sort_keys=True)})
+
+
+def parse_site_record(record: ConfigRecord | None) -> tuple[str | None, dict[str, Any]]:
+    """(site id, ledger summary) of a reply's ``site`` record; (None, {}) when absent or malformed."""
+    if record is None:
+        return None, {}
+    site_id = record.get("site-id")
+    raw = record.get("ledger", "{}")
+    try:
+        ledger = json.loads(raw) if isinstance(raw, str) else {}
+    except json.JSONDecodeError:
+        ledger = {}
+    return (site_id if isinstance(site_id, str) else None), (ledger if isinstance(ledger, dict) else {})
+
+# Prefix of the error reason a site replies with when its privacy budget stops it; the ServerApp
+# stops the run cleanly when every site answers with it.
+BUDGET_REFUSAL = "privacy budget exhausted:"

@@ -1,0 +1,452 @@
+"""Flower ServerApp: rounds, aggregation, queue refresh, evaluation, checkpoints and resume.
+
+A round r (DESIGN.md, "A round"):
+1. tell the queue service the round (``Advance(r)``, coordinator token): stale entries go;
+2. send the global weights and the round's settings (``client.protocol.RoundConfig``) to the
+   sites the strategy samples; wait for their replies (``federation.round_timeout``), so a site
+   that dies mid-round only drops out of this round;
+3. aggregate with the configured Flower strategy (FedAvg by default, any
+   ``flwr.serverapp.strategy`` class by name), evaluate the global encoder centrally (kNN on a
+   labelled set, when the server has one), ``Advance(r + 1)`` so that the queue service's snapshot
+   holds this round's pushes, and checkpoint atomically. A restarted ServerApp resumes at k + 1.
+
+The loop is ours rather than ``Strategy.start``, because it needs hooks before and after each
+round and a start round other than 1; the strategy's own configure/aggregate methods do the work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from flwr.app import ArrayRecord, Context, Message
+from flwr.serverapp import Grid, ServerApp
+
+from client.protocol import BUDGET_REFUSAL, METRICS_KEY, SITE_KEY, RoundConfig, parse_site_record
+from server.checkpoint import FederationCheckpoint, checkpoint_path, find_checkpoint, save_checkpoint
+from server.metrics import MetricsLog, write_plots
+from server.strategy import build_strategy
+
+log = logging.getLogger("flwr.fedcl")  # a child of Flower's logger: shows up in `flwr log` and the console
+
+QUEUE_SNAPSHOT_NAME = "queue-snapshot.npz"
+ENCODER_NAME = "encoder.pt"
+DEFAULT_ROUND_TIMEOUT = 3600.0
+
+
+class FederationError(RuntimeError):
+    """The federation cannot go on; the message says why (the last checkpoint stays valid)."""
+
+
+@dataclass(frozen=True)
+class QueueLink:
+    """How the ServerApp reaches the queue service, and how sites are told to."""
+
+    address: str  # host:port, as the sites reach it
+    tls: bool = False
+    root_certificates: bytes | None = field(default=None, repr=False)
+    coordinator_token: str | None = field(default=None, repr=False)
+    snapshot_path: Path | None = None  # readable from here: its digest goes into the checkpoint
+
+    def client(self):
+        from client.queue_client import QueueClient
+
+        return QueueClient(self.address, site_id="coordinator", token=self.coordinator_token,
+                           root_certificates=self.root_certificates if self.tls else None, timeout=30.0)
+
+    @classmethod
+    def from_config(cls, cfg, *, out_dir: Path) -> QueueLink:
+        s = cfg.server
+        certs = None
+        if not s.insecure and s.tls_ca is not None:
+            certs = Path(s.tls_ca).read_bytes()
+        return cls(address=f"{s.queue_host}:{s.queue_port}", tls=not s.insecure, root_certificates=certs,
+                   coordinator_token=s.coordinator_token, snapshot_path=Path(out_dir) / QUEUE_SNAPSHOT_NAME)
+
+
+class RoundObserver(Protocol):
+    def on_start(self, *, start_round: int, num_rounds: int, initial_knn: float | None) -> None: ...
+
+    def on_round(self, record: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class FederationResult:
+    history: list[dict[str, Any]]
+    random_init_knn: float | None
+    final_knn: float | None
+    encoder_path: Path
+    resumed_from: int  # 0 when the run started afresh
+    plots: list[Path]
+    ledgers: dict[str, dict[str, Any]]
+
+
+# ---------------------------------------------------------------------------------- evaluation
+
+
+class CentralEvaluator:
+    """kNN accuracy (k = 200, t = 0.1) of the frozen global encoder on the server's labelled set."""
+
+    def __init__(self, *, memory_images, memory_labels, test_images, test_labels) -> None:
+        self.memory_images, self.memory_labels = memory_images, memory_labels
+        self.test_images, self.test_labels = test_images, test_labels
+        self.in_channels = int(memory_images.shape[1])
+
+    @classmethod
+    def from_config(cls, cfg) -> tuple[CentralEvaluator | None, str]:
+        """The evaluator, or None and the reason there is none."""
+        from fedcl.data import DataError
+        from fedcl.runtime import first_n, load_split
+
+        d = cfg.data
+        try:
+            memory = first_n(load_split(d, split="train"), d.train_max_images or 10000, seed=d.seed)
+            test = first_n(load_split(d, split=d.eval_split), d.eval_max_images, seed=d.seed)
+        except (DataError, OSError) as exc:
+            return None, str(exc)
+        if memory.labels is None or test.labels is None:
+            return None, f"data set {d.name!r} has no labels"
+        return cls(memory_images=memory.images, memory_labels=memory.labels, test_images=test.images,
+                   test_labels=test.labels), ""
+
+    def knn(self, model) -> float:
+        from fedcl.evaluate import extract_features, knn_accuracy
+
+        device = torch.device("cpu")
+        memory = extract_features(model, self.memory_images, device=device)  # (N, feat)
+        test = extract_features(model, self.test_images, device=device)  # (M, feat)
+        return knn_accuracy(memory, self.memory_labels, test, self.test_labels)
+
+
+# ------------------------------------------------------------------------------- round settings
+
+
+def round_config(cfg, *, rnd: int, model_spec: dict[str, Any], queue: QueueLink | None) -> RoundConfig:
+    t, q = cfg.train, cfg.queue
+    return RoundConfig(
+        round=rnd,
+        num_rounds=cfg.federation.num_rounds,
+        model=dict(model_spec),
+        augment=cfg.augment.model_dump(mode="json"),
+        epochs=t.epochs,
+        batch_size=t.batch_size,
+        lr=t.lr,
+        momentum=t.momentum,
+        weight_decay=t.weight_decay,
+        temperature=t.temperature,
+        in_batch_negatives=t.in_batch_negatives,
+        key_encoder=t.key_encoder,
+        num_push=t.num_push,
+        seed=t.seed,
+        queue_enabled=q.enabled and queue is not None,
+        queue_address=queue.address if queue is not None else "",
+        queue_tls=queue.tls if queue is not None else False,
+        num_negatives=q.num_negatives,
+        max_staleness=q.max_staleness,
+        warmup_rounds=q.warmup_rounds,
+        privacy=cfg.privacy.model_dump(mode="json"),
+        partition=cfg.data.model_dump(mode="json", exclude={"path"}),
+        threads=t.threads,
+        optimizer=t.optimizer,
+    )
+
+
+def _site_metrics(replies: list[Message]) -> tuple[dict[str, dict[str, float]], dict[str, dict], list[str]]:
+    """Per-site metrics and ledger summaries of the good replies; reasons of the failed ones."""
+    sites: dict[str, dict[str, float]] = {}
+    ledgers: dict[str, dict] = {}
+    errors: list[str] = []
+    for reply in replies:
+        if reply.has_error():
+            errors.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
+            continue
+        site_id, ledger = parse_site_record(reply.content.config_records.get(SITE_KEY))
+        site_id = site_id or f"node-{reply.metadata.src_node_id}"
+        metrics = reply.content.metric_records.get(METRICS_KEY)
+        sites[site_id] = {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
+        if ledger:
+            ledgers[site_id] = ledger
+    return sites, ledgers, errors
+
+
+def _weighted(sites: dict[str, dict[str, float]], key: str) -> float | None:
+    pairs = [(m[key], m.get("num-examples", 1.0)) for m in sites.values() if key in m and math.isfinite(m[key])]
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total if pairs and total > 0 else None
+
+
+def _file_sha256(path: Path | None) -> str | None:
+    if path is None or not Path(path).is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _arrays_sha256(arrays: ArrayRecord) -> str:
+    """Digest of a state dict's raw bytes in key order (identifies the global weights of a round)."""
+    digest = hashlib.sha256()
+    for key in sorted(arrays.keys()):
+        a = arrays[key].numpy()
+        digest.update(key.encode())
+        digest.update(str(a.dtype).encode() + str(a.shape).encode())
+        digest.update(a.tobytes())
+    return digest.hexdigest()
+
+
+def state_sha256(state: dict[str, torch.Tensor]) -> str:
+    """The same digest for a canonical state dict (e.g. a checkpoint's)."""
+    return _arrays_sha256(ArrayRecord({k: v.detach().cpu().contiguous() for k, v in state.items()}))
+
+
+def _comparable_queue_stats(stats: dict[str, Any]) -> dict[str, Any]:
+    keys = ("size", "current_round", "per_site", "pushed_total", "oldest_round", "newest_round")
+    return {k: stats.get(k) for k in keys}
+
+
+# ------------------------------------------------------------------------------------ the loop
+
+
+def run_federation(
+    grid: Grid,
+    *,
+    config,
+    out_dir: Path,
+    queue: QueueLink | None,
+    observer: RoundObserver | None = None,
+) -> FederationResult:
+    """Run (or resume) the federation of ``config`` on ``grid``; outputs go to ``out_dir``."""
+    from fedcl.config import dump_config
+    from fedcl.models import canonical_state_dict, load_canonical_state_dict, save_encoder
+    from fedcl.runtime import configure_threads, make_model
+
+    cfg = config
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = Path(cfg.server.checkpoint_dir) if cfg.server.checkpoint_dir else out_dir / "checkpoints"
+    num_rounds = cfg.federation.num_rounds
+    round_timeout = float(getattr(cfg.federation, "round_timeout", DEFAULT_ROUND_TIMEOUT))
+    configure_threads(cfg.train.threads)
+    if not cfg.queue.enabled:
+        queue = None
+
+    evaluator, why_not = CentralEvaluator.from_config(cfg)
+    if evaluator is None:
+        log.warning("no central evaluation: %s", why_not)
+    in_channels = getattr(cfg.model, "in_channels", None) or (evaluator.in_channels if evaluator else None)
+    if in_channels is None:
+        raise FederationError(
+            "the server cannot tell the images' channel count: it has no data to look at "
+            f"({why_not}); set model.in_channels, or point data.path at a copy of the evaluation set")
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.train.seed)  # the same initial weights for the same seed
+        model = make_model(cfg.model, in_channels=int(in_channels))
+    spec = dict(model.spec)
+
+    # per-site, label-free check of the final model (alignment, uniformity); 0 switches it off
+    fraction_evaluate = float(getattr(cfg.federation, "fraction_evaluate", 1.0))
+    strategy = build_strategy(
+        cfg.federation.strategy,
+        fraction_train=cfg.federation.fraction_train,
+        min_train_nodes=cfg.federation.min_train_nodes,
+        min_available_nodes=cfg.federation.min_available_nodes,
+        fraction_evaluate=fraction_evaluate,
+        extra=getattr(cfg.federation, "strategy_kwargs", None),
+    )
+
+    random_init_knn = None
+    history: list[dict[str, Any]] = []
+    ledgers: dict[str, dict] = {}
+    start = 1
+    ckpt = find_checkpoint(ckpt_dir)
+    if ckpt is not None:
+        if ckpt.model_spec != spec:
+            raise FederationError(
+                f"checkpoint {checkpoint_path(ckpt_dir)} was written for model {ckpt.model_spec}, but the config "
+                f"builds {spec}; move the checkpoint folder away to start afresh")
+        load_canonical_state_dict(model, ckpt.state_dict)
+        history, ledgers, start = list(ckpt.history), dict(ckpt.ledgers), ckpt.round + 1
+        if history and history[0].get("random_init_knn") is not None:
+            random_init_knn = history[0]["random_init_knn"]
+        log.info("resuming from %s: round %d of %d done", checkpoint_path(ckpt_dir), ckpt.round, num_rounds)
+        if queue is not None and ckpt.queue.get("stats"):
+            with queue.client() as qc:
+                now = _comparable_queue_stats(qc.stats())
+            saved = _comparable_queue_stats(ckpt.queue["stats"])
+            if now != saved:
+                log.warning("the queue service's state %s differs from the checkpoint's %s (was the queue "
+                            "restarted without its snapshot?); going on with the queue as it is", now, saved)
+    elif evaluator is not None:
+        random_init_knn = evaluator.knn(model)
+
+    log.info("fedcl federation: %d rounds, strategy %s, queue %s; writing to %s", num_rounds,
+             cfg.federation.strategy, queue.address if queue else "off", out_dir.resolve())
+    metrics_log = MetricsLog(out_dir, tensorboard=cfg.server.tensorboard)
+    metrics_log.reset(history)
+    if observer is not None:
+        observer.on_start(start_round=start, num_rounds=num_rounds, initial_knn=random_init_knn)
+    arrays = ArrayRecord(canonical_state_dict(model))
+    config_json = dump_config(cfg)
+
+    stopped_for_budget: int | None = None
+    try:
+        for rnd in range(start, num_rounds + 1):
+            t0 = time.time()
+            queue_at_start: dict[str, Any] = {}
+            if queue is not None:
+                with queue.client() as qc:
+                    evicted = qc.advance(rnd)
+                    queue_at_start = qc.stats()
+            weights_sha256 = _arrays_sha256(arrays)
+            rc = round_config(cfg, rnd=rnd, model_spec=spec, queue=queue)
+            messages = strategy.configure_train(rnd, arrays, rc.to_config_record(), grid)
+            replies = list(grid.send_and_receive(messages, timeout=round_timeout))
+            sites, new_ledgers, errors = _site_metrics(replies)
+            for reason in errors:
+                log.warning("round %d: a site failed: %s", rnd, reason)
+            if not sites and errors and all(BUDGET_REFUSAL in e for e in errors):
+                log.warning("round %d: every site refused on its privacy budget; the run stops cleanly", rnd)
+                stopped_for_budget = rnd
+                break
+            if not sites:
+                raise FederationError(
+                    f"round {rnd}: no site completed training ({len(errors)} failed"
+                    f"{': ' + errors[0] if errors else ', none answered within ' + str(round_timeout) + ' s'})")
+            ledgers.update(new_ledgers)
+            new_arrays, _ = strategy.aggregate_train(rnd, replies)
+            if new_arrays is not None:
+                arrays = new_arrays
+            load_canonical_state_dict(model, arrays.to_torch_state_dict())
+
+            fed_eval: dict[str, Any] = {}
+            if rnd == num_rounds and fraction_evaluate > 0:
+                eval_msgs = strategy.configure_evaluate(rnd, arrays, rc.to_config_record(), grid)
+                eval_replies = list(grid.send_and_receive(eval_msgs, timeout=round_timeout))
+                eval_sites, _, eval_errors = _site_metrics(eval_replies)
+                fed_eval = {"sites": eval_sites, "failed": len(eval_errors)}
+                for key in ("alignment", "uniformity"):
+                    fed_eval[key] = _weighted(eval_sites, key)
+            knn = None
+            if evaluator is not None and (rnd % cfg.federation.eval_every == 0 or rnd == num_rounds):
+                knn = evaluator.knn(model)
+
+            queue_info: dict[str, Any] = {}
+            if queue is not None:
+                with queue.client() as qc:
+                    qc.advance(rnd + 1)  # the queue service snapshots on Advance: now it holds this round's pushes
+                    stats = qc.stats()
+                queue_info = {"stats": stats, "evicted_at_start": evicted,
+                              "snapshot_path": str(queue.snapshot_path) if queue.snapshot_path else None,
+                              "snapshot_sha256": _file_sha256(queue.snapshot_path)}
+            # sites report their cumulative ε; a negative value means unbounded (a raw, non-DP release)
+            epsilons = [m["epsilon"] for m in sites.values() if "epsilon" in m]
+            finite_eps = [e for e in epsilons if 0 <= e < math.inf]
+            record = {
+                "round": rnd,
+                "time": time.time(),
+                "seconds": time.time() - t0,
+                "loss": _weighted(sites, "loss"),
+                "knn": knn,
+                "random_init_knn": random_init_knn if rnd == 1 else None,
+                "negatives_used": _weighted(sites, "negatives-used"),
+                "pushed": sum(m.get("pushed", 0.0) for m in sites.values()),
+                "queue_size": queue_info.get("stats", {}).get("size"),
+                "epsilon": max(finite_eps) if finite_eps else None,
+                "epsilon_unbounded": any(e < 0 or e == math.inf for e in epsilons),
+                "sites_ok": len(sites),
+                "sites_failed": len(errors),
+                "errors": errors,
+                "sites": sites,
+                "fed_eval": fed_eval,
+                "queue": queue_info.get("stats", {}),
+                "queue_at_start": queue_at_start,
+                "weights_sha256": weights_sha256,  # of the global weights sent out this round
+            }
+            history.append(record)
+            metrics_log.write(record)
+            save_checkpoint(checkpoint_path(ckpt_dir), FederationCheckpoint(
+                round=rnd, state_dict=canonical_state_dict(model), model_spec=spec, queue=queue_info,
+                ledgers=ledgers, history=history, config_json=config_json, strategy=cfg.federation.strategy))
+            log.info("round %d/%d: loss %s, kNN %s, %d sites ok, %d failed", rnd, num_rounds,
+                     record["loss"], knn, len(sites), len(errors))
+            if observer is not None:
+                observer.on_round(record)
+    finally:
+        metrics_log.close()
+
+    encoder_path = out_dir / ENCODER_NAME
+    final_knn = next((r["knn"] for r in reversed(history) if r.get("knn") is not None), None)
+    save_encoder(encoder_path, model=model, meta={
+        "trained": "federated", "rounds": num_rounds, "strategy": cfg.federation.strategy,
+        "data": cfg.data.name, "final_knn": final_knn, "random_init_knn": random_init_knn,
+        "queue": cfg.queue.enabled,
+    })
+    plots = write_plots(history, out_dir, random_init_knn=random_init_knn)
+    (out_dir / "summary.json").write_text(json.dumps({
+        "rounds": len(history), "final_knn": final_knn, "random_init_knn": random_init_knn,
+        "encoder": str(encoder_path), "resumed_from": start - 1, "ledgers": ledgers,
+        "stopped_for_privacy_budget_at_round": stopped_for_budget,
+    }, indent=2, sort_keys=True))
+    return FederationResult(history=history, random_init_knn=random_init_knn, final_knn=final_knn,
+                            encoder_path=encoder_path, resumed_from=start - 1, plots=plots, ledgers=ledgers)
+
+
+# ------------------------------------------------------------------------------ the ServerApps
+
+
+def load_run_config(run_config: dict[str, Any]):
+    """FedclConfig from the run config's ``config-path`` (TOML, or the JSON fedcl-server writes)."""
+    from fedcl.config import ConfigError, FedclConfig, format_validation_error, load_config
+    from pydantic import ValidationError
+
+    path = str(run_config.get("config-path", "") or "")
+    if not path:
+        return load_config(None)
+    if path.endswith(".json"):
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            return FedclConfig.model_validate_json(p.read_text())
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, source=str(p))) from None
+    return load_config(path)
+
+
+def make_server_app(*, config, out_dir: Path, queue: QueueLink | None,
+                    observer: RoundObserver | None = None, results: list | None = None) -> ServerApp:
+    """A ServerApp with its settings baked in (``fedcl simulate``); ``results`` receives the result."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        result = run_federation(grid, config=config, out_dir=out_dir, queue=queue, observer=observer)
+        if results is not None:
+            results.append(result)
+
+    return server_app
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """What `flwr run` starts in deployment: settings from the run config's ``config-path``."""
+    cfg = load_run_config(dict(context.run_config))
+    out_dir = Path(str(context.run_config.get("out-dir", "") or cfg.server.out_dir))
+    queue = QueueLink.from_config(cfg, out_dir=out_dir) if cfg.queue.enabled else None
+    run_federation(grid, config=cfg, out_dir=out_dir, queue=queue)
+
+
+__all__ = ["CentralEvaluator", "FederationError", "FederationResult", "QueueLink", "app", "load_run_config",
+           "make_server_app", "round_config", "run_federation"]

@@ -1,0 +1,128 @@
+"""Atomic per-round checkpoints of the federation, and resuming from them.
+
+A checkpoint holds what a restarted ServerApp needs to continue at round k + 1 as if nothing had
+happened: the global weights (canonical state dict) with the model spec to rebuild them, the
+round, the queue's state as the queue service reported it (its own snapshot file holds the
+embeddings), the per-site privacy-ledger summaries the sites reported, and the metrics history.
+
+Written with ``torch.save`` to a temp file in the same folder, fsync, rename, fsync of the
+folder; read with ``torch.load(weights_only=True)`` (tensors and plain containers only).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT_FORMAT = "fedcl-federation/1"
+CHECKPOINT_NAME = "federation.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message says which file and what to do."""
+
+
+@dataclass
+class FederationCheckpoint:
+    round: int  # the last completed round
+    state_dict: dict[str, torch.Tensor]  # canonical, CPU
+    model_spec: dict[str, Any]  # build_model(**model_spec)
+    queue: dict[str, Any] = field(default_factory=dict)  # {"stats": ..., "snapshot_path": ..., "snapshot_sha256": ...}
+    ledgers: dict[str, dict[str, Any]] = field(default_factory=dict)  # site id -> ledger summary
+    history: list[dict[str, Any]] = field(default_factory=list)  # one record per round, as in metrics.jsonl
+    config_json: str = ""  # the effective FedclConfig (fedcl.config.dump_config)
+    strategy: str = "FedAvg"
+
+    def to_payload(self) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "round": int(self.round),
+            "state_dict": {k: v.detach().cpu().contiguous() for k, v in self.state_dict.items()},
+            "model_spec": dict(self.model_spec),
+            "queue": _plain(self.queue),
+            "ledgers": _plain(self.ledgers),
+            "history": _plain(self.history),
+            "config_json": self.config_json,
+            "strategy": self.strategy,
+        }
+
+
+def _plain(value: Any) -> Any:
+    """Plain containers and scalars only, so that weights_only loading accepts them."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item"):  # numpy / torch scalars
+        return value.item()
+    raise TypeError(f"checkpoint field of type {type(value).__name__} is not a plain value")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path: Path, checkpoint: FederationCheckpoint) -> Path:
+    """Write ``checkpoint`` to ``path`` atomically: a crash leaves the old file or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(checkpoint.to_payload(), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def load_checkpoint(path: Path) -> FederationCheckpoint:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated or foreign file
+        raise CheckpointError(f"checkpoint {path} is not readable ({exc}); move it away to start afresh") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} is not a fedcl federation checkpoint (format {CHECKPOINT_FORMAT!r})")
+    try:
+        return FederationCheckpoint(
+            round=int(payload["round"]),
+            state_dict=dict(payload["state_dict"]),
+            model_spec=dict(payload["model_spec"]),
+            queue=dict(payload.get("queue", {})),
+            ledgers=dict(payload.get("ledgers", {})),
+            history=list(payload.get("history", [])),
+            config_json=str(payload.get("config_json", "")),
+            strategy=str(payload.get("strategy", "FedAvg")),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} lacks a field ({exc}); move it away to start afresh") from None
+
+
+def checkpoint_path(checkpoint_dir: Path) -> Path:
+    return Path(checkpoint_dir) / CHECKPOINT_NAME
+
+
+def find_checkpoint(checkpoint_dir: Path) -> FederationCheckpoint | None:
+    """The checkpoint to resume from, or None when the folder holds none."""
+    path = checkpoint_path(checkpoint_dir)
+    return load_checkpoint(path) if path.exists() else None

@@ -1,0 +1,465 @@
+"""``fedcl-server``: the coordinator's side of a federation, from one config file.
+
+    fedcl-server --config consortium.toml              # = fedcl-server run: queue + SuperLink + the run
+    fedcl-server superlink --config consortium.toml    # only Flower's SuperLink, with the config's TLS
+    fedcl-server serve-queue --config consortium.toml  # only the queue service, from the same config
+    fedcl-server start-run --config consortium.toml    # submit the run to a SuperLink that is up, follow it
+    fedcl-server queue --config queue.toml             # the queue service from a [queue_service] file
+    fedcl-server health --http URL | --grpc HOST:PORT  # container health checks
+
+``run`` starts the queue service in this process (restoring its snapshot when there is one),
+Flower's SuperLink as a child process, submits the fedcl app with ``flwr run`` and follows the
+ServerApp's log until the run ends; run it again after a crash and the ServerApp resumes from its
+last checkpoint. Sites join with ``fedcl-client --server HOST:PORT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from client.cli import flower_environment
+
+FEDERATION_NAME = "fedcl"
+APP_PYPROJECT = """\
+[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "fedcl"
+version = "{version}"
+description = "fedcl federation (the code is the fedcl package installed on each machine)"
+
+[tool.flwr.app]
+publisher = "fedcl"
+
+[tool.flwr.app.components]
+serverapp = "server.app:app"
+clientapp = "client.app:app"
+
+[tool.flwr.app.config]
+config-path = ""
+out-dir = ""
+"""
+
+
+class ServerCliError(RuntimeError):
+    pass
+
+
+def _log(message: str) -> None:
+    print(f"fedcl-server: {message}", flush=True)
+
+
+def _free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit():
+        raise ServerCliError(f"{value!r} is not HOST:PORT")
+    return host, int(port)
+
+
+def _with_server(cfg, **update):
+    return cfg.model_copy(update={"server": cfg.server.model_copy(update=update)})
+
+
+def _connect_host(host: str) -> str:
+    """Where to reach a service bound to ``host`` from this machine."""
+    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+
+
+def _load(config: Path | None, overrides: list[str]):
+    from fedcl.config import ConfigError, load_config
+
+    try:
+        return load_config(config, overrides)
+    except ConfigError as exc:
+        raise ServerCliError(str(exc)) from None
+
+
+def _resolve_paths(cfg, *, out_dir: Path | None):
+    """Absolute paths everywhere: the ServerApp runs in another process, from another folder."""
+    s = cfg.server
+    update = {"out_dir": (out_dir or s.out_dir).resolve()}
+    for name in ("checkpoint_dir", "tls_cert", "tls_key", "tls_ca", "audit_log"):
+        value = getattr(s, name)
+        if value is not None:
+            update[name] = Path(value).resolve()
+    cfg = cfg.model_copy(update={"server": s.model_copy(update=update)})
+    if cfg.data.path is not None:
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": Path(cfg.data.path).resolve()})})
+    return cfg
+
+
+def write_effective_config(cfg, out_dir: Path) -> Path:
+    """The validated settings as JSON for the ServerApp (0600: it holds the queue tokens)."""
+    from fedcl.config import dump_config
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "fedcl-config.json"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(dump_config(cfg))
+    return path
+
+
+def write_app_dir(directory: Path) -> Path:
+    """A Flower app folder whose components are the installed fedcl's: no code travels in the FAB."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ver = version("fedcl")
+    except PackageNotFoundError:
+        ver = "0.0.0"
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "pyproject.toml").write_text(APP_PYPROJECT.format(version=ver))
+    return directory
+
+
+def write_flwr_connection(flwr_home: Path, *, address: str, insecure: bool, root_certificates: Path | None) -> None:
+    """The `flwr` CLI's connection to our SuperLink (config.toml in FLWR_HOME)."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    lines = ["[superlink]", f'default = "{FEDERATION_NAME}"', "", f"[superlink.{FEDERATION_NAME}]",
+             f'address = "{address}"']
+    if insecure:
+        lines.append("insecure = true")
+    else:
+        if root_certificates is None:
+            raise ServerCliError("TLS to the SuperLink needs server.tls_ca (the CA that signed its certificate)")
+        lines.append(f"root-certificates = {json.dumps(str(root_certificates))}")
+    (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
+
+
+def _tls_args(cfg) -> list[str]:
+    s = cfg.server
+    if s.insecure:
+        return ["--insecure"]
+    if s.tls_cert is None or s.tls_key is None:
+        raise ServerCliError("TLS needs server.tls_cert and server.tls_key (deploy/ has a certificate script), "
+                             "or server.insecure = true on loopback")
+    args = ["--ssl-certfile", str(s.tls_cert), "--ssl-keyfile", str(s.tls_key)]
+    if s.tls_ca is not None:
+        args += ["--ssl-ca-certfile", str(s.tls_ca)]
+    return args
+
+
+def superlink_command(cfg, *, port: int, health_address: str | None = None) -> list[str]:
+    cmd = ["flower-superlink", *_tls_args(cfg), "--host", cfg.server.superlink_host, "--port", str(port),
+           "--disable-runtime-dependency-installation"]
+    if health_address:
+        cmd += ["--health-server-address", health_address]
+    return cmd
+
+
+def wait_superlink(address: str, *, insecure: bool, ca: Path | None, timeout: float, proc=None) -> None:
+    import httpx
+
+    scheme = "http" if insecure else "https"
+    verify: bool | str = True if insecure else str(ca) if ca else True
+    deadline = time.time() + timeout
+    last = ""
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise ServerCliError(f"the SuperLink exited with status {proc.returncode} (see its log)")
+        try:
+            if httpx.get(f"{scheme}://{address}/health", timeout=2.0, verify=verify).is_success:
+                return
+        except httpx.HTTPError as exc:
+            last = str(exc)
+        time.sleep(0.5)
+    raise ServerCliError(f"the SuperLink at {address} did not come up within {timeout:.0f} s ({last})")
+
+
+def submit_run(*, app_dir: Path, env: dict, config_path: Path, out_dir: Path, log_path: Path) -> tuple[int, int]:
+    """``flwr run`` the app and stream the ServerApp's log until the run ends; (run id, exit code)."""
+    run_config = f"config-path={json.dumps(str(config_path))} out-dir={json.dumps(str(out_dir))}"
+    cmd = ["flwr", "run", str(app_dir), FEDERATION_NAME, "--run-config", run_config, "--stream"]
+    run_id = None
+    with open(log_path, "a") as log_file:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log_file.write(line)
+            log_file.flush()
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            if run_id is None and (m := re.search(r"started run (\d+)", line)):
+                run_id = int(m.group(1))
+        code = proc.wait()
+    if run_id is None:
+        raise ServerCliError(f"`flwr run` did not start a run (exit status {code}); see {log_path}")
+    return run_id, code
+
+
+def run_status(run_id: int, *, env: dict) -> str:
+    out = subprocess.run(["flwr", "ls", FEDERATION_NAME, "--run-id", str(run_id), "--format", "json"], env=env,
+                         capture_output=True, text=True)
+    try:
+        runs = json.loads(out.stdout)["runs"]
+        return str(runs[0]["status"])
+    except (json.JSONDecodeError, KeyError, IndexError):
+        return f"unknown ({out.stdout.strip()[-200:]} {out.stderr.strip()[-200:]})"
+
+
+def _flower_env(flwr_home: Path) -> dict:
+    flower_environment(flwr_home=flwr_home)
+    env = dict(os.environ)
+    env["FLWR_HOME"] = str(flwr_home)
+    return env
+
+
+def start_and_follow_run(cfg, *, superlink_address: str) -> int:
+    """Submit the run to the SuperLink at ``superlink_address``; 0 when it completed."""
+    out_dir = Path(cfg.server.out_dir)
+    env = _flower_env(out_dir / "flwr-home" / "cli")
+    write_flwr_connection(Path(env["FLWR_HOME"]), address=superlink_address, insecure=cfg.server.insecure,
+                          root_certificates=cfg.server.tls_ca)
+    config_path = write_effective_config(cfg, out_dir)
+    app_dir = write_app_dir(out_dir / "flwr-app")
+    run_id, code = submit_run(app_dir=app_dir, env=env, config_path=config_path, out_dir=out_dir,
+                              log_path=out_dir / "serverapp.log")
+    status = run_status(run_id, env=env)
+    _log(f"run {run_id}: {status}")
+    summary = out_dir / "summary.json"
+    if status == "finished:completed" and summary.exists():
+        s = json.loads(summary.read_text())
+        knn = s.get("final_knn")
+        _log(f"{s.get('rounds')} rounds; final kNN accuracy "
+             f"{'—' if knn is None else f'{100 * knn:.2f}%'}; encoder {s.get('encoder')}; metrics in {out_dir}")
+        return 0
+    return 1 if code == 0 else code
+
+
+def _start_queue(cfg):
+    """The queue service in this process, on the config's host and port; returns (server, cfg)."""
+    from fedcl.queue import EmbeddingQueue
+    from server.app import QUEUE_SNAPSHOT_NAME
+    from server.queue_service import start_queue_server
+
+    s, q = cfg.server, cfg.queue
+    snapshot = Path(s.out_dir) / QUEUE_SNAPSHOT_NAME
+    if snapshot.exists():
+        queue = EmbeddingQueue.restore(snapshot)
+        _log(f"queue restored from {snapshot}: {len(queue)} entries, round {queue.current_round}")
+    else:
+        queue = EmbeddingQueue(dim=cfg.model.proj_dim, capacity=q.capacity, per_site_quota=q.per_site_quota,
+                               max_staleness=q.max_staleness, dtype=q.dtype)
+    coordinator = s.coordinator_token
+    if coordinator is None and s.site_tokens:
+        coordinator = secrets.token_urlsafe(24)  # only this process and its ServerApp know it
+    tls_cert = tls_key = None
+    if not s.insecure:
+        if s.tls_cert is None or s.tls_key is None:
+            raise ServerCliError("the queue service needs server.tls_cert and server.tls_key, or server.insecure = true")
+        tls_cert, tls_key = Path(s.tls_cert).read_bytes(), Path(s.tls_key).read_bytes()
+    elif s.queue_host not in ("127.0.0.1", "localhost", "::1"):
+        _log(f"warning: the queue service listens on {s.queue_host} without TLS (server.insecure = true)")
+    server = start_queue_server(
+        queue=queue, host=s.queue_host, port=s.queue_port, site_tokens=dict(s.site_tokens),
+        coordinator_token=coordinator, tls_cert=tls_cert, tls_key=tls_key, client_ca=None, snapshot_path=snapshot,
+        max_message_bytes=4 << 20, audit_log=s.audit_log or Path(s.out_dir) / "queue-audit.jsonl")
+    advertised = s.queue_host if s.queue_host not in ("0.0.0.0", "::", "") else socket.getfqdn()
+    cfg = cfg.model_copy(update={"server": s.model_copy(update={
+        "queue_port": server.port, "queue_host": advertised, "coordinator_token": coordinator})})
+    return server, cfg
+
+
+def cmd_run(args) -> int:
+    cfg = _resolve_paths(_load(args.config, args.set), out_dir=args.out_dir)
+    out_dir = Path(cfg.server.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    port = cfg.server.superlink_port or _free_port()
+    cfg = cfg.model_copy(update={"server": cfg.server.model_copy(update={"superlink_port": port})})
+    queue_server = None
+    superlink = None
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):
+        stop["signal"] = signum
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        if cfg.queue.enabled:
+            queue_server, cfg = _start_queue(cfg)
+            _log(f"queue service on {cfg.server.queue_host}:{cfg.server.queue_port}")
+        env = _flower_env(out_dir / "flwr-home" / "superlink")
+        with open(out_dir / "superlink.log", "a") as log_file:
+            superlink = subprocess.Popen(superlink_command(cfg, port=port, health_address=args.health_address),
+                                         env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        address = f"{_connect_host(cfg.server.superlink_host)}:{port}"
+        wait_superlink(address, insecure=cfg.server.insecure, ca=cfg.server.tls_ca, timeout=120, proc=superlink)
+        _log(f"SuperLink on {cfg.server.superlink_host}:{port}; sites join with "
+             f"fedcl-client --server {socket.getfqdn() if cfg.server.superlink_host == '0.0.0.0' else address}")
+        return start_and_follow_run(cfg, superlink_address=address)
+    except KeyboardInterrupt:
+        _log(f"stopping ({'signal ' + str(stop['signal']) if stop['signal'] else 'interrupted'}); "
+             "run fedcl-server again to resume from the last checkpoint")
+        return 130
+    except ServerCliError as exc:
+        print(f"fedcl-server: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if superlink is not None and superlink.poll() is None:
+            superlink.terminate()
+            try:
+                superlink.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                superlink.kill()
+        if queue_server is not None:
+            queue_server.stop(grace=2.0)
+
+
+def cmd_start_run(args) -> int:
+    cfg = _resolve_paths(_load(args.config, args.set), out_dir=args.out_dir)
+    address = args.superlink or f"{_connect_host(cfg.server.superlink_host)}:{cfg.server.superlink_port}"
+    try:
+        if args.queue:
+            host, port = _host_port(args.queue)
+            cfg = _with_server(cfg, queue_host=host, queue_port=port)
+        wait_superlink(address, insecure=cfg.server.insecure, ca=cfg.server.tls_ca, timeout=args.wait)
+        return start_and_follow_run(cfg, superlink_address=address)
+    except ServerCliError as exc:
+        print(f"fedcl-server: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def cmd_superlink(args) -> int:
+    cfg = _resolve_paths(_load(args.config, args.set), out_dir=args.out_dir)
+    try:
+        if args.listen:
+            host, port = _host_port(args.listen)
+            cfg = _with_server(cfg, superlink_host=host, superlink_port=port)
+        cmd = superlink_command(cfg, port=cfg.server.superlink_port, health_address=args.health_address)
+    except ServerCliError as exc:
+        print(f"fedcl-server: error: {exc}", file=sys.stderr)
+        return 2
+    env = _flower_env(Path(cfg.server.out_dir) / "flwr-home" / "superlink")
+    _log(" ".join(cmd))
+    os.execvpe(cmd[0], cmd, env)  # replaces this process: signals go straight to the SuperLink
+    return 0  # not reached
+
+
+def cmd_serve_queue(args) -> int:
+    """The queue service from the fedcl config (tokens, TLS, snapshot in out_dir), until SIGTERM."""
+    import threading
+
+    cfg = _resolve_paths(_load(args.config, args.set), out_dir=args.out_dir)
+    if args.listen:
+        host, port = _host_port(args.listen)
+        cfg = _with_server(cfg, queue_host=host, queue_port=port)
+    if cfg.server.coordinator_token is None and cfg.server.site_tokens:
+        raise ServerCliError("a queue service of its own needs server.coordinator_token (the ServerApp uses it)")
+    Path(cfg.server.out_dir).mkdir(parents=True, exist_ok=True)
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    server, cfg = _start_queue(cfg)
+    _log(f"queue service on {args.listen or cfg.server.queue_host}:{server.port}; snapshot in {cfg.server.out_dir}")
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        server.stop(grace=5.0)
+        _log("queue service stopped (snapshot written)")
+    return 0
+
+
+def cmd_health(args) -> int:
+    """Exit 0 when the service answers: HTTP 2xx (SuperLink /health) or gRPC SERVING."""
+    try:
+        if args.http:
+            import httpx
+
+            ok = httpx.get(args.http, timeout=args.timeout, verify=str(args.ca) if args.ca else True).is_success
+        else:
+            import grpc
+            from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+            channel = (grpc.secure_channel(args.grpc, grpc.ssl_channel_credentials(args.ca.read_bytes()))
+                       if args.ca else grpc.insecure_channel(args.grpc))
+            with channel:
+                reply = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+            ok = reply.status == health_pb2.HealthCheckResponse.SERVING
+    except Exception as exc:  # any failure is "not healthy"; say why for `docker inspect`
+        print(f"unhealthy: {exc}", file=sys.stderr)
+        return 1
+    return 0 if ok else 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedcl-server", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", "-c", type=Path, help="TOML config file")
+        sp.add_argument("--set", "-s", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a setting (repeatable)")
+        sp.add_argument("--out-dir", type=Path, help="run folder (default: server.out_dir)")
+
+    run = sub.add_parser("run", help="queue service + SuperLink + the run, until it ends (the default)")
+    common(run)
+    run.add_argument("--health-address", help="SuperLink gRPC health service address (HOST:PORT)")
+    start = sub.add_parser("start-run", help="submit the run to a running SuperLink and follow it")
+    common(start)
+    start.add_argument("--superlink", help="HOST:PORT (default: server.superlink_host:superlink_port)")
+    start.add_argument("--wait", type=float, default=300.0, help="seconds to wait for the SuperLink to come up")
+    start.add_argument("--queue", help="HOST:PORT where the ServerApp and the sites reach the queue service")
+    link = sub.add_parser("superlink", help="only Flower's SuperLink, with the config's host, port and TLS")
+    common(link)
+    link.add_argument("--listen", help="HOST:PORT (default: server.superlink_host:superlink_port)")
+    link.add_argument("--health-address", help="gRPC health service address (HOST:PORT)")
+    serve = sub.add_parser("serve-queue", help="only the queue service, from the fedcl config")
+    common(serve)
+    serve.add_argument("--listen", help="HOST:PORT (default: server.queue_host:queue_port)")
+    health = sub.add_parser("health", help="health check of a SuperLink (--http) or a gRPC service (--grpc)")
+    target = health.add_mutually_exclusive_group(required=True)
+    target.add_argument("--http", help="URL, e.g. http://127.0.0.1:8000/health")
+    target.add_argument("--grpc", help="HOST:PORT of a gRPC health service")
+    health.add_argument("--service", default="", help="gRPC service name ('' = the whole server)")
+    health.add_argument("--ca", type=Path, help="CA certificate for TLS")
+    health.add_argument("--timeout", type=float, default=3.0)
+    sub.add_parser("queue", help="only the queue service: fedcl-server queue --config queue.toml", add_help=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "queue":
+        from server.queue_cli import queue_main
+
+        return queue_main(argv[1:])
+    commands = {"run": cmd_run, "start-run": cmd_start_run, "superlink": cmd_superlink,
+                "serve-queue": cmd_serve_queue, "health": cmd_health}
+    if not argv or argv[0] not in (*commands, "-h", "--help"):
+        argv = ["run", *argv]
+    args = _parser().parse_args(argv)
+    try:
+        return commands[args.command](args)
+    except ServerCliError as exc:
+        print(f"fedcl-server: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

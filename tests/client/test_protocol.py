@@ -1,0 +1,72 @@
+"""The round message between ServerApp and ClientApp: what goes out comes back the same, or is refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from flwr.app import ConfigRecord
+
+from client.protocol import ProtocolError, RoundConfig, parse_site_record, site_record
+
+
+def _round(**change) -> RoundConfig:
+    base = dict(
+        round=3, num_rounds=5, model={"arch": "cnn", "in_channels": 1, "width": 8, "proj_dim": 32, "proj_hidden": 64},
+        augment={"flip": True, "noise_std": 0.05}, epochs=1, batch_size=64, lr=0.05, momentum=0.9,
+        weight_decay=5e-4, temperature=0.2, in_batch_negatives=False, key_encoder="global", num_push=64, seed=7,
+        queue_enabled=True, queue_address="queue:50051", queue_tls=True, num_negatives=256, max_staleness=2,
+        warmup_rounds=1, privacy={"dpsgd": False, "release": "raw"}, partition={"partition": "iid"}, threads=None,
+    )
+    base.update(change)
+    return RoundConfig(**base)
+
+
+def test_round_config_survives_a_config_record():
+    rc = _round()
+    record = rc.to_config_record()
+    assert isinstance(record["privacy"], str) and json.loads(record["privacy"]) == rc.privacy
+    assert "threads" not in record  # None is absence
+    assert RoundConfig.from_config_record(record) == rc
+    assert RoundConfig.from_config_record(_round(threads=2).to_config_record()).threads == 2
+
+
+@pytest.mark.parametrize(("rnd", "warmup", "enabled", "k", "expected"), [
+    (1, 1, True, 256, False),  # warm-up: the queue is still empty of other sites' keys
+    (2, 1, True, 256, True),
+    (2, 1, False, 256, False),
+    (2, 1, True, 0, False),
+    (1, 0, True, 256, True),
+])
+def test_queue_negatives_only_after_warm_up(rnd, warmup, enabled, k, expected):
+    assert _round(round=rnd, warmup_rounds=warmup, queue_enabled=enabled, num_negatives=k).use_queue_negatives is expected
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("epochs", 1.5, "epochs"),
+    ("batch_size", -1, "batch_size"),
+    ("in_batch_negatives", 1, "in_batch_negatives"),
+    ("key_encoder", "momentum", "key_encoder"),
+    ("optimizer", "lbfgs", "optimizer"),
+    ("lr", "fast", "lr"),
+    ("privacy", "{not json", "privacy"),
+    ("model", "[1, 2]", "model"),
+])
+def test_bad_round_settings_are_refused_with_the_key_named(key, value, message):
+    raw = dict(_round().to_config_record())
+    raw[key] = value
+    with pytest.raises(ProtocolError, match=message):
+        RoundConfig.from_config_record(ConfigRecord(raw))
+
+
+def test_a_missing_setting_is_named():
+    raw = dict(_round().to_config_record())
+    del raw["temperature"]
+    with pytest.raises(ProtocolError, match="temperature"):
+        RoundConfig.from_config_record(ConfigRecord(raw))
+
+
+def test_site_record_round_trip_and_garbage():
+    assert parse_site_record(site_record(site_id="site-a", ledger={"epsilon": 1.5})) == ("site-a", {"epsilon": 1.5})
+    assert parse_site_record(None) == (None, {})
+    assert parse_site_record(ConfigRecord({"site-id": "x", "ledger": "{oops"})) == ("x", {})

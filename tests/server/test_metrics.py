@@ -1,0 +1,47 @@
+"""Round metrics: JSON lines (rewritable on resume), TensorBoard, plots, the round table."""
+
+from __future__ import annotations
+
+from server.metrics import MetricsLog, format_table, read_metrics, table_rows, write_plots
+
+
+def _history():
+    return [
+        {"round": 1, "loss": 5.2, "knn": 0.61, "negatives_used": 0.0, "queue_size": 128, "epsilon": None,
+         "sites_ok": 2, "sites_failed": 0, "seconds": 3.5,
+         "sites": {"a": {"loss": 5.1, "epsilon": 0.5}, "b": {"loss": 5.3, "epsilon": 0.7}}},
+        {"round": 2, "loss": 4.8, "knn": None, "negatives_used": 64.0, "queue_size": 256, "epsilon": 0.9,
+         "epsilon_unbounded": True,
+         "sites_ok": 1, "sites_failed": 1, "seconds": 4.0,
+         "sites": {"a": {"loss": 4.8, "epsilon": -1.0}}},
+    ]
+
+
+def test_jsonl_append_and_reset(tmp_path):
+    log = MetricsLog(tmp_path)
+    for r in _history():
+        log.write(r)
+    assert [r["round"] for r in read_metrics(tmp_path)] == [1, 2]
+    log.reset(_history()[:1])  # resume from a round-1 checkpoint
+    assert [r["round"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1]
+    log.close()
+
+
+def test_tensorboard_scalars(tmp_path):
+    log = MetricsLog(tmp_path, tensorboard=True)
+    log.write(_history()[0])
+    log.close()
+    events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+
+
+def test_table_and_plots(tmp_path):
+    rows = table_rows(_history())
+    assert rows[0] == ("1", "5.200", "61.00%", "0", "128", "—", "2/2", "3.5")
+    assert rows[1][2] == "—" and rows[1][5] == "∞ (not DP)" and rows[1][6] == "1/2"
+    text = format_table(_history())
+    assert text.splitlines()[0].split() == ["round", "loss", "kNN", "acc", "negatives", "queue", "size", "ε",
+                                            "sites", "seconds"]
+    paths = write_plots(_history(), tmp_path, random_init_knn=0.5)
+    assert sorted(p.name for p in paths) == ["accuracy.png", "epsilon.png", "loss.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)

@@ -1,0 +1,172 @@
+"""The ServerApp's round loop in one process: an in-process Grid hands each message to the
+ClientApp's handlers, the queue service runs on loopback. Rounds, failures, checkpoints, resume."""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+
+import pytest
+import torch
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.app import SimulatedSites, evaluate_handler, train_handler
+from fedcl.config import load_config
+from fedcl.queue import EmbeddingQueue
+from server.app import FederationError, QueueLink, run_federation, state_sha256
+from server.checkpoint import find_checkpoint
+from server.queue_service import start_queue_server
+
+TINY = [
+    "data.name=synthetic", "data.num_sites=2", "data.partition=iid", "data.synthetic_images=200",
+    "data.eval_max_images=100", "data.train_max_images=200", "model.width=4", "model.proj_hidden=32",
+    "model.proj_dim=16", "train.batch_size=50", "train.num_push=20", "train.threads=1",
+    "queue.num_negatives=64", "queue.warmup_rounds=1",
+]
+
+
+class InProcessGrid(Grid):
+    """Delivers each message to a handler in this process; a handler that raises is a failed site."""
+
+    def __init__(self, sites: dict[int, dict], simulated: SimulatedSites, broken: set[int] = frozenset()) -> None:
+        self.sites, self.simulated, self.broken = sites, simulated, set(broken)
+        self.contexts = {node: Context(run_id=1, node_id=node, node_config=cfg, state=RecordDict(), run_config={})
+                         for node, cfg in sites.items()}
+        self.sent: list[Message] = []
+
+    def set_run(self, run) -> None:  # pragma: no cover - not used by the loop
+        raise NotImplementedError
+
+    @property
+    def run(self):  # pragma: no cover
+        raise NotImplementedError
+
+    def create_message(self, *args, **kwargs):  # pragma: no cover
+        raise NotImplementedError
+
+    def get_node_ids(self):
+        return list(self.sites)
+
+    def get_nodes(self):  # pragma: no cover
+        raise NotImplementedError
+
+    def push_messages(self, messages):  # pragma: no cover
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids):  # pragma: no cover
+        raise NotImplementedError
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            self.sent.append(msg)
+            node = msg.metadata.dst_node_id
+            handler = train_handler if msg.metadata.message_type == "train" else evaluate_handler
+            try:
+                if node in self.broken:
+                    raise RuntimeError(f"site on node {node} crashed")
+                replies.append(handler(msg, self.contexts[node], self.simulated))
+            except Exception as exc:  # what Flower turns a ClientApp exception into
+                replies.append(Message(Error(code=2, reason=str(exc)), reply_to=msg))
+        return replies
+
+
+@pytest.fixture
+def task_identity():
+    old = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = old
+
+
+@pytest.fixture
+def federation(tmp_path, task_identity):
+    cfg = load_config(None, TINY)
+    tokens = {f"site-{i}": secrets.token_urlsafe(16) for i in range(2)}
+    coordinator = secrets.token_urlsafe(16)
+    queue = EmbeddingQueue(dim=16, capacity=1000, per_site_quota=500, max_staleness=2, dtype="float32")
+    server = start_queue_server(queue=queue, host="127.0.0.1", port=0, site_tokens=tokens,
+                                coordinator_token=coordinator, tls_cert=None, tls_key=None, client_ca=None,
+                                snapshot_path=tmp_path / "queue-snapshot.npz", max_message_bytes=1 << 20)
+    link = QueueLink(address=f"127.0.0.1:{server.port}", coordinator_token=coordinator,
+                     snapshot_path=tmp_path / "queue-snapshot.npz")
+    simulated = SimulatedSites(config=cfg, site_tokens=tokens, threads=1)
+    sites = {101: {"partition-id": 0, "num-partitions": 2}, 202: {"partition-id": 1, "num-partitions": 2}}
+    yield cfg, link, simulated, sites, queue
+    server.stop(grace=0.5)
+
+
+def _with_rounds(cfg, n):
+    return cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"num_rounds": n})})
+
+
+def test_rounds_checkpoint_and_resume(tmp_path, federation):
+    cfg, link, simulated, sites, queue = federation
+    out = tmp_path / "out"
+    grid = InProcessGrid(sites, simulated)
+    first = run_federation(grid, config=_with_rounds(cfg, 2), out_dir=out, queue=link)
+    assert [r["round"] for r in first.history] == [1, 2]
+    assert first.history[0]["negatives_used"] == 0  # warm-up
+    # round 2: the site sampled first draws the other's 20 round-1 embeddings; the second also sees the
+    # 20 the first pushed a moment ago in this same round (the queue serves entries of the current round)
+    assert sorted(m["negatives-used"] for m in first.history[1]["sites"].values()) == [20, 40]
+    # every round message carried the global weights and the round's settings
+    train_msgs = [m for m in grid.sent if m.metadata.message_type == "train"]
+    assert [m.content.config_records["config"]["round"] for m in train_msgs] == [1, 1, 2, 2]
+    ckpt = find_checkpoint(out / "checkpoints")
+    assert ckpt.round == 2 and ckpt.queue["stats"]["current_round"] == 3  # advanced past the round
+    assert ckpt.queue["snapshot_sha256"] is not None
+    assert len(queue) == 80  # 2 sites x 20 embeddings x 2 rounds
+
+    resumed = run_federation(InProcessGrid(sites, simulated), config=_with_rounds(cfg, 3), out_dir=out, queue=link)
+    assert resumed.resumed_from == 2
+    assert [r["round"] for r in resumed.history] == [1, 2, 3]
+    assert resumed.history[:2] == first.history
+    assert resumed.history[2]["weights_sha256"] == state_sha256(ckpt.state_dict)
+    assert resumed.history[2]["queue_at_start"]["size"] == 80
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3  # rewritten from the checkpoint, then appended
+
+
+def test_a_failed_site_drops_out_of_its_round_only(tmp_path, federation):
+    cfg, link, simulated, sites, _ = federation
+    result = run_federation(InProcessGrid(sites, simulated, broken={202}), config=_with_rounds(cfg, 1),
+                            out_dir=tmp_path / "out", queue=link)
+    record = result.history[0]
+    assert set(record["sites"]) == {"site-0"} and record["sites_failed"] == 1
+    assert "crashed" in record["errors"][0]
+
+
+def test_no_site_completing_a_round_stops_the_run(tmp_path, federation):
+    cfg, link, simulated, sites, _ = federation
+    with pytest.raises(FederationError, match="no site completed"):
+        run_federation(InProcessGrid(sites, simulated, broken={101, 202}), config=_with_rounds(cfg, 1),
+                       out_dir=tmp_path / "out", queue=link)
+
+
+def test_a_checkpoint_of_another_model_is_not_resumed(tmp_path, federation):
+    cfg, link, simulated, sites, _ = federation
+    out = tmp_path / "out"
+    run_federation(InProcessGrid(sites, simulated), config=_with_rounds(cfg, 1), out_dir=out, queue=link)
+    wider = cfg.model_copy(update={"model": cfg.model.model_copy(update={"width": 8})})
+    with pytest.raises(FederationError, match="move the checkpoint folder away"):
+        run_federation(InProcessGrid(sites, simulated), config=_with_rounds(wider, 2), out_dir=out, queue=link)
+
+
+def test_weights_that_do_not_fit_are_refused_by_the_site(tmp_path, federation):
+    cfg, link, simulated, sites, _ = federation
+    from client.protocol import ProtocolError
+    from flwr.app import ArrayRecord, RecordDict as RD
+    from server.app import round_config
+
+    rc = round_config(cfg, rnd=1, model_spec={"arch": "cnn", "in_channels": 1, "width": 4, "proj_dim": 16,
+                                              "proj_hidden": 32}, queue=None)
+    bad = ArrayRecord({"head.0.weight": torch.zeros(3, 3)})
+    msg = Message(content=RD({"arrays": bad, "config": rc.to_config_record()}), message_type="train", dst_node_id=101)
+    msg.metadata.__dict__["_message_id"] = "m1"
+    ctx = Context(run_id=1, node_id=101, node_config=sites[101], state=RD(), run_config={})
+    with pytest.raises(ProtocolError, match="do not fit"):
+        train_handler(msg, ctx, simulated)
