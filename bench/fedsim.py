@@ -10,7 +10,9 @@ is measured is the learning method, not the transport (the Flower path is tested
 
 Negatives a site gets in round r (r = 1, 2, ...), by ``FedMethod.release``:
   raw         K embeddings pushed by the OTHER sites in rounds r - max_staleness .. r - 1
-              (round 0 too with ``bootstrap_queue``), sampled uniformly from the queue;
+              (round 0 too with ``bootstrap_queue``), sampled uniformly from the queue; with
+              ``fresh_push`` the sites push at the START of round r from the global model they
+              received, so round r's own pushes are sampled too (max_staleness=0: only those);
   prototypes  the server's prototypes, merged from the sites' noisy per-prototype sums and
               counts of round r - 1 (fedcl.privacy.release), accounted in each site's ledger;
   public      the current global model's embeddings of a public reference set, computed by
@@ -53,6 +55,13 @@ class FedMethod:
     num_negatives: int = 4096  # K per site and round (raw mode)
     bootstrap_queue: bool = False  # sites push embeddings of the initial model before round 1
     dp_epsilon: float | None = None  # DP-SGD spending this ε over the whole run (None: no DP-SGD)
+    online_negatives: bool = False  # NT-Xent on the online model + queue_weight x queue InfoNCE term
+    queue_weight: float = 1.0  # weight of the queue term when online_negatives
+    lr: float | None = None  # overrides Recipe.lr for this method (None: the recipe's)
+    # raw mode: each site pushes embeddings of the global model it just received BEFORE any site
+    # samples (a push phase, then a barrier, then training), so the negatives of round r come
+    # from the same model as the positive keys; with max_staleness=0 only those are sampled
+    fresh_push: bool = False
 
 
 @dataclass(frozen=True)
@@ -123,8 +132,10 @@ def run_local_round(model: ContrastiveModel, images: torch.Tensor, *, negatives:
                     device: torch.device, seed: int, dp: DPParams | None):
     return local_round(
         model, images, negatives=negatives, epochs=recipe.local_epochs, batch_size=recipe.batch_size,
-        lr=recipe.lr, temperature=recipe.temperature, in_batch_negatives=method.in_batch_negatives,
-        key_encoder=method.key_encoder, augment=augment, num_push=num_push, device=device, seed=seed, dp=dp,
+        lr=recipe.lr if method.lr is None else method.lr, temperature=recipe.temperature,
+        in_batch_negatives=method.in_batch_negatives, key_encoder=method.key_encoder, augment=augment,
+        num_push=num_push, device=device, seed=seed, dp=dp, online_negatives=method.online_negatives,
+        queue_weight=method.queue_weight,
     )
 
 
@@ -158,8 +169,10 @@ def run_federation(
         raise ValueError("every site needs at least one image")
     if method.queue and method.release == "public" and (public_images is None or public_images.shape[0] == 0):
         raise ValueError("release='public' needs public_images: a reference set disjoint from the sites")
-    if method.dp_epsilon is not None and method.in_batch_negatives:
-        raise ValueError("DP-SGD needs in_batch_negatives=False")
+    if method.dp_epsilon is not None and (method.in_batch_negatives or method.online_negatives):
+        raise ValueError("DP-SGD needs in_batch_negatives=False and online_negatives=False")
+    if method.fresh_push and not (method.queue and method.release == "raw"):
+        raise ValueError("fresh_push applies to the raw queue only: set queue=True, release='raw'")
     device = torch.device(device)
     augment = augment or TwoViewAugment()
     names = [f"site-{i}" for i in range(len(sites))]
@@ -205,6 +218,13 @@ def run_federation(
             shared = prototypes.clone()
         global_state = {k: v.clone() for k, v in global_model.state_dict().items()}
 
+        if queue is not None and method.fresh_push and use_negatives:  # push phase, then a barrier
+            for i, (name, images) in enumerate(zip(names, sites)):
+                pick = torch.randperm(images.shape[0], generator=gen)[:recipe.num_push]
+                emb = encode(global_model, images[pick], device=device, augment=augment, generator=gen)
+                queue.push(emb.numpy(), site_id=name, round=r, model_version=r - 1)
+                ledgers[i].record_release(mode="raw", round=r, count=int(emb.shape[0]))
+
         # Every site fetches its negatives at the start of the round, before any site pushes
         # (sites train in parallel in a real federation).
         fetched = [shared] * len(sites)
@@ -219,7 +239,7 @@ def run_federation(
             negatives = fetched[i]
             n = images.shape[0]
             num_push = 0
-            if method.queue and method.release == "raw":
+            if method.queue and method.release == "raw" and not method.fresh_push:
                 num_push = recipe.num_push
             elif method.queue and method.release == "prototypes":
                 num_push = n  # every image is a candidate record; the release Poisson-samples them

@@ -59,11 +59,25 @@ METHODS: dict[str, FedMethod | str] = {
     "fedcl_warmup3": FedMethod(queue=True, release="raw", warmup_rounds=3),
     "fedcl_stale1": FedMethod(queue=True, release="raw", max_staleness=1),
     "fedcl_stale4": FedMethod(queue=True, release="raw", max_staleness=4),
+    # queue remedies for the projection collapse ("What we tried for the queue", docs/benchmarks.md);
+    # the _k<K> methods keep their own K, --num-negatives does not override it
+    "fedcl_k256": FedMethod(queue=True, release="raw", num_negatives=256),
+    "fedcl_k1024": FedMethod(queue=True, release="raw", num_negatives=1024),
+    "fedcl_lr3e4": FedMethod(queue=True, release="raw", lr=3e-4),
+    "fedcl_noqueue_lr3e4": FedMethod(queue=False, key_encoder="global", lr=3e-4),
+    "fedcl_fresh": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0),
+    "fedcl_fresh_w0": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0, warmup_rounds=0),
+    "fedcl_fresh_k256": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0, num_negatives=256),
+    "fedcl_fresh_stale1": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=1),
+    "fedcl_fresh_mix": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0, online_negatives=True),
+    "fedcl_mix_w01": FedMethod(queue=True, release="raw", online_negatives=True, queue_weight=0.1),
+    "fedcl_mix": FedMethod(queue=True, release="raw", online_negatives=True, queue_weight=1.0),
     "central": "central",
 }
 MAIN_METHODS = ["random", "local", "fedsimclr", "fedcl", "fedcl_noqueue", "fedcl_dp8", "fedcl_prototypes",
                 "fedcl_public", "central"]
 STALENESS_METHODS = ["fedcl", "fedcl_online", "fedcl_warmup0", "fedcl_warmup3", "fedcl_stale1", "fedcl_stale4"]
+OWN_NUM_NEGATIVES = {"fedcl_k256", "fedcl_k1024", "fedcl_fresh_k256"}
 SPLITS = {"pathological": {"scheme": "pathological"}, "dirichlet0.1": {"scheme": "dirichlet", "alpha": 0.1},
           "dirichlet0.5": {"scheme": "dirichlet", "alpha": 0.5}, "iid": {"scheme": "iid"}}
 METRICS = ["knn", "linear", "fewlabel", "alignment", "uniformity"]
@@ -158,7 +172,7 @@ def run_method(name: str, *, data: dict, cfg: dict, seed: int, device: torch.dev
         out["metrics"] = full_eval(model, data, augment=augment, device=device, seed=seed)
         out["rounds"] = history
     else:
-        method = replace(kind, num_negatives=cfg["num_negatives"])
+        method = kind if name in OWN_NUM_NEGATIVES else replace(kind, num_negatives=cfg["num_negatives"])
 
         def on_round(r: int, model, record: dict) -> None:
             record["knn"] = knn_only(model, data, device)

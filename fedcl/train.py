@@ -62,15 +62,35 @@ def contrastive_loss(
     negatives: torch.Tensor | None,
     temperature: float,
     in_batch: bool,
+    online_negatives: bool = False,
+    queue_weight: float = 1.0,
 ) -> torch.Tensor:
     """Symmetric InfoNCE for a batch of view pairs.
 
     The two views go through the trained model in two separate forward calls, so that under
     Opacus each example's per-sample gradient collects both of its views (a stacked 2B batch
     would be clipped per view).
+
+    online_negatives: SimCLR's NT-Xent on the trained model's own views (in-batch negatives
+    from the online model), plus ``queue_weight`` x the symmetric queue InfoNCE term (query =
+    online view, positive = key of the other view, negatives = the queue only). The queue is
+    then an extra term, not the whole denominator: stale negatives cannot be the only thing
+    that spreads the embeddings.
     """
     q1 = model(v1)  # (B, d)
     q2 = model(v2)  # (B, d)
+    if online_negatives:
+        loss = nt_xent(q1, q2, temperature=temperature)
+        if negatives is None or negatives.shape[0] == 0 or queue_weight == 0:
+            return loss
+        if key_model is not None:
+            with torch.no_grad():  # detached: keys come from the frozen round model
+                k1, k2 = key_model(v1), key_model(v2)
+        else:
+            k1, k2 = q1, q2
+        queue_term = 0.5 * (info_nce(q1, k2, negatives, temperature=temperature)
+                            + info_nce(q2, k1, negatives, temperature=temperature))
+        return loss + queue_weight * queue_term
     if key_model is not None:
         with torch.no_grad():  # detached: keys come from the frozen round model
             k1, k2 = key_model(v1), key_model(v2)
@@ -125,17 +145,25 @@ def local_round(
     weight_decay: float = 1e-6,
     dp=None,
     progress: bool = False,
+    online_negatives: bool = False,
+    queue_weight: float = 1.0,
 ) -> LocalRoundResult:
     """Train ``model`` in place on one site's images for ``epochs`` local epochs.
 
     images: uint8 (N, C, H, W). negatives: (K, d) detached queue entries or None.
     dp: a ``fedcl.privacy.dp.DPParams`` for DP-SGD (Poisson sampling, per-example clipping,
     noise); then in-batch negatives are refused, because they couple examples.
+    online_negatives, queue_weight: see ``contrastive_loss``; the default (False) is the MoCo-style
+    loss where the queue and the other keys of the batch are the only negatives.
     """
     device = torch.device(device) if isinstance(device, str) else device
     if dp is not None and in_batch_negatives:
         raise ValueError("DP-SGD needs in_batch_negatives=False (per-example clipping is only valid "
                          "when each example's loss depends on its own views and detached negatives)")
+    if dp is not None and online_negatives:
+        raise ValueError("DP-SGD needs online_negatives=False (in-batch negatives couple examples)")
+    if queue_weight < 0:
+        raise ValueError(f"queue_weight must be >= 0, got {queue_weight}")
     gen = torch.Generator().manual_seed(seed)
     aug_gen = torch.Generator(device=device).manual_seed(seed + 1) if device.type == "cuda" else gen
     model.to(device).train()
@@ -171,7 +199,8 @@ def local_round(
         v1, v2 = augment.two_views(x, generator=aug_gen)
         t1 = time.perf_counter()
         loss = contrastive_loss(train_model, key_model, v1, v2, negatives=negs, temperature=temperature,
-                                in_batch=in_batch_negatives)
+                                in_batch=in_batch_negatives, online_negatives=online_negatives,
+                                queue_weight=queue_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if check is not None:
