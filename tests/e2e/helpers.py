@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -112,6 +113,15 @@ def process_env(home: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def _own_session_ended_with_the_test() -> None:
+    """In the child: its own session (stop it with its children), and SIGTERM if pytest itself dies."""
+    os.setsid()
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 class Processes:
     """Processes started in their own sessions, so that stopping one stops its children too."""
 
@@ -121,7 +131,8 @@ class Processes:
 
     def start(self, name: str, argv: list[str], *, env: dict[str, str], cwd: Path | None = None) -> subprocess.Popen:
         log = open(self.log_dir / f"{name}.log", "ab")
-        proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                                preexec_fn=_own_session_ended_with_the_test)
         log.close()
         self.procs[name] = proc
         return proc
