@@ -43,6 +43,7 @@ class DataSettings(_Section):
 
 class ModelSettings(_Section):
     arch: Literal["cnn", "resnet18"] = "cnn"
+    in_channels: int | None = Field(None, ge=1)  # None: from the data (a coordinator without data sets it)
     width: int = Field(32, ge=4)
     proj_dim: int = Field(128, ge=2)
     proj_hidden: int = Field(256, ge=2)
@@ -105,6 +106,9 @@ class FederationSettings(_Section):
     min_available_nodes: int = Field(1, ge=1)
     min_train_nodes: int = Field(1, ge=1)
     eval_every: int = Field(1, ge=1)
+    round_timeout: float = Field(3600.0, gt=0)  # seconds to wait for the sites' replies
+    fraction_evaluate: float = Field(1.0, ge=0, le=1)  # per-site evaluation after the last round
+    strategy_kwargs: dict[str, Any] = Field(default_factory=dict)  # extra arguments for the strategy
 
 
 class ServerSettings(_Section):

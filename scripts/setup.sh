@@ -12,9 +12,14 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install --quiet -e '.[dev]'
   touch "$stamp"
 fi
+SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+if ! command -v docker-compose >/dev/null 2>&1; then
+  # validates docker-compose.yml in the tests (no Docker engine needed)
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq docker-compose >/dev/null || \
+    echo "warning: docker-compose could not be installed; its validation test will skip"
+fi
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   echo "installing Fashion-MNIST (Debian package dataset-fashion-mnist)"
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq dataset-fashion-mnist
 fi
