@@ -64,3 +64,15 @@ def test_cli_prints_one_paragraph_not_a_traceback(tmp_path):
     r = subprocess.run([sys.executable, "-m", "fedcl.cli", "train", "--config", str(f)], capture_output=True, text=True)
     assert r.returncode == 2
     assert "model.arch" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_shipped_example_configs_are_valid():
+    from pathlib import Path
+
+    from fedcl.config import load_site_policy
+
+    root = Path(__file__).resolve().parents[1] / "deploy"
+    cfg = load_config(root / "consortium.toml")
+    assert cfg.privacy.dpsgd and not cfg.train.in_batch_negatives and not cfg.server.insecure
+    assert load_site_policy(root / "site-policy.toml").require_dpsgd
+    assert load_config(root / "compose" / "fedcl.toml").server.site_tokens
