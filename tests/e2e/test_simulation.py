@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import json
 import math
+
+import pytest
 
 from fedcl.config import load_config
 from fedcl.models import load_encoder
@@ -53,3 +56,24 @@ def test_simulation_two_sites_two_rounds(tmp_path):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     text = out.getvalue()
     assert "kNN acc" in text and "random init" in text and text.rstrip().splitlines()[-1].startswith("fedcl simulate:")
+
+
+def test_dp_simulation_reports_epsilon_per_site_and_stops_on_budget(tmp_path):
+    """DP-SGD + Gaussian release through Flower's simulation: ε per site per round, cumulative,
+    and a budget stop that really stops (every site refuses, the run ends cleanly)."""
+    cfg = load_config(None, TINY + ["federation.num_rounds=3", "privacy.dpsgd=true", "train.in_batch_negatives=false",
+                                    "privacy.release=gaussian", "privacy.epsilon_budget=6.0"])
+    run_simulation_main(cfg, out_dir=tmp_path, progress=False)
+    history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rounds = [r for r in history if "sites" in r]
+    assert [r["round"] for r in rounds] == [1]  # round 2 would pass ε = 6 at every site
+    eps1 = {site: m["epsilon"] for site, m in rounds[0]["sites"].items()}
+    assert set(eps1) == {"site-0", "site-1"} and all(0 < e <= 6.0 for e in eps1.values())
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["stopped_for_privacy_budget_at_round"] == 2
+    from fedcl.privacy.ledger import PrivacyLedger
+
+    for site in ("site-0", "site-1"):
+        ledger = PrivacyLedger.load(next(tmp_path.rglob(f"ledger-{site}.json")))
+        assert ledger.epsilon() == pytest.approx(eps1[site]) and ledger.epsilon() <= 6.0
+        assert max(e.round for e in ledger.events) == 1  # nothing trained or pushed after the stop
