@@ -216,6 +216,25 @@ def _comparable_queue_stats(stats: dict[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------ the loop
 
 
+def audit_round(path: Path | None, *, rnd: int, sites: dict[str, dict[str, float]], errors: list[str]) -> None:
+    """Coordinator audit: each site's reported epsilon this round, and every failed or refused site."""
+    if path is None:
+        return
+    from server.queue_service import AuditLog
+
+    audit = AuditLog(Path(path))  # O_APPEND lines; the queue service may write the same file
+    try:
+        for site, m in sorted(sites.items()):
+            eps = m.get("epsilon")
+            audit.write("round_epsilon", round=rnd, site=site,
+                        epsilon=None if eps is None or eps < 0 else eps, dp_bound=eps is not None and eps >= 0,
+                        epsilon_accounted=m.get("epsilon-accounted"))
+        for reason in errors:
+            audit.write("round_site_failed", round=rnd, reason=reason)
+    finally:
+        audit.close()
+
+
 def run_federation(
     grid: Grid,
     *,
@@ -373,6 +392,7 @@ def run_federation(
             }
             history.append(record)
             metrics_log.write(record)
+            audit_round(getattr(cfg.server, "audit_log", None), rnd=rnd, sites=sites, errors=errors)
             save_checkpoint(checkpoint_path(ckpt_dir), FederationCheckpoint(
                 round=rnd, state_dict=canonical_state_dict(model), model_spec=spec, queue=queue_info,
                 ledgers=ledgers, history=history, config_json=config_json, strategy=cfg.federation.strategy))

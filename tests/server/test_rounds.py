@@ -170,3 +170,20 @@ def test_weights_that_do_not_fit_are_refused_by_the_site(tmp_path, federation):
     ctx = Context(run_id=1, node_id=101, node_config=sites[101], state=RD(), run_config={})
     with pytest.raises(ProtocolError, match="do not fit"):
         train_handler(msg, ctx, simulated)
+
+
+def test_audit_round_records_epsilon_per_site_and_failures(tmp_path):
+    import json as _json
+
+    from server.app import audit_round
+
+    log = tmp_path / "audit.jsonl"
+    audit_round(log, rnd=3, sites={"a": {"epsilon": 2.5, "epsilon-accounted": 2.5},
+                                   "b": {"epsilon": -1.0, "epsilon-accounted": 0.0}}, errors=["node 7: boom"])
+    audit_round(None, rnd=4, sites={"a": {"epsilon": 1.0}}, errors=[])  # no audit log configured: no-op
+    lines = [_json.loads(x) for x in log.read_text().splitlines()]
+    assert [(x["event"], x.get("site")) for x in lines] == [("round_epsilon", "a"), ("round_epsilon", "b"),
+                                                           ("round_site_failed", None)]
+    assert lines[0]["epsilon"] == 2.5 and lines[0]["dp_bound"] is True
+    assert "epsilon" not in lines[1] and lines[1]["dp_bound"] is False  # never a number for a non-DP site
+    assert lines[2]["reason"] == "node 7: boom" and all(x["round"] == 3 for x in lines)
