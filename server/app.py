@@ -327,9 +327,13 @@ def run_federation(
                     queue_at_start = qc.stats()
             weights_sha256 = _arrays_sha256(arrays)
             rc = round_config(cfg, rnd=rnd, model_spec=spec, queue=queue)
-            messages = strategy.configure_train(rnd, arrays, rc.to_config_record(), grid)
+            messages = list(strategy.configure_train(rnd, arrays, rc.to_config_record(), grid))
             replies = list(grid.send_and_receive(messages, timeout=round_timeout))
             sites, new_ledgers, errors = _site_metrics(replies)
+            answered = {r.metadata.src_node_id for r in replies}
+            for m in messages:  # a site that neither replied nor errored before the timeout failed too
+                if m.metadata.dst_node_id not in answered:
+                    errors.append(f"node {m.metadata.dst_node_id}: no reply within {round_timeout:g} s")
             for reason in errors:
                 log.warning("round %d: a site failed: %s", rnd, reason)
             if not sites and errors and all(BUDGET_REFUSAL in e for e in errors):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 import math
 
 import pytest
@@ -61,9 +64,16 @@ def test_simulation_two_sites_two_rounds(tmp_path):
 def test_dp_simulation_reports_epsilon_per_site_and_stops_on_budget(tmp_path):
     """DP-SGD + Gaussian release through Flower's simulation: ε per site per round, cumulative,
     and a budget stop that really stops (every site refuses, the run ends cleanly)."""
-    cfg = load_config(None, TINY + ["federation.num_rounds=3", "privacy.dpsgd=true", "train.in_batch_negatives=false",
-                                    "privacy.release=gaussian", "privacy.epsilon_budget=6.0"])
-    run_simulation_main(cfg, out_dir=tmp_path, progress=False)
+    # through the CLI in its own process: a second Ray session inside one pytest process can fail to start
+    overrides = TINY + ["federation.num_rounds=3", "privacy.dpsgd=true", "train.in_batch_negatives=false",
+                        "privacy.release=gaussian", "privacy.epsilon_budget=6.0"]
+    argv = [sys.executable, "-m", "fedcl.cli", "simulate", "--out", str(tmp_path)]
+    for item in overrides:
+        argv += ["-s", item]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "stops" in proc.stdout + proc.stderr or "privacy budget" in proc.stdout + proc.stderr
     history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     rounds = [r for r in history if "sites" in r]
     assert [r["round"] for r in rounds] == [1]  # round 2 would pass ε = 6 at every site

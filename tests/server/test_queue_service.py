@@ -289,8 +289,8 @@ def test_broken_push_stream_stores_nothing(serve, clients, tmp_path):
     # the client's gRPC cancels a call whose request iterator raised (and reports UNKNOWN)
     assert err.value.code() in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.CANCELLED)
     audit = tmp_path / "audit.jsonl"
-    deadline = time.monotonic() + 5.0  # the server notices the cancellation on its own thread
-    while time.monotonic() < deadline and '"method": "Push"' not in audit.read_text():
+    deadline = time.monotonic() + 30.0  # the server notices the cancellation on its own thread (slow when loaded)
+    while time.monotonic() < deadline and '"code": "CANCELLED"' not in audit.read_text():
         time.sleep(0.02)
     assert '"code": "CANCELLED"' in audit.read_text()
     assert coord.stats() == before
