@@ -43,11 +43,13 @@ from flwr.clientapp import ClientApp
 
 from client.privacy import plan_round, record_round, round_metrics
 from client.privacy import release as release_embeddings
+from client.privacy import release_prototype_sums
 from client.protocol import (
     BUDGET_REFUSAL,
     ARRAYS_KEY,
     CONFIG_KEY,
     METRICS_KEY,
+    PROTOTYPES_KEY,
     SITE_KEY,
     ProtocolError,
     RoundConfig,
@@ -338,7 +340,9 @@ def train_handler(msg: Message, context: Context, simulated: SimulatedSites | No
         result = local_round(
             model, images, negatives=negatives, epochs=rc.epochs, batch_size=rc.batch_size, lr=rc.lr,
             temperature=rc.temperature, in_batch_negatives=rc.in_batch_negatives, key_encoder=rc.key_encoder,
-            augment=make_augment(AugmentSettings.model_validate(rc.augment)), num_push=rc.num_push if queue else 0,
+            augment=make_augment(AugmentSettings.model_validate(rc.augment)),
+            num_push=rc.num_push if queue is not None and not rc.fresh_push and privacy.settings.release != "public"
+            else 0,
             device=resolve_device("auto"), seed=_round_seed(rc.seed, site.site_id, rc.round), optimizer=rc.optimizer,
             momentum=rc.momentum, weight_decay=rc.weight_decay, dp=privacy.dp,
         )
@@ -378,6 +382,61 @@ def train_handler(msg: Message, context: Context, simulated: SimulatedSites | No
     return Message(content=content, reply_to=msg)
 
 
+def release_handler(msg: Message, context: Context, simulated: SimulatedSites | None = None) -> Message:
+    """The round's release phase (fresh push): embeddings of the just-received global model.
+
+    raw / gaussian: encode ``num_push`` of the site's images (one augmented view each) with the
+    global weights of the message, release them per the privacy mode and push them to the queue
+    for this round; prototypes: reply with the noisy per-prototype sums and counts against the
+    prototypes in the message (the server merges them). Entered in the site's ledger; refused
+    when the release, plus this round's planned DP-SGD steps, would pass the site's budget.
+    """
+    from fedcl.config import AugmentSettings
+    from fedcl.runtime import configure_threads, make_augment
+    from fedcl.train import encode
+
+    site = _site(context, simulated)
+    rc = RoundConfig.from_config_record(msg.content.config_records[CONFIG_KEY])
+    configure_threads(site.threads or rc.threads)
+    images = load_site_images(site, rc, simulated)  # (N, C, H, W) uint8
+    model = _build_model(rc, msg)
+    privacy = plan_round(privacy=site_privacy_settings(site, rc), site_id=site.site_id, state_dir=site.state_dir,
+                         round=rc.round, num_rounds=rc.num_rounds, epochs=rc.epochs, batch_size=rc.batch_size,
+                         num_examples=int(images.shape[0]), in_batch_negatives=rc.in_batch_negatives)
+    if privacy.refused:
+        raise BudgetRefusal(f"{BUDGET_REFUSAL} site {site.site_id}: {privacy.refused}")
+    mode = privacy.settings.release
+    gen = torch.Generator().manual_seed(_round_seed(rc.seed, site.site_id, rc.round) + 17)
+    n = int(images.shape[0])
+    # prototypes: every image is a candidate record (the release Poisson-samples them)
+    pick = torch.randperm(n, generator=gen)[: (n if mode == "prototypes" else rc.num_push)]
+    augment = make_augment(AugmentSettings.model_validate(rc.augment))
+    embeddings = encode(model, images[pick], device=torch.device("cpu"), augment=augment, generator=gen)
+    records: dict[str, Any] = {}
+    pushed = 0
+    if mode == "prototypes":
+        arrays = msg.content.array_records.get(PROTOTYPES_KEY)
+        if arrays is None or "prototypes" not in arrays:
+            raise ProtocolError("a prototypes-mode release message carries no 'prototypes' record")
+        current = torch.from_numpy(arrays["prototypes"].numpy().copy()).float()
+        rel = release_prototype_sums(privacy, embeddings, prototypes=current, round=rc.round, generator=gen)
+        if rel is not None:
+            records[PROTOTYPES_KEY] = ArrayRecord({"sums": rel.sums.float(), "counts": rel.counts.float()})
+            pushed = int(rel.sums.shape[0])
+    else:
+        to_push = release_embeddings(privacy, embeddings, round=rc.round, prototypes=None, generator=gen)
+        if to_push.shape[0] > 0:
+            with _queue_client(site, rc) as queue:
+                pushed = queue.push(to_push, round=rc.round, model_version=rc.round - 1)
+    record_round(privacy, round=rc.round, dp_steps=0, pushed=pushed, trained=False)
+    content = RecordDict({
+        METRICS_KEY: MetricRecord({"num-examples": n, "pushed": float(pushed), **round_metrics(privacy)}),
+        SITE_KEY: site_record(site_id=site.site_id, ledger=privacy.summary),
+        **records,
+    })
+    return Message(content=content, reply_to=msg)
+
+
 def evaluate_handler(msg: Message, context: Context, simulated: SimulatedSites | None = None) -> Message:
     """Label-free check of the global model on the site's own images: alignment and uniformity."""
     from fedcl.config import AugmentSettings
@@ -408,6 +467,10 @@ def make_client_app(*, simulated: SimulatedSites | None = None) -> ClientApp:
     @client_app.train()
     def _train(msg: Message, context: Context) -> Message:
         return train_handler(msg, context, simulated)
+
+    @client_app.query()
+    def _query(msg: Message, context: Context) -> Message:
+        return release_handler(msg, context, simulated)
 
     @client_app.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:

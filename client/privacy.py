@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from fedcl.config import PrivacySettings
 from fedcl.privacy.dp import DPParams, noise_for_budget
 from fedcl.privacy.ledger import BudgetExceeded, PrivacyLedger
-from fedcl.privacy.release import init_prototypes, release_gaussian, release_prototypes
+from fedcl.privacy.release import PrototypeRelease, init_prototypes, release_gaussian, release_prototypes
 
 log = logging.getLogger("fedcl.client.privacy")
 
@@ -108,6 +108,39 @@ def round_half(x: float) -> int:
     return int(math.floor(x + 0.5))
 
 
+def _release_allowed(rp: RoundPrivacy, *, round: int) -> bool:
+    """False (and ``push_refused`` says why) when the release would pass the site's budget."""
+    event = _release_event(rp.settings)
+    if event is None or rp.ledger is None:
+        return True
+    # this round's DP-SGD steps are entered after the release: count them here too
+    pending = [(rp.dp.noise_multiplier, rp.dp.sample_rate, rp.steps_planned)] if rp.dp and not rp.refused else []
+    if rp.ledger.would_exceed(extra=pending + [event]):
+        rp.push_refused = (f"privacy budget: releasing embeddings in round {round} would exceed "
+                           f"epsilon budget {rp.settings.epsilon_budget}")
+        log.warning("site %s does not release: %s", rp.ledger.site_id, rp.push_refused)
+        return False
+    return True
+
+
+def release_prototype_sums(
+    rp: RoundPrivacy, embeddings: torch.Tensor, *, prototypes: torch.Tensor, round: int,
+    generator: torch.Generator | None,
+) -> PrototypeRelease | None:
+    """Prototypes mode with a server merge: the noisy per-prototype sums (P, d) and counts (P,) of
+    ``embeddings`` (N, d) against the server's current ``prototypes`` (P, d, public), or None when
+    the budget refuses. The Gaussian mechanism's noise covers sums and counts together."""
+    s = rp.settings
+    if s.release != "prototypes":
+        raise ValueError(f"release_prototype_sums is for release mode 'prototypes', not {s.release!r}")
+    if prototypes.dim() != 2 or prototypes.shape[1] != embeddings.shape[1]:
+        raise ValueError(f"prototypes must be (P, {embeddings.shape[1]}), got {tuple(prototypes.shape)}")
+    if not _release_allowed(rp, round=round):
+        return None
+    return release_prototypes(embeddings, prototypes, noise_multiplier=s.release_noise_multiplier,
+                              sample_rate=s.release_sample_rate, generator=generator)
+
+
 def release(
     rp: RoundPrivacy, embeddings: torch.Tensor, *, round: int, prototypes: torch.Tensor | None,
     generator: torch.Generator | None,
@@ -116,15 +149,8 @@ def release(
     s = rp.settings
     if s.release == "public" or embeddings.shape[0] == 0:
         return embeddings[:0]
-    event = _release_event(s)
-    if event is not None and rp.ledger is not None:
-        # this round's DP-SGD steps are entered after the push: count them here too
-        pending = [(rp.dp.noise_multiplier, rp.dp.sample_rate, rp.steps_planned)] if rp.dp and not rp.refused else []
-        if rp.ledger.would_exceed(extra=pending + [event]):
-            rp.push_refused = (f"privacy budget: releasing embeddings in round {round} would exceed "
-                               f"epsilon budget {s.epsilon_budget}")
-            log.warning("site %s does not push: %s", rp.ledger.site_id, rp.push_refused)
-            return embeddings[:0]
+    if not _release_allowed(rp, round=round):
+        return embeddings[:0]
     if s.release == "raw":
         return embeddings
     if s.release == "gaussian":
@@ -143,18 +169,22 @@ def release(
     return F.normalize(sums, dim=1) if sums.shape[0] else embeddings[:0]
 
 
-def record_round(rp: RoundPrivacy, *, round: int, dp_steps: int, pushed: int) -> None:
-    """Enter the round's events in the ledger and persist it atomically."""
+def record_round(rp: RoundPrivacy, *, round: int, dp_steps: int, pushed: int, trained: bool = True) -> None:
+    """Enter the round's events in the ledger and persist it atomically.
+
+    trained=False: the release phase of a round (fresh push): only the release is entered; the
+    training of the same round is entered by its own call.
+    """
     if rp.ledger is None:
         return
     s = rp.settings
-    if rp.refused is None:
+    if trained and rp.refused is None:
         if rp.dp is not None and dp_steps > 0:
             rp.ledger.record_dpsgd(noise_multiplier=rp.dp.noise_multiplier, sample_rate=rp.dp.sample_rate,
                                    steps=dp_steps, round=round)
         elif rp.dp is None:
             rp.ledger.record_nonprivate_update(round=round)
-    if pushed > 0 or s.release == "public":
+    if pushed > 0 or (trained and s.release == "public"):
         if s.release in ("gaussian", "prototypes"):
             # one invocation of the subsampled Gaussian mechanism over the site's data
             rp.ledger.record_release(mode=s.release, round=round, count=1,
@@ -182,4 +212,4 @@ def round_metrics(rp: RoundPrivacy) -> dict[str, float]:
     }
 
 
-__all__ = ["RoundPrivacy", "plan_round", "release", "record_round", "round_metrics", "ledger_path", "BudgetExceeded"]
+__all__ = ["RoundPrivacy", "plan_round", "release", "release_prototype_sums", "record_round", "round_metrics", "ledger_path", "BudgetExceeded"]

@@ -22,6 +22,9 @@ ARRAYS_KEY = "arrays"
 CONFIG_KEY = "config"
 METRICS_KEY = "metrics"
 SITE_KEY = "site"
+PROTOTYPES_KEY = "prototypes"  # prototypes mode: current prototypes out, noisy sums and counts back
+PROTOTYPE_SITE = "prototypes"  # the queue's site id of the merged prototypes the server pushes
+PUBLIC_SITE = "public"  # the queue's site id of the server's public reference embeddings
 
 # Metric keys every train reply carries (FedAvg needs identical key sets across replies).
 TRAIN_METRIC_KEYS = (
@@ -72,6 +75,8 @@ class RoundConfig:
     partition: dict[str, Any] = field(default_factory=dict)
     threads: int | None = None
     optimizer: str = "adam"  # "adam" | "sgd" (momentum applies to SGD only)
+    # sites pushed in this round's release phase (a query message before train): train pushes nothing
+    fresh_push: bool = False
 
     _JSON_FIELDS = ("model", "augment", "privacy", "partition")
 
@@ -79,6 +84,11 @@ class RoundConfig:
     def use_queue_negatives(self) -> bool:
         """Negatives come from the queue after the warm-up rounds (MoCo-style keys need a filled queue)."""
         return self.queue_enabled and self.num_negatives > 0 and self.round > self.warmup_rounds
+
+    @property
+    def release_phase(self) -> bool:
+        """Sites push in a release phase before training (fresh push) this round."""
+        return self.fresh_push and self.use_queue_negatives
 
     def to_config_record(self) -> ConfigRecord:
         out: dict[str, Any] = {}
@@ -99,7 +109,7 @@ class RoundConfig:
             if name.startswith("_"):
                 continue
             if name not in raw:
-                if name in ("threads", "optimizer"):
+                if name in ("threads", "optimizer", "fresh_push"):
                     kwargs[name] = f.default
                     continue
                 if name in ("privacy", "partition"):
@@ -132,7 +142,7 @@ class RoundConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise ProtocolError(f"round config {name!r} must be a number, got {v!r}")
-        for name in ("in_batch_negatives", "queue_enabled", "queue_tls"):
+        for name in ("in_batch_negatives", "queue_enabled", "queue_tls", "fresh_push"):
             if not isinstance(getattr(self, name), bool):
                 raise ProtocolError(f"round config {name!r} must be a boolean")
         if self.optimizer not in ("adam", "sgd"):

@@ -79,8 +79,15 @@ class QueueSettings(_Section):
     num_negatives: int = Field(4096, ge=0)
     capacity: int = Field(65536, ge=1)
     per_site_quota: int = Field(16384, ge=1)
-    max_staleness: int = Field(2, ge=0)
+    # Fresh push (DESIGN "Staleness"): at the start of each round after warm-up, every sampled site
+    # pushes embeddings of the global model it has just received (a release phase), and only then do
+    # the sites train; the negatives then come from the same model as the positive keys. Without
+    # it, sites push after training and negatives are a round older than the keys (measured: the
+    # projection head collapses, docs/benchmarks.md).
+    fresh_push: bool = True
+    max_staleness: int = Field(0, ge=0)  # rounds; 0 with fresh_push: only this round's pushes
     warmup_rounds: int = Field(1, ge=0)
+    public_images: int = Field(2048, ge=1)  # privacy.release = "public": the server's reference set
     dtype: Literal["float16", "float32"] = "float16"
 
 
@@ -95,6 +102,7 @@ class PrivacySettings(_Section):
     release_noise_multiplier: float = Field(1.0, ge=0)
     release_sample_rate: float = Field(0.1, gt=0, le=1)
     num_prototypes: int = Field(64, ge=1)
+    prototype_min_count: float = Field(5.0, ge=0)  # server merge: a prototype moves only with this much noisy mass
     epsilon_budget: float | None = Field(None, gt=0)  # per site, all channels together
     accountant: Literal["rdp", "prv"] = "rdp"
 
@@ -126,6 +134,33 @@ class ServerSettings(_Section):
     site_tokens: dict[str, str] = Field(default_factory=dict)
     audit_log: Path | None = None
     tensorboard: bool = False
+    # Sites shut out of the consortium: the queue service answers their token or certificate
+    # PERMISSION_DENIED (audited) and, with supernode_auth, their SuperNode key is not registered.
+    revoked_sites: list[str] = Field(default_factory=list)
+    # Flower's SuperNode authentication: only SuperNodes whose public key is listed here (site ->
+    # OpenSSH EC public key file, deploy/make_certs.py writes sites/<site>.node-key.pub) may connect.
+    supernode_auth: bool = False
+    supernode_keys: dict[str, Path] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _revocation_and_node_auth(self) -> "ServerSettings":
+        known = set(self.site_tokens) | set(self.supernode_keys)
+        unknown = sorted(set(self.revoked_sites) - known)
+        if unknown and known:
+            raise ValueError(
+                f"server.revoked_sites names {unknown}, which are in neither server.site_tokens nor "
+                "server.supernode_keys: revoke a site by the name its token or key is listed under")
+        if self.supernode_auth and self.insecure:
+            raise ValueError("server.supernode_auth needs TLS (Flower refuses SuperNode authentication "
+                             "without it): set server.insecure = false and the tls_* paths")
+        if self.supernode_auth and not self.supernode_keys:
+            raise ValueError("server.supernode_auth = true but [server.supernode_keys] is empty: no site "
+                             "could connect; list each site's public key file (deploy/make_certs.py "
+                             "writes sites/<site>.node-key.pub)")
+        if self.supernode_keys and not self.supernode_auth:
+            raise ValueError("[server.supernode_keys] is set but server.supernode_auth = false: Flower would "
+                             "accept any SuperNode; set server.supernode_auth = true (or remove the keys)")
+        return self
 
 
 class FedclConfig(BaseSettings):

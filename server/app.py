@@ -26,10 +26,21 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from flwr.app import ArrayRecord, Context, Message
+from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from client.protocol import BUDGET_REFUSAL, METRICS_KEY, SITE_KEY, RoundConfig, parse_site_record
+from client.protocol import (
+    ARRAYS_KEY,
+    BUDGET_REFUSAL,
+    CONFIG_KEY,
+    METRICS_KEY,
+    PROTOTYPE_SITE,
+    PROTOTYPES_KEY,
+    PUBLIC_SITE,
+    SITE_KEY,
+    RoundConfig,
+    parse_site_record,
+)
 from server.checkpoint import FederationCheckpoint, checkpoint_path, find_checkpoint, save_checkpoint
 from server.metrics import MetricsLog, write_plots
 from server.strategy import build_strategy
@@ -55,10 +66,11 @@ class QueueLink:
     coordinator_token: str | None = field(default=None, repr=False)
     snapshot_path: Path | None = None  # readable from here: its digest goes into the checkpoint
 
-    def client(self):
+    def client(self, site_id: str = "coordinator"):
+        """A coordinator client; ``site_id`` names the entries it pushes (public set, prototypes)."""
         from client.queue_client import QueueClient
 
-        return QueueClient(self.address, site_id="coordinator", token=self.coordinator_token,
+        return QueueClient(self.address, site_id=site_id, token=self.coordinator_token,
                            root_certificates=self.root_certificates if self.tls else None, timeout=30.0)
 
     @classmethod
@@ -155,7 +167,110 @@ def round_config(cfg, *, rnd: int, model_spec: dict[str, Any], queue: QueueLink 
         partition=cfg.data.model_dump(mode="json", exclude={"path"}),
         threads=t.threads,
         optimizer=t.optimizer,
+        fresh_push=q.fresh_push and cfg.privacy.release in ("raw", "gaussian", "prototypes"),
     )
+
+
+# ------------------------------------------------------------------------------- release phase
+
+
+@dataclass
+class ReleaseState:
+    """What the server keeps for the embedding releases across rounds (checkpointed)."""
+
+    prototypes: torch.Tensor | None = None  # (P, d) merged prototypes, prototypes mode
+    public_images: torch.Tensor | None = None  # (N, C, H, W) uint8, public mode (not checkpointed)
+
+    def to_checkpoint(self) -> dict[str, Any]:
+        return {} if self.prototypes is None else {"prototypes": self.prototypes.tolist()}
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict[str, Any] | None) -> ReleaseState:
+        protos = (saved or {}).get("prototypes")
+        return cls(prototypes=None if protos is None else torch.tensor(protos, dtype=torch.float32))
+
+
+def load_public_images(cfg) -> torch.Tensor:
+    """The server's public reference set for release mode 'public': its own copy of the data set's
+    training split (``queue.public_images`` images); no site's data is involved."""
+    from fedcl.data import DataError
+    from fedcl.runtime import first_n, load_split
+
+    d = cfg.data
+    try:
+        ds = first_n(load_split(d, split="train"), cfg.queue.public_images, seed=d.seed + 7919)
+    except (DataError, OSError) as exc:
+        raise FederationError(
+            f"privacy.release = 'public' needs a public reference set on the server, but it cannot load "
+            f"{d.name!r}: {exc}; point data.path at the public data, or choose another release mode") from None
+    return ds.images
+
+
+def release_phase(grid: Grid, *, rnd: int, train_messages: list[Message], arrays: ArrayRecord, rc: RoundConfig,
+                  cfg, model, queue: QueueLink, state: ReleaseState, timeout: float) -> dict[str, Any]:
+    """Fill the queue for round ``rnd`` from the global model the sites are about to receive.
+
+    raw / gaussian: each site of ``train_messages`` gets a query message with the global weights
+    and pushes (released) embeddings of its own images under that model; prototypes: each site
+    replies with noisy per-prototype sums and counts, which the server merges and pushes as
+    site ``prototypes``; public: the server encodes its public reference set and pushes it as
+    site ``public`` (no message to the sites). Returns what happened, for the round record.
+    """
+    from flwr.app import MessageType
+    from fedcl.privacy.release import PrototypeRelease, init_prototypes, merge_prototypes
+    from fedcl.train import encode
+
+    mode = cfg.privacy.release
+    info: dict[str, Any] = {"mode": mode, "sites_ok": 0, "sites_failed": 0, "errors": [], "pushed": 0}
+    if mode == "public":
+        if state.public_images is None:
+            state.public_images = load_public_images(cfg)
+        emb = encode(model, state.public_images, device=torch.device("cpu"))  # (N, d) of the global model
+        with queue.client(site_id=PUBLIC_SITE) as qc:
+            info["pushed"] = qc.push(emb, round=rnd, model_version=rnd - 1)
+        return info
+    content = {CONFIG_KEY: rc.to_config_record()}
+    if mode == "prototypes":
+        if state.prototypes is None:
+            from client.privacy import PROTOTYPE_SEED
+
+            state.prototypes = init_prototypes(num=cfg.privacy.num_prototypes, dim=int(model.spec["proj_dim"]),
+                                               seed=PROTOTYPE_SEED)
+        content[PROTOTYPES_KEY] = ArrayRecord({"prototypes": state.prototypes.clone()})
+    queries = []
+    for m in train_messages:
+        body = RecordDict({ARRAYS_KEY: arrays, **content})
+        queries.append(Message(content=body, dst_node_id=m.metadata.dst_node_id, message_type=MessageType.QUERY))
+    replies = list(grid.send_and_receive(queries, timeout=timeout))
+    sites, _, errors = _site_metrics(replies)
+    answered = {r.metadata.src_node_id for r in replies}
+    errors += [f"node {q.metadata.dst_node_id}: no release reply within {timeout:g} s"
+               for q in queries if q.metadata.dst_node_id not in answered]
+    info.update(sites_ok=len(sites), sites_failed=len(errors), errors=errors,
+                pushed=int(sum(m.get("pushed", 0.0) for m in sites.values())))
+    if mode == "prototypes":
+        releases = []
+        for reply in replies:
+            if reply.has_error() or PROTOTYPES_KEY not in reply.content.array_records:
+                continue
+            rec = reply.content.array_records[PROTOTYPES_KEY]
+            try:
+                releases.append(PrototypeRelease(sums=torch.from_numpy(rec["sums"].numpy().copy()),
+                                                 counts=torch.from_numpy(rec["counts"].numpy().copy())))
+            except KeyError:
+                info["errors"].append(f"node {reply.metadata.src_node_id}: prototype release without sums/counts")
+        if releases:
+            try:
+                state.prototypes = merge_prototypes(releases, previous=state.prototypes,
+                                                    min_count=cfg.privacy.prototype_min_count)
+            except ValueError as exc:  # a malformed release: keep the previous prototypes, say why
+                info["errors"].append(f"prototype merge refused: {exc}")
+            else:
+                with queue.client(site_id=PROTOTYPE_SITE) as qc:
+                    info["pushed"] = qc.push(state.prototypes, round=rnd, model_version=rnd - 1)
+    for reason in info["errors"]:
+        log.warning("round %d release phase: %s", rnd, reason)
+    return info
 
 
 def _site_metrics(replies: list[Message]) -> tuple[dict[str, dict[str, float]], dict[str, dict], list[str]]:
@@ -283,6 +398,7 @@ def run_federation(
     )
 
     random_init_knn = None
+    release_state = ReleaseState()
     history: list[dict[str, Any]] = []
     ledgers: dict[str, dict] = {}
     start = 1
@@ -294,6 +410,7 @@ def run_federation(
                 f"builds {spec}; move the checkpoint folder away to start afresh")
         load_canonical_state_dict(model, ckpt.state_dict)
         history, ledgers, start = list(ckpt.history), dict(ckpt.ledgers), ckpt.round + 1
+        release_state = ReleaseState.from_checkpoint(ckpt.queue.get("release"))
         if history and history[0].get("random_init_knn") is not None:
             random_init_knn = history[0]["random_init_knn"]
         log.info("resuming from %s: round %d of %d done", checkpoint_path(ckpt_dir), ckpt.round, num_rounds)
@@ -328,6 +445,10 @@ def run_federation(
             weights_sha256 = _arrays_sha256(arrays)
             rc = round_config(cfg, rnd=rnd, model_spec=spec, queue=queue)
             messages = list(strategy.configure_train(rnd, arrays, rc.to_config_record(), grid))
+            release_info: dict[str, Any] = {}
+            if queue is not None and rc.use_queue_negatives and (rc.release_phase or cfg.privacy.release == "public"):
+                release_info = release_phase(grid, rnd=rnd, train_messages=messages, arrays=arrays, rc=rc, cfg=cfg,
+                                             model=model, queue=queue, state=release_state, timeout=round_timeout)
             replies = list(grid.send_and_receive(messages, timeout=round_timeout))
             sites, new_ledgers, errors = _site_metrics(replies)
             answered = {r.metadata.src_node_id for r in replies}
@@ -367,7 +488,7 @@ def run_federation(
                 with queue.client() as qc:
                     qc.advance(rnd + 1)  # the queue service snapshots on Advance: now it holds this round's pushes
                     stats = qc.stats()
-                queue_info = {"stats": stats, "evicted_at_start": evicted,
+                queue_info = {"stats": stats, "evicted_at_start": evicted, "release": release_state.to_checkpoint(),
                               "snapshot_path": str(queue.snapshot_path) if queue.snapshot_path else None,
                               "snapshot_sha256": _file_sha256(queue.snapshot_path)}
             # sites report their cumulative ε; a negative value means unbounded (a raw, non-DP release)
@@ -381,7 +502,9 @@ def run_federation(
                 "knn": knn,
                 "random_init_knn": random_init_knn if rnd == 1 else None,
                 "negatives_used": _weighted(sites, "negatives-used"),
-                "pushed": sum(m.get("pushed", 0.0) for m in sites.values()),
+                "pushed": sum(m.get("pushed", 0.0) for m in sites.values()) + release_info.get("pushed", 0),
+                "release_phase": {k: v for k, v in release_info.items() if k != "errors"} | (
+                    {"errors": release_info["errors"]} if release_info.get("errors") else {}),
                 "queue_size": queue_info.get("stats", {}).get("size"),
                 "epsilon": max(finite_eps) if finite_eps else None,
                 "epsilon_unbounded": any(e < 0 or e == math.inf for e in epsilons),

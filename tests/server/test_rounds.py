@@ -12,7 +12,7 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.app import SimulatedSites, evaluate_handler, train_handler
+from client.app import SimulatedSites, evaluate_handler, release_handler, train_handler
 from fedcl.config import load_config
 from fedcl.queue import EmbeddingQueue
 from server.app import FederationError, QueueLink, run_federation, state_sha256
@@ -64,7 +64,8 @@ class InProcessGrid(Grid):
             msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
             self.sent.append(msg)
             node = msg.metadata.dst_node_id
-            handler = train_handler if msg.metadata.message_type == "train" else evaluate_handler
+            handler = {"train": train_handler, "query": release_handler}.get(msg.metadata.message_type,
+                                                                              evaluate_handler)
             try:
                 if node in self.broken:
                     raise RuntimeError(f"site on node {node} crashed")
@@ -103,32 +104,100 @@ def _with_rounds(cfg, n):
     return cfg.model_copy(update={"federation": cfg.federation.model_copy(update={"num_rounds": n})})
 
 
+def _with(cfg, section, **values):
+    return cfg.model_copy(update={section: getattr(cfg, section).model_copy(update=values)})
+
+
 def test_rounds_checkpoint_and_resume(tmp_path, federation):
     cfg, link, simulated, sites, queue = federation
     out = tmp_path / "out"
     grid = InProcessGrid(sites, simulated)
     first = run_federation(grid, config=_with_rounds(cfg, 2), out_dir=out, queue=link)
     assert [r["round"] for r in first.history] == [1, 2]
-    assert first.history[0]["negatives_used"] == 0  # warm-up
-    # round 2: the site sampled first draws the other's 20 round-1 embeddings; the second also sees the
-    # 20 the first pushed a moment ago in this same round (the queue serves entries of the current round)
-    assert sorted(m["negatives-used"] for m in first.history[1]["sites"].values()) == [20, 40]
-    # every round message carried the global weights and the round's settings
-    train_msgs = [m for m in grid.sent if m.metadata.message_type == "train"]
-    assert [m.content.config_records["config"]["round"] for m in train_msgs] == [1, 1, 2, 2]
+    assert first.history[0]["negatives_used"] == 0 and first.history[0]["pushed"] == 0  # warm-up: no release
+    # round 2 (fresh push): a query message first; each site pushes 20 embeddings of the global model
+    # it received, then trains on the other site's 20 (never its own)
+    kinds = [(m.metadata.message_type, m.content.config_records["config"]["round"]) for m in grid.sent]
+    assert kinds == [("train", 1), ("train", 1), ("query", 2), ("query", 2), ("train", 2), ("train", 2),
+                     ("evaluate", 2), ("evaluate", 2)]
+    query, train = grid.sent[2], grid.sent[4]
+    assert query.content.array_records["arrays"].keys() == train.content.array_records["arrays"].keys()
+    for key in query.content.array_records["arrays"].keys():  # the release encodes with the round's weights
+        assert (query.content.array_records["arrays"][key].numpy() == train.content.array_records["arrays"][key].numpy()).all()
+    assert [m["negatives-used"] for m in first.history[1]["sites"].values()] == [20, 20]
+    assert first.history[1]["release_phase"] == {"mode": "raw", "sites_ok": 2, "sites_failed": 0, "pushed": 40}
     ckpt = find_checkpoint(out / "checkpoints")
     assert ckpt.round == 2 and ckpt.queue["stats"]["current_round"] == 3  # advanced past the round
     assert ckpt.queue["snapshot_sha256"] is not None
-    assert len(queue) == 80  # 2 sites x 20 embeddings x 2 rounds
+    assert len(queue) == 40 and queue.stats()["newest_round"] == 2  # only the release phase pushed
 
     resumed = run_federation(InProcessGrid(sites, simulated), config=_with_rounds(cfg, 3), out_dir=out, queue=link)
     assert resumed.resumed_from == 2
     assert [r["round"] for r in resumed.history] == [1, 2, 3]
     assert resumed.history[:2] == first.history
     assert resumed.history[2]["weights_sha256"] == state_sha256(ckpt.state_dict)
-    assert resumed.history[2]["queue_at_start"]["size"] == 80
+    assert resumed.history[2]["queue_at_start"]["size"] == 40
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3  # rewritten from the checkpoint, then appended
+
+
+def test_without_fresh_push_sites_push_after_training(tmp_path, federation):
+    cfg, link, simulated, sites, queue = federation
+    cfg = _with(_with_rounds(cfg, 2), "queue", fresh_push=False, max_staleness=2)
+    grid = InProcessGrid(sites, simulated)
+    result = run_federation(grid, config=cfg, out_dir=tmp_path / "out", queue=link)
+    assert all(m.metadata.message_type != "query" for m in grid.sent)
+    # round 2: the site sampled first draws the other's 20 round-1 embeddings; the second also sees the
+    # 20 the first pushed a moment ago in this same round (the queue serves entries of the current round)
+    assert sorted(m["negatives-used"] for m in result.history[1]["sites"].values()) == [20, 40]
+    assert len(queue) == 80  # 2 sites x 20 embeddings x 2 rounds
+
+
+def test_fresh_push_is_entered_in_each_sites_ledger(tmp_path, federation):
+    cfg, link, simulated, sites, _ = federation
+    simulated = SimulatedSites(config=simulated.config, site_tokens=simulated.site_tokens, threads=1,
+                               state_root=tmp_path / "sites")
+    run_federation(InProcessGrid(sites, simulated), config=_with_rounds(cfg, 2), out_dir=tmp_path / "out", queue=link)
+    import json
+
+    ledger = json.loads((tmp_path / "sites" / "site-0" / "ledger-site-0.json").read_text())
+    # the release of round 2 (20 raw embeddings, not DP) before round 2's training; nothing in warm-up
+    assert [(e["round"], e["channel"], e["mode"], e["steps"]) for e in ledger["events"]] == [
+        (1, "model_updates", "nonprivate", 1), (2, "embeddings", "raw", 20), (2, "model_updates", "nonprivate", 1)]
+
+
+def test_prototypes_are_merged_by_the_server_from_noisy_sums(tmp_path, federation):
+    cfg, link, simulated, sites, queue = federation
+    cfg = _with(_with_rounds(cfg, 2), "privacy", release="prototypes", num_prototypes=8, release_sample_rate=1.0,
+                release_noise_multiplier=0.5, prototype_min_count=1.0)
+    simulated = SimulatedSites(config=simulated.config, site_tokens=simulated.site_tokens, threads=1,
+                               state_root=tmp_path / "sites")  # ledgers persist between the phases
+    grid = InProcessGrid(sites, simulated)
+    result = run_federation(grid, config=cfg, out_dir=tmp_path / "out", queue=link)
+    queries = [m for m in grid.sent if m.metadata.message_type == "query"]
+    assert len(queries) == 2 and queries[0].content.array_records["prototypes"]["prototypes"].numpy().shape == (8, 16)
+    info = result.history[1]["release_phase"]
+    assert info["mode"] == "prototypes" and info["sites_ok"] == 2 and info["pushed"] == 8
+    # the queue holds the server's 8 merged prototypes (site "prototypes"), unit norm, and no site's raw embedding
+    assert queue.stats()["per_site"] == {"prototypes": 8}
+    assert [m["negatives-used"] for m in result.history[1]["sites"].values()] == [8, 8]
+    ckpt = find_checkpoint(tmp_path / "out" / "checkpoints")
+    merged = torch.tensor(ckpt.queue["release"]["prototypes"])
+    assert merged.shape == (8, 16) and torch.allclose(merged.norm(dim=1), torch.ones(8), atol=1e-5)
+    for e in result.history[1]["sites"].values():
+        assert e["epsilon-accounted"] > 0  # the prototype release is accounted
+
+
+def test_public_mode_negatives_are_the_servers_reference_set(tmp_path, federation):
+    cfg, link, simulated, sites, queue = federation
+    cfg = _with(_with(_with_rounds(cfg, 2), "privacy", release="public"), "queue", public_images=30)
+    grid = InProcessGrid(sites, simulated)
+    result = run_federation(grid, config=cfg, out_dir=tmp_path / "out", queue=link)
+    assert all(m.metadata.message_type != "query" for m in grid.sent)  # nothing asked of the sites
+    assert result.history[1]["release_phase"]["pushed"] == 30
+    assert queue.stats()["per_site"] == {"public": 30}
+    assert [m["negatives-used"] for m in result.history[1]["sites"].values()] == [30, 30]
+    assert all(m["epsilon-accounted"] == 0 for m in result.history[1]["sites"].values())
 
 
 def test_a_failed_site_drops_out_of_its_round_only(tmp_path, federation):
