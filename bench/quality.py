@@ -47,18 +47,23 @@ METHODS: dict[str, FedMethod | str] = {
     "random": "random",
     "local": "local",
     "fedsimclr": FedMethod(queue=False, key_encoder="online", in_batch_negatives=True),
-    "fedcl": FedMethod(queue=True, release="raw", key_encoder="global"),
+    # fedcl as the Flower path runs it by default: fresh push (sites push embeddings of the global
+    # model they just received, before anyone trains), only this round's entries, one warm-up round
+    "fedcl": FedMethod(queue=True, release="raw", key_encoder="global", fresh_push=True, max_staleness=0),
     "fedcl_noqueue": FedMethod(queue=False, key_encoder="global"),
+    # DP-SGD has no in-batch negatives, so no warm-up: the release phase fills the queue in round 1
     "fedcl_dp8": FedMethod(queue=True, release="raw", in_batch_negatives=False, dp_epsilon=8.0,
-                           warmup_rounds=0, bootstrap_queue=True),
+                           warmup_rounds=0, fresh_push=True, max_staleness=0),
     "fedcl_prototypes": FedMethod(queue=True, release="prototypes"),
     "fedcl_public": FedMethod(queue=True, release="public"),
     # staleness remedies, each one switch away from "fedcl"
-    "fedcl_online": FedMethod(queue=True, release="raw", key_encoder="online"),
-    "fedcl_warmup0": FedMethod(queue=True, release="raw", warmup_rounds=0, bootstrap_queue=True),
-    "fedcl_warmup3": FedMethod(queue=True, release="raw", warmup_rounds=3),
-    "fedcl_stale1": FedMethod(queue=True, release="raw", max_staleness=1),
-    "fedcl_stale4": FedMethod(queue=True, release="raw", max_staleness=4),
+    "fedcl_pushafter": FedMethod(queue=True, release="raw", key_encoder="global", max_staleness=2),  # no fresh push
+    "fedcl_pushafter_stale1": FedMethod(queue=True, release="raw", max_staleness=1),
+    "fedcl_online": FedMethod(queue=True, release="raw", key_encoder="online", fresh_push=True, max_staleness=0),
+    "fedcl_warmup0": FedMethod(queue=True, release="raw", warmup_rounds=0, fresh_push=True, max_staleness=0),
+    "fedcl_warmup3": FedMethod(queue=True, release="raw", warmup_rounds=3, fresh_push=True, max_staleness=0),
+    "fedcl_stale1": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=1),
+    "fedcl_stale4": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=4),
     # queue remedies for the projection collapse ("What we tried for the queue", docs/benchmarks.md);
     # the _k<K> methods keep their own K, --num-negatives does not override it
     "fedcl_k256": FedMethod(queue=True, release="raw", num_negatives=256),
@@ -76,7 +81,8 @@ METHODS: dict[str, FedMethod | str] = {
 }
 MAIN_METHODS = ["random", "local", "fedsimclr", "fedcl", "fedcl_noqueue", "fedcl_dp8", "fedcl_prototypes",
                 "fedcl_public", "central"]
-STALENESS_METHODS = ["fedcl", "fedcl_online", "fedcl_warmup0", "fedcl_warmup3", "fedcl_stale1", "fedcl_stale4"]
+STALENESS_METHODS = ["fedcl", "fedcl_pushafter", "fedcl_pushafter_stale1", "fedcl_online", "fedcl_warmup0",
+                     "fedcl_warmup3", "fedcl_stale1", "fedcl_stale4"]
 OWN_NUM_NEGATIVES = {"fedcl_k256", "fedcl_k1024", "fedcl_fresh_k256"}
 SPLITS = {"pathological": {"scheme": "pathological"}, "dirichlet0.1": {"scheme": "dirichlet", "alpha": 0.1},
           "dirichlet0.5": {"scheme": "dirichlet", "alpha": 0.5}, "iid": {"scheme": "iid"}}

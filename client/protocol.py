@@ -82,8 +82,14 @@ class RoundConfig:
 
     @property
     def use_queue_negatives(self) -> bool:
-        """Negatives come from the queue after the warm-up rounds (MoCo-style keys need a filled queue)."""
-        return self.queue_enabled and self.num_negatives > 0 and self.round > self.warmup_rounds
+        """Negatives come from the queue after the warm-up rounds (MoCo-style keys need a filled queue).
+
+        Without in-batch negatives (DP-SGD) a warm-up round would have no negatives at all: a zero
+        loss, and under DP-SGD a budget spent on pure noise. Then the queue is used from round 1
+        (with fresh push, the release phase fills it before anyone trains).
+        """
+        warmup = self.warmup_rounds if self.in_batch_negatives else 0
+        return self.queue_enabled and self.num_negatives > 0 and self.round > warmup
 
     @property
     def release_phase(self) -> bool:

@@ -424,6 +424,8 @@ def run_federation(
     elif evaluator is not None:
         random_init_knn = evaluator.knn(model)
 
+    if queue is not None and cfg.privacy.release == "public":
+        release_state.public_images = load_public_images(cfg)  # fail now, not after round 1
     log.info("fedcl federation: %d rounds, strategy %s, queue %s; writing to %s", num_rounds,
              cfg.federation.strategy, queue.address if queue else "off", out_dir.resolve())
     metrics_log = MetricsLog(out_dir, tensorboard=cfg.server.tensorboard)
@@ -486,9 +488,10 @@ def run_federation(
             queue_info: dict[str, Any] = {}
             if queue is not None:
                 with queue.client() as qc:
-                    qc.advance(rnd + 1)  # the queue service snapshots on Advance: now it holds this round's pushes
+                    in_round = qc.stats()  # what the sites sampled from (max_staleness 0: gone after Advance)
+                    qc.advance(rnd + 1)  # the queue service snapshots on Advance
                     stats = qc.stats()
-                queue_info = {"stats": stats, "evicted_at_start": evicted, "release": release_state.to_checkpoint(),
+                queue_info = {"stats": stats, "size_in_round": in_round.get("size"), "evicted_at_start": evicted, "release": release_state.to_checkpoint(),
                               "snapshot_path": str(queue.snapshot_path) if queue.snapshot_path else None,
                               "snapshot_sha256": _file_sha256(queue.snapshot_path)}
             # sites report their cumulative ε; a negative value means unbounded (a raw, non-DP release)
@@ -505,7 +508,7 @@ def run_federation(
                 "pushed": sum(m.get("pushed", 0.0) for m in sites.values()) + release_info.get("pushed", 0),
                 "release_phase": {k: v for k, v in release_info.items() if k != "errors"} | (
                     {"errors": release_info["errors"]} if release_info.get("errors") else {}),
-                "queue_size": queue_info.get("stats", {}).get("size"),
+                "queue_size": queue_info.get("size_in_round"),  # during the round, after its pushes
                 "epsilon": max(finite_eps) if finite_eps else None,
                 "epsilon_unbounded": any(e < 0 or e == math.inf for e in epsilons),
                 "sites_ok": len(sites),

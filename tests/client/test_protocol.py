@@ -39,7 +39,16 @@ def test_round_config_survives_a_config_record():
     (1, 0, True, 256, True),
 ])
 def test_queue_negatives_only_after_warm_up(rnd, warmup, enabled, k, expected):
-    assert _round(round=rnd, warmup_rounds=warmup, queue_enabled=enabled, num_negatives=k).use_queue_negatives is expected
+    rc = _round(round=rnd, warmup_rounds=warmup, queue_enabled=enabled, num_negatives=k, in_batch_negatives=True)
+    assert rc.use_queue_negatives is expected
+
+
+def test_without_in_batch_negatives_there_is_no_warm_up():
+    # DP-SGD: a warm-up round would have no negatives at all (zero loss, budget spent on noise)
+    rc = _round(round=1, warmup_rounds=2, in_batch_negatives=False)
+    assert rc.use_queue_negatives
+    assert rc.release_phase is False  # fresh_push is off in this round config
+    assert _round(round=1, warmup_rounds=2, in_batch_negatives=False, fresh_push=True).release_phase
 
 
 @pytest.mark.parametrize(("key", "value", "message"), [

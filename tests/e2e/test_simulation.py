@@ -38,13 +38,15 @@ def test_simulation_two_sites_two_rounds(tmp_path):
         assert 0.0 <= r["knn"] <= 1.0
         for site in r["sites"].values():
             assert site["num-examples"] == 200  # iid halves of 400 images
-            assert site["pushed"] == 64
-    # warm-up round: no queue negatives; then each site gets the other site's embeddings only: its 64
-    # of round 1, plus its 64 of round 2 when it pushed them before this site sampled
+            assert site["pushed"] == 0  # fresh push: nothing after training
+    # warm-up round: no release, no queue negatives. Round 2: a release phase (Flower query messages
+    # through Ray) in which each site pushes 64 embeddings of the global model it just received; then
+    # each site trains on the other site's 64, never its own; they are evicted when the round ends
     assert all(s["negatives-used"] == 0 for s in history[0]["sites"].values())
-    assert all(s["negatives-used"] in (64.0, 128.0) for s in history[1]["sites"].values())
-    assert history[0]["queue_size"] == 128 and history[1]["queue_size"] == 256
-    assert history[1]["queue"]["per_site"] == {"site-0": 128, "site-1": 128}
+    assert history[0]["release_phase"] == {} and history[0]["queue_size"] == 0
+    assert history[1]["release_phase"] == {"mode": "raw", "sites_ok": 2, "sites_failed": 0, "pushed": 128}
+    assert all(s["negatives-used"] == 64.0 for s in history[1]["sites"].values())
+    assert history[1]["queue_size"] == 128 and history[1]["queue"]["size"] == 0
     # the final round also asked every site for its label-free check of the final model
     assert set(history[1]["fed_eval"]["sites"]) == {"site-0", "site-1"}
 
