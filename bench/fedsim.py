@@ -62,6 +62,9 @@ class FedMethod:
     # samples (a push phase, then a barrier, then training), so the negatives of round r come
     # from the same model as the positive keys; with max_staleness=0 only those are sampled
     fresh_push: bool = False
+    # FedAvgM (Hsu et al. 2019): server momentum on the averaged update; 0 is plain FedAvg.
+    # The Flower path gets the same with federation.strategy = "FedAvgM".
+    server_momentum: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -206,6 +209,7 @@ def run_federation(
         probes[1] = encode(global_model, probe_images, device=device)  # round 1's pushes come from init
 
     records = []
+    velocity: dict[str, torch.Tensor] = {}  # server momentum (FedAvgM)
     for r in range(1, rounds + 1):
         t0 = time.perf_counter()
         use_negatives = method.queue and r > method.warmup_rounds
@@ -270,7 +274,15 @@ def run_federation(
         if releases:  # post-processing of DP releases: no ε
             prototypes = merge_prototypes(releases, previous=prototypes, min_count=recipe.prototype_min_count)
             have_prototypes = True
-        global_model = model_from_state(model_spec, fedavg(states, weights))
+        averaged = fedavg(states, weights)
+        if method.server_momentum > 0:
+            for key, new in averaged.items():
+                if not new.is_floating_point():
+                    continue
+                delta = global_state[key] - new  # pseudo-gradient of the round
+                velocity[key] = method.server_momentum * velocity.get(key, torch.zeros_like(delta)) + delta
+                averaged[key] = global_state[key] - velocity[key]
+        global_model = model_from_state(model_spec, averaged)
 
         drift = None
         if probe_images is not None:

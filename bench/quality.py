@@ -51,6 +51,8 @@ METHODS: dict[str, FedMethod | str] = {
     # model they just received, before anyone trains), only this round's entries, one warm-up round
     "fedcl": FedMethod(queue=True, release="raw", key_encoder="global", fresh_push=True, max_staleness=0),
     "fedcl_noqueue": FedMethod(queue=False, key_encoder="global"),
+    "fedcl_m05": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0, server_momentum=0.5),
+    "fedcl_m09": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0, server_momentum=0.9),
     # DP-SGD has no in-batch negatives, so no warm-up: the release phase fills the queue in round 1
     "fedcl_dp8": FedMethod(queue=True, release="raw", in_batch_negatives=False, dp_epsilon=8.0,
                            warmup_rounds=0, fresh_push=True, max_staleness=0),
@@ -142,7 +144,7 @@ def run_method(name: str, *, data: dict, cfg: dict, seed: int, device: torch.dev
     spec = {"arch": "cnn", "in_channels": 1, "width": cfg["width"], "proj_dim": 128, "proj_hidden": 256}
     torch.manual_seed(seed)
     init_state = canonical_state_dict(build_model(**spec))
-    augment = TwoViewAugment()
+    augment = TwoViewAugment(crop_scale=(cfg.get("crop_scale_min", 0.3), 1.0))
     recipe = Recipe(local_epochs=cfg["local_epochs"], batch_size=cfg["batch_size"], lr=cfg["lr"],
                     temperature=cfg["temperature"], num_push=cfg["num_push"])
     rounds = cfg["rounds"]
@@ -325,6 +327,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--temperature", type=float, default=0.2)
+    p.add_argument("--crop-scale-min", type=float, default=0.3, help="smallest random-crop area (augment)")
     p.add_argument("--num-negatives", type=int, default=4096)
     p.add_argument("--num-push", type=int, default=512)
     p.add_argument("--test-images", type=int, default=2000)
@@ -359,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = {"rounds": args.rounds, "local_epochs": args.local_epochs, "images_per_site": args.images_per_site,
            "sites": args.sites, "width": args.width, "batch_size": args.batch_size, "lr": args.lr,
            "temperature": args.temperature, "num_negatives": args.num_negatives, "num_push": args.num_push,
-           "test_images": args.test_images, "public_images": args.public_images, "probe_images": args.probe_images,
+           "crop_scale_min": args.crop_scale_min, "test_images": args.test_images, "public_images": args.public_images, "probe_images": args.probe_images,
            "encoder": "cnn", "proj_dim": 128, "optimizer": "adam", "knn": {"k": 200, "t": 0.1},
            "fewlabel_per_class": 10, "dp": {"epsilon": 8.0, "delta": 1e-5, "max_grad_norm": 1.0},
            "release": asdict(Recipe())}

@@ -9,10 +9,19 @@ Release modes (what the site pushes to the queue):
     raw         the round model's embeddings, unmodified; NOT differentially private.
     gaussian    every embedding plus N(0, sigma^2) per coordinate after Poisson subsampling
                 (fedcl.privacy.release.release_gaussian), re-normalised (post-processing).
-    prototypes  noisy per-prototype sums and counts against public prototypes (the other sites'
-                released prototype directions from the queue, padded with a public random set);
-                the site pushes the directions of its noisy sums (post-processing).
+    prototypes  noisy per-prototype sums and counts against public prototypes. With fresh push
+                (the default) the site returns them in its release-phase reply and the server
+                merges every site's into the prototypes it pushes as negatives
+                (``release_prototype_sums``, ``server.app.release_phase``); without it the site
+                pushes the directions of its own noisy sums (post-processing, ``release``).
     public      nothing: the server encodes a public reference set instead. Zero epsilon.
+
+Privacy unit ``patient``: the site's images must carry patient ids (``groups``, e.g. a .npz with
+a ``train_patients`` array). DP-SGD then samples and clips whole patients (fedcl.privacy.dp) and
+the ledger's unit is "group": every ε it reports is per patient. The embedding releases
+(gaussian, prototypes) are per-image mechanisms: one patient's several images would be several
+records, so in the patient unit they are refused (nothing released, nothing entered); raw
+(not DP) and public (no private data) are unaffected.
 """
 
 from __future__ import annotations
@@ -46,6 +55,7 @@ class RoundPrivacy:
     dp: DPParams | None = None
     steps_planned: int = 0
     refused: str | None = None  # why the site does not train this round
+    groups: torch.Tensor | None = None  # (N,) patient ids for local_round; None in the example unit
     push_refused: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -67,19 +77,31 @@ def _release_event(s: PrivacySettings) -> tuple[float, float, int] | None:
 def plan_round(
     *, privacy: dict[str, Any], site_id: str, state_dir: Path | None, round: int, num_rounds: int,
     epochs: int, batch_size: int, num_examples: int, in_batch_negatives: bool,
+    groups: torch.Tensor | None = None,
 ) -> RoundPrivacy:
-    """Open the ledger, derive DP-SGD parameters for the whole planned run, check the budget."""
+    """Open the ledger, derive DP-SGD parameters for the whole planned run, check the budget.
+
+    groups: (N,) patient id of each of the site's images, or None when the data has none. In the
+    patient unit they go to ``rp.groups`` for ``local_round``, which refuses DP-SGD without them
+    (a clear error). q = expected patients per batch / patients, with expected patients per
+    batch = batch_size * patients / images: a step then holds batch_size images on average, as
+    in the example unit, and q equals batch_size / images.
+    """
     s = PrivacySettings.model_validate(privacy or {})
+    unit = "group" if s.unit == "patient" else "example"
+    if groups is not None and groups.shape != (num_examples,):
+        raise ValueError(f"site {site_id}: {tuple(groups.shape)} patient ids for {num_examples} images")
     path = ledger_path(state_dir, site_id)
     ledger = None
     if path is not None:
         ledger = PrivacyLedger.load_or_create(
             path, site_id=site_id, delta=s.delta, epsilon_budget=s.epsilon_budget, accountant=s.accountant,
-            privacy_unit="group" if s.unit == "patient" else "example")
+            privacy_unit=unit)
     elif s.dpsgd or s.release != "raw" or s.epsilon_budget is not None:
         ledger = PrivacyLedger(site_id=site_id, delta=s.delta, epsilon_budget=s.epsilon_budget,
-                               accountant=s.accountant)
-    rp = RoundPrivacy(settings=s, ledger=ledger, ledger_path=path)
+                               accountant=s.accountant, privacy_unit=unit)
+    rp = RoundPrivacy(settings=s, ledger=ledger, ledger_path=path,
+                      groups=groups.long() if s.unit == "patient" and groups is not None else None)
     if s.dpsgd:
         if in_batch_negatives:
             raise ValueError("DP-SGD was asked for with in-batch negatives; the server must send "
@@ -87,14 +109,19 @@ def plan_round(
         if num_examples == 0:
             rp.refused = "no training images"
             return rp
-        q = min(1.0, batch_size / num_examples)
+        if s.unit == "patient" and groups is not None:
+            num_patients = int(torch.unique(groups).numel())
+            patients_per_batch = batch_size * num_patients / num_examples
+            q = min(1.0, patients_per_batch / num_patients)
+        else:
+            q = min(1.0, batch_size / num_examples)
         steps = max(1, round_half(epochs / q))
         release = _release_event(s)
         reserved = [(release[0], release[1], num_rounds)] if release else []
         sigma = s.noise_multiplier if s.noise_multiplier is not None else noise_for_budget(
             target_epsilon=s.target_epsilon, target_delta=s.delta, sample_rate=q,
             total_steps=steps * num_rounds, accountant=s.accountant, reserved=reserved)
-        rp.dp = DPParams(noise_multiplier=sigma, max_grad_norm=s.max_grad_norm, sample_rate=q)
+        rp.dp = DPParams(noise_multiplier=sigma, max_grad_norm=s.max_grad_norm, sample_rate=q, unit=s.unit)
         rp.steps_planned = steps
         if ledger is not None and ledger.would_exceed(extra=[(sigma, q, steps)]):
             rp.refused = (f"privacy budget: training round {round} would take site {site_id} to "
@@ -109,8 +136,15 @@ def round_half(x: float) -> int:
 
 
 def _release_allowed(rp: RoundPrivacy, *, round: int) -> bool:
-    """False (and ``push_refused`` says why) when the release would pass the site's budget."""
+    """False (and ``push_refused`` says why) when the release would pass the site's budget, or
+    is a per-image DP mechanism under the patient unit."""
     event = _release_event(rp.settings)
+    if event is not None and rp.settings.unit == "patient":
+        rp.push_refused = (f"privacy unit 'patient': the {rp.settings.release} release is a per-image mechanism "
+                           "(one patient's images would be several records), so this site releases nothing; "
+                           "use release 'public', or unit 'example'")
+        log.warning("site %s does not release: %s", rp.ledger.site_id if rp.ledger else "?", rp.push_refused)
+        return False
     if event is None or rp.ledger is None:
         return True
     # this round's DP-SGD steps are entered after the release: count them here too

@@ -98,3 +98,36 @@ def test_dp_with_in_batch_negatives_is_refused(tmp_path):
     with pytest.raises(ValueError, match="in_batch_negatives"):
         plan_round(privacy={"dpsgd": True}, site_id="s", state_dir=tmp_path, round=1, num_rounds=2, epochs=1,
                    batch_size=8, num_examples=80, in_batch_negatives=True)
+
+
+def test_release_phase_enters_the_release_and_training_separately(tmp_path):
+    from client.privacy import release_prototype_sums
+
+    kw = dict(dpsgd=True, noise_multiplier=1.2, release="prototypes", release_noise_multiplier=2.0,
+              release_sample_rate=0.5, num_prototypes=4)
+    rp = _plan(tmp_path, 1, **kw)
+    protos = _emb(4, 16, seed=3)
+    rel = release_prototype_sums(rp, _emb(), prototypes=protos, round=1, generator=torch.Generator().manual_seed(0))
+    assert rel.sums.shape == (4, 16) and rel.counts.shape == (4,)
+    record_round(rp, round=1, dp_steps=0, pushed=4, trained=False)  # the release phase
+    ledger = PrivacyLedger.load(tmp_path / "ledger-site-a.json")
+    assert [(e.channel, e.round) for e in ledger.events] == [("embeddings", 1)]
+    rp = _plan(tmp_path, 1, **kw)  # the training message of the same round, a new process
+    record_round(rp, round=1, dp_steps=rp.steps_planned, pushed=0)
+    ledger = PrivacyLedger.load(tmp_path / "ledger-site-a.json")
+    assert [(e.channel, e.round) for e in ledger.events] == [("embeddings", 1), ("model_updates", 1)]
+    acc = RDPAccountant()
+    acc.history = [(2.0, 0.5, 1), (1.2, 0.1, 10)]  # one release, then 10 DP-SGD steps
+    assert ledger.epsilon() == pytest.approx(acc.get_epsilon(delta=1e-5), rel=1e-9)
+
+
+def test_a_prototype_release_past_the_budget_is_refused(tmp_path):
+    from client.privacy import release_prototype_sums
+
+    rp = _plan(tmp_path, 1, dpsgd=True, noise_multiplier=0.6, epsilon_budget=0.5, release="prototypes",
+               release_noise_multiplier=0.5, release_sample_rate=1.0, num_prototypes=4)
+    assert release_prototype_sums(rp, _emb(), prototypes=_emb(4, 16), round=1, generator=None) is None
+    assert "would exceed" in rp.push_refused and round_metrics(rp)["budget-exhausted"] == 1.0
+    with pytest.raises(ValueError, match=r"prototypes must be \(P, 16\)"):
+        release_prototype_sums(_plan(tmp_path, 1, release="prototypes"), _emb(), prototypes=_emb(4, 8), round=1,
+                               generator=None)
