@@ -25,9 +25,11 @@ def test_deployment_reaches_final_round(tmp_path, processes):
         assert set(r["sites"]) == {"site-0", "site-1"}  # site ids as the sites named themselves
         assert math.isfinite(r["loss"]) and 0.0 <= r["knn"] <= 1.0
     assert all(s["negatives-used"] == 0 for s in history[0]["sites"].values())  # warm-up
-    # the other site's 64 round-1 embeddings (plus its round-2 ones when it pushed before this site sampled)
-    assert all(s["negatives-used"] in (64.0, 128.0) for s in history[1]["sites"].values())
-    assert history[1]["queue"]["per_site"] == {"site-0": 128, "site-1": 128}
+    # round 2's release phase (a query message to each SuperNode): each site pushed 64 embeddings of the
+    # global model it had just received; each trained on the other's 64; evicted when the round ended
+    assert history[1]["release_phase"] == {"mode": "raw", "sites_ok": 2, "sites_failed": 0, "pushed": 128}
+    assert all(s["negatives-used"] == 64.0 for s in history[1]["sites"].values())
+    assert history[1]["queue_size"] == 128 and history[1]["queue"]["per_site"] == {"site-0": 0, "site-1": 0}
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rounds"] == 2 and summary["final_knn"] == history[-1]["knn"]
