@@ -315,16 +315,18 @@ def train_handler(msg: Message, context: Context, simulated: SimulatedSites | No
     from fedcl.config import AugmentSettings
     from fedcl.runtime import configure_threads, make_augment
     from fedcl.train import local_round, resolve_device
+    from client.site_data import load_site_groups
 
     t_start = time.perf_counter()
     site = _site(context, simulated)
     rc = RoundConfig.from_config_record(msg.content.config_records[CONFIG_KEY])
     configure_threads(site.threads or rc.threads)
     images = load_site_images(site, rc, simulated)  # (N, C, H, W) uint8
+    groups = load_site_groups(site, rc, simulated)  # (N,) patient ids, or None when the data has none
     model = _build_model(rc, msg)
     privacy = plan_round(privacy=site_privacy_settings(site, rc), site_id=site.site_id, state_dir=site.state_dir,
                          round=rc.round, num_rounds=rc.num_rounds, epochs=rc.epochs, batch_size=rc.batch_size,
-                         num_examples=int(images.shape[0]), in_batch_negatives=rc.in_batch_negatives)
+                         num_examples=int(images.shape[0]), in_batch_negatives=rc.in_batch_negatives, groups=groups)
     if privacy.refused:
         # say so in the reply: the ServerApp drops this site and stops when no site can go on
         record_round(privacy, round=rc.round, dp_steps=0, pushed=0)
@@ -344,7 +346,7 @@ def train_handler(msg: Message, context: Context, simulated: SimulatedSites | No
             num_push=rc.num_push if queue is not None and not rc.fresh_push and privacy.settings.release != "public"
             else 0,
             device=resolve_device("auto"), seed=_round_seed(rc.seed, site.site_id, rc.round), optimizer=rc.optimizer,
-            momentum=rc.momentum, weight_decay=rc.weight_decay, dp=privacy.dp,
+            momentum=rc.momentum, weight_decay=rc.weight_decay, dp=privacy.dp, groups=privacy.groups,
         )
         t0 = time.perf_counter()
         pushed = 0

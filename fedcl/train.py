@@ -147,12 +147,16 @@ def local_round(
     progress: bool = False,
     online_negatives: bool = False,
     queue_weight: float = 1.0,
+    groups: torch.Tensor | None = None,
 ) -> LocalRoundResult:
     """Train ``model`` in place on one site's images for ``epochs`` local epochs.
 
     images: uint8 (N, C, H, W). negatives: (K, d) detached queue entries or None.
     dp: a ``fedcl.privacy.dp.DPParams`` for DP-SGD (Poisson sampling, per-example clipping,
     noise); then in-batch negatives are refused, because they couple examples.
+    groups: int64 (N,) patient id of each image, required when ``dp.unit == "patient"`` (and
+    refused with DP-SGD in the example unit): batches are then Poisson samples of patients with
+    all their images, and gradients are clipped per patient (``fedcl.privacy.dp``).
     online_negatives, queue_weight: see ``contrastive_loss``; the default (False) is the MoCo-style
     loss where the queue and the other keys of the batch are the only negatives.
     """
@@ -180,11 +184,17 @@ def local_round(
     steps = 0
     dp_info: dict[str, float] = {}
 
+    if groups is not None and (groups.shape != (n,) or groups.dtype != torch.int64):
+        raise ValueError(f"groups must be an int64 tensor of shape ({n},), one patient id per image; "
+                         f"got {groups.dtype} {tuple(groups.shape)}")
     if dp is not None:
-        from fedcl.privacy.dp import dp_training_batches, make_dp_training
+        from fedcl.privacy.dp import check_groups, dp_training_batches, make_dp_training
 
-        train_model, optimizer, check = make_dp_training(model, optimizer, params=dp, num_examples=n)
-        batches = dp_training_batches(num_examples=n, sample_rate=dp.sample_rate, epochs=epochs, generator=gen)
+        dp_groups = check_groups(groups, num_examples=n, unit=dp.unit)  # (N,) or None; clear error if missing
+        train_model, optimizer, check = make_dp_training(model, optimizer, params=dp, num_examples=n,
+                                                         groups=dp_groups)
+        batches = dp_training_batches(num_examples=n, sample_rate=dp.sample_rate, epochs=epochs, generator=gen,
+                                      groups=dp_groups)
         total = max(1, round(epochs / dp.sample_rate)) if dp.sample_rate > 0 else 0
     else:
         train_model, check = model, None
@@ -204,7 +214,7 @@ def local_round(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if check is not None:
-            check(int(idx.numel()))
+            check(idx)
         optimizer.step()
         t_step += time.perf_counter() - t1
         t_aug += t1 - t0
@@ -218,6 +228,8 @@ def local_round(
         release_dp_training(model, train_model)
         dp_info = {"dp_steps": float(steps), "dp_sample_rate": float(dp.sample_rate),
                    "dp_noise_multiplier": float(dp.noise_multiplier)}
+        if dp.unit == "patient":
+            dp_info["dp_patients"] = float(torch.unique(groups).numel())
 
     t0 = time.perf_counter()
     embeddings = torch.zeros(0, model.head[-1].out_features)

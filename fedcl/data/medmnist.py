@@ -3,6 +3,12 @@
 The file holds ``{train,val,test}_images`` (N, H, W) or (N, H, W, 3) uint8 and
 ``{split}_labels`` (N, 1) or (N,). Read with ``allow_pickle=False``: an ``.npz`` can carry
 pickled objects, and unpickling a file is running its code.
+
+Patient ids (for ``privacy.unit = "patient"``): an optional ``{split}_patients`` array (N,) of
+integers or strings (a numpy unicode/bytes array, not objects) names the patient of each image.
+They become ``ImageSet.groups``, numbered 0..P-1 in sorted order of the ids. MedMNIST's own
+files carry none; a site adds the array to its own file, e.g.
+``np.savez(path, train_images=x, train_labels=y, train_patients=ids)``.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ def load_medmnist_npz(*, path: Path | str, split: str = "train") -> ImageSet:
                     f"{', '.join(sorted(keys)) or 'none'}); is this a MedMNIST .npz? {_HINT}"
                 )
             images, labels = npz[image_key], npz[label_key]
+            patients = npz[f"{split}_patients"] if f"{split}_patients" in keys else None
     except DataError:
         raise
     except ValueError as exc:
@@ -81,4 +88,17 @@ def load_medmnist_npz(*, path: Path | str, split: str = "train") -> ImageSet:
         images=torch.from_numpy(np.ascontiguousarray(chw)),
         labels=torch.from_numpy(labels.astype(np.int64)),
         classes=[str(c) for c in range(num_classes)],
+        groups=None if patients is None else _patient_ids(patients, n=len(chw), path=path, key=f"{split}_patients"),
     )
+
+
+def _patient_ids(patients: np.ndarray, *, n: int, path: Path, key: str) -> torch.Tensor:
+    """int64 (N,) ids 0..P-1, numbered in sorted order of the stored ids."""
+    if patients.ndim == 2 and patients.shape[1] == 1:
+        patients = patients[:, 0]
+    if patients.ndim != 1 or len(patients) != n:
+        raise DataError(f"{path}: {key} has shape {patients.shape}; expected ({n},), one patient id per image")
+    if not (np.issubdtype(patients.dtype, np.integer) or patients.dtype.kind in "US"):
+        raise DataError(f"{path}: {key} should hold integer or string patient ids, got {patients.dtype}")
+    _, ids = np.unique(patients, return_inverse=True)
+    return torch.from_numpy(ids.reshape(-1).astype(np.int64))

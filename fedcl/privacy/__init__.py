@@ -1,4 +1,4 @@
-"""Opacus DP-SGD wrapping, embedding-release mechanisms and the per-site privacy ledger."""
+"""DP-SGD (per-example or per-patient), embedding-release mechanisms and the per-site privacy ledger."""
 
 from fedcl.privacy.dp import (
     DPParams,
@@ -10,7 +10,9 @@ from fedcl.privacy.dp import (
     make_private,
     noise_for_budget,
     release_dp_training,
+    sum_per_patient,
 )
+from fedcl.privacy.per_example import PerExampleModule
 from fedcl.privacy.ledger import BudgetExceeded, LedgerEvent, PrivacyLedger
 from fedcl.privacy.release import (
     PrototypeRelease,
@@ -27,6 +29,7 @@ __all__ = [
     "DPTrainer",
     "LedgerEvent",
     "PerExampleGradientError",
+    "PerExampleModule",
     "PrivacyLedger",
     "PrototypeRelease",
     "check_per_example",
@@ -40,4 +43,5 @@ __all__ = [
     "release_dp_training",
     "release_gaussian",
     "release_prototypes",
+    "sum_per_patient",
 ]

@@ -2,29 +2,42 @@
 
 Privacy unit
 ------------
-* Example (``DPParams.group_size == 1``): every step Poisson-samples examples (each one
-  independently with probability ``sample_rate``), clips each example's gradient to
-  ``max_grad_norm`` (C), sums, adds N(0, (noise_multiplier * C)^2) per coordinate and divides
-  by the expected batch size. Each step is a Poisson-subsampled Gaussian mechanism
-  (noise_multiplier, sample_rate); adjacency: add/remove one example.
-* Group / patient (``group_size == G > 1``): every step Poisson-samples *groups* (patients) with
-  rate q and takes all their examples (at most G per group and step: a random G when a group
-  has more), clips each example's gradient to C / G, so one group's summed contribution is at
-  most G * C / G = C, and adds N(0, (noise_multiplier * C)^2), the noise of a whole group's
-  sensitivity C, not of one example's C / G. Each step is then the same subsampled Gaussian
-  mechanism with (noise_multiplier, q) where the unit added or removed is a whole group, so
-  the ledger accounts it with (noise_multiplier, q) and the resulting ε is per patient.
-  Opacus' DPOptimizer computes noise std = its noise multiplier * its clip norm, so it is given
-  clip C / G and noise multiplier noise_multiplier * G; accounting always uses
-  ``DPParams.noise_multiplier``.
+* ``example`` (``DPParams.unit``): every step Poisson-samples examples (each one independently
+  with probability ``sample_rate``), clips each example's gradient to ``max_grad_norm`` (C),
+  sums, adds N(0, (noise_multiplier * C)^2) per coordinate and divides by the expected batch
+  size. Each step is a Poisson-subsampled Gaussian mechanism (noise_multiplier, sample_rate);
+  adjacency: add/remove one example.
+* ``patient``: every step Poisson-samples *patients* (each one independently with probability
+  ``sample_rate`` = expected patients per batch / number of patients) and takes all images of
+  every sampled patient and none of the others. The per-example gradients of the batch are
+  summed per patient and each patient's sum is clipped to C; then noise N(0, (noise_multiplier *
+  C)^2) as above. Adding or removing one patient with all its images changes the noisy sum by
+  at most C, and the patient is in a step's batch with probability q independently of the
+  others, so each step is the same subsampled Gaussian mechanism (noise_multiplier, q) with
+  a whole patient as the unit: the ledger accounts (noise_multiplier, q, steps) and its ε is
+  per patient.
 
-Why per-example clipping is valid for the contrastive loss (see DESIGN "Privacy model"):
+  Why clip the patient's sum rather than each example at C / G_max (G_max: the largest number
+  of images of one patient): both bound a patient's contribution by C, but C / G_max shrinks
+  every image's gradient by the largest patient's image count, so patients with few images
+  (the common case) contribute a fraction of C, and G_max itself is data-dependent (it would
+  have to be public, or capped by dropping images). Clipping the sum spends the whole bound C
+  on each patient whatever its image count, and costs one scatter-add per step. The sum is the
+  gradient of the patient's total loss because each example's loss depends only on its own
+  views and the detached queue (below).
+
+Why per-example gradients are valid for the contrastive loss (see DESIGN "Privacy model"):
 negatives come only from the detached global queue (never in-batch, never the site's own
 entries), so each example's loss depends only on its own two views. The two views are encoded
-in two separate forward calls through the wrapped model; Opacus then sums the two calls'
-per-sample gradients into one (B, ...) tensor per parameter. Stacking both views into one 2B
-batch would give 2B "examples", each clipped to C, so one image could move the model by 2C
-while the noise is calibrated for C. ``check_per_example`` refuses that.
+in two separate forward calls through the wrapped model, and each example's per-sample
+gradient sums both calls' contributions into one (B, ...) tensor per parameter. Stacking both
+views into one 2B batch would give 2B "examples", each clipped to C, so one image could move
+the model by 2C while the noise is calibrated for C. ``check_per_example`` refuses that.
+
+Per-example gradients come from ``fedcl.privacy.per_example`` (default, ``engine="fedcl"``) or
+Opacus' GradSampleModule in hooks mode (``engine="opacus"``); both give the same rows (tested).
+Clipping, noise and averaging are Opacus' DPOptimizer in both cases, accounting Opacus'
+accountants (``fedcl.privacy.ledger``).
 
 Empty Poisson batches are real steps: they add noise and are accounted like any other step.
 """
@@ -34,6 +47,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from opacus import GradSampleModule
@@ -42,9 +56,17 @@ from opacus.optimizers import DPOptimizer
 from opacus.validators import ModuleValidator
 from torch import nn
 
+from fedcl.privacy.per_example import PerExampleGradientError, PerExampleModule
+from fedcl.privacy.sampling import dp_training_batches, group_poisson_sample, poisson_sample
 
-class PerExampleGradientError(RuntimeError):
-    """Per-sample gradients do not have one row per example of the batch."""
+__all__ = [
+    "DPParams", "DPTrainer", "PerExampleGradientError", "check_groups", "check_per_example", "dp_training_batches",
+    "expected_batch_size", "group_poisson_sample", "make_dp_training", "make_private", "noise_for_budget",
+    "poisson_sample", "prepare_model", "release_dp_training", "sum_per_patient",
+]
+
+PRIVACY_UNITS = ("example", "patient")
+ENGINES = ("fedcl", "opacus")
 
 
 @dataclass(frozen=True)
@@ -52,14 +74,14 @@ class DPParams:
     """DP-SGD settings of one local round.
 
     noise_multiplier: noise std / sensitivity (sigma). max_grad_norm: clip bound C of one
-    privacy unit (example, or whole group). sample_rate: Poisson rate q of the privacy unit.
-    group_size: most examples one unit contributes to a step (1 = example-level privacy).
+    privacy unit (an example, or a patient's summed gradient). sample_rate: Poisson rate q of
+    the privacy unit. unit: "example" or "patient" (see the module docstring).
     """
 
     noise_multiplier: float
     max_grad_norm: float
     sample_rate: float
-    group_size: int = 1
+    unit: Literal["example", "patient"] = "example"
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
@@ -68,13 +90,8 @@ class DPParams:
             raise ValueError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
         if not (0 < self.sample_rate <= 1):
             raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
-        if int(self.group_size) != self.group_size or self.group_size < 1:
-            raise ValueError(f"group_size must be an integer >= 1, got {self.group_size}")
-
-    @property
-    def example_clip(self) -> float:
-        """Clip bound of one example's gradient: C / group_size."""
-        return self.max_grad_norm / self.group_size
+        if self.unit not in PRIVACY_UNITS:
+            raise ValueError(f"unit must be one of {PRIVACY_UNITS}, got {self.unit!r}")
 
 
 def noise_for_budget(
@@ -136,84 +153,31 @@ def noise_for_budget(
             return float(high)
 
 
-# ---------------------------------------------------------------------------------------------
-# Poisson sampling
+def expected_batch_size(*, params: DPParams, num_examples: int) -> float:
+    """Expected number of examples in a Poisson batch (q * N in both units: a sampled patient
+    brings all its images): the denominator of the mean gradient."""
+    return params.sample_rate * num_examples
 
 
-def poisson_sample(*, num_examples: int, sample_rate: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Indices (int64, sorted) of examples included independently with prob ``sample_rate``;
-    may be empty."""
-    mask = torch.rand(num_examples, generator=generator) < sample_rate  # (N,)
-    return mask.nonzero(as_tuple=True)[0]
-
-
-def group_poisson_sample(
-    *, groups: torch.Tensor, sample_rate: float, max_per_group: int, generator: torch.Generator | None
-) -> torch.Tensor:
-    """Indices of the examples of Poisson-sampled groups, at most ``max_per_group`` per group.
-
-    groups: (N,) int64 group (patient) id of each example. Each distinct group is included
-    independently with prob ``sample_rate``; a group with more than ``max_per_group`` examples
-    contributes a random subset of that size. May be empty.
-    """
-    groups = groups.reshape(-1)
-    if groups.numel() == 0:
-        return torch.zeros(0, dtype=torch.long)
-    ids, inverse = torch.unique(groups, return_inverse=True)  # ids: (G,), inverse: (N,)
-    chosen = torch.rand(ids.numel(), generator=generator) < sample_rate  # (G,)
-    keys = torch.rand(groups.numel(), generator=generator)  # random order inside each group
-    candidates = chosen[inverse].nonzero(as_tuple=True)[0]
-    if candidates.numel() == 0:
-        return candidates
-    # sort candidates by (group, random key) and keep the first max_per_group of each group
-    grp = inverse[candidates]
-    order = torch.argsort(keys[candidates])
-    order = order[torch.argsort(grp[order], stable=True)]
-    grp_sorted = grp[order]
-    starts = torch.ones_like(grp_sorted, dtype=torch.bool)
-    starts[1:] = grp_sorted[1:] != grp_sorted[:-1]
-    pos = torch.arange(grp_sorted.numel())
-    first = torch.cummax(torch.where(starts, pos, torch.zeros_like(pos)), dim=0).values
-    rank = pos - first  # rank of each candidate inside its group
-    keep = candidates[order[rank < max_per_group]]
-    return torch.sort(keep).values
-
-
-def dp_training_batches(
-    *,
-    num_examples: int,
-    sample_rate: float,
-    epochs: float | None = None,
-    steps: int | None = None,
-    generator: torch.Generator | None,
-    groups: torch.Tensor | None = None,
-    max_per_group: int = 1,
-) -> Iterator[torch.Tensor]:
-    """Poisson batches for DP-SGD: ``steps`` of them, or ``round(epochs / sample_rate)``.
-
-    With ``groups`` (N,) the unit sampled is the group (see ``group_poisson_sample``).
-    Yields int64 index tensors (B,), B varying and possibly 0.
-    """
-    if (epochs is None) == (steps is None):
-        raise ValueError("give exactly one of epochs or steps")
-    total = int(steps) if steps is not None else max(1, round(epochs / sample_rate))
-    if groups is not None and groups.numel() != num_examples:
-        raise ValueError(f"groups has {groups.numel()} entries for {num_examples} examples")
-    for _ in range(total):
-        if groups is None:
-            yield poisson_sample(num_examples=num_examples, sample_rate=sample_rate, generator=generator)
-        else:
-            yield group_poisson_sample(
-                groups=groups, sample_rate=sample_rate, max_per_group=max_per_group, generator=generator
-            )
-
-
-def expected_batch_size(*, params: DPParams, num_examples: int, groups: torch.Tensor | None = None) -> float:
-    """Expected number of examples in a Poisson batch: the denominator of the mean gradient."""
+def check_groups(groups: torch.Tensor | None, *, num_examples: int, unit: str) -> torch.Tensor | None:
+    """``groups`` as int64 (N,) on the CPU; a clear ValueError when the unit needs them and they
+    are missing or do not fit."""
     if groups is None:
-        return params.sample_rate * num_examples
-    _, counts = torch.unique(groups.reshape(-1), return_counts=True)
-    return params.sample_rate * float(counts.clamp(max=params.group_size).sum())
+        if unit == "patient":
+            raise ValueError(
+                "the privacy unit is 'patient' but no patient id was given for the images (groups=None); "
+                "load data that carries patient ids (e.g. a .npz with a train_patients array) or use "
+                "unit='example'"
+            )
+        return None
+    if unit != "patient":
+        raise ValueError(f"patient ids (groups=) were given but the privacy unit is {unit!r}, not 'patient'")
+    if groups.dim() != 1 or groups.numel() != num_examples or groups.dtype not in (torch.int32, torch.int64):
+        raise ValueError(
+            f"groups must be an integer tensor of shape ({num_examples},), one patient id per image; got "
+            f"{groups.dtype} {tuple(groups.shape)}"
+        )
+    return groups.long().cpu()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,10 +189,10 @@ def _trainable(module: nn.Module) -> list[nn.Parameter]:
 
 
 def prepare_model(model: nn.Module) -> None:
-    """Make ``model`` usable with Opacus hooks, in place, or raise a clear ValueError.
+    """Make ``model`` usable for per-example gradients, in place, or raise a clear ValueError.
 
-    In-place activations are switched off (Opacus' backward hooks cannot see through a module
-    output modified in place); BatchNorm and other cross-example layers are refused.
+    In-place activations are switched off (a backward hook cannot see through a layer output
+    modified in place); BatchNorm and other cross-example layers are refused.
     """
     errors = ModuleValidator.validate(model, strict=False)
     if errors:
@@ -250,44 +214,55 @@ def make_private(
     expected_batch_size: float,
     generator: torch.Generator | None = None,
     secure_mode: bool = False,
-) -> tuple[GradSampleModule, DPOptimizer]:
-    """Wrap ``model`` in a hooks-mode GradSampleModule and ``optimizer`` in a DPOptimizer.
+    engine: Literal["fedcl", "opacus"] = "fedcl",
+) -> tuple[nn.Module, DPOptimizer]:
+    """Wrap ``model`` for per-example gradients and ``optimizer`` in Opacus' DPOptimizer.
 
     The loss must be the *mean* over the batch of per-example losses. Forward through the
-    returned module; its parameters are ``model``'s own (no copy). Noise std is
-    ``params.noise_multiplier * params.max_grad_norm``, examples are clipped to
-    ``params.example_clip``. A seeded ``generator`` makes the noise reproducible (tests,
-    benchmarks); leave it None in deployment, or set ``secure_mode``.
+    returned module; its parameters are ``model``'s own (no copy). Rows are clipped to
+    ``params.max_grad_norm`` and the noise std is ``params.noise_multiplier *
+    params.max_grad_norm``. engine: "fedcl" (``fedcl.privacy.per_example``, faster) or
+    "opacus" (Opacus' GradSampleModule, hooks mode). A seeded ``generator`` makes the noise
+    reproducible (tests, benchmarks); leave it None in deployment, or set ``secure_mode``.
     """
     if expected_batch_size <= 0:
         raise ValueError(f"expected_batch_size must be > 0 (sample_rate * N), got {expected_batch_size}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     prepare_model(model)
-    gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True)
-    gsm.forbid_grad_accumulation()  # one backward per step; a second one is a loop bug
+    if engine == "fedcl":
+        module: nn.Module = PerExampleModule(model)
+    else:
+        module = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=True)
+        module.forbid_grad_accumulation()  # one backward per step; a second one is a loop bug
     dp_opt = DPOptimizer(
         optimizer,
-        noise_multiplier=params.noise_multiplier * params.group_size,  # std = sigma * C
-        max_grad_norm=params.example_clip,
+        noise_multiplier=params.noise_multiplier,  # std = sigma * C
+        max_grad_norm=params.max_grad_norm,
         expected_batch_size=expected_batch_size,
         loss_reduction="mean",
         generator=generator,
         secure_mode=secure_mode,
     )
-    return gsm, dp_opt
+    return module, dp_opt
 
 
 def _reset_for_empty_batch(module: nn.Module) -> None:
-    """After an empty batch: drop pending Opacus activations and give every parameter a
-    (0, ...) per-sample gradient, so that the DP step adds noise only."""
-    for m in module.modules():
-        if hasattr(m, "activations"):
-            m.activations = []
-        if hasattr(m, "max_batch_len"):
-            del m.max_batch_len
+    """After an empty batch: drop pending activations and give every parameter a (0, ...)
+    per-sample gradient, so that the DP step adds noise only."""
+    if isinstance(module, PerExampleModule):
+        module.clear_pending()
+    else:  # Opacus' GradSampleModule keeps its state on the layers and parameters
+        for m in module.modules():
+            if hasattr(m, "activations"):
+                m.activations = []
+            if hasattr(m, "max_batch_len"):
+                del m.max_batch_len
+        for p in _trainable(module):
+            if hasattr(p, "_current_grad_sample"):
+                del p._current_grad_sample
+            p._forward_counter = 0
     for p in _trainable(module):
-        if hasattr(p, "_current_grad_sample"):
-            del p._current_grad_sample
-        p._forward_counter = 0
         p.grad_sample = p.new_zeros((0, *p.shape))
 
 
@@ -297,6 +272,13 @@ def check_per_example(module: nn.Module, *, batch_size: int) -> None:
 
     Call after ``loss.backward()`` and before ``optimizer.step()``.
     """
+    if isinstance(module, PerExampleModule):
+        for name, (calls, grads) in module.pending_calls().items():
+            raise PerExampleGradientError(
+                f"layer {name}: {calls - grads} of its {calls} forward call(s) took no part in the loss's "
+                "backward pass; every forward through the DP model must feed the loss, and backward must "
+                "run once per step"
+            )
     for m in module.modules():
         if getattr(m, "activations", None):
             raise PerExampleGradientError(
@@ -311,7 +293,7 @@ def check_per_example(module: nn.Module, *, batch_size: int) -> None:
         if gs is None:
             raise PerExampleGradientError(
                 f"parameter {name} has no per-sample gradient: forward through the wrapped "
-                "(GradSampleModule) model and call loss.backward() before checking"
+                "(make_private) model and call loss.backward() before checking"
             )
         if isinstance(gs, list):
             raise PerExampleGradientError(
@@ -331,6 +313,26 @@ def check_per_example(module: nn.Module, *, batch_size: int) -> None:
             )
 
 
+def sum_per_patient(module: nn.Module, *, groups: torch.Tensor) -> int:
+    """Replace every trainable parameter's per-example gradients (B, ...) by per-patient sums
+    (P, ...), P the number of distinct patients among ``groups`` (B,); returns P.
+
+    DPOptimizer then clips and noises one row per patient. Call after ``check_per_example``.
+    """
+    ids, inverse = torch.unique(groups.reshape(-1), return_inverse=True)  # ids: (P,), inverse: (B,)
+    for p in _trainable(module):
+        gs = p.grad_sample  # (B, *p.shape)
+        if gs.shape[0] != inverse.numel():
+            raise PerExampleGradientError(f"{gs.shape[0]} per-example rows for {inverse.numel()} patient ids")
+        shape = (ids.numel(), *gs.shape[1:])
+        if isinstance(module, PerExampleModule):
+            out = module.buffer(("patients", id(p)), shape, gs)
+        else:
+            out = gs.new_empty(shape)
+        p.grad_sample = out.zero_().index_add_(0, inverse.to(gs.device), gs)
+    return int(ids.numel())
+
+
 class DPTrainer:
     """DP-SGD for a caller-owned training loop.
 
@@ -340,9 +342,12 @@ class DPTrainer:
     ...         v1, v2 = augment.two_views(images[idx])
     ...         loss = info_nce(trainer.module(v1), key(v2), negatives, temperature=t)
     ...         loss.backward()
-    ...     trainer.step(batch_size=idx.numel())
+    ...     trainer.step(idx)
     >>> noise_multiplier, sample_rate, steps = trainer.accounting()
     >>> model = trainer.detach()
+
+    With ``params.unit == "patient"``, ``groups`` (N,) gives each example's patient id; the
+    batches then hold whole patients and ``step`` clips per patient.
     """
 
     def __init__(
@@ -355,15 +360,12 @@ class DPTrainer:
         groups: torch.Tensor | None = None,
         seed: int | None = None,
         secure_mode: bool = False,
+        engine: Literal["fedcl", "opacus"] = "fedcl",
     ) -> None:
-        if groups is None and params.group_size != 1:
-            raise ValueError(f"group_size={params.group_size} needs the group id of each example (groups=)")
-        if groups is not None and groups.numel() != num_examples:
-            raise ValueError(f"groups has {groups.numel()} entries for {num_examples} examples")
         self.params = params
         self.num_examples = int(num_examples)
-        self.groups = None if groups is None else groups.reshape(-1).long().cpu()
-        self.expected_batch_size = expected_batch_size(params=params, num_examples=num_examples, groups=self.groups)
+        self.groups = check_groups(groups, num_examples=num_examples, unit=params.unit)
+        self.expected_batch_size = expected_batch_size(params=params, num_examples=num_examples)
         self._sample_gen = torch.Generator()
         noise_gen = None
         if seed is not None:
@@ -373,35 +375,53 @@ class DPTrainer:
             self._sample_gen.seed()
         self.module, self.optimizer = make_private(
             model, optimizer, params=params, expected_batch_size=self.expected_batch_size,
-            generator=noise_gen, secure_mode=secure_mode,
+            generator=noise_gen, secure_mode=secure_mode, engine=engine,
         )
+        self._check = _checker(self.module, self.groups)
         self.steps = 0
 
     def batches(self, *, steps: int) -> Iterator[torch.Tensor]:
-        """``steps`` Poisson batches of example indices (group-level when ``groups`` was given)."""
+        """``steps`` Poisson batches of example indices (whole patients in the patient unit)."""
         return dp_training_batches(
             num_examples=self.num_examples, sample_rate=self.params.sample_rate, steps=steps,
-            generator=self._sample_gen, groups=self.groups, max_per_group=self.params.group_size,
+            generator=self._sample_gen, groups=self.groups,
         )
 
-    def step(self, *, batch_size: int) -> None:
-        """Check per-example gradients, clip, noise, update, clear. ``batch_size`` 0 is an
-        empty Poisson batch: the update is noise only (forward/backward may be skipped)."""
-        if batch_size == 0:
-            _reset_for_empty_batch(self.module)
-        else:
-            check_per_example(self.module, batch_size=batch_size)
+    def step(self, batch: torch.Tensor) -> None:
+        """Check per-example gradients (and sum them per patient), clip, noise, update, clear.
+        ``batch``: the indices ``batches()`` yielded; an empty one is a noise-only update
+        (forward/backward may be skipped)."""
+        self._check(batch)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1
 
     def accounting(self) -> tuple[float, float, int]:
-        """(noise_multiplier, sample_rate, steps) for ``PrivacyLedger.record_dpsgd``."""
+        """(noise_multiplier, sample_rate, steps) for ``PrivacyLedger.record_dpsgd``; the
+        sample rate is the patients' in the patient unit."""
         return self.params.noise_multiplier, self.params.sample_rate, self.steps
 
     def detach(self) -> nn.Module:
-        """Remove Opacus hooks and attributes; returns the plain model (same parameters)."""
+        """Remove hooks and per-sample attributes; returns the plain model (same parameters)."""
         return self.module.to_standard_module()
+
+
+def _checker(module: nn.Module, groups: torch.Tensor | None) -> Callable[[torch.Tensor | int], None]:
+    def check(batch: torch.Tensor | int) -> None:
+        if isinstance(batch, int):
+            if groups is not None:
+                raise ValueError("the patient unit needs the batch's example indices, not only its size")
+            size = batch
+        else:
+            size = int(batch.numel())
+        if size == 0:
+            _reset_for_empty_batch(module)
+            return
+        check_per_example(module, batch_size=size)
+        if groups is not None:
+            sum_per_patient(module, groups=groups[batch.cpu()])
+
+    return check
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,31 +437,28 @@ def make_dp_training(
     groups: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     secure_mode: bool = False,
-) -> tuple[GradSampleModule, DPOptimizer, Callable[[int], None]]:
+    engine: Literal["fedcl", "opacus"] = "fedcl",
+) -> tuple[nn.Module, DPOptimizer, Callable[[torch.Tensor | int], None]]:
     """(wrapped model, DP optimizer, check) for a loop that does forward/backward/step itself.
 
-    Call ``check(batch_size)`` after ``loss.backward()`` and before ``optimizer.step()``; for an
-    empty batch (0) it also clears what the empty forward left behind, so the step adds noise only.
+    Call ``check(batch)`` after ``loss.backward()`` and before ``optimizer.step()``, with the
+    batch's example indices (B,) (or just B in the example unit). It verifies one per-example
+    row per example, sums the rows per patient in the patient unit (``groups`` (N,) required
+    then), and for an empty batch clears what the empty forward left behind, so the step adds
+    noise only.
     """
-    if groups is None and params.group_size != 1:
-        raise ValueError(f"group_size={params.group_size} needs the group id of each example (groups=)")
-    ebs = expected_batch_size(params=params, num_examples=num_examples, groups=groups)
-    gsm, dp_opt = make_private(
-        model, optimizer, params=params, expected_batch_size=ebs, generator=generator, secure_mode=secure_mode
+    groups = check_groups(groups, num_examples=num_examples, unit=params.unit)
+    ebs = expected_batch_size(params=params, num_examples=num_examples)
+    module, dp_opt = make_private(
+        model, optimizer, params=params, expected_batch_size=ebs, generator=generator, secure_mode=secure_mode,
+        engine=engine,
     )
-
-    def check(batch_size: int) -> None:
-        if batch_size == 0:
-            _reset_for_empty_batch(gsm)
-        else:
-            check_per_example(gsm, batch_size=batch_size)
-
-    return gsm, dp_opt, check
+    return module, dp_opt, _checker(module, groups)
 
 
 def release_dp_training(model: nn.Module, train_model: nn.Module) -> None:
-    """Remove the Opacus wrapping made by ``make_dp_training``; ``model`` keeps the trained weights."""
-    if isinstance(train_model, GradSampleModule):
+    """Remove the wrapping made by ``make_dp_training``; ``model`` keeps the trained weights."""
+    if isinstance(train_model, (GradSampleModule, PerExampleModule)):
         inner = train_model.to_standard_module()
         if inner is not model:
             raise ValueError("train_model does not wrap this model")

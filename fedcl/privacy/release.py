@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fedcl.privacy.dp import group_poisson_sample, poisson_sample
+from fedcl.privacy.sampling import group_poisson_sample, poisson_sample
 
 GAUSSIAN_SENSITIVITY = 1.0
 PROTOTYPE_SENSITIVITY = math.sqrt(2.0)

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from fedcl.data import DataError, load_dataset, load_medmnist_npz
 
@@ -82,3 +83,26 @@ def test_malformed_arrays(tmp_path):
     np.savez(path, train_images=np.zeros((3, 28, 28), np.float32), train_labels=np.zeros(3, np.int64))
     with pytest.raises(DataError, match="uint8"):
         load_medmnist_npz(path=path, split="train")
+
+
+@pytest.mark.parametrize("ids", [np.array([7, 7, 3, 9, 3, 3, 7, 9, 1]), np.array(list("bbacaabc" + "d"))])
+def test_patient_ids_become_groups(tmp_path, ids):
+    arrays = _arrays(False, "n")
+    path = tmp_path / "patients.npz"
+    np.savez(path, **arrays, train_patients=ids)
+    s = load_medmnist_npz(path=path, split="train")
+    assert s.groups.dtype == torch.int64 and s.groups.shape == (9,)
+    _, expected = np.unique(ids, return_inverse=True)  # numbered in sorted order of the ids
+    np.testing.assert_array_equal(s.groups.numpy(), expected)
+    assert load_medmnist_npz(path=path, split="val").groups is None  # no val_patients: no ids
+    sub = s.subset([2, 4])
+    assert sub.groups.tolist() == [expected[2], expected[4]]
+
+
+def test_bad_patient_ids(tmp_path):
+    arrays = _arrays(False, "n")
+    for bad, message in [(np.arange(8), r"expected \(9,\)"), (np.linspace(0, 1, 9), "integer or string")]:
+        path = tmp_path / "bad.npz"
+        np.savez(path, **arrays, train_patients=bad)
+        with pytest.raises(DataError, match=message):
+            load_medmnist_npz(path=path, split="train")

@@ -1,0 +1,67 @@
+"""A site's patient ids: the ``groups`` that go with ``client.app.load_site_images``.
+
+``load_site_data`` follows exactly the choices of ``client.app.load_site_images`` (same caches,
+partition and ``max-images`` subset) but keeps the whole ImageSet, so the ids stay aligned with
+the images; tests/client/test_site_data.py checks that both return the same images. Once
+client/app.py is free to change, ``load_site_images`` can become ``load_site_data(...).images``.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:  # client.app imports this module's function lazily; no import cycle at runtime
+    from client.app import SimulatedSites, SiteSettings
+    from client.protocol import RoundConfig
+    from fedcl.data import ImageSet
+
+
+def load_site_data(site: SiteSettings, rc: RoundConfig, simulated: SimulatedSites | None) -> ImageSet:
+    """The site's training ImageSet: images (N, C, H, W) uint8 with their patient ids, if any."""
+    from client.app import SiteError, _cached, _detect_format
+    from fedcl.config import DataSettings
+    from fedcl.data import DataError, load_dataset
+    from fedcl.runtime import first_n, load_split, site_partition
+
+    try:
+        if site.data_format == "simulation":
+            assert simulated is not None
+            d = simulated.config.data
+            full = _cached(("sim", d.model_dump_json()), lambda: load_split(d, split="train"))
+            return _cached(("sim-part", d.model_dump_json(), site.partition_id),
+                           lambda: site_partition(d, full, site_index=int(site.partition_id)))
+        fmt = site.data_format
+        if fmt == "auto" and site.data_path is None and site.partition_id is not None:
+            settings = {k: v for k, v in rc.partition.items() if k in DataSettings.model_fields}
+            d = DataSettings.model_validate({**settings, "path": None, "num_sites": site.num_partitions})
+            full = _cached(("demo", d.model_dump_json()), lambda: load_split(d, split="train"))
+            return _cached(("demo-part", d.model_dump_json(), site.partition_id),
+                           lambda: site_partition(d, full, site_index=int(site.partition_id)))
+        if fmt == "synthetic":
+            seed = int(rc.partition.get("seed", 0)) if site.partition_id is not None else zlib.crc32(site.site_id.encode())
+            full = _cached(("synthetic", seed), lambda: load_dataset(name="synthetic", split="train", seed=seed))
+        else:
+            if site.data_path is None:
+                raise SiteError("node config has no data-path; start the site with fedcl-client --data PATH")
+            if fmt == "auto":
+                fmt = _detect_format(site.data_path)
+            full = _cached((fmt, str(site.data_path)),
+                           lambda: load_dataset(name=fmt, path=site.data_path, split="train"))
+        if site.partition_id is not None:
+            settings = {k: v for k, v in rc.partition.items() if k in DataSettings.model_fields}
+            settings.update(name=fmt if fmt != "auto" else "folder", path=None, num_sites=site.num_partitions)
+            d = DataSettings.model_validate(settings)
+            full = _cached(("part", fmt, str(site.data_path), d.model_dump_json(), site.partition_id),
+                           lambda: site_partition(d, full, site_index=int(site.partition_id)))
+        return first_n(full, site.max_images, seed=zlib.crc32(site.site_id.encode()))
+    except DataError as exc:
+        raise SiteError(f"site {site.site_id}: {exc}") from None
+
+
+def load_site_groups(site: SiteSettings, rc: RoundConfig, simulated: SimulatedSites | None) -> torch.Tensor | None:
+    """int64 (N,) patient id of each image ``load_site_images`` returns, or None when the site's
+    data carries no patient ids (see fedcl.data.medmnist: a ``train_patients`` array)."""
+    return load_site_data(site, rc, simulated).groups

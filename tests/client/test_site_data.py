@@ -1,0 +1,116 @@
+"""A site's patient ids: aligned with its images, and carried into a patient-level DP round."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from opacus.accountants import RDPAccountant
+
+from client.app import SiteSettings, load_site_images, train_handler
+from client.privacy import plan_round, record_round, release
+from client.protocol import RoundConfig
+from client.site_data import load_site_data, load_site_groups
+from fedcl.models import build_model, canonical_state_dict
+from fedcl.privacy.ledger import PrivacyLedger
+
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+
+N = 60
+
+
+def _rc(privacy=None, **over) -> RoundConfig:
+    values = dict(
+        round=1, num_rounds=3, model={"arch": "cnn", "in_channels": 1, "width": 4, "proj_dim": 8, "proj_hidden": 16},
+        augment={}, epochs=1, batch_size=12, lr=1e-3, momentum=0.9, weight_decay=0.0, temperature=0.2,
+        in_batch_negatives=False, key_encoder="global", num_push=0, seed=0, queue_enabled=False, queue_address="",
+        queue_tls=False, num_negatives=0, max_staleness=1, warmup_rounds=0,
+        partition={"partition": "iid", "seed": 3, "max_images_per_site": None}, privacy=privacy or {}, threads=1,
+    )
+    values.update(over)
+    return RoundConfig(**values)
+
+
+def _npz(path, *, patients=True):
+    """Image i is filled with the value i, so a loaded image tells which stored image it is."""
+    images = np.repeat(np.arange(N, dtype=np.uint8)[:, None, None], 28, 1).repeat(28, 2)  # (N, 28, 28)
+    ids = np.array([f"P{(7 * i) % 11:02d}" for i in range(N)])  # 11 patients, ids as strings
+    arrays = {"train_images": images, "train_labels": np.arange(N) % 3}
+    if patients:
+        arrays["train_patients"] = ids
+    np.savez(path, **arrays)
+    return path, np.unique(ids, return_inverse=True)[1]
+
+
+@pytest.mark.parametrize("how", [{}, {"max_images": 25}, {"partition_id": 1, "num_partitions": 3}])
+def test_groups_stay_aligned_with_the_images_the_site_trains_on(tmp_path, how):
+    path, expected = _npz(tmp_path / "site.npz")
+    site = SiteSettings(site_id="h", data_path=path, **how)
+    images = load_site_images(site, _rc(), None)
+    data = load_site_data(site, _rc(), None)
+    assert torch.equal(data.images, images)  # the same choices as client.app.load_site_images
+    groups = load_site_groups(site, _rc(), None)
+    stored = images[:, 0, 0, 0].long()  # (n,) index of each image in the file
+    assert torch.equal(groups, torch.from_numpy(expected)[stored])
+    plain, _ = _npz(tmp_path / "plain.npz", patients=False)
+    assert load_site_groups(SiteSettings(site_id="h", data_path=plain), _rc(), None) is None
+
+
+@pytest.fixture
+def task_identity():
+    """Flower's Message needs a task identity (what a SuperNode sets)."""
+    old = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = old
+
+
+def _train_message(rc: RoundConfig) -> Message:
+    torch.manual_seed(0)
+    weights = ArrayRecord(canonical_state_dict(build_model(**rc.model)))
+    msg = Message(content=RecordDict({"arrays": weights, "config": rc.to_config_record()}), message_type="train",
+                  dst_node_id=1)
+    msg.metadata.__dict__["_message_id"] = "m1"
+    return msg
+
+
+def test_a_patient_level_round_through_the_client_app_spends_epsilon_per_patient(tmp_path, task_identity):
+    path, expected = _npz(tmp_path / "site.npz")
+    privacy = {"dpsgd": True, "unit": "patient", "noise_multiplier": 1.2, "release": "public"}
+    rc = _rc(privacy)
+    node = {"site-id": "h", "data-path": str(path), "state-dir": str(tmp_path / "state")}
+    reply = train_handler(_train_message(rc), Context(run_id=1, node_id=1, node_config=node, state=RecordDict(),
+                                                      run_config={}), None)
+    steps = int(reply.content.metric_records["metrics"]["steps"])
+    num_patients = len(np.unique(expected))
+    q = (rc.batch_size * num_patients / N) / num_patients  # expected patients per batch / patients
+    assert steps == round(rc.epochs / q)
+    ledger = PrivacyLedger.load(tmp_path / "state" / "ledger-h.json")
+    acct = RDPAccountant()
+    acct.history = [(1.2, q, steps)]
+    assert ledger.privacy_unit == "group"
+    assert ledger.epsilon() == pytest.approx(acct.get_epsilon(delta=1e-5), rel=1e-9)
+
+
+def test_patient_unit_on_data_without_patient_ids_is_a_clear_error(tmp_path, task_identity):
+    path, _ = _npz(tmp_path / "plain.npz", patients=False)
+    rc = _rc({"dpsgd": True, "unit": "patient", "noise_multiplier": 1.0, "release": "public"})
+    node = {"site-id": "h", "data-path": str(path)}
+    with pytest.raises(ValueError, match="no patient id.*train_patients"):
+        train_handler(_train_message(rc), Context(run_id=1, node_id=1, node_config=node, state=RecordDict(),
+                                                  run_config={}), None)
+
+
+def test_patient_unit_refuses_per_image_embedding_releases(tmp_path):
+    groups = torch.arange(40) // 4
+    for mode in ("gaussian", "prototypes"):
+        rp = plan_round(privacy={"unit": "patient", "release": mode}, site_id="h", state_dir=tmp_path, round=1,
+                        num_rounds=2, epochs=1, batch_size=8, num_examples=40, in_batch_negatives=False,
+                        groups=groups)
+        emb = torch.nn.functional.normalize(torch.randn(40, 8), dim=1)
+        out = release(rp, emb, round=1, prototypes=None, generator=torch.Generator().manual_seed(0))
+        assert out.shape[0] == 0 and "patient" in rp.push_refused
+        record_round(rp, round=1, dp_steps=0, pushed=int(out.shape[0]))
+        assert PrivacyLedger.load(tmp_path / "ledger-h.json").channels()["embeddings"]["events"] == 0
