@@ -66,6 +66,29 @@ def _quiet_flower(verbose: bool):
         logger.setLevel(level)
 
 
+def _start_ray(init_args: dict[str, Any], *, stream: TextIO, attempts: int = 3) -> None:
+    """Start Ray before Flower does, retrying: Ray gives a raylet 30 s to register, which a busy
+    machine can miss ("The current node timed out during startup"). Flower then reuses this Ray."""
+    import ray
+
+    pythonpath = os.pathsep.join(sys.path)  # as Flower's RayBackend passes it to the workers
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, include_dashboard=False, **init_args)
+            return
+        except Exception as exc:  # Ray raises plain Exception for a startup timeout
+            ray.shutdown()
+            if attempt == attempts:
+                raise RuntimeError(f"Ray (Flower's simulation engine) did not start in {attempts} tries: {exc} "
+                                   "Is the machine overloaded? Try again when it is quieter.") from None
+            print(f"Ray did not start ({str(exc).splitlines()[0]}); trying again ({attempt + 1}/{attempts})",
+                  file=stream, flush=True)
+            time.sleep(5.0 * attempt)
+
+
 def _cpu_count() -> int:
     return max(1, len(os.sched_getaffinity(0)))
 
@@ -144,6 +167,7 @@ def run_simulation_main(
           f"({cfg.data.partition}), queue {'on' if link else 'off'}; output in {out_dir}", file=stream, flush=True)
     t0 = time.time()
     try:
+        _start_ray(backend_config["init_args"], stream=stream)
         with _quiet_flower(verbose):
             run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n_sites,
                            backend_config=backend_config, verbose_logging=verbose)
@@ -151,6 +175,10 @@ def run_simulation_main(
         observer.close()
         if queue_server is not None:
             queue_server.stop(grace=2.0)
+        import ray
+
+        if ray.is_initialized():  # Flower shuts it down when it gets that far
+            ray.shutdown()
     seconds = time.time() - t0
     if not results:
         raise RuntimeError("the simulation ended without a result from the ServerApp (see the log above)")

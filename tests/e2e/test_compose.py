@@ -157,7 +157,10 @@ def test_compose_services_run_as_local_processes(tmp_path, processes):
         assert set(r["sites"]) == {"site-0", "site-1", "site-2"}, r["errors"]
         assert 0.0 <= r["knn"] <= 1.0
         assert all(m["num-examples"] == 128 for m in r["sites"].values())
-    assert history[1]["queue"]["per_site"] == {"site-0": 64, "site-1": 64, "site-2": 64}
+    # round 2's release phase: 32 embeddings of the round's global model from each site; each site
+    # trains on the other two sites' 64
+    assert history[1]["release_phase"] == {"mode": "raw", "sites_ok": 3, "sites_failed": 0, "pushed": 96}
+    assert history[1]["queue_size"] == 96 and all(m["negatives-used"] == 64 for m in history[1]["sites"].values())
     # the queue service keeps its snapshot in its own volume, the sites their state in theirs
     assert (tmp_path / "volumes" / "queue-state" / "queue-snapshot.npz").is_file()
     assert all((tmp_path / "volumes" / f"site-{i}-state" / "queue-token").is_file() for i in range(3))

@@ -66,7 +66,9 @@ def test_site_killed_mid_round_the_round_completes_with_the_others(tmp_path, pro
 
 
 def test_server_killed_after_round_1_resumes_at_round_2(tmp_path, processes):
-    fed = start_federation(tmp_path, processes, num_rounds=2)
+    # sites push after training and entries live 2 rounds, so the queue holds round 1's pushes across the
+    # restart (with fresh push and max_staleness 0 it is empty between rounds by design)
+    fed = start_federation(tmp_path, processes, num_rounds=2, queue_extra="fresh_push = false\nmax_staleness = 2")
     out = fed["out_dir"]
     processes.wait_for("the round-1 checkpoint", lambda: checkpoint_round(out) >= 1, timeout=300,
                        alive=["server", "site-0", "site-1"])
