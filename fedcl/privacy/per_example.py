@@ -6,7 +6,8 @@ module computes that sum directly, once per layer and step, into memory reused a
 
 * one layer, calls c = 1..k, unfolded inputs A_c (B, P, L) and output gradients G_c (B, O, L):
   per-example weight gradients (B, O, P) = sum_c G_c A_c^T, one batched matmul per call
-  accumulated in place (``baddbmm_``);
+  accumulated in place (``baddbmm_``); the per-example rows, the unfolded inputs and the padded
+  inputs live in buffers kept from step to step;
 * the forward runs with the parameters frozen, so autograd computes only activation gradients:
   the summed weight gradient it would also compute is never used under DP-SGD (the optimizer
   builds the update from the clipped per-example rows).
@@ -104,16 +105,33 @@ class PerExampleModule(nn.Module):
 
     # -- per-example gradients ------------------------------------------------------------------
 
-    def buffer(self, key: object, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    def buffer(self, key: object, shape: tuple[int, ...], like: torch.Tensor, *, zero: bool = False) -> torch.Tensor:
         """A ``shape`` view of a buffer kept for ``key`` (dtype and device of ``like``), reallocated
-        only when a batch outgrows it: fresh 100 MB tensors every step cost page faults."""
+        only when a batch outgrows it: fresh 100 MB tensors every step cost page faults. ``zero``:
+        a new buffer starts zeroed (what callers never write stays 0)."""
         buf = self._store.get(key)
         if (buf is None or buf.shape[0] < shape[0] or buf.shape[1:] != tuple(shape[1:])
                 or buf.dtype != like.dtype or buf.device != like.device):
             rows = shape[0] + shape[0] // 8  # headroom: Poisson batch sizes vary from step to step
-            buf = torch.empty((rows, *shape[1:]), dtype=like.dtype, device=like.device)
+            buf = (torch.zeros if zero else torch.empty)((rows, *shape[1:]), dtype=like.dtype, device=like.device)
             self._store[key] = buf
         return buf[: shape[0]]
+
+    def _unfold(self, m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+        """``F.unfold(x, ...)`` for layer ``m``: (B, C * kh * kw, L), written into reused buffers."""
+        b, c, h, w = x.shape
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = m.kernel_size, m.stride, m.padding, m.dilation
+        ho, wo = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        padded = x
+        if ph or pw:  # zero border written once, when the buffer is made
+            padded = self.buffer(("padded", id(m)), (b, c, h + 2 * ph, w + 2 * pw), x, zero=True)
+            padded[:, :, ph:ph + h, pw:pw + w].copy_(x)
+        st = padded.stride()
+        windows = padded.as_strided((b, c, kh, kw, ho, wo), (st[0], st[1], st[2] * dh, st[3] * dw, st[2] * sh,
+                                                             st[3] * sw), padded.storage_offset())
+        out = self.buffer("unfold", (b * c * kh * kw * ho * wo,), x)  # one scratch for every layer
+        out.view(b, c, kh, kw, ho, wo).copy_(windows)
+        return out.view(b, c * kh * kw, ho * wo)
 
     def _compute(self, m: nn.Module) -> None:
         xs = self._inputs[m]
@@ -132,7 +150,7 @@ class PerExampleModule(nn.Module):
         elif isinstance(m, nn.Conv2d):
             w = self.buffer(id(m.weight), (b, m.out_channels, m.weight[0].numel()), xs[0])  # (B, O, P)
             for c, (x, g) in enumerate(zip(xs, gs)):
-                a = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)  # (B, P, L)
+                a = self._unfold(m, x)  # (B, P, L)
                 w.baddbmm_(g.reshape(b, m.out_channels, -1), a.transpose(1, 2), beta=float(c > 0), alpha=scale)
             out[m.weight] = w.view(b, *m.weight.shape)
             if m.bias is not None:
@@ -149,8 +167,8 @@ class PerExampleModule(nn.Module):
         else:  # GroupNorm: weight and bias act per channel on the normalised input
             xn = [F.group_norm(x, m.num_groups, eps=m.eps).reshape(b, m.num_channels, -1) for x in xs]
             gr = [g.reshape(b, m.num_channels, -1) for g in gs]
-            if m.weight is not None:
-                out[m.weight] = sum((x * g).sum(2) for x, g in zip(xn, gr)) * scale  # (B, C)
+            if m.weight is not None:  # sum over positions without a (B, C, L) product
+                out[m.weight] = sum(torch.einsum("bcl,bcl->bc", x, g) for x, g in zip(xn, gr)) * scale  # (B, C)
             if m.bias is not None:
                 out[m.bias] = sum(g.sum(2) for g in gr) * scale  # (B, C)
         for p, gs_p in out.items():

@@ -56,6 +56,31 @@ def test_rows_are_the_per_example_gradients_of_both_views(arch, size, channels, 
     assert all(p.requires_grad for p in model.parameters())  # unfrozen after each forward
 
 
+@pytest.mark.parametrize("conv", [dict(kernel_size=3, stride=2, padding=(1, 2), dilation=2, bias=True),
+                                  dict(kernel_size=(2, 3), stride=(1, 2), padding=0)])
+def test_convolution_geometries(conv):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, **conv), nn.GroupNorm(1, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(8))
+    model(torch.rand(1, 2, 11, 9))  # materialise the lazy layer
+    model = model.double()
+    reference = copy.deepcopy(model)
+    v1 = torch.rand(4, 2, 11, 9, dtype=torch.float64)
+    v2 = v1.flip(3)
+    negs = F.normalize(torch.randn(6, 8, dtype=torch.float64), dim=1)
+
+    def loss(m, a, b):
+        return info_nce(F.normalize(m(a), dim=1), F.normalize(m(b), dim=1), negs, temperature=0.2)
+
+    engine = PerExampleModule(model)
+    for _ in range(2):  # the second step reuses the buffers (and the zero border of the padding)
+        loss(engine, v1, v2).backward()
+        params = list(reference.parameters())
+        rows = [torch.autograd.grad(loss(reference, v1[i:i + 1], v2[i:i + 1]), params) for i in range(4)]
+        for j, p in enumerate(model.parameters()):
+            torch.testing.assert_close(p.grad_sample, torch.stack([r[j] for r in rows]))
+            p.grad_sample = None
+
+
 def test_buffers_are_reused_across_steps_of_different_batch_sizes():
     torch.manual_seed(0)
     model = build_model(in_channels=1, width=4, proj_dim=8, proj_hidden=16)
