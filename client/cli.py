@@ -2,7 +2,11 @@
 (``flower-supernode``, run as a child process and restarted when it drops out).
 
     fedcl-client --server coordinator.example.org --data /site/images --site-id hospital-a \\
-        --root-certificates ca.pem --token-file /run/secrets/queue-token
+        --root-certificates ca.pem --token-file /run/secrets/queue-token \\
+        --node-key hospital-a.node-key      # when the coordinator has server.supernode_auth
+
+Before it starts the SuperNode, fedcl-client checks the coordinator's TLS certificate against
+--root-certificates and stops with a clear message when that CA did not sign it.
 
 The site's settings travel to the ClientApp as Flower node config (``client.app`` lists the
 keys). Images never leave the site; only weights, metrics and the embeddings the privacy
@@ -42,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
                                    "command lines are visible to other users)")
     p.add_argument("--token-file", type=Path, help="file holding the site's queue token")
     p.add_argument("--insecure", action="store_true", help="no TLS anywhere (loopback tests only)")
+    p.add_argument("--node-key", type=Path, help="the site's SuperNode private key (OpenSSH EC key, "
+                                                "deploy/make_certs.py's sites/SITE.node-key), for a coordinator "
+                                                "with SuperNode authentication (server.supernode_auth)")
     p.add_argument("--partition-id", type=int, help="demo: use this part of a shared data set")
     p.add_argument("--num-partitions", type=int, help="demo: into how many parts the shared data set is split")
     p.add_argument("--max-images", type=int, help="use at most this many images")
@@ -143,7 +150,75 @@ def build_supernode_argv(args: argparse.Namespace, *, token_file: Path | None) -
         argv += ["--max-retries", str(args.max_retries)]
     if args.max_wait_time is not None:
         argv += ["--max-wait-time", str(args.max_wait_time)]
+    if getattr(args, "node_key", None) is not None:
+        if args.insecure:
+            raise ClientCliError("--node-key needs TLS (Flower's SuperNode authentication refuses --insecure)")
+        check_node_key(args.node_key)
+        argv += ["--auth-supernode-private-key", str(args.node_key.resolve())]
     return argv
+
+
+def check_node_key(path: Path) -> None:
+    """Refuse now what flower-supernode would refuse later with 'Unable to parse the private key file'."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+    try:
+        key = load_ssh_private_key(path.read_bytes(), password=None)
+    except OSError as exc:
+        raise ClientCliError(f"--node-key {path}: {exc.strerror or exc}") from None
+    except (ValueError, TypeError) as exc:
+        raise ClientCliError(f"--node-key {path} is not an unencrypted OpenSSH private key ({exc}); use the "
+                             "sites/SITE.node-key that deploy/make_certs.py wrote") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ClientCliError(f"--node-key {path} is not an EC key (Flower needs a NIST EC curve, e.g. P-384)")
+
+
+def check_server_certificate(host: str, port: int, root_certificates: Path, *, timeout: float = 5.0) -> str | None:
+    """TLS handshake with the coordinator, verifying its certificate with ``root_certificates``.
+
+    A certificate that CA did not sign (or one not valid for ``host``) raises ClientCliError: the
+    SuperNode would only retry forever. An unreachable server returns the reason (it may not be up
+    yet; the SuperNode retries); None when the certificate is good."""
+    import socket
+    import ssl
+
+    try:
+        context = ssl.create_default_context(cafile=str(root_certificates))
+    except (ssl.SSLError, OSError) as exc:
+        raise ClientCliError(f"--root-certificates {root_certificates} is not a PEM CA certificate ({exc})") from None
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            with context.wrap_socket(sock, server_hostname=host):
+                return None
+    except ssl.SSLCertVerificationError as exc:
+        if "mismatch" in str(exc.verify_message):  # signed by the CA, but for another name or address
+            raise ClientCliError(
+                f"the server's certificate is not valid for {host!r} ({exc.verify_message}): use --server with "
+                "the name or IP address the certificate was made for (deploy/make_certs.py --server-name/"
+                "--server-ip)") from None
+        raise ClientCliError(
+            f"the server at {host}:{port} presented a certificate that {root_certificates} does not verify "
+            f"({exc.verify_message}): this is not the consortium's coordinator, or you were given the wrong CA "
+            "certificate; ask the coordinator for its ca.pem") from None
+    except (ssl.SSLError, OSError) as exc:
+        return str(exc)
+
+
+def wait_verified_server(args: argparse.Namespace, *, interval: float = 3.0) -> None:
+    """Wait until the coordinator answers, then check its certificate (ClientCliError when the CA
+    did not sign it); gives up after --max-wait-time seconds when that is set."""
+    host, port = _split_host_port(args.server, default_port=DEFAULT_SUPERLINK_PORT)
+    started = time.time()
+    said = False
+    while (unreachable := check_server_certificate(host, port, args.root_certificates)) is not None:
+        if args.max_wait_time is not None and time.time() - started > args.max_wait_time:
+            raise ClientCliError(f"the server at {host}:{port} did not answer within {args.max_wait_time:g} s "
+                                 f"({unreachable})")
+        if not said:
+            print(f"fedcl-client: waiting for {host}:{port} ({unreachable})", flush=True)
+            said = True
+        time.sleep(interval)
 
 
 def _store_token(token: str, state_dir: Path) -> Path:
@@ -175,9 +250,18 @@ def _die_with_parent() -> None:  # runs in the child before exec (Linux): no orp
         pass
 
 
-def supervise(argv: list[str], *, rejoin: bool, min_delay: float = 1.0, max_delay: float = 30.0) -> int:
+# flower-supernode's exit code 305 (SuperLink refused or unreachable), as the 8-bit status a process gets
+SUPERNODE_CONNECTION_ERROR = 305 & 0xFF
+NODE_AUTH_HINT = ("Flower's code 305, no connection to the SuperLink; if the log above says 'Failed to activate "
+                  "SuperNode', the coordinator has not registered this site's SuperNode key "
+                  "(server.supernode_keys), or has revoked the site")
+
+
+def supervise(argv: list[str], *, rejoin: bool, min_delay: float = 1.0, max_delay: float = 30.0,
+              exit_hints: dict[int, str] | None = None) -> int:
     """Run the SuperNode; when it exits on its own (a restarted SuperLink no longer knows this node
-    and refuses it), start it again with backoff, so the site rejoins the resumed run."""
+    and refuses it), start it again with backoff, so the site rejoins the resumed run.
+    ``exit_hints``: what to tell the user when the SuperNode exits with that status."""
     stop = threading.Event()
     child: subprocess.Popen | None = None
 
@@ -195,6 +279,8 @@ def supervise(argv: list[str], *, rejoin: bool, min_delay: float = 1.0, max_dela
             code = child.wait()
             if stop.is_set():
                 return 0
+            if exit_hints and code in exit_hints:
+                print(f"fedcl-client: the SuperNode exited with status {code}: {exit_hints[code]}", flush=True)
             if not rejoin:
                 return code
             if time.time() - started > 120:
@@ -220,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ClientCliError(f"--token-file {args.token_file} is not a file")
         token_file = _store_token(token, args.state_dir) if token else args.token_file
         supernode_argv = build_supernode_argv(args, token_file=token_file)
+        if not args.insecure:
+            wait_verified_server(args)
     except ClientCliError as exc:
         print(f"fedcl-client: error: {exc}", file=sys.stderr)
         return 2
@@ -227,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fedcl-client: site {args.site_id} joining {supernode_argv[2]} "
           f"({'insecure' if args.insecure else 'TLS'})", flush=True)
 
-    return supervise(supernode_argv, rejoin=not args.no_rejoin)
+    hints = {SUPERNODE_CONNECTION_ERROR: NODE_AUTH_HINT} if args.node_key is not None else None
+    return supervise(supernode_argv, rejoin=not args.no_rejoin, exit_hints=hints)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,11 @@
 Flower's SuperLink as a child process, submits the fedcl app with ``flwr run`` and follows the
 ServerApp's log until the run ends; run it again after a crash and the ServerApp resumes from its
 last checkpoint. Sites join with ``fedcl-client --server HOST:PORT``.
+
+With ``server.supernode_auth`` the SuperLink runs with Flower's ``--enable-supernode-auth`` and
+the run (``run``, ``start-run``) first registers every site key of ``server.supernode_keys`` but
+the revoked ones (``flwr supernode register``); ``server.revoked_sites`` are also refused by the
+queue service (PERMISSION_DENIED, audited).
 """
 
 from __future__ import annotations
@@ -101,6 +106,8 @@ def _resolve_paths(cfg, *, out_dir: Path | None):
         value = getattr(s, name)
         if value is not None:
             update[name] = Path(value).resolve()
+    if s.supernode_keys:
+        update["supernode_keys"] = {site: Path(path).resolve() for site, path in s.supernode_keys.items()}
     cfg = cfg.model_copy(update={"server": s.model_copy(update=update)})
     if cfg.data.path is not None:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": Path(cfg.data.path).resolve()})})
@@ -162,6 +169,8 @@ def _tls_args(cfg) -> list[str]:
 def superlink_command(cfg, *, port: int, health_address: str | None = None) -> list[str]:
     cmd = ["flower-superlink", *_tls_args(cfg), "--host", cfg.server.superlink_host, "--port", str(port),
            "--disable-runtime-dependency-installation"]
+    if cfg.server.supernode_auth:
+        cmd.append("--enable-supernode-auth")  # only SuperNodes registered with `flwr supernode register`
     if health_address:
         cmd += ["--health-server-address", health_address]
     return cmd
@@ -217,6 +226,61 @@ def run_status(run_id: int, *, env: dict) -> str:
         return f"unknown ({out.stdout.strip()[-200:]} {out.stderr.strip()[-200:]})"
 
 
+def check_supernode_keys(cfg) -> dict[str, Path]:
+    """The public SuperNode keys to register: every listed site but the revoked ones, each file an
+    OpenSSH EC public key (what `flwr supernode register` takes); a clear error otherwise."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_public_key
+
+    s = cfg.server
+    if not s.supernode_auth:
+        return {}
+    keys = {}
+    for site, path in sorted(s.supernode_keys.items()):
+        path = Path(path)
+        try:
+            key = load_ssh_public_key(path.read_bytes())
+        except OSError as exc:
+            raise ServerCliError(f"server.supernode_keys.{site}: cannot read {path} ({exc.strerror or exc})") from None
+        except (ValueError, UnsupportedAlgorithm) as exc:
+            raise ServerCliError(f"server.supernode_keys.{site}: {path} is not an OpenSSH public key ({exc}); "
+                                 "give the site's sites/<site>.node-key.pub from deploy/make_certs.py") from None
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            raise ServerCliError(f"server.supernode_keys.{site}: {path} is not an EC key (Flower's SuperNode "
+                                 "authentication needs a NIST EC curve, e.g. P-384)")
+        if site not in s.revoked_sites:
+            keys[site] = path
+    return keys
+
+
+def register_supernode_keys(keys: dict[str, Path], *, env: dict) -> dict[str, int | None]:
+    """Register each site's public key with the SuperLink (`flwr supernode register`, Flower's
+    Control API); {site: node id}, None for a key the SuperLink already knew (one that outlived
+    fedcl-server). The registrations run side by side: each is a `flwr` process of its own."""
+    procs = {site: subprocess.Popen(["flwr", "supernode", "register", str(path), FEDERATION_NAME, "--name", site,
+                                     "--format", "json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True)
+             for site, path in keys.items()}
+    registered: dict[str, int | None] = {}
+    for site, proc in procs.items():
+        stdout, stderr = proc.communicate()
+        text = stdout.strip()
+        try:
+            reply = json.loads(text[text.find("{"):]) if "{" in text else {}
+        except json.JSONDecodeError:
+            reply = {}
+        if proc.returncode == 0 and reply.get("success"):
+            registered[site] = int(reply["node-id"])
+        elif "already in use" in (text + stderr).lower():
+            registered[site] = None
+        else:
+            detail = (reply.get("error-message") or stderr.strip() or text)[-400:]
+            raise ServerCliError(f"could not register site {site}'s SuperNode key {keys[site]} with the SuperLink: "
+                                 f"{detail}")
+    return registered
+
+
 def _flower_env(flwr_home: Path) -> dict:
     flower_environment(flwr_home=flwr_home)
     env = dict(os.environ)
@@ -230,6 +294,14 @@ def start_and_follow_run(cfg, *, superlink_address: str) -> int:
     env = _flower_env(out_dir / "flwr-home" / "cli")
     write_flwr_connection(Path(env["FLWR_HOME"]), address=superlink_address, insecure=cfg.server.insecure,
                           root_certificates=cfg.server.tls_ca)
+    if keys := check_supernode_keys(cfg):
+        registered = register_supernode_keys(keys, env=env)
+        _log("SuperNode authentication on; registered: " + ", ".join(
+            f"{site} (node {node})" if node is not None else f"{site} (already registered)"
+            for site, node in registered.items()))
+    if cfg.server.revoked_sites:
+        _log(f"revoked sites (queue refuses them{', SuperNode keys not registered' if keys else ''}): "
+             + ", ".join(sorted(cfg.server.revoked_sites)))
     config_path = write_effective_config(cfg, out_dir)
     app_dir = write_app_dir(out_dir / "flwr-app")
     run_id, code = submit_run(app_dir=app_dir, env=env, config_path=config_path, out_dir=out_dir,
@@ -273,7 +345,8 @@ def _start_queue(cfg):
     server = start_queue_server(
         queue=queue, host=s.queue_host, port=s.queue_port, site_tokens=dict(s.site_tokens),
         coordinator_token=coordinator, tls_cert=tls_cert, tls_key=tls_key, client_ca=None, snapshot_path=snapshot,
-        max_message_bytes=4 << 20, audit_log=s.audit_log or Path(s.out_dir) / "queue-audit.jsonl")
+        max_message_bytes=4 << 20, audit_log=s.audit_log or Path(s.out_dir) / "queue-audit.jsonl",
+        revoked_sites=s.revoked_sites)
     advertised = s.queue_host if s.queue_host not in ("0.0.0.0", "::", "") else socket.getfqdn()
     cfg = cfg.model_copy(update={"server": s.model_copy(update={
         "queue_port": server.port, "queue_host": advertised, "coordinator_token": coordinator})})
@@ -296,6 +369,7 @@ def cmd_run(args) -> int:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
+        check_supernode_keys(cfg)  # a bad key file stops us before anything starts
         if cfg.queue.enabled:
             queue_server, cfg = _start_queue(cfg)
             _log(f"queue service on {cfg.server.queue_host}:{cfg.server.queue_port}")
@@ -335,6 +409,7 @@ def cmd_start_run(args) -> int:
         if args.queue:
             host, port = _host_port(args.queue)
             cfg = _with_server(cfg, queue_host=host, queue_port=port)
+        check_supernode_keys(cfg)
         wait_superlink(address, insecure=cfg.server.insecure, ca=cfg.server.tls_ca, timeout=args.wait)
         return start_and_follow_run(cfg, superlink_address=address)
     except ServerCliError as exc:

@@ -13,6 +13,8 @@ their own readers)::
     snapshot_path = "state/queue.npz"
     audit_log = "state/queue-audit.jsonl"
 
+    revoked_sites = ["site-c"]      # their token / certificate CN is refused (PERMISSION_DENIED)
+
     [queue_service.site_tokens]
     site-a = "..."
 
@@ -68,9 +70,16 @@ class QueueServiceSettings(BaseModel):
     coordinator_token: str | None = Field(None, min_length=_MIN_TOKEN)
     audit_log: Path | None = None
     site_tokens: dict[str, str] = Field(default_factory=dict)
+    revoked_sites: list[str] = Field(default_factory=list)  # token holders or certificate CNs shut out
 
     @model_validator(mode="after")
     def _consistent(self) -> QueueServiceSettings:
+        for site in self.revoked_sites:
+            if not re.match(_SITE_ID, site):
+                raise ValueError(f"site id {site!r} in revoked_sites: use letters, digits, '_', '.', '-' (at most 64)")
+        if self.client_ca is None and (unknown := sorted(set(self.revoked_sites) - set(self.site_tokens))):
+            raise ValueError(f"revoked_sites names {unknown}, which have no token in site_tokens "
+                             "(and without client_ca no certificate names them either)")
         if self.per_site_quota > self.capacity:
             raise ValueError(f"per_site_quota ({self.per_site_quota}) cannot exceed capacity ({self.capacity})")
         if self.max_message_bytes < self.dim * 4 + 1024:
@@ -225,6 +234,7 @@ def queue_main(argv: list[str] | None = None) -> int:
             snapshot_path=settings.snapshot_path,
             max_message_bytes=settings.max_message_bytes,
             audit_log=settings.audit_log,
+            revoked_sites=settings.revoked_sites,
         )
     except (OSError, ValueError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)

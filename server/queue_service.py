@@ -56,12 +56,15 @@ _SEEN_PEERS = 10000  # (peer, site) pairs remembered for "connect" audit events
 
 
 class AccessError(Exception):
-    """Missing or wrong credentials (UNAUTHENTICATED) or a forbidden call (PERMISSION_DENIED)."""
+    """Missing or wrong credentials (UNAUTHENTICATED) or a forbidden call (PERMISSION_DENIED).
 
-    def __init__(self, code: str, message: str) -> None:
+    ``site``: who the credentials belong to, when that is known (for the audit log)."""
+
+    def __init__(self, code: str, message: str, *, site: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.site = site
 
 
 @dataclass(frozen=True)
@@ -248,12 +251,17 @@ class AuditLog:
 
 
 class Authenticator:
-    """Maps call metadata (and the client certificate under mutual TLS) to a Principal."""
+    """Maps call metadata (and the client certificate under mutual TLS) to a Principal.
 
-    def __init__(self, *, site_tokens: dict[str, str], coordinator_token: str | None, mutual_tls: bool) -> None:
+    A revoked site's valid token or certificate is answered PERMISSION_DENIED: the caller is known,
+    and refused on purpose (a wrong token stays UNAUTHENTICATED)."""
+
+    def __init__(self, *, site_tokens: dict[str, str], coordinator_token: str | None, mutual_tls: bool,
+                 revoked_sites: Iterable[str] = ()) -> None:
         self._site_tokens = [(site, token.encode()) for site, token in site_tokens.items()]
         self._coordinator = coordinator_token.encode() if coordinator_token else None
         self.mutual_tls = mutual_tls
+        self.revoked = frozenset(revoked_sites)
         # No credentials of any kind configured: every caller is trusted (loopback tests, simulation).
         self.open = not site_tokens and coordinator_token is None and not mutual_tls
 
@@ -285,11 +293,17 @@ class Authenticator:
         elif cert_site is not None:
             site = cert_site
         elif self.open:
+            if claimed in self.revoked:  # no credentials to check, but a revoked name is still refused
+                raise AccessError("PERMISSION_DENIED", f"site {claimed!r} is revoked (server.revoked_sites)",
+                                  site=claimed)
             return Principal(site_id=claimed, coordinator=False) if claimed else Principal(COORDINATOR, coordinator=True)
         else:
             raise AccessError("UNAUTHENTICATED", "missing credentials: send 'authorization: Bearer <token>'")
+        if site in self.revoked:
+            raise AccessError("PERMISSION_DENIED", f"site {site!r} is revoked (server.revoked_sites): the "
+                              "consortium no longer accepts its credentials; ask the coordinator", site=site)
         if claimed is not None and claimed != site:
-            raise AccessError("PERMISSION_DENIED", f"site {site!r} cannot act as site {claimed!r}")
+            raise AccessError("PERMISSION_DENIED", f"site {site!r} cannot act as site {claimed!r}", site=site)
         return Principal(site_id=site)
 
 
@@ -311,7 +325,8 @@ class _Servicer(queue_pb2_grpc.EmbeddingQueueServicer):
         try:
             principal = self._authenticate(context)
         except AccessError as err:
-            self._audit.write("rejection", method=method, peer=context.peer(), code=err.code, reason=err.message)
+            self._audit.write("rejection", method=method, peer=context.peer(), site=err.site, code=err.code,
+                              reason=err.message)
             context.abort(_status(err.code), err.message)
         key = (context.peer(), principal.site_id)
         with self._peers_lock:
@@ -447,9 +462,11 @@ def start_queue_server(
     max_message_bytes: int,
     audit_log: Path | None = None,
     max_workers: int = 32,
+    revoked_sites: Iterable[str] = (),
 ) -> QueueServer:
     """Serve ``queue`` on host:port (port 0 picks a free one). TLS when tls_cert/tls_key are given;
-    mutual TLS (client certificate CN = site id) when client_ca is given too."""
+    mutual TLS (client certificate CN = site id) when client_ca is given too. Calls with the token
+    or certificate of a site in ``revoked_sites`` are refused with PERMISSION_DENIED."""
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("give both tls_cert and tls_key, or neither")
     if client_ca is not None and tls_cert is None:
@@ -459,8 +476,12 @@ def start_queue_server(
         raise ValueError("every site token and the coordinator token must be non-empty and distinct")
     handlers = QueueHandlers(queue=queue, max_message_bytes=max_message_bytes, snapshot_path=snapshot_path)
     audit = AuditLog(audit_log)
+    revoked = sorted(set(revoked_sites))
+    if COORDINATOR in revoked or COORDINATOR_PUSH_SITE in revoked:
+        raise ValueError(f"revoked_sites may not name the coordinator ({COORDINATOR!r}, {COORDINATOR_PUSH_SITE!r})")
     authenticate = Authenticator(
-        site_tokens=dict(site_tokens), coordinator_token=coordinator_token, mutual_tls=client_ca is not None
+        site_tokens=dict(site_tokens), coordinator_token=coordinator_token, mutual_tls=client_ca is not None,
+        revoked_sites=revoked,
     )
     options = [
         ("grpc.max_receive_message_length", int(max_message_bytes)),
@@ -490,6 +511,7 @@ def start_queue_server(
     audit.write(
         "start", port=bound, size=len(queue), round=queue.current_round,
         tls=tls_cert is not None, mutual_tls=client_ca is not None, open=authenticate.open,
+        revoked_sites=revoked or None,
     )
     log.info("queue service listening on %s (port %d)", host, bound)
     return QueueServer(server=server, port=bound, handlers=handlers, health_servicer=health_servicer, audit=audit)

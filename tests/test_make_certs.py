@@ -44,3 +44,32 @@ def test_bad_site_id_and_ip_are_refused(tmp_path):
     assert r.returncode == 2 and "site id" in r.stderr
     r = _run("--out", str(tmp_path), "--server-ip", "999.1.1.1")
     assert r.returncode == 2 and "999.1.1.1" in r.stderr
+
+
+def test_supernode_key_pairs_are_what_flower_loads(tmp_path):
+    """Per-site EC key pairs for Flower's SuperNode authentication: the private key in the OpenSSH
+    format flower-supernode --auth-supernode-private-key reads, the public key in the SSH format
+    `flwr supernode register` takes (NIST curve), listed in tokens.toml; kept on a re-run."""
+    import tomllib
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from flwr.cli.supernode.register import try_load_public_key
+
+    assert _run("--out", str(tmp_path), "--site", "site-a", "--site", "site-b").returncode == 0
+    pairs = {}
+    for site in ("site-a", "site-b"):
+        private_path, public_path = tmp_path / f"sites/{site}.node-key", tmp_path / f"sites/{site}.node-key.pub"
+        assert private_path.stat().st_mode & 0o077 == 0
+        private = serialization.load_ssh_private_key(private_path.read_bytes(), password=None)
+        assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp384r1"
+        public = serialization.load_ssh_public_key(public_path.read_bytes())
+        assert public.public_numbers() == private.public_key().public_numbers()
+        assert try_load_public_key(public_path)  # Flower's own check before it registers a node
+        pairs[site] = public_path.read_bytes()
+    assert pairs["site-a"] != pairs["site-b"]
+    listed = tomllib.loads((tmp_path / "tokens.toml").read_text())["supernode_keys"]
+    assert listed == {site: str(tmp_path / f"sites/{site}.node-key.pub") for site in ("site-a", "site-b")}
+    assert _run("--out", str(tmp_path), "--site", "site-a", "--site", "site-c").returncode == 0
+    assert (tmp_path / "sites/site-a.node-key.pub").read_bytes() == pairs["site-a"]
+    assert set(tomllib.loads((tmp_path / "tokens.toml").read_text())["supernode_keys"]) == {"site-a", "site-b", "site-c"}

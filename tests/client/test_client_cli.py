@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import socket
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from flwr.common.config import parse_config_args
 
-from client.cli import ClientCliError, _parser, _store_token, build_supernode_argv, supervise
+from client.cli import (
+    ClientCliError,
+    _parser,
+    _store_token,
+    build_supernode_argv,
+    check_server_certificate,
+    supervise,
+)
 
 
 def _argv(tmp_path, *extra: str) -> list[str]:
@@ -83,3 +92,103 @@ def test_supervisor_restarts_a_supernode_that_drops_out(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert int(counter.read_text()) >= 3  # exited with 0 and then 7, and was started again each time
     assert "rejoining" in proc.stdout
+
+
+# ------------------------------------------------------------- SuperNode key, the server's certificate
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _certs(out: Path, *sites: str, server_name: str | None = "localhost") -> Path:
+    names = ["--server-name", server_name] if server_name else []
+    subprocess.run([sys.executable, str(REPO / "deploy" / "make_certs.py"), "--out", str(out), "--server-ip",
+                    "127.0.0.1", *names, *[a for s in sites for a in ("--site", s)]], check=True, capture_output=True)
+    return out
+
+
+def test_node_key_goes_to_flower_and_bad_keys_are_explained(tmp_path):
+    certs = _certs(tmp_path / "certs", "hospital-a")
+    key = certs / "sites" / "hospital-a.node-key"
+    args = _parser().parse_args(_argv(tmp_path, "--root-certificates", str(certs / "ca.pem"), "--node-key", str(key)))
+    argv = build_supernode_argv(args, token_file=None)
+    assert argv[argv.index("--auth-supernode-private-key") + 1] == str(key.resolve())
+    for bad, message in ((certs / "sites" / "hospital-a.node-key.pub", "not an unencrypted OpenSSH private key"),
+                         (certs / "sites" / "hospital-a.key", "not an unencrypted OpenSSH private key"),
+                         (tmp_path / "missing", "No such file")):
+        args.node_key = bad
+        with pytest.raises(ClientCliError, match=message):
+            build_supernode_argv(args, token_file=None)
+    insecure = _parser().parse_args(_argv(tmp_path, "--insecure", "--node-key", str(key)))
+    with pytest.raises(ClientCliError, match="needs TLS"):
+        build_supernode_argv(insecure, token_file=None)
+
+
+@pytest.fixture
+def tls_server(tmp_path):
+    """A TLS listener on 127.0.0.1 with make_certs.py's server certificate; (port, certs folder)."""
+    import socket
+    import ssl
+    import threading
+
+    certs = _certs(tmp_path / "consortium", server_name=None)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certs / "server.pem", certs / "server.key")
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            try:
+                with context.wrap_socket(conn, server_side=True):
+                    pass
+            except (ssl.SSLError, OSError):
+                pass  # the client refused our certificate
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield listener.getsockname()[1], certs
+    stop.set()
+    thread.join(timeout=5)
+    listener.close()
+
+
+def test_server_certificate_is_checked_before_joining(tmp_path, tls_server):
+    port, certs = tls_server
+    assert check_server_certificate("127.0.0.1", port, certs / "ca.pem") is None
+    rogue = _certs(tmp_path / "rogue")  # another CA: it did not sign the server's certificate
+    with pytest.raises(ClientCliError, match=r"presented a certificate that .*rogue/ca.pem does not verify"):
+        check_server_certificate("127.0.0.1", port, rogue / "ca.pem")
+    with pytest.raises(ClientCliError, match="not valid for 'localhost'.*--server-name"):
+        check_server_certificate("localhost", port, certs / "ca.pem")  # made for 127.0.0.1 only
+    with pytest.raises(ClientCliError, match="not a PEM CA certificate"):
+        check_server_certificate("127.0.0.1", port, certs / "tokens.toml")
+    with socket.socket() as s:  # nobody listens: not an error yet, the reason comes back
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    assert "refused" in check_server_certificate("127.0.0.1", closed, certs / "ca.pem").lower()
+
+
+def test_fedcl_client_with_the_wrong_ca_stops_with_one_clear_message(tmp_path, tls_server):
+    port, _ = tls_server
+    rogue = _certs(tmp_path / "rogue")
+    proc = subprocess.run([sys.executable, "-m", "client.cli", "--server", f"127.0.0.1:{port}", "--data-format",
+                           "synthetic", "--site-id", "hospital-a", "--state-dir", str(tmp_path / "state"),
+                           "--root-certificates", str(rogue / "ca.pem")],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("fedcl-client: error: the server at 127.0.0.1:") and "does not verify" in proc.stderr
+    assert "Traceback" not in proc.stderr and "Starting Flower SuperNode" not in proc.stdout + proc.stderr
+
+
+def test_supervisor_explains_a_refused_supernode(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", (
+        "import sys; from client.cli import supervise, NODE_AUTH_HINT, SUPERNODE_CONNECTION_ERROR as E;"
+        "sys.exit(supervise([sys.executable, '-c', 'import sys; sys.exit(305)'], rejoin=False,"
+        " exit_hints={E: NODE_AUTH_HINT}))")], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 305 % 256  # what flower-supernode's exit code 305 becomes
+    assert f"exited with status {305 % 256}" in proc.stdout and "SuperNode key" in proc.stdout

@@ -27,7 +27,8 @@ def free_port() -> int:
 
 def tiny_config_text(*, out_dir: Path, superlink_port: int, num_sites: int = 2, num_rounds: int = 2,
                      min_nodes: int = 2, tokens: dict[str, str] | None = None, extra: str = "",
-                     queue_port: int = 0, coordinator_token: str | None = None, certs: Path | None = None) -> str:
+                     queue_port: int = 0, coordinator_token: str | None = None, certs: Path | None = None,
+                     server_extra: str = "", privacy: str = "", train_extra: str = "", queue_extra: str = "") -> str:
     """A federation small enough for a test: synthetic 28x28 images, an 8-wide CNN, one thread."""
     tokens = tokens if tokens is not None else site_tokens(num_sites)
     token_lines = "\n".join(f'{site} = "{tok}"' for site, tok in tokens.items())
@@ -55,10 +56,15 @@ proj_dim = 32
 batch_size = 64
 num_push = 64
 threads = 1
+{train_extra}
 
 [queue]
 num_negatives = 256
 warmup_rounds = 1
+{queue_extra}
+
+[privacy]
+{privacy}
 
 [federation]
 num_rounds = {num_rounds}
@@ -72,6 +78,7 @@ superlink_port = {superlink_port}
 queue_port = {queue_port}
 out_dir = "{out_dir}"
 {coordinator}
+{server_extra}
 
 [server.site_tokens]
 {token_lines}

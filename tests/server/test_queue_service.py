@@ -395,6 +395,57 @@ def test_open_mode_without_credentials(serve, clients):
     assert len(b.sample(10)) == 3 and len(a.sample(10)) == 0
 
 
+# ------------------------------------------------------------- revocation
+
+
+def test_revoked_site_is_refused_permission_denied_audited_and_changes_nothing(serve, clients, tmp_path):
+    server = serve(revoked_sites=["site-b"])
+    a, b, coord = clients(server, "site-a"), clients(server, "site-b"), clients(server, "coordinator")
+    a.push(unit(4), round=0, model_version=0)
+    before = coord.stats()
+    for call in (lambda: b.push(unit(3, seed=1), round=0, model_version=0), lambda: b.sample(4), b.stats):
+        with pytest.raises(QueueServiceError) as err:
+            call()
+        assert err.value.code == grpc.StatusCode.PERMISSION_DENIED
+        assert "site 'site-b' is revoked" in err.value.details
+    # a wrong token is still "who are you?", not "you are refused"
+    stranger = clients(server, "site-b", token="not-a-token-of-this-consortium")
+    assert refused(stranger.stats) == grpc.StatusCode.UNAUTHENTICATED
+    assert coord.stats() == before  # nothing of site-b's got in
+    assert len(a.sample(10)) == 0  # and site-a, not revoked, goes on as before
+    server.stop(grace=1.0)
+    events = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    start = next(e for e in events if e["event"] == "start")
+    assert start["revoked_sites"] == ["site-b"]
+    denied = [e for e in events if e["event"] == "rejection" and e.get("site") == "site-b"]
+    assert [e["method"] for e in denied] == ["Push", "Sample", "Stats"]
+    assert all(e["code"] == "PERMISSION_DENIED" and "revoked" in e["reason"] for e in denied)
+    assert not [e for e in events if e["event"] in ("connect", "push", "sample") and e.get("site") == "site-b"]
+
+
+def test_revoked_certificate_common_name_is_refused_under_mutual_tls(serve, clients):
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _cert(cn="fedcl test CA", key=ca_key, issuer_cn="fedcl test CA", issuer_key=ca_key, ca=True)
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server_cert = _cert(cn="localhost", key=server_key, issuer_cn="fedcl test CA", issuer_key=ca_key, ca=False, server=True)
+    site_key = ec.generate_private_key(ec.SECP256R1())
+    site_cert = _cert(cn="site-c", key=site_key, issuer_cn="fedcl test CA", issuer_key=ca_key, ca=False, client=True)
+    server = serve(tls_cert=server_cert, tls_key=_pem_key(server_key), client_ca=ca, revoked_sites=["site-c"])
+    c = clients(server, "site-c", token=None, root_certificates=ca, client_certificate=site_cert,
+                client_key=_pem_key(site_key))
+    with pytest.raises(QueueServiceError) as err:
+        c.push(unit(3), round=0, model_version=0)
+    assert err.value.code == grpc.StatusCode.PERMISSION_DENIED and "revoked" in err.value.details
+
+
+def test_revocation_applies_in_open_mode_and_never_to_the_coordinator(serve, clients):
+    server = serve(site_tokens={}, coordinator_token=None, revoked_sites=["site-b"])
+    assert refused(lambda: clients(server, "site-b", token=None).sample(1)) == grpc.StatusCode.PERMISSION_DENIED
+    assert len(clients(server, "site-a", token=None).sample(1)) == 0
+    with pytest.raises(ValueError, match="coordinator"):
+        serve(revoked_sites=["coordinator"])
+
+
 # ------------------------------------------------------------------- TLS
 
 
@@ -502,10 +553,12 @@ def _write_config(path: Path, body: str) -> Path:
         ("[queue_service]\ntls_cert = 'missing.pem'\ntls_key = 'missing.key'\ncoordinator_token = 'c-0123456789abcdef'\n"
          "[queue_service.site_tokens]\nsite-a = 'token-a-0123456789abcdef'\n", "missing.pem"),
         ("[queue_service\n", "not valid TOML"),
+        ("[queue_service]\ninsecure = true\ncoordinator_token = 'c-0123456789abcdef'\nrevoked_sites = ['site-z']\n"
+         "[queue_service.site_tokens]\nsite-a = 'token-a-0123456789abcdef'\n", "site-z"),
         ("[server]\nrounds = 3\n", "no [queue_service] table"),
     ],
     ids=["unknown-key", "bad-port", "no-tls", "short-token", "cert-without-key", "missing-cert-file", "bad-toml",
-         "no-table"],
+         "unknown-revoked-site", "no-table"],
 )
 def test_cli_config_errors_exit_2_with_one_clear_message(tmp_path, capsys, body, message):
     from server.queue_cli import queue_main

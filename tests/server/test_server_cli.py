@@ -3,19 +3,28 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from flwr.cli.config_utils import load_and_validate
 
-from fedcl.config import load_config
+from fedcl.config import ConfigError, load_config
 from server.cli import (
     ServerCliError,
     _resolve_paths,
+    check_supernode_keys,
     main,
+    register_supernode_keys,
     superlink_command,
     write_app_dir,
     write_effective_config,
 )
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_app_folder_is_a_valid_flower_app_pointing_at_the_installed_components(tmp_path):
@@ -54,3 +63,99 @@ def test_health_and_config_errors_exit_non_zero(tmp_path, capsys):
     assert main(["health", "--http", "http://127.0.0.1:1/health", "--timeout", "0.5"]) == 1
     assert main(["start-run", "--config", str(tmp_path / "missing.toml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------- revocation, SuperNode authentication
+
+
+def _node_keys(tmp_path, *sites):
+    subprocess.run([sys.executable, str(REPO / "deploy" / "make_certs.py"), "--out", str(tmp_path / "certs"),
+                    *[a for s in sites for a in ("--site", s)]], check=True, capture_output=True)
+    return {s: tmp_path / "certs" / "sites" / f"{s}.node-key.pub" for s in sites}
+
+
+def _auth_config(tmp_path, keys, *extra):
+    keys_toml = "{" + ", ".join(f'"{s}" = "{p}"' for s, p in keys.items()) + "}"
+    return load_config(None, [f'server.tls_cert="{tmp_path}/s.pem"', f'server.tls_key="{tmp_path}/s.key"',
+                              f'server.tls_ca="{tmp_path}/ca.pem"', "server.supernode_auth=true",
+                              f"server.supernode_keys={keys_toml}", *extra])
+
+
+def test_supernode_auth_starts_the_superlink_with_it_and_registers_all_but_revoked_keys(tmp_path):
+    keys = _node_keys(tmp_path, "site-a", "site-b")
+    cfg = _auth_config(tmp_path, keys, 'server.revoked_sites=["site-b"]')
+    assert "--enable-supernode-auth" in superlink_command(cfg, port=9000)
+    assert "--enable-supernode-auth" not in superlink_command(
+        load_config(None, ["server.insecure=true"]), port=9000)
+    assert check_supernode_keys(cfg) == {"site-a": keys["site-a"]}  # the revoked site's key stays out
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (None, "cannot read"),
+    (b"-----BEGIN PRIVATE KEY-----\n", "not an OpenSSH public key"),
+    (b"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOd2Kp4E1nrl6wM7BXbF2l3tF2C6x3nVAsD3fZ0GRS7J x\n", "not an EC key"),
+])
+def test_bad_supernode_key_files_are_named(tmp_path, content, message):
+    path = tmp_path / "site-a.pub"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(ServerCliError, match=rf"server\.supernode_keys\.site-a: .*{message}"):
+        check_supernode_keys(_auth_config(tmp_path, {"site-a": path}))
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (['server.site_tokens={a="t-0123456789"}', 'server.revoked_sites=["b"]'], "neither server.site_tokens"),
+    (["server.supernode_auth=true"], "supernode_keys] is empty"),
+    (["server.supernode_auth=true", "server.insecure=true", 'server.supernode_keys={a="k.pub"}'], "needs TLS"),
+    (['server.supernode_keys={a="k.pub"}'], "supernode_auth = false"),
+])
+def test_revocation_and_node_auth_config_mistakes_are_explained(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, overrides)
+
+
+def _fake_flwr(tmp_path, monkeypatch, script: str) -> None:
+    bindir = tmp_path / "bin"
+    bindir.mkdir(exist_ok=True)
+    (bindir / "flwr").write_text(f"#!{sys.executable}\n{script}")
+    (bindir / "flwr").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_registration_reads_flowers_answers(tmp_path, monkeypatch):
+    # what `flwr supernode register --format json` prints: a node id, or an error (exit status 0 too)
+    _fake_flwr(tmp_path, monkeypatch, """
+import json, sys
+key, name = sys.argv[3], sys.argv[sys.argv.index("--name") + 1]
+if name == "new":
+    print(json.dumps({"success": True, "node-id": 42}))
+elif name == "known":
+    print(json.dumps({"success": False, "error-message": "[code: 23] Public key already in use."}))
+else:
+    print(json.dumps({"success": False, "error-message": "[code: 1] the SuperLink said no"}))
+""")
+    env = dict(os.environ)
+    assert register_supernode_keys({"new": tmp_path / "n.pub", "known": tmp_path / "k.pub"}, env=env) == {
+        "new": 42, "known": None}
+    with pytest.raises(ServerCliError, match="could not register site other's SuperNode key .*the SuperLink said no"):
+        register_supernode_keys({"other": tmp_path / "o.pub"}, env=env)
+
+
+def test_queue_service_of_fedcl_server_refuses_revoked_sites(tmp_path):
+    from client.queue_client import QueueClient, QueueServiceError
+    from server.cli import _start_queue
+
+    tokens = {"site-a": "token-of-site-a-0123456789", "site-b": "token-of-site-b-0123456789"}
+    cfg = load_config(None, ["server.insecure=true", "server.queue_port=0", f'server.out_dir="{tmp_path}"',
+                             "server.site_tokens={" + ", ".join(f'"{s}" = "{t}"' for s, t in tokens.items()) + "}",
+                             'server.revoked_sites=["site-b"]'])
+    server, cfg = _start_queue(cfg)
+    try:
+        address = f"127.0.0.1:{server.port}"
+        with QueueClient(address, site_id="site-a", token=tokens["site-a"], timeout=5) as a:
+            assert a.stats()["size"] == 0
+        with QueueClient(address, site_id="site-b", token=tokens["site-b"], timeout=5) as b:
+            with pytest.raises(QueueServiceError, match="PERMISSION_DENIED: site 'site-b' is revoked"):
+                b.stats()
+    finally:
+        server.stop(grace=0)
