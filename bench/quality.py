@@ -223,9 +223,10 @@ def aggregate(runs: list[dict]) -> dict:
 def fmt(s: dict | None, pct: bool = True) -> str:
     if not s:
         return "–"
+    seeds = "" if s.get("n", 3) >= 3 else f" (n={s['n']})"  # fewer seeds than the protocol's 3: say so
     if pct:
-        return f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}"
-    return f"{s['mean']:.3f} ± {s['std']:.3f}"
+        return f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}{seeds}"
+    return f"{s['mean']:.3f} ± {s['std']:.3f}{seeds}"
 
 
 def privacy_cell(agg: dict) -> str:
@@ -338,6 +339,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     p.add_argument("--tag", default="", help="suffix of the output files, e.g. _t05 for a recipe variant")
     p.add_argument("--no-cache", action="store_true")
+    p.add_argument("--cached-only", action="store_true",
+                   help="tabulate the finished runs in the cache only; every cell says over how many seeds")
     p.add_argument("--quick", action="store_true", help="tiny smoke run written to <out>/quick/")
     a = p.parse_args(argv)
     if a.quick:
@@ -373,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     data_src = Data(root=args.data)
 
     runs: dict[str, dict[str, list[dict]]] = {}
-    todo = [(s, seed, m) for s in splits for seed in seeds for m in methods]
+    # seed-major: an interrupted run still has every split and method at the first seeds
+    todo = [(s, seed, m) for seed in seeds for s in splits for m in methods]
     setups: dict[tuple[str, int], dict] = {}
     bar = tqdm(todo, desc="quality", unit="run")
     for split, seed, name in bar:
@@ -381,6 +385,9 @@ def main(argv: list[str] | None = None) -> int:
         path = cache / f"{split}_{name}_seed{seed}_{key}.json"
         if path.exists() and not args.no_cache:
             run = json.loads(path.read_text())
+        elif args.cached_only:
+            tqdm.write(f"{split} seed {seed} {name}: not run (not in the cache; --cached-only)")
+            continue
         else:
             if (split, seed) not in setups:
                 setups[(split, seed)] = data_src.setup(

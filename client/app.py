@@ -400,11 +400,14 @@ def release_handler(msg: Message, context: Context, simulated: SimulatedSites | 
     site = _site(context, simulated)
     rc = RoundConfig.from_config_record(msg.content.config_records[CONFIG_KEY])
     configure_threads(site.threads or rc.threads)
+    from client.site_data import load_site_groups
+
     images = load_site_images(site, rc, simulated)  # (N, C, H, W) uint8
+    groups = load_site_groups(site, rc, simulated)  # patient ids or None: the same DP plan as training
     model = _build_model(rc, msg)
     privacy = plan_round(privacy=site_privacy_settings(site, rc), site_id=site.site_id, state_dir=site.state_dir,
                          round=rc.round, num_rounds=rc.num_rounds, epochs=rc.epochs, batch_size=rc.batch_size,
-                         num_examples=int(images.shape[0]), in_batch_negatives=rc.in_batch_negatives)
+                         num_examples=int(images.shape[0]), in_batch_negatives=rc.in_batch_negatives, groups=groups)
     if privacy.refused:
         raise BudgetRefusal(f"{BUDGET_REFUSAL} site {site.site_id}: {privacy.refused}")
     mode = privacy.settings.release
