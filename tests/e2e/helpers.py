@@ -232,7 +232,7 @@ def make_certs(out: Path, sites: list[str]) -> tuple[str, dict[str, str]]:
 
 
 def start_federation(tmp_path: Path, processes: Processes, *, num_rounds: int = 2, min_nodes: int = 2,
-                     extra_config: str = "", tls: bool = False) -> dict:
+                     extra_config: str = "", tls: bool = False, queue_extra: str = "") -> dict:
     """fedcl-server run + two fedcl-client sites on loopback; returns paths and ports.
 
     tls: certificates and tokens from deploy/make_certs.py, TLS on the SuperLink and the queue."""
@@ -246,7 +246,8 @@ def start_federation(tmp_path: Path, processes: Processes, *, num_rounds: int = 
         tokens = site_tokens(2)
     cfg = tmp_path / "fedcl.toml"
     cfg.write_text(tiny_config_text(out_dir=out_dir, superlink_port=port, num_rounds=num_rounds, min_nodes=min_nodes,
-                                    tokens=tokens, extra=extra_config, coordinator_token=coordinator, certs=certs))
+                                    tokens=tokens, extra=extra_config, coordinator_token=coordinator, certs=certs,
+                                    queue_extra=queue_extra))
     data = write_site_data(cfg, tmp_path)
     env = process_env(tmp_path / "home")
     processes.start("server", server_argv("run", "--config", str(cfg)), env=env)
