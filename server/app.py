@@ -436,6 +436,7 @@ def run_federation(
     config_json = dump_config(cfg)
 
     stopped_for_budget: int | None = None
+    capacity_warned = False
     try:
         for rnd in range(start, num_rounds + 1):
             t0 = time.time()
@@ -447,6 +448,11 @@ def run_federation(
             weights_sha256 = _arrays_sha256(arrays)
             rc = round_config(cfg, rnd=rnd, model_spec=spec, queue=queue)
             messages = list(strategy.configure_train(rnd, arrays, rc.to_config_record(), grid))
+            if queue is not None and rc.num_push * len(messages) > cfg.queue.capacity and not capacity_warned:
+                capacity_warned = True  # the ring buffer would drop the first sites' pushes of a round
+                log.warning("%d sites x train.num_push %d exceed queue.capacity %d: negatives would come from the "
+                            "last sites to push only; raise queue.capacity", len(messages), rc.num_push,
+                            cfg.queue.capacity)
             release_info: dict[str, Any] = {}
             if queue is not None and rc.use_queue_negatives and (rc.release_phase or cfg.privacy.release == "public"):
                 release_info = release_phase(grid, rnd=rnd, train_messages=messages, arrays=arrays, rc=rc, cfg=cfg,
