@@ -216,47 +216,11 @@ def _detect_format(path: Path) -> str:
 
 
 def load_site_images(site: SiteSettings, rc: RoundConfig, simulated: SimulatedSites | None) -> torch.Tensor:
-    """The site's training images, uint8 (N, C, H, W)."""
-    from fedcl.config import DataSettings
-    from fedcl.data import DataError, load_dataset
-    from fedcl.runtime import first_n, load_split, site_partition
+    """The site's training images, uint8 (N, C, H, W) (``client.site_data.load_site_data`` decides
+    which: the simulated partition, the demo set's partition, or the site's own data)."""
+    from client.site_data import load_site_data
 
-    try:
-        if site.data_format == "simulation":
-            assert simulated is not None
-            d = simulated.config.data
-            full = _cached(("sim", d.model_dump_json()), lambda: load_split(d, split="train"))
-            part = _cached(("sim-part", d.model_dump_json(), site.partition_id),
-                           lambda: site_partition(d, full, site_index=int(site.partition_id)))
-            return part.images
-        fmt = site.data_format
-        if fmt == "auto" and site.data_path is None and site.partition_id is not None:
-            # no data of its own (e.g. `flwr run` in Flower's simulation): the server's demo data set
-            # at its default location, this site's partition of it
-            settings = {k: v for k, v in rc.partition.items() if k in DataSettings.model_fields}
-            d = DataSettings.model_validate({**settings, "path": None, "num_sites": site.num_partitions})
-            full = _cached(("demo", d.model_dump_json()), lambda: load_split(d, split="train"))
-            return _cached(("demo-part", d.model_dump_json(), site.partition_id),
-                           lambda: site_partition(d, full, site_index=int(site.partition_id))).images
-        if fmt == "synthetic":
-            seed = int(rc.partition.get("seed", 0)) if site.partition_id is not None else zlib.crc32(site.site_id.encode())
-            full = _cached(("synthetic", seed), lambda: load_dataset(name="synthetic", split="train", seed=seed))
-        else:
-            if site.data_path is None:
-                raise SiteError("node config has no data-path; start the site with fedcl-client --data PATH")
-            if fmt == "auto":
-                fmt = _detect_format(site.data_path)
-            full = _cached((fmt, str(site.data_path)),
-                           lambda: load_dataset(name=fmt, path=site.data_path, split="train"))
-        if site.partition_id is not None:
-            settings = {k: v for k, v in rc.partition.items() if k in DataSettings.model_fields}
-            settings.update(name=fmt if fmt != "auto" else "folder", path=None, num_sites=site.num_partitions)
-            d = DataSettings.model_validate(settings)
-            full = _cached(("part", fmt, str(site.data_path), d.model_dump_json(), site.partition_id),
-                           lambda: site_partition(d, full, site_index=int(site.partition_id)))
-        images = first_n(full, site.max_images, seed=zlib.crc32(site.site_id.encode())).images
-    except DataError as exc:
-        raise SiteError(f"site {site.site_id}: {exc}") from None
+    images = load_site_data(site, rc, simulated).images
     if images.shape[0] == 0:
         raise SiteError(f"site {site.site_id} has no images at {site.data_path}")
     return images

@@ -1,9 +1,7 @@
-"""A site's patient ids: the ``groups`` that go with ``client.app.load_site_images``.
+"""A site's training data: the one place that decides which images (and patient ids) a site uses.
 
-``load_site_data`` follows exactly the choices of ``client.app.load_site_images`` (same caches,
-partition and ``max-images`` subset) but keeps the whole ImageSet, so the ids stay aligned with
-the images; tests/client/test_site_data.py checks that both return the same images. Once
-client/app.py is free to change, ``load_site_images`` can become ``load_site_data(...).images``.
+``client.app.load_site_images`` is ``load_site_data(...).images``, so the ids stay aligned with
+the images; tests/client/test_site_data.py checks that both agree.
 """
 
 from __future__ import annotations
