@@ -250,18 +250,31 @@ def _die_with_parent() -> None:  # runs in the child before exec (Linux): no orp
         pass
 
 
-# flower-supernode's exit code 305 (SuperLink refused or unreachable), as the 8-bit status a process gets
-SUPERNODE_CONNECTION_ERROR = 305 & 0xFF
-NODE_AUTH_HINT = ("Flower's code 305, no connection to the SuperLink; if the log above says 'Failed to activate "
-                  "SuperNode', the coordinator has not registered this site's SuperNode key "
-                  "(server.supernode_keys), or has revoked the site")
+# What flower-supernode prints when a SuperLink with SuperNode authentication does not know its key
+# (Flower's ApiError 2004; the process then exits with status 1, like many other failures).
+NODE_REFUSED = "Failed to activate SuperNode"
+NODE_REFUSED_HINT = ("the SuperLink refused this SuperNode's key: the coordinator has not registered it "
+                     "(server.supernode_keys) or has revoked this site (server.revoked_sites); check --node-key")
+
+
+def _forward(stream, hints: dict[str, str]) -> None:
+    """Copy the SuperNode's output to ours, adding a hint after a line that contains a known pattern."""
+    said: set[str] = set()
+    for raw in iter(stream.readline, b""):
+        sys.stdout.buffer.write(raw)
+        text = raw.decode("utf-8", "replace")
+        for pattern, hint in hints.items():
+            if pattern in text and pattern not in said:
+                said.add(pattern)
+                sys.stdout.buffer.write(f"fedcl-client: {hint}\n".encode())
+        sys.stdout.flush()
 
 
 def supervise(argv: list[str], *, rejoin: bool, min_delay: float = 1.0, max_delay: float = 30.0,
-              exit_hints: dict[int, str] | None = None) -> int:
+              output_hints: dict[str, str] | None = None) -> int:
     """Run the SuperNode; when it exits on its own (a restarted SuperLink no longer knows this node
     and refuses it), start it again with backoff, so the site rejoins the resumed run.
-    ``exit_hints``: what to tell the user when the SuperNode exits with that status."""
+    ``output_hints``: {text the SuperNode may print: what to tell the user when it does}."""
     stop = threading.Event()
     child: subprocess.Popen | None = None
 
@@ -275,12 +288,19 @@ def supervise(argv: list[str], *, rejoin: bool, min_delay: float = 1.0, max_dela
     try:
         while True:
             started = time.time()
-            child = subprocess.Popen(argv, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+            piped = subprocess.PIPE if output_hints else None
+            child = subprocess.Popen(argv, preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                                     stdout=piped, stderr=subprocess.STDOUT if piped else None,
+                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            forwarder = None
+            if output_hints:  # a thread: the SuperNode's own children may hold the pipe open after it exits
+                forwarder = threading.Thread(target=_forward, args=(child.stdout, output_hints), daemon=True)
+                forwarder.start()
             code = child.wait()
+            if forwarder is not None:
+                forwarder.join(timeout=2.0)  # what it printed before exiting comes out before what we print
             if stop.is_set():
                 return 0
-            if exit_hints and code in exit_hints:
-                print(f"fedcl-client: the SuperNode exited with status {code}: {exit_hints[code]}", flush=True)
             if not rejoin:
                 return code
             if time.time() - started > 120:
@@ -315,8 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fedcl-client: site {args.site_id} joining {supernode_argv[2]} "
           f"({'insecure' if args.insecure else 'TLS'})", flush=True)
 
-    hints = {SUPERNODE_CONNECTION_ERROR: NODE_AUTH_HINT} if args.node_key is not None else None
-    return supervise(supernode_argv, rejoin=not args.no_rejoin, exit_hints=hints)
+    hints = {NODE_REFUSED: NODE_REFUSED_HINT} if args.node_key is not None else None
+    return supervise(supernode_argv, rejoin=not args.no_rejoin, output_hints=hints)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -186,9 +187,27 @@ def test_fedcl_client_with_the_wrong_ca_stops_with_one_clear_message(tmp_path, t
 
 
 def test_supervisor_explains_a_refused_supernode(tmp_path):
+    # what flower-supernode prints (and its status) when the SuperLink does not know its key
+    child = "print('[code: 2004] Failed to activate SuperNode.'); import sys; sys.exit(1)"
     proc = subprocess.run([sys.executable, "-c", (
-        "import sys; from client.cli import supervise, NODE_AUTH_HINT, SUPERNODE_CONNECTION_ERROR as E;"
-        "sys.exit(supervise([sys.executable, '-c', 'import sys; sys.exit(305)'], rejoin=False,"
-        " exit_hints={E: NODE_AUTH_HINT}))")], capture_output=True, text=True, timeout=60, cwd=REPO)
-    assert proc.returncode == 305 % 256  # what flower-supernode's exit code 305 becomes
-    assert f"exited with status {305 % 256}" in proc.stdout and "SuperNode key" in proc.stdout
+        "import sys; from client.cli import supervise, NODE_REFUSED, NODE_REFUSED_HINT;"
+        f"sys.exit(supervise([sys.executable, '-c', {child!r}], rejoin=False,"
+        " output_hints={NODE_REFUSED: NODE_REFUSED_HINT}))")], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 1
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "[code: 2004] Failed to activate SuperNode."  # Flower's own line, passed on
+    assert lines[1].startswith("fedcl-client: the SuperLink refused this SuperNode's key")
+
+
+def test_supervisor_restarts_a_refused_supernode_whose_children_linger(tmp_path):
+    """flower-supernode leaves its SuperExec running (holding the output pipe) when it exits: the
+    supervisor must notice the exit itself, not wait for the end of the output."""
+    linger = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)'])"
+    child = f"{linger}; print('[code: 2004] Failed to activate SuperNode.'); sys.exit(1)"
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", (
+        "import sys; from client.cli import supervise, NODE_REFUSED, NODE_REFUSED_HINT;"
+        f"sys.exit(supervise([sys.executable, '-c', {child!r}], rejoin=False,"
+        " output_hints={NODE_REFUSED: NODE_REFUSED_HINT}))")], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 1 and time.monotonic() - t0 < 20
+    assert "refused this SuperNode's key" in proc.stdout
