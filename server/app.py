@@ -242,10 +242,8 @@ def release_phase(grid: Grid, *, rnd: int, train_messages: list[Message], arrays
         body = RecordDict({ARRAYS_KEY: arrays, **content})
         queries.append(Message(content=body, dst_node_id=m.metadata.dst_node_id, message_type=MessageType.QUERY))
     replies = list(grid.send_and_receive(queries, timeout=timeout))
-    sites, _, errors = _site_metrics(replies)
-    answered = {r.metadata.src_node_id for r in replies}
-    errors += [f"node {q.metadata.dst_node_id}: no release reply within {timeout:g} s"
-               for q in queries if q.metadata.dst_node_id not in answered]
+    sites, _, errors = _site_metrics(replies, queries)
+    errors += _unanswered(queries, replies, timeout, "release reply")
     info.update(sites_ok=len(sites), sites_failed=len(errors), errors=errors,
                 pushed=int(sum(m.get("pushed", 0.0) for m in sites.values())))
     if mode == "prototypes":
@@ -273,14 +271,21 @@ def release_phase(grid: Grid, *, rnd: int, train_messages: list[Message], arrays
     return info
 
 
-def _site_metrics(replies: list[Message]) -> tuple[dict[str, dict[str, float]], dict[str, dict], list[str]]:
-    """Per-site metrics and ledger summaries of the good replies; reasons of the failed ones."""
+def _site_metrics(replies: list[Message], sent: list[Message] | None = None,
+                  ) -> tuple[dict[str, dict[str, float]], dict[str, dict], list[str]]:
+    """Per-site metrics and ledger summaries of the good replies; reasons of the failed ones.
+
+    ``sent``: the messages the replies answer. An error reply Flower writes itself (a node whose
+    heartbeat expired) comes from Flower's node, not the site's; it is named by the message it answers.
+    """
+    dst = {m.metadata.message_id: m.metadata.dst_node_id for m in sent or []}
     sites: dict[str, dict[str, float]] = {}
     ledgers: dict[str, dict] = {}
     errors: list[str] = []
     for reply in replies:
         if reply.has_error():
-            errors.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
+            node = dst.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+            errors.append(f"node {node}: {reply.error.reason}")
             continue
         site_id, ledger = parse_site_record(reply.content.config_records.get(SITE_KEY))
         site_id = site_id or f"node-{reply.metadata.src_node_id}"
@@ -289,6 +294,13 @@ def _site_metrics(replies: list[Message]) -> tuple[dict[str, dict[str, float]], 
         if ledger:
             ledgers[site_id] = ledger
     return sites, ledgers, errors
+
+
+def _unanswered(sent: list[Message], replies: list[Message], timeout: float, what: str = "reply") -> list[str]:
+    """A reason for each message that got no reply at all (matched by message id, not by node)."""
+    answered = {r.metadata.reply_to_message_id for r in replies}
+    return [f"node {m.metadata.dst_node_id}: no {what} within {timeout:g} s"
+            for m in sent if m.metadata.message_id not in answered]
 
 
 def _weighted(sites: dict[str, dict[str, float]], key: str) -> float | None:
@@ -458,11 +470,8 @@ def run_federation(
                 release_info = release_phase(grid, rnd=rnd, train_messages=messages, arrays=arrays, rc=rc, cfg=cfg,
                                              model=model, queue=queue, state=release_state, timeout=round_timeout)
             replies = list(grid.send_and_receive(messages, timeout=round_timeout))
-            sites, new_ledgers, errors = _site_metrics(replies)
-            answered = {r.metadata.src_node_id for r in replies}
-            for m in messages:  # a site that neither replied nor errored before the timeout failed too
-                if m.metadata.dst_node_id not in answered:
-                    errors.append(f"node {m.metadata.dst_node_id}: no reply within {round_timeout:g} s")
+            sites, new_ledgers, errors = _site_metrics(replies, messages)
+            errors += _unanswered(messages, replies, round_timeout)  # neither replied nor errored in time
             for reason in errors:
                 log.warning("round %d: a site failed: %s", rnd, reason)
             if not sites and errors and all(BUDGET_REFUSAL in e for e in errors):

@@ -209,6 +209,31 @@ def test_a_failed_site_drops_out_of_its_round_only(tmp_path, federation):
     assert "crashed" in record["errors"][0]
 
 
+class FlowerErrorGrid(InProcessGrid):
+    """Answers node 202 the way Flower does when a node's heartbeat expires: an error reply that
+    Flower's own node (id 1) writes, not the site."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            if msg.metadata.dst_node_id == 202:
+                reply = Message(Error(code=3, reason="Node Unavailable"), reply_to=msg)
+                reply.metadata.__dict__["_src_node_id"] = 1
+                replies.append(reply)
+            else:
+                replies.extend(super().send_and_receive([msg], timeout=timeout))
+        return replies
+
+
+def test_a_site_flower_reports_unavailable_is_counted_once_under_its_node(tmp_path, federation):
+    cfg, link, simulated, sites, _ = federation
+    result = run_federation(FlowerErrorGrid(sites, simulated), config=_with_rounds(cfg, 1),
+                            out_dir=tmp_path / "out", queue=link)
+    record = result.history[0]
+    assert record["sites_failed"] == 1 and record["errors"] == ["node 202: Node Unavailable"]
+
+
 def test_no_site_completing_a_round_stops_the_run(tmp_path, federation):
     cfg, link, simulated, sites, _ = federation
     with pytest.raises(FederationError, match="no site completed"):
