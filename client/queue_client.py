@@ -114,7 +114,7 @@ class QueueClient:
                 part = data[start : start + step]
                 yield queue_pb2.PushChunk(
                     rows=part.shape[0], dim=dim, dtype=wire_enum, data=part.tobytes(),
-                    round=round, model_version=model_version, request_id=request_id,
+                    round=round, model_version=model_version, request_id=request_id, total_rows=rows,
                 )
 
         reply = self._call("Push", lambda: self._stub.Push(chunks(), timeout=self.timeout, metadata=self._metadata))

@@ -29,7 +29,7 @@ import numpy as np
 
 __all__ = ["EmbeddingQueue", "QueueError", "QueueSample", "SnapshotError"]
 
-_CODES = frozenset({"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "NOT_FOUND"})
+_CODES = frozenset({"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "NOT_FOUND", "ABORTED"})
 _DTYPES = {"float16": np.dtype(np.float16), "float32": np.dtype(np.float32)}
 _MAX_ROUND = np.iinfo(np.int32).max  # rounds are stored as int32
 _MAX_SITE_ID_LEN = 128

@@ -139,6 +139,10 @@ class QueueHandlers:
             parts.append(np.frombuffer(chunk.data, dtype=wire).reshape(chunk.rows, chunk.dim))  # (rows, dim)
         if first is None or total == 0:
             raise QueueError("INVALID_ARGUMENT", "empty push: send at least one embedding")
+        if first.total_rows and total != first.total_rows:
+            # gRPC can end a cancelled client stream as if it were complete: only the count tells
+            raise QueueError("ABORTED", f"push stream ended after {total} of its {first.total_rows} rows; "
+                                        "nothing stored (retry the push)")
         embeddings = parts[0] if len(parts) == 1 else np.concatenate(parts)  # (N, dim)
         key = (principal.site_id, first.request_id)
         with self._push_lock:

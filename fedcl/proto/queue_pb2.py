@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x66\x65\x64\x63l/proto/queue.proto\x12\x0e\x66\x65\x64\x63l.queue.v1\"\x94\x01\n\tPushChunk\x12\x0c\n\x04rows\x18\x01 \x01(\r\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12$\n\x05\x64type\x18\x03 \x01(\x0e\x32\x15.fedcl.queue.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\r\n\x05round\x18\x05 \x01(\x03\x12\x15\n\rmodel_version\x18\x06 \x01(\x03\x12\x12\n\nrequest_id\x18\x07 \x01(\t\">\n\tPushReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x04\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x11\n\tduplicate\x18\x03 \x01(\x08\"x\n\rSampleRequest\x12\t\n\x01k\x18\x01 \x01(\r\x12\x14\n\x07max_age\x18\x02 \x01(\rH\x00\x88\x01\x01\x12$\n\x05\x64type\x18\x03 \x01(\x0e\x32\x15.fedcl.queue.v1.DType\x12\x14\n\x0c\x65xclude_site\x18\x04 \x01(\tB\n\n\x08_max_age\"k\n\x0bSampleChunk\x12\x0c\n\x04rows\x18\x01 \x01(\r\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12$\n\x05\x64type\x18\x03 \x01(\x0e\x32\x15.fedcl.queue.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\r\n\x05total\x18\x05 \x01(\x04\"\x1f\n\x0e\x41\x64vanceRequest\x12\r\n\x05round\x18\x01 \x01(\x03\"D\n\x0c\x41\x64vanceReply\x12\x0f\n\x07\x65victed\x18\x01 \x01(\x04\x12\x15\n\rcurrent_round\x18\x02 \x01(\x03\x12\x0c\n\x04size\x18\x03 \x01(\x04\"\x0e\n\x0cStatsRequest\"\xca\x03\n\nStatsReply\x12\x0c\n\x04size\x18\x01 \x01(\x04\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\x04\x12\x0b\n\x03\x64im\x18\x03 \x01(\r\x12$\n\x05\x64type\x18\x04 \x01(\x0e\x32\x15.fedcl.queue.v1.DType\x12\x15\n\rcurrent_round\x18\x05 \x01(\x03\x12\x15\n\rmax_staleness\x18\x06 \x01(\r\x12\x16\n\x0eper_site_quota\x18\x07 \x01(\x04\x12\x39\n\x08per_site\x18\x08 \x03(\x0b\x32\'.fedcl.queue.v1.StatsReply.PerSiteEntry\x12\x14\n\x0cpushed_total\x18\t \x01(\x04\x12\x18\n\x10\x65victed_capacity\x18\n \x01(\x04\x12\x15\n\revicted_quota\x18\x0b \x01(\x04\x12\x19\n\x11\x65victed_staleness\x18\x0c \x01(\x04\x12\x19\n\x0coldest_round\x18\r \x01(\x03H\x00\x88\x01\x01\x12\x19\n\x0cnewest_round\x18\x0e \x01(\x03H\x01\x88\x01\x01\x1a.\n\x0cPerSiteEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x42\x0f\n\r_oldest_roundB\x0f\n\r_newest_round*D\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT16\x10\x01\x12\x11\n\rDTYPE_FLOAT32\x10\x02\x32\xa4\x02\n\x0e\x45mbeddingQueue\x12>\n\x04Push\x12\x19.fedcl.queue.v1.PushChunk\x1a\x19.fedcl.queue.v1.PushReply(\x01\x12\x46\n\x06Sample\x12\x1d.fedcl.queue.v1.SampleRequest\x1a\x1b.fedcl.queue.v1.SampleChunk0\x01\x12G\n\x07\x41\x64vance\x12\x1e.fedcl.queue.v1.AdvanceRequest\x1a\x1c.fedcl.queue.v1.AdvanceReply\x12\x41\n\x05Stats\x12\x1c.fedcl.queue.v1.StatsRequest\x1a\x1a.fedcl.queue.v1.StatsReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x66\x65\x64\x63l/proto/queue.proto\x12\x0e\x66\x65\x64\x63l.queue.v1\"\xa8\x01\n\tPushChunk\x12\x0c\n\x04rows\x18\x01 \x01(\r\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12$\n\x05\x64type\x18\x03 \x01(\x0e\x32\x15.fedcl.queue.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\r\n\x05round\x18\x05 \x01(\x03\x12\x15\n\rmodel_version\x18\x06 \x01(\x03\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x12\n\ntotal_rows\x18\x08 \x01(\x04\">\n\tPushReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x04\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x11\n\tduplicate\x18\x03 \x01(\x08\"x\n\rSampleRequest\x12\t\n\x01k\x18\x01 \x01(\r\x12\x14\n\x07max_age\x18\x02 \x01(\rH\x00\x88\x01\x01\x12$\n\x05\x64type\x18\x03 \x01(\x0e\x32\x15.fedcl.queue.v1.DType\x12\x14\n\x0c\x65xclude_site\x18\x04 \x01(\tB\n\n\x08_max_age\"k\n\x0bSampleChunk\x12\x0c\n\x04rows\x18\x01 \x01(\r\x12\x0b\n\x03\x64im\x18\x02 \x01(\r\x12$\n\x05\x64type\x18\x03 \x01(\x0e\x32\x15.fedcl.queue.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\r\n\x05total\x18\x05 \x01(\x04\"\x1f\n\x0e\x41\x64vanceRequest\x12\r\n\x05round\x18\x01 \x01(\x03\"D\n\x0c\x41\x64vanceReply\x12\x0f\n\x07\x65victed\x18\x01 \x01(\x04\x12\x15\n\rcurrent_round\x18\x02 \x01(\x03\x12\x0c\n\x04size\x18\x03 \x01(\x04\"\x0e\n\x0cStatsRequest\"\xca\x03\n\nStatsReply\x12\x0c\n\x04size\x18\x01 \x01(\x04\x12\x10\n\x08\x63\x61pacity\x18\x02 \x01(\x04\x12\x0b\n\x03\x64im\x18\x03 \x01(\r\x12$\n\x05\x64type\x18\x04 \x01(\x0e\x32\x15.fedcl.queue.v1.DType\x12\x15\n\rcurrent_round\x18\x05 \x01(\x03\x12\x15\n\rmax_staleness\x18\x06 \x01(\r\x12\x16\n\x0eper_site_quota\x18\x07 \x01(\x04\x12\x39\n\x08per_site\x18\x08 \x03(\x0b\x32\'.fedcl.queue.v1.StatsReply.PerSiteEntry\x12\x14\n\x0cpushed_total\x18\t \x01(\x04\x12\x18\n\x10\x65victed_capacity\x18\n \x01(\x04\x12\x15\n\revicted_quota\x18\x0b \x01(\x04\x12\x19\n\x11\x65victed_staleness\x18\x0c \x01(\x04\x12\x19\n\x0coldest_round\x18\r \x01(\x03H\x00\x88\x01\x01\x12\x19\n\x0cnewest_round\x18\x0e \x01(\x03H\x01\x88\x01\x01\x1a.\n\x0cPerSiteEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x42\x0f\n\r_oldest_roundB\x0f\n\r_newest_round*D\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT16\x10\x01\x12\x11\n\rDTYPE_FLOAT32\x10\x02\x32\xa4\x02\n\x0e\x45mbeddingQueue\x12>\n\x04Push\x12\x19.fedcl.queue.v1.PushChunk\x1a\x19.fedcl.queue.v1.PushReply(\x01\x12\x46\n\x06Sample\x12\x1d.fedcl.queue.v1.SampleRequest\x1a\x1b.fedcl.queue.v1.SampleChunk0\x01\x12G\n\x07\x41\x64vance\x12\x1e.fedcl.queue.v1.AdvanceRequest\x1a\x1c.fedcl.queue.v1.AdvanceReply\x12\x41\n\x05Stats\x12\x1c.fedcl.queue.v1.StatsRequest\x1a\x1a.fedcl.queue.v1.StatsReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,26 +33,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STATSREPLY_PERSITEENTRY']._loaded_options = None
   _globals['_STATSREPLY_PERSITEENTRY']._serialized_options = b'8\001'
-  _globals['_DTYPE']._serialized_start=1069
-  _globals['_DTYPE']._serialized_end=1137
+  _globals['_DTYPE']._serialized_start=1089
+  _globals['_DTYPE']._serialized_end=1157
   _globals['_PUSHCHUNK']._serialized_start=44
-  _globals['_PUSHCHUNK']._serialized_end=192
-  _globals['_PUSHREPLY']._serialized_start=194
-  _globals['_PUSHREPLY']._serialized_end=256
-  _globals['_SAMPLEREQUEST']._serialized_start=258
-  _globals['_SAMPLEREQUEST']._serialized_end=378
-  _globals['_SAMPLECHUNK']._serialized_start=380
-  _globals['_SAMPLECHUNK']._serialized_end=487
-  _globals['_ADVANCEREQUEST']._serialized_start=489
-  _globals['_ADVANCEREQUEST']._serialized_end=520
-  _globals['_ADVANCEREPLY']._serialized_start=522
-  _globals['_ADVANCEREPLY']._serialized_end=590
-  _globals['_STATSREQUEST']._serialized_start=592
-  _globals['_STATSREQUEST']._serialized_end=606
-  _globals['_STATSREPLY']._serialized_start=609
-  _globals['_STATSREPLY']._serialized_end=1067
-  _globals['_STATSREPLY_PERSITEENTRY']._serialized_start=987
-  _globals['_STATSREPLY_PERSITEENTRY']._serialized_end=1033
-  _globals['_EMBEDDINGQUEUE']._serialized_start=1140
-  _globals['_EMBEDDINGQUEUE']._serialized_end=1432
+  _globals['_PUSHCHUNK']._serialized_end=212
+  _globals['_PUSHREPLY']._serialized_start=214
+  _globals['_PUSHREPLY']._serialized_end=276
+  _globals['_SAMPLEREQUEST']._serialized_start=278
+  _globals['_SAMPLEREQUEST']._serialized_end=398
+  _globals['_SAMPLECHUNK']._serialized_start=400
+  _globals['_SAMPLECHUNK']._serialized_end=507
+  _globals['_ADVANCEREQUEST']._serialized_start=509
+  _globals['_ADVANCEREQUEST']._serialized_end=540
+  _globals['_ADVANCEREPLY']._serialized_start=542
+  _globals['_ADVANCEREPLY']._serialized_end=610
+  _globals['_STATSREQUEST']._serialized_start=612
+  _globals['_STATSREQUEST']._serialized_end=626
+  _globals['_STATSREPLY']._serialized_start=629
+  _globals['_STATSREPLY']._serialized_end=1087
+  _globals['_STATSREPLY_PERSITEENTRY']._serialized_start=1007
+  _globals['_STATSREPLY_PERSITEENTRY']._serialized_end=1053
+  _globals['_EMBEDDINGQUEUE']._serialized_start=1160
+  _globals['_EMBEDDINGQUEUE']._serialized_end=1452
 # @@protoc_insertion_point(module_scope)

@@ -17,7 +17,7 @@ DTYPE_FLOAT16: DType
 DTYPE_FLOAT32: DType
 
 class PushChunk(_message.Message):
-    __slots__ = ("rows", "dim", "dtype", "data", "round", "model_version", "request_id")
+    __slots__ = ("rows", "dim", "dtype", "data", "round", "model_version", "request_id", "total_rows")
     ROWS_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,7 @@ class PushChunk(_message.Message):
     ROUND_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_ROWS_FIELD_NUMBER: _ClassVar[int]
     rows: int
     dim: int
     dtype: DType
@@ -32,7 +33,8 @@ class PushChunk(_message.Message):
     round: int
     model_version: int
     request_id: str
-    def __init__(self, rows: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[bytes] = ..., round: _Optional[int] = ..., model_version: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    total_rows: int
+    def __init__(self, rows: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[bytes] = ..., round: _Optional[int] = ..., model_version: _Optional[int] = ..., request_id: _Optional[str] = ..., total_rows: _Optional[int] = ...) -> None: ...
 
 class PushReply(_message.Message):
     __slots__ = ("accepted", "size", "duplicate")
