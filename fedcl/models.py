@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import resnet18
 
+from fedcl.fileio import atomic_file
+
 _PREFIXES = ("_module.", "module.", "_orig_mod.")
 
 
@@ -145,19 +147,10 @@ def arrays_to_state(model: nn.Module, arrays: list[np.ndarray]) -> dict[str, tor
 
 def save_encoder(path, *, model: ContrastiveModel, meta: dict[str, Any] | None = None) -> None:
     """Checkpoint that records its architecture; loads with ``torch.load(weights_only=True)``."""
-    import os
-    from pathlib import Path
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": "fedcl-encoder/1", "spec": dict(model.spec), "state_dict": canonical_state_dict(model),
                "meta": dict(meta or {})}
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_file(path) as f:
         torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_encoder(path) -> tuple[ContrastiveModel, dict[str, Any]]:

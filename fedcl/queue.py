@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import threading
 import zipfile
 from dataclasses import dataclass
@@ -26,6 +25,8 @@ from functools import cache
 from pathlib import Path
 
 import numpy as np
+
+from fedcl.fileio import atomic_file
 
 __all__ = ["EmbeddingQueue", "QueueError", "QueueSample", "SnapshotError"]
 
@@ -374,51 +375,36 @@ class EmbeddingQueue:
         Writes the slots in use so far as they lie in memory (views, no copy: a snapshot of a
         1,000,000-row queue needs no second 256 MB); pushes wait while it is written.
         """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with self._lock, os.fdopen(fd, "wb") as f:
-                used = self._high_water
-                arrays = {
-                    "embeddings": self._emb[:used],
-                    "site_index": self._site[:used],
-                    "rounds": self._round[:used],
-                    "model_versions": self._version[:used],
-                    "seq": self._seq[:used],
-                    "valid": self._valid[:used],
-                }
-                header = {
-                    "format": SNAPSHOT_FORMAT,
-                    "version": SNAPSHOT_VERSION,
-                    "dim": self.dim,
-                    "capacity": self.capacity,
-                    "per_site_quota": self.per_site_quota,
-                    "max_staleness": self.max_staleness,
-                    "dtype": self.dtype,
-                    "norm_tolerance": self.norm_tolerance,
-                    "fixed_sites": self.fixed_sites,
-                    "site_names": list(self._site_names),
-                    "size": self._size,
-                    "current_round": self._current_round,
-                    "next_seq": self._next_seq,
-                    "pushed_total": self._pushed_total,
-                    "evicted": dict(self._evicted),
-                    "sha256": _checksum(arrays),
-                }
-                header_bytes = np.frombuffer(json.dumps(header, sort_keys=True).encode("utf-8"), dtype=np.uint8)
-                np.savez(f, header=header_bytes, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # make the rename itself durable
-        finally:
-            os.close(dir_fd)
+        with self._lock, atomic_file(path) as f:
+            used = self._high_water
+            arrays = {
+                "embeddings": self._emb[:used],
+                "site_index": self._site[:used],
+                "rounds": self._round[:used],
+                "model_versions": self._version[:used],
+                "seq": self._seq[:used],
+                "valid": self._valid[:used],
+            }
+            header = {
+                "format": SNAPSHOT_FORMAT,
+                "version": SNAPSHOT_VERSION,
+                "dim": self.dim,
+                "capacity": self.capacity,
+                "per_site_quota": self.per_site_quota,
+                "max_staleness": self.max_staleness,
+                "dtype": self.dtype,
+                "norm_tolerance": self.norm_tolerance,
+                "fixed_sites": self.fixed_sites,
+                "site_names": list(self._site_names),
+                "size": self._size,
+                "current_round": self._current_round,
+                "next_seq": self._next_seq,
+                "pushed_total": self._pushed_total,
+                "evicted": dict(self._evicted),
+                "sha256": _checksum(arrays),
+            }
+            header_bytes = np.frombuffer(json.dumps(header, sort_keys=True).encode("utf-8"), dtype=np.uint8)
+            np.savez(f, header=header_bytes, **arrays)
 
     @classmethod
     def restore(cls, path: str | os.PathLike) -> EmbeddingQueue:

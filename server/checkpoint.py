@@ -11,13 +11,13 @@ folder; read with ``torch.load(weights_only=True)`` (tensors and plain container
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from fedcl.fileio import atomic_file
 
 CHECKPOINT_FORMAT = "fedcl-federation/1"
 CHECKPOINT_NAME = "federation.pt"
@@ -67,30 +67,11 @@ def _plain(value: Any) -> Any:
     raise TypeError(f"checkpoint field of type {type(value).__name__} is not a plain value")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(path: Path, checkpoint: FederationCheckpoint) -> Path:
     """Write ``checkpoint`` to ``path`` atomically: a crash leaves the old file or the new one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(checkpoint.to_payload(), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
+    with atomic_file(path) as f:
+        torch.save(checkpoint.to_payload(), f)
+    return Path(path)
 
 
 def load_checkpoint(path: Path) -> FederationCheckpoint:

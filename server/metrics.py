@@ -16,9 +16,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from fedcl.fileio import atomic_file
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -50,13 +51,9 @@ class MetricsLog:
 
     def reset(self, history: list[dict[str, Any]]) -> None:
         """Rewrite the file to exactly ``history`` (on resume: drop records past the checkpoint)."""
-        fd, tmp = tempfile.mkstemp(dir=self.out_dir, prefix=".metrics.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
+        with atomic_file(self.path, "w") as f:
             for record in history:
                 f.write(json.dumps(record, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:

@@ -17,7 +17,6 @@ import functools
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,8 @@ from typing import Any
 import numpy as np
 from opacus.accountants import RDPAccountant, create_accountant
 from opacus.accountants.analysis import rdp as rdp_analysis
+
+from fedcl.fileio import atomic_file
 
 FORMAT = "fedcl-privacy-ledger/1"
 MODEL_UPDATES = "model_updates"
@@ -356,25 +357,9 @@ class PrivacyLedger:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write JSON atomically: temp file in the same folder, fsync, rename, fsync folder."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         data = json.dumps(self.state_dict(), indent=1, allow_nan=False)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        with atomic_file(path, "w", encoding="utf-8") as f:
+            f.write(data)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> PrivacyLedger:
