@@ -198,6 +198,9 @@ def _run_one(*, sites: int, overrides: list[str], work_dir: Path, timeout: float
             cause = next(t for t in RAY_START_TIMEOUTS if t in log_text)
             tail = f"... Ray did not start: ray.init( ... {cause} ...\n{tail}"  # keep the cause in the message
         raise RuntimeError(f"{sites} sites: the simulation failed (exit {proc.returncode}); log {log_path}:\n{tail}")
+    records = metrics.read_text().splitlines() if metrics.exists() else []
+    if len(records) > done:  # the last record and the exit fell between two polls: CPU as last sampled
+        cpu_at[len(records)] = (json.loads(records[-1])["time"], sampler.cpu())
     res = json.loads(result_path.read_text())
     rounds = res["rounds"]
     failed = [r for r in rounds if r["sites_ok"] != sites or r["sites_failed"]]
