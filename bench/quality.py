@@ -51,6 +51,10 @@ METHODS: dict[str, FedMethod | str] = {
     # model they just received, before anyone trains), only this round's entries, one warm-up round
     "fedcl": FedMethod(queue=True, release="raw", key_encoder="global", fresh_push=True, max_staleness=0),
     "fedcl_noqueue": FedMethod(queue=False, key_encoder="global"),
+    # the queue as the only source of negatives (as under DP-SGD): a site's negatives then come
+    # from every site's data, as a centralized batch's do, not from its own 2 classes
+    "fedcl_qonly": FedMethod(queue=True, release="raw", in_batch_negatives=False, warmup_rounds=0,
+                             fresh_push=True, max_staleness=0),
     "fedcl_m05": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0, server_momentum=0.5),
     "fedcl_m09": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0, server_momentum=0.9),
     # DP-SGD has no in-batch negatives, so no warm-up: the release phase fills the queue in round 1

@@ -271,6 +271,22 @@ def release_phase(grid: Grid, *, rnd: int, train_messages: list[Message], arrays
     return info
 
 
+def wait_for_sites(grid: Grid, minimum: int, *, poll_s: float = 1.0, log_every_s: float = 30.0) -> int:
+    """Block until ``minimum`` SuperNodes are connected; returns how many are.
+
+    Flower's FedAvg sizes its sample from the nodes connected when it is called and only then
+    waits for ``min_available_nodes``: called while sites are still connecting, it would train
+    round 1 on the few that came first. Waiting here first makes fraction_train count them all.
+    """
+    last_log = -math.inf
+    while (connected := len(list(grid.get_node_ids()))) < minimum:
+        if time.monotonic() - last_log >= log_every_s:
+            log.info("waiting for sites: %d of federation.min_available_nodes = %d connected", connected, minimum)
+            last_log = time.monotonic()
+        time.sleep(poll_s)
+    return connected
+
+
 def _site_metrics(replies: list[Message], sent: list[Message] | None = None,
                   ) -> tuple[dict[str, dict[str, float]], dict[str, dict], list[str]]:
     """Per-site metrics and ledger summaries of the good replies; reasons of the failed ones.
@@ -451,6 +467,7 @@ def run_federation(
     capacity_warned = False
     try:
         for rnd in range(start, num_rounds + 1):
+            wait_for_sites(grid, cfg.federation.min_available_nodes)
             t0 = time.time()
             queue_at_start: dict[str, Any] = {}
             if queue is not None:

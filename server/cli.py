@@ -435,8 +435,6 @@ def cmd_superlink(args) -> int:
 
 def cmd_serve_queue(args) -> int:
     """The queue service from the fedcl config (tokens, TLS, snapshot in out_dir), until SIGTERM."""
-    import threading
-
     cfg = _resolve_paths(_load(args.config, args.set), out_dir=args.out_dir)
     if args.listen:
         host, port = _host_port(args.listen)
@@ -444,18 +442,13 @@ def cmd_serve_queue(args) -> int:
     if cfg.server.coordinator_token is None and cfg.server.site_tokens:
         raise ServerCliError("a queue service of its own needs server.coordinator_token (the ServerApp uses it)")
     Path(cfg.server.out_dir).mkdir(parents=True, exist_ok=True)
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
-    server, cfg = _start_queue(cfg)
-    _log(f"queue service on {args.listen or cfg.server.queue_host}:{server.port}; snapshot in {cfg.server.out_dir}")
-    try:
-        while not stop.wait(0.5):
-            pass
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        server.stop(grace=5.0)
-        _log("queue service stopped (snapshot written)")
+    from server.queue_service import stop_on_signal
+
+    with stop_on_signal() as stop:  # installed before the start: a SIGTERM during it still stops cleanly
+        server, cfg = _start_queue(cfg)
+        _log(f"queue service on {args.listen or cfg.server.queue_host}:{server.port}; snapshot in {cfg.server.out_dir}")
+        server.serve_until(stop, grace=5.0)
+    _log("queue service stopped (snapshot written)")
     return 0
 
 

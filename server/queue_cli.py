@@ -26,9 +26,7 @@ from __future__ import annotations
 import argparse
 import logging
 import re
-import signal
 import sys
-import threading
 import tomllib
 from pathlib import Path
 from typing import Literal
@@ -205,7 +203,7 @@ def queue_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = parser.parse_args(argv)
 
-    from server.queue_service import start_queue_server  # grpc only once the arguments are fine
+    from server.queue_service import start_queue_server, stop_on_signal  # grpc only once the arguments are fine
 
     try:
         settings = load_queue_settings(args.config)
@@ -240,22 +238,15 @@ def queue_main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 1
 
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
-    print(
-        f"queue service listening on {settings.host}:{server.port} "
-        f"({'TLS' if tls_cert else 'insecure'}, {len(queue)} entries, round {queue.current_round})",
-        flush=True,
-    )
-    try:
-        while not stop.wait(0.5):
-            pass
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        server.stop(grace=5.0)
-        print(f"queue service stopped ({len(queue)} entries"
-              f"{', snapshot ' + str(settings.snapshot_path) if settings.snapshot_path else ''})", flush=True)
+    with stop_on_signal() as stop:
+        print(
+            f"queue service listening on {settings.host}:{server.port} "
+            f"({'TLS' if tls_cert else 'insecure'}, {len(queue)} entries, round {queue.current_round})",
+            flush=True,
+        )
+        server.serve_until(stop, grace=5.0)
+    print(f"queue service stopped ({len(queue)} entries"
+          f"{', snapshot ' + str(settings.snapshot_path) if settings.snapshot_path else ''})", flush=True)
     return 0
 
 

@@ -15,10 +15,12 @@ import json
 import logging
 import os
 import secrets
+import signal
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from concurrent import futures
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,6 +40,7 @@ __all__ = [
     "QueueHandlers",
     "QueueServer",
     "start_queue_server",
+    "stop_on_signal",
 ]
 
 log = logging.getLogger(__name__)
@@ -445,11 +448,31 @@ class QueueServer:
     def wait(self, timeout: float | None = None) -> bool:
         return self._server.wait_for_termination(timeout)
 
+    def serve_until(self, stop: threading.Event, *, grace: float = 5.0) -> None:
+        """Serve until ``stop`` is set (see ``stop_on_signal``), then stop and snapshot."""
+        try:
+            while not stop.wait(0.5):
+                pass
+        finally:
+            self.stop(grace=grace)
+
     def __enter__(self) -> QueueServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop(grace=1.0)
+
+
+@contextmanager
+def stop_on_signal() -> Iterator[threading.Event]:
+    """An event that SIGTERM or SIGINT sets while the block runs; the old handlers come back after."""
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def start_queue_server(

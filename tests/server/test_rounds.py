@@ -281,3 +281,28 @@ def test_audit_round_records_epsilon_per_site_and_failures(tmp_path):
     assert lines[0]["epsilon"] == 2.5 and lines[0]["dp_bound"] is True
     assert "epsilon" not in lines[1] and lines[1]["dp_bound"] is False  # never a number for a non-DP site
     assert lines[2]["reason"] == "node 7: boom" and all(x["round"] == 3 for x in lines)
+
+
+class ConnectingGrid(InProcessGrid):
+    """Sites that connect one by one: the first call sees one node, each later call one more."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.calls = 0
+
+    def get_node_ids(self):
+        self.calls += 1
+        return list(self.sites)[: min(self.calls, len(self.sites))]
+
+
+def test_round_one_waits_for_min_available_nodes(tmp_path, federation, monkeypatch):
+    """FedAvg sizes its sample from the nodes connected when asked; without the wait, round 1
+    would train on the first site alone although min_available_nodes names both."""
+    cfg, link, simulated, sites, _ = federation
+    monkeypatch.setattr("server.app.time.sleep", lambda s: None)
+    cfg = _with(_with_rounds(cfg, 1), "federation", min_available_nodes=2, min_train_nodes=1, fraction_train=1.0)
+    grid = ConnectingGrid(sites, simulated)
+    result = run_federation(grid, config=cfg, out_dir=tmp_path / "out", queue=link)
+    trained = sorted(m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == "train")
+    assert trained == [101, 202]
+    assert len(result.history[0]["sites"]) == 2
