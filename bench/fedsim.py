@@ -65,6 +65,9 @@ class FedMethod:
     # FedAvgM (Hsu et al. 2019): server momentum on the averaged update; 0 is plain FedAvg.
     # The Flower path gets the same with federation.strategy = "FedAvgM".
     server_momentum: float = 0.0
+    # this many of a site's own images, encoded by the round model, join its negatives (see
+    # fedcl.train.local_round): the negatives then cover every site in proportion
+    own_negatives: int = 0
 
 
 @dataclass(frozen=True)
@@ -138,7 +141,7 @@ def run_local_round(model: ContrastiveModel, images: torch.Tensor, *, negatives:
         lr=recipe.lr if method.lr is None else method.lr, temperature=recipe.temperature,
         in_batch_negatives=method.in_batch_negatives, key_encoder=method.key_encoder, augment=augment,
         num_push=num_push, device=device, seed=seed, dp=dp, online_negatives=method.online_negatives,
-        queue_weight=method.queue_weight,
+        queue_weight=method.queue_weight, own_negatives=method.own_negatives,
     )
 
 

@@ -51,6 +51,11 @@ METHODS: dict[str, FedMethod | str] = {
     # model they just received, before anyone trains), only this round's entries, one warm-up round
     "fedcl": FedMethod(queue=True, release="raw", key_encoder="global", fresh_push=True, max_staleness=0),
     "fedcl_noqueue": FedMethod(queue=False, key_encoder="global"),
+    # the site's own round-model embeddings join the negatives (fedcl.train.local_round own_negatives)
+    "fedcl_own": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0, own_negatives=512),
+    "fedcl_noqueue_own": FedMethod(queue=False, key_encoder="global", own_negatives=512),
+    "fedcl_online_own": FedMethod(queue=True, release="raw", key_encoder="online", fresh_push=True, max_staleness=0,
+                                  own_negatives=512),
     # the queue as the only source of negatives (as under DP-SGD): a site's negatives then come
     # from every site's data, as a centralized batch's do, not from its own 2 classes
     "fedcl_qonly": FedMethod(queue=True, release="raw", in_batch_negatives=False, warmup_rounds=0,

@@ -148,6 +148,7 @@ def local_round(
     online_negatives: bool = False,
     queue_weight: float = 1.0,
     groups: torch.Tensor | None = None,
+    own_negatives: int = 0,
 ) -> LocalRoundResult:
     """Train ``model`` in place on one site's images for ``epochs`` local epochs.
 
@@ -159,6 +160,11 @@ def local_round(
     all their images, and gradients are clipped per patient (``fedcl.privacy.dp``).
     online_negatives, queue_weight: see ``contrastive_loss``; the default (False) is the MoCo-style
     loss where the queue and the other keys of the batch are the only negatives.
+    own_negatives: this many of the site's own images, encoded once by the frozen round model,
+    join the queue's negatives (each batch leaves out its own images). The queue holds other
+    sites' entries only, so without these a site's negatives are all other sites' data and the
+    loss can be lowered by telling sites apart; with them the negatives come from every site in
+    proportion, as a centralized batch's do. Couples examples, so not under DP-SGD.
     """
     device = torch.device(device) if isinstance(device, str) else device
     if dp is not None and in_batch_negatives:
@@ -168,6 +174,10 @@ def local_round(
         raise ValueError("DP-SGD needs online_negatives=False (in-batch negatives couple examples)")
     if queue_weight < 0:
         raise ValueError(f"queue_weight must be >= 0, got {queue_weight}")
+    if own_negatives < 0:
+        raise ValueError(f"own_negatives must be >= 0, got {own_negatives}")
+    if dp is not None and own_negatives:
+        raise ValueError("DP-SGD needs own_negatives=0 (the site's own embeddings as negatives couple examples)")
     gen = torch.Generator().manual_seed(seed)
     aug_gen = torch.Generator(device=device).manual_seed(seed + 1) if device.type == "cuda" else gen
     model.to(device).train()
@@ -176,6 +186,10 @@ def local_round(
         p.requires_grad_(False)
     key_model = round_model if key_encoder == "global" else None
     negs = negatives.to(device).float() if negatives is not None and negatives.numel() > 0 else None
+    own_ids = own_emb = None
+    if own_negatives and images.shape[0] > 0:
+        own_ids = torch.randperm(images.shape[0], generator=gen)[:own_negatives]
+        own_emb = encode(round_model, images[own_ids], device=device, augment=augment, generator=aug_gen).to(device)
 
     optimizer = make_optimizer(model.parameters(), name=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
     n = images.shape[0]
@@ -208,7 +222,11 @@ def local_round(
         x = _to_float(images[idx], device)
         v1, v2 = augment.two_views(x, generator=aug_gen)
         t1 = time.perf_counter()
-        loss = contrastive_loss(train_model, key_model, v1, v2, negatives=negs, temperature=temperature,
+        batch_negs = negs
+        if own_emb is not None:  # the round model's view of this site's other images
+            own = own_emb[~torch.isin(own_ids, idx)]
+            batch_negs = own if negs is None else torch.cat([negs, own])
+        loss = contrastive_loss(train_model, key_model, v1, v2, negatives=batch_negs, temperature=temperature,
                                 in_batch=in_batch_negatives, online_negatives=online_negatives,
                                 queue_weight=queue_weight)
         optimizer.zero_grad(set_to_none=True)
@@ -243,6 +261,7 @@ def local_round(
         "num_examples": float(n),
         "steps": float(steps),
         "negatives_used": float(0 if negs is None else negs.shape[0]),
+        "own_negatives": float(0 if own_emb is None else own_emb.shape[0]),
         "seconds_augment": t_aug,
         "seconds_train": t_step,
         "seconds_encode_push": t_push,

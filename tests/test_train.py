@@ -129,3 +129,41 @@ def test_online_negatives_round_and_refusals(data):
         _round(model, data.images, in_batch_negatives=False, online_negatives=True, dp=object())
     with pytest.raises(ValueError, match="queue_weight"):
         _round(model, data.images, queue_weight=-1.0)
+
+
+def test_own_negatives_leave_out_the_batch_own_images(data, monkeypatch):
+    """Each batch gets the queue plus the round model's embeddings of the site's other images:
+    never an embedding of an image in the batch itself (that would be its own positive)."""
+    import fedcl.train as train_mod
+
+    images = data.images.clone()
+    images[:, 0, 0, 0] = torch.arange(images.shape[0], dtype=torch.uint8)  # pixel (0, 0) names the image
+
+    def fake_encode(model, imgs, **_):  # row = (image index, 1, 0, ...): which images were encoded
+        rows = torch.zeros(imgs.shape[0], 16)
+        rows[:, 0], rows[:, 1] = imgs[:, 0, 0, 0].float(), 1.0
+        return rows
+
+    seen: list[tuple[set, torch.Tensor]] = []
+    real_to_float, real_loss = train_mod._to_float, train_mod.contrastive_loss
+    batch: dict = {}
+    monkeypatch.setattr(train_mod, "encode", fake_encode)
+    monkeypatch.setattr(train_mod, "_to_float", lambda x, d: batch.update(ids=set(x[:, 0, 0, 0].tolist())) or real_to_float(x, d))
+    monkeypatch.setattr(train_mod, "contrastive_loss",
+                        lambda *a, negatives, **k: seen.append((batch["ids"], negatives)) or real_loss(*a, negatives=negatives, **k))
+    queue = F.normalize(torch.randn(64, 16), dim=1)
+    model = build_model(in_channels=1, width=8, proj_dim=16, proj_hidden=32)
+    res = _round(model, images, negatives=queue, own_negatives=96, num_push=0)
+    assert res.metrics["own_negatives"] == 96 and res.metrics["negatives_used"] == 64
+    assert len(seen) == 3
+    for ids, negs in seen:
+        assert torch.equal(negs[:64], queue)  # the queue first, unchanged
+        own = set(negs[64:, 0].long().tolist())
+        assert len(own) == negs.shape[0] - 64 == 96 - len(ids)  # every other image, once
+        assert not own & ids and own | ids == set(range(96))
+
+
+def test_own_negatives_refused_under_dp(data):
+    model = build_model(in_channels=1, width=8)
+    with pytest.raises(ValueError, match="own_negatives"):
+        _round(model, data.images, dp=object(), in_batch_negatives=False, own_negatives=8)
