@@ -21,6 +21,7 @@ Site settings come from Flower's node config (``fedcl-client`` sets them):
     state-dir          where this site keeps state that outlives a round (privacy ledger)
     policy-file        the site's own privacy policy (TOML [policy]); stricter than the server wins
     threads            torch intra-op threads
+    patient-regex      image folders: the pattern that finds each file's patient id in its name
 
 Flower starts a fresh ClientApp process per message in deployment, so nothing here relies on
 memory across rounds: seeds derive from (seed, site, round) and the ledger lives in state-dir.
@@ -87,6 +88,7 @@ class SiteSettings:
     state_dir: Path | None = None
     threads: int | None = None
     policy_file: Path | None = None
+    patient_regex: str | None = None
 
     @classmethod
     def from_node_config(cls, node_config: dict[str, Any]) -> SiteSettings:
@@ -146,6 +148,7 @@ class SiteSettings:
             state_dir=Path(state_dir) if state_dir else None,
             threads=opt_int("threads"),
             policy_file=Path(policy_file) if policy_file else None,
+            patient_regex=opt_str("patient-regex"),
         )
 
 

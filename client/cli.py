@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--partition-id", type=int, help="demo: use this part of a shared data set")
     p.add_argument("--num-partitions", type=int, help="demo: into how many parts the shared data set is split")
     p.add_argument("--max-images", type=int, help="use at most this many images")
+    p.add_argument("--patient-regex", help="image folders: a pattern whose first group, searched in each file name, "
+                   "is the image's patient id (privacy.unit = \"patient\"), e.g. '^(P[0-9]+)_'")
     p.add_argument("--state-dir", type=Path, help="site state (privacy ledger, Flower's app cache); "
                                                  "default ~/.fedcl/sites/SITE")
     p.add_argument("--policy", type=Path, help="the site's privacy policy (TOML [policy]: epsilon_budget, "
@@ -83,6 +85,13 @@ def _split_host_port(value: str, *, default_port: int) -> tuple[str, int]:
     return host, int(port)
 
 
+def _check_patient_regex(pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ClientCliError(f"--patient-regex {pattern!r} is not a valid regular expression: {exc}") from None
+
+
 def _toml_literal(key: str, value: str) -> str:
     if "'" in value or "\n" in value:
         raise ClientCliError(f"{key} may not contain a single quote or a newline: {value!r}")
@@ -105,6 +114,8 @@ def build_supernode_argv(args: argparse.Namespace, *, token_file: Path | None) -
         raise ClientCliError("--insecure and --root-certificates exclude each other")
     if not args.insecure and args.root_certificates is None:
         raise ClientCliError("TLS needs --root-certificates CA.pem (the consortium CA); --insecure for loopback tests")
+    if args.patient_regex is not None:
+        _check_patient_regex(args.patient_regex)
     host, port = _split_host_port(args.server, default_port=DEFAULT_SUPERLINK_PORT)
     rt_host, rt_port = _split_host_port(args.runtime_address, default_port=9094)
 
@@ -123,6 +134,8 @@ def build_supernode_argv(args: argparse.Namespace, *, token_file: Path | None) -
         node["root-certificates"] = str(args.root_certificates.resolve())
     if args.queue_address:
         node["queue-address"] = args.queue_address
+    if args.patient_regex is not None:
+        node["patient-regex"] = args.patient_regex
     if getattr(args, "policy", None) is not None:
         from fedcl.config import ConfigError, load_site_policy
 

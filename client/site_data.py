@@ -46,8 +46,9 @@ def load_site_data(site: SiteSettings, rc: RoundConfig, simulated: SimulatedSite
                 raise SiteError("node config has no data-path; start the site with fedcl-client --data PATH")
             if fmt == "auto":
                 fmt = _detect_format(site.data_path)
-            full = _cached((fmt, str(site.data_path)),
-                           lambda: load_dataset(name=fmt, path=site.data_path, split="train"))
+            full = _cached((fmt, str(site.data_path), site.patient_regex),
+                           lambda: load_dataset(name=fmt, path=site.data_path, split="train",
+                                                group_regex=site.patient_regex))
         if site.partition_id is not None:
             settings = {k: v for k, v in rc.partition.items() if k in DataSettings.model_fields}
             settings.update(name=fmt if fmt != "auto" else "folder", path=None, num_sites=site.num_partitions)

@@ -151,12 +151,16 @@ def load_image_folder(
         labels = torch.tensor([c for _, c in files], dtype=torch.int64)
     groups = None
     if group_regex is not None:
-        pattern = re.compile(group_regex)
+        try:
+            pattern = re.compile(group_regex)
+        except re.error as exc:
+            raise DataError(f"patient-id pattern {group_regex!r} is not a valid regular expression: {exc}") from None
         names = []
         for p, _ in files:
             m = pattern.search(p.stem)
             if m is None:
-                raise DataError(f"{p}: file name does not match group_regex {group_regex!r}")
+                raise DataError(f"{p}: file name does not match the patient-id pattern {group_regex!r}; "
+                                "every image needs its patient id in its name")
             names.append(m.group(1) if m.groups() else m.group(0))
         ids = {name: i for i, name in enumerate(sorted(set(names)))}
         groups = torch.tensor([ids[n] for n in names], dtype=torch.int64)

@@ -24,15 +24,20 @@ def load_dataset(
     num_classes: int = 10,
     image_size: int | None = None,
     channels: int | None = None,
+    group_regex: str | None = None,
 ) -> ImageSet:
     """Load ``split`` of data set ``name``.
 
     fashion-mnist: IDX files under ``path`` (default /usr/share/datasets/fashion-mnist).
     medmnist: the ``.npz`` file at ``path``; splits train/val/test.
     folder: the image folder at ``path``; ``path/<split>`` is used when that folder exists.
+    group_regex (folder only): the patient id of each file, from its name (see load_image_folder).
     synthetic: ``num_images`` images of ``num_classes`` classes (``image_size`` default 28,
     ``channels`` default 1), drawn from ``seed`` and the split, so train and test differ.
     """
+    if group_regex is not None and name != "folder":
+        raise DataError(f"a patient-id pattern applies to image folders only, not to data set {name!r} "
+                        "(a MedMNIST .npz names patients in a train_patients array)")
     if name == "fashion-mnist":
         return load_fashion_mnist(root=path if path is not None else DEFAULT_FASHION_MNIST_ROOT, split=split)
     if name == "medmnist":
@@ -45,7 +50,7 @@ def load_dataset(
         root = Path(path)
         if (root / split).is_dir():
             root = root / split
-        return load_image_folder(path=root, channels=channels, image_size=image_size)
+        return load_image_folder(path=root, channels=channels, image_size=image_size, group_regex=group_regex)
     if name == "synthetic":
         # A different stream for each split: crc32 is stable across processes, unlike hash().
         return make_synthetic(

@@ -48,6 +48,16 @@ def test_node_config_round_trips_through_flowers_parser(tmp_path):
     assert "--token" not in " ".join(argv)  # tokens never on a command line
 
 
+def test_patient_regex_reaches_the_site_as_written(tmp_path):
+    pattern = r"^(P\d+)_[a-z]{2,}"  # backslashes and braces survive Flower's node-config parser
+    args = _parser().parse_args(_argv(tmp_path, "--insecure", "--patient-regex", pattern))
+    argv = build_supernode_argv(args, token_file=None)
+    assert parse_config_args([argv[argv.index("--node-config") + 1]])["patient-regex"] == pattern
+    args = _parser().parse_args(_argv(tmp_path, "--insecure", "--patient-regex", "^(P"))
+    with pytest.raises(ClientCliError, match="--patient-regex .* not a valid regular expression"):
+        build_supernode_argv(args, token_file=None)
+
+
 @pytest.mark.parametrize(("extra", "message"), [
     ((), "root-certificates"),  # TLS is the default
     (("--insecure", "--partition-id", "1"), "num-partitions"),

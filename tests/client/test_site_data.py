@@ -9,7 +9,7 @@ from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import RDPAccountant
 
-from client.app import SiteSettings, load_site_images, train_handler
+from client.app import SiteError, SiteSettings, load_site_images, train_handler
 from client.privacy import plan_round, record_round, release
 from client.protocol import RoundConfig
 from client.site_data import load_site_data, load_site_groups
@@ -114,3 +114,23 @@ def test_patient_unit_refuses_per_image_embedding_releases(tmp_path):
         assert out.shape[0] == 0 and "patient" in rp.push_refused
         record_round(rp, round=1, dp_steps=0, pushed=int(out.shape[0]))
         assert PrivacyLedger.load(tmp_path / "ledger-h.json").channels()["embeddings"]["events"] == 0
+
+
+def test_a_folder_site_names_its_patients_in_file_names(tmp_path):
+    """fedcl-client --patient-regex: the folder loader reads each file's patient id from its name,
+    and the ids stay aligned with the images through max_images."""
+    from PIL import Image
+
+    folder = tmp_path / "site"
+    folder.mkdir()
+    for i in range(N):  # image i holds the value i; patient P<i mod 7>
+        Image.fromarray(np.full((28, 28), i, np.uint8)).save(folder / f"P{i % 7}_scan{i:03d}.png")
+    site = SiteSettings(site_id="h", data_path=folder, data_format="folder", max_images=25,
+                        patient_regex=r"^(P\d+)_")
+    data = load_site_data(site, _rc(), None)
+    stored = data.images[:, 0, 0, 0].long()
+    assert data.images.shape[0] == 25
+    assert torch.equal(data.groups, stored % 7)  # P0..P6 sort as 0..6
+    bad = SiteSettings(site_id="h2", data_path=folder, data_format="folder", patient_regex=r"^Q")
+    with pytest.raises(SiteError, match="patient-id pattern"):
+        load_site_data(bad, _rc(), None)

@@ -67,7 +67,7 @@ def test_flat_unlabeled_folder_groups_and_resize(tmp_path):
     # files sorted by name: P03_scan1, P07_scan1, P07_scan2; groups numbered by sorted id
     assert s.groups.tolist() == [0, 1, 1]
     assert int(s.images[0].min()) == 200
-    with pytest.raises(DataError, match="does not match group_regex"):
+    with pytest.raises(DataError, match="does not match the patient-id pattern"):
         load_image_folder(path=tmp_path, image_size=8, group_regex=r"^Q")
 
 
