@@ -26,7 +26,7 @@ import functools
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -68,6 +68,9 @@ class FedMethod:
     # this many of a site's own images, encoded by the round model, join its negatives (see
     # fedcl.train.local_round): the negatives then cover every site in proportion
     own_negatives: int = 0
+    # the warm-up rounds train FedSimCLR (online keys, in-batch negatives) instead of the frozen
+    # round model's keys: the queue's key encoder then starts from a spread-out head
+    warmup_online: bool = False
 
 
 @dataclass(frozen=True)
@@ -251,7 +254,10 @@ def run_federation(
             elif method.queue and method.release == "prototypes":
                 num_push = n  # every image is a candidate record; the release Poisson-samples them
             model = model_from_state(model_spec, global_state)
-            res = run_local_round(model, images, negatives=negatives, method=method, recipe=recipe, augment=augment,
+            round_method = method
+            if method.warmup_online and r <= method.warmup_rounds:
+                round_method = replace(method, key_encoder="online", in_batch_negatives=True)
+            res = run_local_round(model, images, negatives=negatives, method=round_method, recipe=recipe, augment=augment,
                                   num_push=num_push, device=device, seed=seed * 100_003 + r * 101 + i, dp=dps[i])
             if dps[i] is not None:
                 ledgers[i].record_dpsgd(noise_multiplier=dps[i].noise_multiplier, sample_rate=dps[i].sample_rate,

@@ -60,6 +60,11 @@ METHODS: dict[str, FedMethod | str] = {
     # from every site's data, as a centralized batch's do, not from its own 2 classes
     "fedcl_qonly": FedMethod(queue=True, release="raw", in_batch_negatives=False, warmup_rounds=0,
                              fresh_push=True, max_staleness=0),
+    # FedSimCLR for the warm-up rounds, then the frozen round model's keys and the queue
+    "fedcl_simwarm1": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0, warmup_online=True),
+    "fedcl_simwarm3": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0, warmup_rounds=3,
+                                warmup_online=True),
+    "fedcl_noqueue_simwarm3": FedMethod(queue=False, key_encoder="global", warmup_rounds=3, warmup_online=True),
     "fedcl_m05": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0, server_momentum=0.5),
     "fedcl_m09": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0, server_momentum=0.9),
     # DP-SGD has no in-batch negatives, so no warm-up: the release phase fills the queue in round 1
@@ -95,7 +100,8 @@ MAIN_METHODS = ["random", "local", "fedsimclr", "fedcl", "fedcl_noqueue", "fedcl
 STALENESS_METHODS = ["fedcl", "fedcl_pushafter", "fedcl_pushafter_stale1", "fedcl_online", "fedcl_warmup0",
                      "fedcl_warmup3", "fedcl_stale1", "fedcl_stale4"]
 OWN_NUM_NEGATIVES = {"fedcl_k256", "fedcl_k1024", "fedcl_fresh_k256"}
-SPLITS = {"pathological": {"scheme": "pathological"}, "dirichlet0.1": {"scheme": "dirichlet", "alpha": 0.1},
+SPLITS = {"pathological": {"scheme": "pathological"}, "pathological1": {"scheme": "pathological", "classes_per_site": 1},
+          "dirichlet0.1": {"scheme": "dirichlet", "alpha": 0.1},
           "dirichlet0.5": {"scheme": "dirichlet", "alpha": 0.5}, "iid": {"scheme": "iid"}}
 METRICS = ["knn", "linear", "fewlabel", "alignment", "uniformity"]
 
@@ -114,8 +120,8 @@ class Data:
         g = torch.Generator().manual_seed(10_000 + seed)
         perm = torch.randperm(len(self.train), generator=g)
         public_idx, pool = perm[:public_images], perm[public_images:]  # public: disjoint from every site
-        parts = partition(self.train.labels[pool].numpy(), num_sites=num_sites, seed=seed, classes_per_site=2,
-                          **SPLITS[split])
+        parts = partition(self.train.labels[pool].numpy(), num_sites=num_sites, seed=seed,
+                          **({"classes_per_site": 2} | SPLITS[split]))
         sites, site_labels = [], []
         for part in parts:
             idx = pool[torch.from_numpy(part)]

@@ -132,3 +132,16 @@ def test_dp_run_accounts_every_round_with_the_planned_noise(setup, monkeypatch):
     acct.history = [(2.0, q, 2 * steps)]
     assert res.rounds[-1]["epsilon_updates"] == pytest.approx(acct.get_epsilon(delta=RECIPE.delta), rel=1e-6)
     assert res.rounds[0]["epsilon_updates"] < res.rounds[-1]["epsilon_updates"]  # cumulative over rounds
+
+
+def test_warmup_online_trains_fedsimclr_in_the_warmup_rounds_then_the_queue(setup):
+    simwarm = FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0, warmup_rounds=1,
+                        warmup_online=True)
+    fedsimclr = run(setup, FedMethod(queue=False, key_encoder="online"), rounds=1)
+    frozen_warmup = run(setup, FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0), rounds=1)
+    warm = run(setup, simwarm, rounds=1)
+    ours, theirs, frozen = (canonical_state_dict(r.model) for r in (warm, fedsimclr, frozen_warmup))
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)  # round 1 is a FedSimCLR round
+    assert not all(torch.equal(ours[k], frozen[k]) for k in ours)  # not the frozen-key warm-up
+    after = run(setup, simwarm, rounds=2)
+    assert [r["negatives"] for r in after.rounds] == [0.0, 2 * RECIPE.num_push]  # then the queue

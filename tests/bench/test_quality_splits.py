@@ -1,0 +1,30 @@
+"""bench/quality.py's site splits hold the classes they promise (on synthetic 10-class data)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # bench/ is not an installed package
+
+from bench.quality import Data  # noqa: E402
+from fedcl.data import make_synthetic  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def data():
+    d = Data.__new__(Data)  # the Fashion-MNIST files are not needed to check the partition
+    d.train = make_synthetic(num_images=1200, num_classes=10, seed=0)
+    d.test = make_synthetic(num_images=100, num_classes=10, seed=1)
+    return d
+
+
+@pytest.mark.parametrize("split,sites,per_site", [("pathological", 5, 2), ("pathological1", 10, 1)])
+def test_pathological_splits_give_each_site_its_number_of_classes(data, split, sites, per_site):
+    out = data.setup(split=split, seed=0, num_sites=sites, images_per_site=50, public_images=100,
+                     test_images=50, probe_images=20)
+    assert [len(c) for c in out["site_classes"]] == [per_site] * sites
+    assert sorted(c for classes in out["site_classes"] for c in classes) == sorted(list(range(10)) * (sites * per_site // 10))
+    assert all(s.shape[0] == 50 for s in out["sites"])
