@@ -178,8 +178,9 @@ def run_federation(
         raise ValueError("every site needs at least one image")
     if method.queue and method.release == "public" and (public_images is None or public_images.shape[0] == 0):
         raise ValueError("release='public' needs public_images: a reference set disjoint from the sites")
-    if method.dp_epsilon is not None and (method.in_batch_negatives or method.online_negatives):
-        raise ValueError("DP-SGD needs in_batch_negatives=False and online_negatives=False")
+    if method.dp_epsilon is not None and (method.in_batch_negatives or method.online_negatives
+                                          or method.warmup_online):
+        raise ValueError("DP-SGD needs in_batch_negatives=False, online_negatives=False and warmup_online=False")
     if method.fresh_push and not (method.queue and method.release == "raw"):
         raise ValueError("fresh_push applies to the raw queue only: set queue=True, release='raw'")
     device = torch.device(device)
@@ -244,6 +245,9 @@ def run_federation(
                 assert name not in s.site_ids  # a site's own entries would be false negatives
                 fetched[i] = torch.from_numpy(s.embeddings) if len(s) else None
 
+        round_method = method  # warmup_online: the warm-up rounds are FedSimCLR rounds
+        if method.warmup_online and r <= method.warmup_rounds:
+            round_method = replace(method, key_encoder="online", in_batch_negatives=True)
         states, weights, losses, negs, releases = [], [], [], [], []
         for i, (name, images) in enumerate(zip(names, sites)):
             negatives = fetched[i]
@@ -254,9 +258,6 @@ def run_federation(
             elif method.queue and method.release == "prototypes":
                 num_push = n  # every image is a candidate record; the release Poisson-samples them
             model = model_from_state(model_spec, global_state)
-            round_method = method
-            if method.warmup_online and r <= method.warmup_rounds:
-                round_method = replace(method, key_encoder="online", in_batch_negatives=True)
             res = run_local_round(model, images, negatives=negatives, method=round_method, recipe=recipe, augment=augment,
                                   num_push=num_push, device=device, seed=seed * 100_003 + r * 101 + i, dp=dps[i])
             if dps[i] is not None:

@@ -100,7 +100,8 @@ MAIN_METHODS = ["random", "local", "fedsimclr", "fedcl", "fedcl_noqueue", "fedcl
 STALENESS_METHODS = ["fedcl", "fedcl_pushafter", "fedcl_pushafter_stale1", "fedcl_online", "fedcl_warmup0",
                      "fedcl_warmup3", "fedcl_stale1", "fedcl_stale4"]
 OWN_NUM_NEGATIVES = {"fedcl_k256", "fedcl_k1024", "fedcl_fresh_k256"}
-SPLITS = {"pathological": {"scheme": "pathological"}, "pathological1": {"scheme": "pathological", "classes_per_site": 1},
+SPLITS = {"pathological": {"scheme": "pathological", "classes_per_site": 2},
+          "pathological1": {"scheme": "pathological", "classes_per_site": 1},
           "dirichlet0.1": {"scheme": "dirichlet", "alpha": 0.1},
           "dirichlet0.5": {"scheme": "dirichlet", "alpha": 0.5}, "iid": {"scheme": "iid"}}
 METRICS = ["knn", "linear", "fewlabel", "alignment", "uniformity"]
@@ -120,8 +121,7 @@ class Data:
         g = torch.Generator().manual_seed(10_000 + seed)
         perm = torch.randperm(len(self.train), generator=g)
         public_idx, pool = perm[:public_images], perm[public_images:]  # public: disjoint from every site
-        parts = partition(self.train.labels[pool].numpy(), num_sites=num_sites, seed=seed,
-                          **({"classes_per_site": 2} | SPLITS[split]))
+        parts = partition(self.train.labels[pool].numpy(), num_sites=num_sites, seed=seed, **SPLITS[split])
         sites, site_labels = [], []
         for part in parts:
             idx = pool[torch.from_numpy(part)]

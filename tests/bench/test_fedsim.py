@@ -145,3 +145,8 @@ def test_warmup_online_trains_fedsimclr_in_the_warmup_rounds_then_the_queue(setu
     assert not all(torch.equal(ours[k], frozen[k]) for k in ours)  # not the frozen-key warm-up
     after = run(setup, simwarm, rounds=2)
     assert [r["negatives"] for r in after.rounds] == [0.0, 2 * RECIPE.num_push]  # then the queue
+
+
+def test_dp_refuses_fedsimclr_warmup_rounds(setup):
+    with pytest.raises(ValueError, match="warmup_online=False"):
+        run(setup, FedMethod(queue=True, release="raw", in_batch_negatives=False, dp_epsilon=8.0, warmup_online=True))
