@@ -48,7 +48,10 @@ class FedMethod:
 
     queue: bool = False  # negatives from other sites (how: ``release``)
     release: Literal["raw", "prototypes", "public"] = "raw"
-    key_encoder: Literal["global", "online"] = "global"
+    key_encoder: Literal["global", "online", "ema"] = "global"
+    key_momentum: float = 0.99  # key_encoder="ema": MoCo momentum per local step
+    drift_compensation: bool = False  # move the queue's negatives by the batch's mean drift (local_round)
+    drift_kernel: float | None = None  # None: mean drift; else the cosine-kernel temperature (local_round)
     in_batch_negatives: bool = True
     warmup_rounds: int = 1  # R0: rounds trained without queue negatives
     max_staleness: int = 2  # queue entries older than this many rounds are evicted
@@ -145,6 +148,8 @@ def run_local_round(model: ContrastiveModel, images: torch.Tensor, *, negatives:
         in_batch_negatives=method.in_batch_negatives, key_encoder=method.key_encoder, augment=augment,
         num_push=num_push, device=device, seed=seed, dp=dp, online_negatives=method.online_negatives,
         queue_weight=method.queue_weight, own_negatives=method.own_negatives,
+        key_momentum=method.key_momentum, drift_compensation=method.drift_compensation,
+        drift_kernel=method.drift_kernel,
     )
 
 

@@ -66,6 +66,8 @@ METHODS: dict[str, FedMethod | str] = {
                                 warmup_online=True),
     "fedcl_noqueue_simwarm3": FedMethod(queue=False, key_encoder="global", warmup_rounds=3, warmup_online=True),
     "fedcl_m05": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0, server_momentum=0.5),
+    "fedsimclr_m05": FedMethod(queue=False, key_encoder="online", in_batch_negatives=True, server_momentum=0.5),
+    "fedcl_noqueue_m05": FedMethod(queue=False, key_encoder="global", server_momentum=0.5),
     "fedcl_m09": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0, server_momentum=0.9),
     # DP-SGD has no in-batch negatives, so no warm-up: the release phase fills the queue in round 1
     "fedcl_dp8": FedMethod(queue=True, release="raw", in_batch_negatives=False, dp_epsilon=8.0,
@@ -93,6 +95,29 @@ METHODS: dict[str, FedMethod | str] = {
     "fedcl_fresh_mix": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0, online_negatives=True),
     "fedcl_mix_w01": FedMethod(queue=True, release="raw", online_negatives=True, queue_weight=0.1),
     "fedcl_mix": FedMethod(queue=True, release="raw", online_negatives=True, queue_weight=1.0),
+    # MoCo's momentum key encoder inside the round (EMA of the online model, from the round's
+    # global weights) instead of the frozen round model: keys improve every step, not every round
+    "fedcl_ema99": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0, key_encoder="ema",
+                             key_momentum=0.99),
+    "fedcl_ema9": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0, key_encoder="ema",
+                            key_momentum=0.9),
+    "fedcl_noqueue_ema99": FedMethod(queue=False, key_encoder="ema", key_momentum=0.99),
+    # FedSimCLR's NT-Xent plus a queue term whose positive is the online model's other view (no
+    # frozen-key anchor): the queue only adds other sites' negatives
+    "fedcl_mixonline": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0, key_encoder="online",
+                                 online_negatives=True),
+    "fedcl_mixonline_w03": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0,
+                                     key_encoder="online", online_negatives=True, queue_weight=0.3),
+    # the same with the queue's negatives moved by the batch's mean drift from the round model
+    "fedcl_mixonline_dc": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0,
+                                    key_encoder="online", online_negatives=True, drift_compensation=True),
+    "fedcl_online_dc": FedMethod(queue=True, release="raw", key_encoder="online", fresh_push=True, max_staleness=0,
+                                 drift_compensation=True),
+    "fedcl_mixonline_dck": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0,
+                                     key_encoder="online", online_negatives=True, drift_compensation=True,
+                                     drift_kernel=0.1),
+    "fedcl_mixonline_dc_w0": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0, warmup_rounds=0,
+                                       key_encoder="online", online_negatives=True, drift_compensation=True),
     "central": "central",
 }
 MAIN_METHODS = ["random", "local", "fedsimclr", "fedcl", "fedcl_noqueue", "fedcl_dp8", "fedcl_prototypes",

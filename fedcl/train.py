@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -64,8 +65,18 @@ def contrastive_loss(
     in_batch: bool,
     online_negatives: bool = False,
     queue_weight: float = 1.0,
+    drift_model: nn.Module | None = None,
+    drift_kernel: float | None = None,
 ) -> torch.Tensor:
     """Symmetric InfoNCE for a batch of view pairs.
+
+    drift_model: the frozen model the queue's negatives were encoded with. The negatives are
+    then moved by the batch's mean drift (trained model's embedding minus drift_model's, of the
+    same views; gradients flow through it) and renormalized, after Yu et al. 2020 (semantic drift
+    compensation): a model that moves every embedding away from the queue moves the
+    compensated negatives along with it, so that shortcut no longer lowers the loss.
+    drift_kernel: None moves every negative by the mean drift; a temperature moves each negative
+    by the drifts of the batch views weighted by softmax(cosine to them / drift_kernel).
 
     The two views go through the trained model in two separate forward calls, so that under
     Opacus each example's per-sample gradient collects both of its views (a stacked 2B batch
@@ -79,6 +90,16 @@ def contrastive_loss(
     """
     q1 = model(v1)  # (B, d)
     q2 = model(v2)  # (B, d)
+    if drift_model is not None and negatives is not None and negatives.shape[0] > 0 and q1.shape[0] > 0:
+        with torch.no_grad():
+            a = torch.cat([drift_model(v1), drift_model(v2)])  # (2B, d) the queue's space
+        shift = torch.cat([q1, q2]) - a  # (2B, d) each view's drift
+        if drift_kernel is None:
+            drift = shift.mean(dim=0)  # (d,) the same for every negative
+        else:  # each negative moves as its neighbours in the queue's space did (cosine kernel)
+            w = torch.softmax(negatives.to(a.dtype) @ a.T / drift_kernel, dim=1)  # (K, 2B)
+            drift = w @ shift  # (K, d)
+        negatives = F.normalize(negatives + drift, dim=1)
     if online_negatives:
         loss = nt_xent(q1, q2, temperature=temperature)
         if negatives is None or negatives.shape[0] == 0 or queue_weight == 0:
@@ -125,6 +146,13 @@ def encode(
     return torch.cat(out)
 
 
+@torch.no_grad()
+def _ema_update(target: nn.Module, source: nn.Module, *, momentum: float) -> None:
+    """target <- momentum * target + (1 - momentum) * source, parameter by parameter."""
+    for t, p in zip(target.parameters(), source.parameters(), strict=True):
+        t.mul_(momentum).add_(p.detach(), alpha=1.0 - momentum)
+
+
 def local_round(
     model: nn.Module,
     images: torch.Tensor,
@@ -135,7 +163,7 @@ def local_round(
     lr: float,
     temperature: float,
     in_batch_negatives: bool,
-    key_encoder: Literal["global", "online"],
+    key_encoder: Literal["global", "online", "ema"],
     augment: TwoViewAugment,
     num_push: int,
     device: torch.device | str = "cpu",
@@ -149,6 +177,9 @@ def local_round(
     queue_weight: float = 1.0,
     groups: torch.Tensor | None = None,
     own_negatives: int = 0,
+    key_momentum: float = 0.99,
+    drift_compensation: bool = False,
+    drift_kernel: float | None = None,
 ) -> LocalRoundResult:
     """Train ``model`` in place on one site's images for ``epochs`` local epochs.
 
@@ -184,7 +215,13 @@ def local_round(
     round_model = copy.deepcopy(model).eval()  # the round's global weights, frozen
     for p in round_model.parameters():
         p.requires_grad_(False)
+    if key_encoder not in ("global", "online", "ema"):
+        raise ValueError(f"key_encoder must be 'global', 'online' or 'ema', got {key_encoder!r}")
+    if not 0.0 <= key_momentum < 1.0:
+        raise ValueError(f"key_momentum must be in [0, 1), got {key_momentum}")
     key_model = round_model if key_encoder == "global" else None
+    if key_encoder == "ema":  # MoCo's momentum encoder, starting from the round's global weights
+        key_model = copy.deepcopy(round_model)
     negs = negatives.to(device).float() if negatives is not None and negatives.numel() > 0 else None
     own_ids = own_emb = None
     if own_negatives and images.shape[0] > 0:
@@ -228,12 +265,15 @@ def local_round(
             batch_negs = own if negs is None else torch.cat([negs, own])
         loss = contrastive_loss(train_model, key_model, v1, v2, negatives=batch_negs, temperature=temperature,
                                 in_batch=in_batch_negatives, online_negatives=online_negatives,
-                                queue_weight=queue_weight)
+                                queue_weight=queue_weight,
+                                drift_model=round_model if drift_compensation else None, drift_kernel=drift_kernel)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if check is not None:
             check(idx)
         optimizer.step()
+        if key_encoder == "ema":
+            _ema_update(key_model, model, momentum=key_momentum)
         t_step += time.perf_counter() - t1
         t_aug += t1 - t0
         steps += 1

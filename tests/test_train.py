@@ -167,3 +167,55 @@ def test_own_negatives_refused_under_dp(data):
     model = build_model(in_channels=1, width=8)
     with pytest.raises(ValueError, match="own_negatives"):
         _round(model, data.images, dp=object(), in_batch_negatives=False, own_negatives=8)
+
+
+def test_drift_compensation_moves_the_negatives_by_the_batch_drift():
+    """negatives' = normalize(n + mean(trained views) - mean(drift_model views)), with gradients."""
+    from fedcl.losses import nt_xent
+    from fedcl.train import contrastive_loss
+
+    torch.manual_seed(0)
+    model = build_model(in_channels=1, width=8, proj_dim=16, proj_hidden=32)
+    frozen = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    v1, v2 = torch.rand(6, 1, 28, 28), torch.rand(6, 1, 28, 28)
+    negs = F.normalize(torch.randn(10, 16), dim=1)
+    got = contrastive_loss(model, None, v1, v2, negatives=negs, temperature=0.3, in_batch=True,
+                           online_negatives=True, drift_model=frozen)
+    q1, q2 = model(v1), model(v2)
+    drift = torch.cat([q1, q2]).mean(0) - torch.cat([frozen(v1), frozen(v2)]).mean(0).detach()
+    moved = F.normalize(negs + drift, dim=1)
+    want = nt_xent(q1, q2, temperature=0.3) + 0.5 * (
+        _manual_queue_term(q1, q2, moved, 0.3) + _manual_queue_term(q2, q1, moved, 0.3))
+    torch.testing.assert_close(got, want)
+    plain = contrastive_loss(model, None, v1, v2, negatives=negs, temperature=0.3, in_batch=True,
+                             online_negatives=True)
+    assert not torch.allclose(got, plain)
+    # the drift model equal to the trained model: nothing moves
+    same = contrastive_loss(frozen, None, v1, v2, negatives=negs, temperature=0.3, in_batch=True,
+                            online_negatives=True, drift_model=frozen)
+    torch.testing.assert_close(same, contrastive_loss(frozen, None, v1, v2, negatives=negs, temperature=0.3,
+                                                      in_batch=True, online_negatives=True))
+
+
+def test_ema_key_encoder(data):
+    from fedcl.train import _ema_update
+
+    a = build_model(in_channels=1, width=8, proj_dim=16, proj_hidden=32)
+    b = build_model(in_channels=1, width=8, proj_dim=16, proj_hidden=32)
+    want = [0.9 * pa.detach() + 0.1 * pb.detach() for pa, pb in zip(a.parameters(), b.parameters())]
+    _ema_update(a, b, momentum=0.9)
+    for pa, w in zip(a.parameters(), want):
+        torch.testing.assert_close(pa, w)
+    torch.manual_seed(0)
+    init = build_model(in_channels=1, width=8, proj_dim=16, proj_hidden=32)
+    frozen = _round(copy.deepcopy(init), data.images, key_encoder="global", num_push=0)
+    ema = _round(copy.deepcopy(init), data.images, key_encoder="ema", key_momentum=0.5, num_push=0)
+    # the first step is the same (keys = round model); later keys differ, so the weights do
+    assert any(not torch.equal(frozen.state[k], ema.state[k]) for k in frozen.state)
+    with pytest.raises(ValueError, match="key_momentum"):
+        _round(copy.deepcopy(init), data.images, key_encoder="ema", key_momentum=1.0)
+    with pytest.raises(ValueError, match="key_encoder"):
+        _round(copy.deepcopy(init), data.images, key_encoder="momentum")
