@@ -150,3 +150,23 @@ def test_warmup_online_trains_fedsimclr_in_the_warmup_rounds_then_the_queue(setu
 def test_dp_refuses_fedsimclr_warmup_rounds(setup):
     with pytest.raises(ValueError, match="warmup_online=False"):
         run(setup, FedMethod(queue=True, release="raw", in_batch_negatives=False, dp_epsilon=8.0, warmup_online=True))
+
+
+def test_drift_compensation_reaches_the_loss(setup, monkeypatch):
+    """FedMethod.drift_compensation / drift_kernel reach contrastive_loss as the round model and kernel."""
+    import fedcl.train as train
+
+    seen = []
+    real = train.contrastive_loss
+
+    def spy(model, key_model, v1, v2, **kw):
+        seen.append((kw["drift_model"] is not None, kw["drift_kernel"], kw["negatives"] is not None))
+        return real(model, key_model, v1, v2, **kw)
+
+    monkeypatch.setattr(train, "contrastive_loss", spy)
+    method = FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0, key_encoder="online",
+                       online_negatives=True, drift_compensation=True, drift_kernel=0.1)
+    res = run(setup, method)
+    assert [r["negatives"] for r in res.rounds] == [0.0, 2 * RECIPE.num_push]
+    assert seen and all(d and k == 0.1 for d, k, _ in seen)
+    assert any(n for _, _, n in seen)  # round 2 trains against compensated queue negatives
