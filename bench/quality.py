@@ -319,19 +319,31 @@ def write_plots(prefix: Path, result: dict) -> None:
     import matplotlib.pyplot as plt
 
     splits = result["splits"]
-    fig, axes = plt.subplots(1, len(splits), figsize=(6 * len(splits), 4), squeeze=False)
+    names = list(dict.fromkeys(name for methods in splits.values() for name in methods))
+    # one colour per method, the same in every panel; tab10 repeats after 10 methods, so larger
+    # runs take tab20 and a second line style
+    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    style = {name: {"color": cmap(i % cmap.N), "linestyle": "-" if i < cmap.N else "--"}
+             for i, name in enumerate(names)}
+    many = len(names) > 8
+    fig, axes = plt.subplots(1, len(splits), figsize=((8 if many else 6) * len(splits), 4.5 if many else 4),
+                             squeeze=False)
     for ax, (split, methods) in zip(axes[0], splits.items()):
         start = [(0, 100 * methods["random"]["knn"]["mean"])] if "random" in methods else []  # round 0 = init
         for name, agg in methods.items():
             if agg.get("rounds"):
                 pts = start + [(r["round"], 100 * r["knn"]) for r in agg["rounds"]]
-                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=name)
+                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", markersize=3 if many else 6,
+                        label=name, **style[name])
             elif name in ("random", "local"):
                 ax.axhline(100 * agg["knn"]["mean"], linestyle="--", color="grey" if name == "random" else "brown",
                            label=f"{name} (final)")
         ax.set(title=f"{split}: kNN accuracy per round", xlabel="round (0 = initial weights)", ylabel="kNN accuracy (%)")
         ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.legend(fontsize=7)
+        if many:  # outside the axes, so that it hides no curve
+            ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+        else:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(f"{prefix}_rounds.png", dpi=110)
     plt.close(fig)
