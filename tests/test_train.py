@@ -89,6 +89,15 @@ def test_device_resolution():
             resolve_device("cuda")
 
 
+def _nearby_copy(model, scale):
+    """A copy of ``model`` with every parameter moved by scale x N(0, 1) noise."""
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return other
+
+
 def _manual_queue_term(q, k, negatives, t):
     # independent InfoNCE: -log(exp(q.k/t) / (exp(q.k/t) + sum_j exp(q.n_j/t))), mean over rows
     pos = torch.exp((q * k).sum(1) / t)
@@ -103,10 +112,7 @@ def test_online_negatives_loss_is_ntxent_plus_weighted_queue_term(weight):
 
     torch.manual_seed(0)
     model = build_model(in_channels=1, width=8, proj_dim=16, proj_hidden=32)
-    key_model = copy.deepcopy(model)
-    with torch.no_grad():  # a different frozen key model
-        for p in key_model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    key_model = _nearby_copy(model, 0.05)  # a different frozen key model
     v1, v2 = torch.rand(6, 1, 28, 28), torch.rand(6, 1, 28, 28)
     negs = F.normalize(torch.randn(10, 16), dim=1)
     got = contrastive_loss(model, key_model, v1, v2, negatives=negs, temperature=0.3, in_batch=True,
@@ -175,11 +181,8 @@ def test_drift_compensation_moves_the_negatives_by_the_batch_drift():
     from fedcl.train import contrastive_loss
 
     torch.manual_seed(0)
-    model = build_model(in_channels=1, width=8, proj_dim=16, proj_hidden=32)
-    frozen = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    frozen = build_model(in_channels=1, width=8, proj_dim=16, proj_hidden=32)
+    model = _nearby_copy(frozen, 0.1)  # the trained model, drifted from the frozen one
     v1, v2 = torch.rand(6, 1, 28, 28), torch.rand(6, 1, 28, 28)
     negs = F.normalize(torch.randn(10, 16), dim=1)
     got = contrastive_loss(model, None, v1, v2, negatives=negs, temperature=0.3, in_batch=True,
