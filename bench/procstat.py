@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import threading
-from pathlib import Path
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -114,29 +113,17 @@ class ProcessSampler:
 
 
 class ThreadCPU:
-    """CPU seconds of each thread of this process, snapshot whenever a round's record appears.
+    """CPU seconds of each thread of this process, marked at chosen moments (the end of each round).
 
     Python threads are named after their target ("Thread-3 (add_messages_to_queue)" counts as
     ``add_messages_to_queue``); native threads (gRPC, Ray's core worker) by their kernel name.
     """
 
-    def __init__(self, metrics: Path) -> None:
-        self.metrics, self.marks = metrics, {}  # rounds recorded -> {thread: CPU seconds}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="scale-thread-cpu", daemon=True)
+    def __init__(self) -> None:
+        self.marks: dict[int, dict[str, float]] = {}  # round -> {thread: CPU seconds}
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.2):
-            done = len(self.metrics.read_text().splitlines()) if self.metrics.exists() else 0
-            if done and done not in self.marks:
-                self.marks[done] = self.snapshot()
+    def mark(self, round_: int) -> None:
+        self.marks[round_] = self.snapshot()
 
     @staticmethod
     def snapshot() -> dict[str, float]:
@@ -158,9 +145,14 @@ class ThreadCPU:
 
     def per_steady_round(self) -> dict[str, float] | None:
         """CPU seconds per round by thread, from the end of round 1 to the end of the last round."""
-        if len(self.marks) < 2 or 1 not in self.marks:
-            return None
-        last = max(self.marks)
-        first, end = self.marks[1], self.marks[last]
-        used = {k: (v - first.get(k, 0.0)) / (last - 1) for k, v in end.items()}
-        return {k: v for k, v in sorted(used.items(), key=lambda kv: -kv[1]) if v > 0}  # largest first
+        return per_steady_round(self.marks)
+
+
+def per_steady_round(marks: dict[int, dict[str, float]]) -> dict[str, float] | None:
+    """CPU seconds per round by key, from the mark at the end of round 1 to the last round's, largest first."""
+    if len(marks) < 2 or 1 not in marks:
+        return None
+    last = max(marks)
+    first, end = marks[1], marks[last]
+    used = {k: (v - first.get(k, 0.0)) / (last - 1) for k, v in end.items()}
+    return {k: v for k, v in sorted(used.items(), key=lambda kv: -kv[1]) if v > 0}

@@ -86,8 +86,23 @@ def _child(result_path: Path, out_dir: Path, overrides: list[str]) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
-    watcher = ThreadCPU(Path(out_dir) / "metrics.jsonl")
-    watcher.start()
+    # CPU seconds at the end of each round, taken as the round's record is written (in the writing
+    # thread, so no round's work falls between two polls): by thread of this process, and by kind of
+    # process in this process's tree (this server process, Ray's workers, Ray's services)
+    from server.metrics import MetricsLog
+
+    threads, tree = ThreadCPU(), ProcessSampler(os.getpid())
+    cpu_at: dict[int, dict[str, Any]] = {}
+    write = MetricsLog.write
+
+    def write_and_mark(log: MetricsLog, record: dict[str, Any]) -> None:
+        write(log, record)
+        round_ = int(record["round"])
+        threads.mark(round_)
+        tree.sample()
+        cpu_at[round_] = {"time": time.time(), "cpu": tree.cpu()}
+
+    MetricsLog.write = write_and_mark
     try:
         summary = run_simulation_main(cfg, out_dir=out_dir, progress=False, stream=sys.stdout)
     except BaseException:
@@ -97,12 +112,13 @@ def _child(result_path: Path, out_dir: Path, overrides: list[str]) -> int:
         sys.stdout.flush()
         os._exit(1)
     finally:
-        watcher.stop()
+        MetricsLog.write = write
     status = proc_status("self")
     result_path.write_text(json.dumps({
         "server_vm_hwm_bytes": status["VmHWM"], "server_vm_rss_end_bytes": status["VmRSS"],
         "seconds_total": summary["seconds"], "rounds": [_round_row(r) for r in summary["history"]],
-        "server_cpu_by_thread_per_round": watcher.per_steady_round(),
+        "server_cpu_by_thread_per_round": threads.per_steady_round(),
+        "cpu_at_round_end": {str(k): v for k, v in cpu_at.items()},
     }))
     return 0
 
@@ -171,13 +187,11 @@ def _run_one(*, sites: int, overrides: list[str], work_dir: Path, timeout: float
                                 env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"})
         sampler = ProcessSampler(proc.pid)
         metrics, done = run_dir / "run" / "metrics.jsonl", 0
-        cpu_at: dict[int, tuple[float, dict[str, float]]] = {}  # rounds done -> (time, CPU seconds by kind)
         try:
             while proc.poll() is None:
                 sampler.sample()
                 records = metrics.read_text().splitlines() if metrics.exists() else []
                 if len(records) > done:
-                    cpu_at[len(records)] = (time.time(), sampler.cpu())
                     if bar is not None:
                         bar.update(len(records) - done)
                         bar.set_postfix(sites=sites, round=len(records),
@@ -198,9 +212,6 @@ def _run_one(*, sites: int, overrides: list[str], work_dir: Path, timeout: float
             cause = next(t for t in RAY_START_TIMEOUTS if t in log_text)
             tail = f"... Ray did not start: ray.init( ... {cause} ...\n{tail}"  # keep the cause in the message
         raise RuntimeError(f"{sites} sites: the simulation failed (exit {proc.returncode}); log {log_path}:\n{tail}")
-    records = metrics.read_text().splitlines() if metrics.exists() else []
-    if len(records) > done:  # the last record and the exit fell between two polls: CPU as last sampled
-        cpu_at[len(records)] = (json.loads(records[-1])["time"], sampler.cpu())
     res = json.loads(result_path.read_text())
     rounds = res["rounds"]
     failed = [r for r in rounds if r["sites_ok"] != sites or r["sites_failed"]]
@@ -208,11 +219,12 @@ def _run_one(*, sites: int, overrides: list[str], work_dir: Path, timeout: float
         raise RuntimeError(f"{sites} sites: round {failed[0]['round']} had {failed[0]['sites_ok']} sites ok, "
                            f"{failed[0]['sites_failed']} failed: {failed[0]['errors']}")
     steady = rounds[1:] or rounds  # round 1 also starts the Ray actors and loads their data
-    cpu_per_round = None  # CPU seconds per steady round, between the first and the last round's record
-    if len(rounds) > 1 and 1 in cpu_at and len(rounds) in cpu_at:
-        (t1, c1), (t2, c2) = cpu_at[1], cpu_at[len(rounds)]
-        cpu_per_round = {k: (c2[k] - c1[k]) / (len(rounds) - 1) for k in c1}
-        cpu_per_round["wall"] = (t2 - t1) / (len(rounds) - 1)
+    cpu_per_round = None  # CPU seconds per steady round, between the end of round 1 and of the last round
+    cpu_at = res["cpu_at_round_end"]
+    if len(rounds) > 1 and "1" in cpu_at and str(len(rounds)) in cpu_at:
+        first, last = cpu_at["1"], cpu_at[str(len(rounds))]
+        cpu_per_round = {k: (last["cpu"][k] - first["cpu"][k]) / (len(rounds) - 1) for k in first["cpu"]}
+        cpu_per_round["wall"] = (last["time"] - first["time"]) / (len(rounds) - 1)
     parallel = max(1, min(sites, len(os.sched_getaffinity(0))))  # Ray actors: what simulate.py asks for
     s_round = statistics.mean(r["seconds"] for r in steady)
     site_busy = statistics.mean(r["site_seconds_sum"] for r in steady) / parallel
@@ -236,7 +248,7 @@ def _run_one(*, sites: int, overrides: list[str], work_dir: Path, timeout: float
         "memory_samples": sampler.samples,
         "server_max_open_fds": sampler.server_max_fds,
         "server_max_threads": sampler.server_max_threads,
-        "cpu_seconds_per_round": cpu_per_round,  # sampled every 0.5 s: "wall" is the same span's wall time
+        "cpu_seconds_per_round": cpu_per_round,  # read as each round ended: "wall" is the same span's wall time
         "server_cpu_per_round": cpu_per_round["server"] if cpu_per_round else None,
         "cpu_per_round_total": sum(v for k, v in cpu_per_round.items() if k != "wall") if cpu_per_round else None,
         "server_cpu_by_thread_per_round": res["server_cpu_by_thread_per_round"],
