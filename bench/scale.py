@@ -396,7 +396,7 @@ def write_results(result: dict[str, Any], out_dir: Path, *, name: str = "scale")
     md += ["", "s per site-task = s/round x actors / sites. 'in train handlers' = the sites' train handler time "
            "(sum over sites / actors) as a share of the round; the rest is the release phase (when on), Flower, "
            "Ray and the ServerApp. CPU s/round: CPU seconds used between the end of round 1 and the end of the "
-           "last round, per round (sampled every 0.5 s); 'Flower polling' is the thread of Flower's simulation "
+           "last round, per round (read by the server process as it writes each round's record); 'Flower polling' is the thread of Flower's simulation "
            "engine that scans the LinkState for every node's next message every 0.1 s (vce_api.add_messages_to_queue). RSS sums count shared pages once per process. "
            "Load: the 1-minute load average before and after each run (2 cores, shared with other jobs)."]
     paths[1].write_text("\n".join(md) + "\n")
