@@ -52,6 +52,10 @@ class FedMethod:
     key_momentum: float = 0.99  # key_encoder="ema": MoCo momentum per local step
     drift_compensation: bool = False  # move the queue's negatives by the batch's mean drift (local_round)
     drift_kernel: float | None = None  # None: mean drift; else the cosine-kernel temperature (local_round)
+    # relational distillation against the queue (local_round): keep each view's similarity profile
+    # over the queue's entries as the frozen round model gives it (FedX-style, the queue as anchors)
+    relation_weight: float = 0.0
+    relation_temperature: float = 0.1
     in_batch_negatives: bool = True
     warmup_rounds: int = 1  # R0: rounds trained without queue negatives
     max_staleness: int = 2  # queue entries older than this many rounds are evicted
@@ -149,7 +153,8 @@ def run_local_round(model: ContrastiveModel, images: torch.Tensor, *, negatives:
         num_push=num_push, device=device, seed=seed, dp=dp, online_negatives=method.online_negatives,
         queue_weight=method.queue_weight, own_negatives=method.own_negatives,
         key_momentum=method.key_momentum, drift_compensation=method.drift_compensation,
-        drift_kernel=method.drift_kernel,
+        drift_kernel=method.drift_kernel, relation_weight=method.relation_weight,
+        relation_temperature=method.relation_temperature,
     )
 
 

@@ -121,6 +121,13 @@ METHODS: dict[str, FedMethod | str] = {
                                      drift_kernel=0.1),
     "fedcl_mixonline_dc_w0": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0, warmup_rounds=0,
                                        key_encoder="online", online_negatives=True, drift_compensation=True),
+    # FedSimCLR (NT-Xent, online keys) + relational distillation against the queue: each view's
+    # similarity profile over other sites' entries is kept as the round model gives it. Without a
+    # queue the term is zero, so the no-queue ablation of these is FedSimCLR itself.
+    "fedcl_relation": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0, key_encoder="online",
+                                online_negatives=True, queue_weight=0.0, relation_weight=1.0),
+    "fedcl_relation_w10": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0, key_encoder="online",
+                                    online_negatives=True, queue_weight=0.0, relation_weight=10.0),
     "central": "central",
 }
 MAIN_METHODS = ["random", "local", "fedsimclr", "fedcl", "fedcl_noqueue", "fedcl_dp8", "fedcl_prototypes",

@@ -78,3 +78,20 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, *, temperature: float) -> torch.
     sim.fill_diagonal_(float("-inf"))
     target = torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)]).to(z.device)
     return F.cross_entropy(sim, target)
+
+
+def relation_kl(
+    query: torch.Tensor, target: torch.Tensor, anchors: torch.Tensor, *, temperature: float,
+) -> torch.Tensor:
+    """KL(p_target || p_query), each row's softmax similarity profile over a set of anchors.
+
+    query: (B, d) the trained model's embeddings; target: (B, d) detached embeddings whose
+    relations to the anchors are to be kept; anchors: (K, d). Relational distillation as in FedX
+    (Han et al. 2022), here with other sites' queue entries as the anchors. Zero (with a graph)
+    when the batch or the anchor set is empty.
+    """
+    if query.shape[0] == 0 or anchors.shape[0] == 0:
+        return query.sum() * 0.0
+    log_q = F.log_softmax(query @ anchors.T / temperature, dim=1)  # (B, K)
+    log_p = F.log_softmax(target @ anchors.T / temperature, dim=1)  # (B, K)
+    return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")

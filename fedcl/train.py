@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fedcl.augment import TwoViewAugment
-from fedcl.losses import info_nce, nt_xent
+from fedcl.losses import info_nce, nt_xent, relation_kl
 from fedcl.models import canonical_state_dict
 
 
@@ -67,8 +67,17 @@ def contrastive_loss(
     queue_weight: float = 1.0,
     drift_model: nn.Module | None = None,
     drift_kernel: float | None = None,
+    relation_model: nn.Module | None = None,
+    relation_weight: float = 0.0,
+    relation_temperature: float = 0.1,
 ) -> torch.Tensor:
     """Symmetric InfoNCE for a batch of view pairs.
+
+    relation_model, relation_weight, relation_temperature: adds ``relation_weight`` x the
+    relational term: each online view's softmax similarity profile over the queue's entries is
+    pulled to that of the other view as relation_model (the frozen round model that encoded the
+    queue) embeds it (``fedcl.losses.relation_kl``). It keeps how a site's images relate to the
+    other sites' data while the site trains on its own classes only.
 
     drift_model: the frozen model the queue's negatives were encoded with. The negatives are
     then moved by the batch's mean drift (trained model's embedding minus drift_model's, of the
@@ -90,6 +99,25 @@ def contrastive_loss(
     """
     q1 = model(v1)  # (B, d)
     q2 = model(v2)  # (B, d)
+    relation = None
+    if relation_model is not None and relation_weight > 0 and negatives is not None and negatives.shape[0] > 0:
+        with torch.no_grad():
+            r1, r2 = relation_model(v1), relation_model(v2)
+        anchors = negatives.to(q1.dtype)  # the queue as the round model encoded it (before any drift shift)
+        relation = relation_weight * 0.5 * (relation_kl(q1, r2, anchors, temperature=relation_temperature)
+                                            + relation_kl(q2, r1, anchors, temperature=relation_temperature))
+    loss = _contrastive_terms(q1, q2, key_model, v1, v2, negatives=negatives, temperature=temperature,
+                              in_batch=in_batch, online_negatives=online_negatives, queue_weight=queue_weight,
+                              drift_model=drift_model, drift_kernel=drift_kernel)
+    return loss if relation is None else loss + relation
+
+
+def _contrastive_terms(
+    q1: torch.Tensor, q2: torch.Tensor, key_model: nn.Module | None, v1: torch.Tensor, v2: torch.Tensor, *,
+    negatives: torch.Tensor | None, temperature: float, in_batch: bool, online_negatives: bool,
+    queue_weight: float, drift_model: nn.Module | None, drift_kernel: float | None,
+) -> torch.Tensor:
+    """The InfoNCE terms of ``contrastive_loss`` for the online embeddings q1, q2 of views v1, v2."""
     if drift_model is not None and negatives is not None and negatives.shape[0] > 0 and q1.shape[0] > 0:
         with torch.no_grad():
             a = torch.cat([drift_model(v1), drift_model(v2)])  # (2B, d) the queue's space
@@ -180,6 +208,8 @@ def local_round(
     key_momentum: float = 0.99,
     drift_compensation: bool = False,
     drift_kernel: float | None = None,
+    relation_weight: float = 0.0,
+    relation_temperature: float = 0.1,
 ) -> LocalRoundResult:
     """Train ``model`` in place on one site's images for ``epochs`` local epochs.
 
@@ -196,6 +226,8 @@ def local_round(
     sites' entries only, so without these a site's negatives are all other sites' data and the
     loss can be lowered by telling sites apart; with them the negatives come from every site in
     proportion, as a centralized batch's do. Couples examples, so not under DP-SGD.
+    relation_weight, relation_temperature: the relational term of ``contrastive_loss`` against
+    the queue, with the frozen round model as the teacher (0: off).
     """
     device = torch.device(device) if isinstance(device, str) else device
     if dp is not None and in_batch_negatives:
@@ -207,6 +239,9 @@ def local_round(
         raise ValueError(f"queue_weight must be >= 0, got {queue_weight}")
     if own_negatives < 0:
         raise ValueError(f"own_negatives must be >= 0, got {own_negatives}")
+    if relation_weight < 0 or relation_temperature <= 0:
+        raise ValueError(f"relation_weight must be >= 0 and relation_temperature > 0, got {relation_weight} "
+                         f"and {relation_temperature}")
     if dp is not None and own_negatives:
         raise ValueError("DP-SGD needs own_negatives=0 (the site's own embeddings as negatives couple examples)")
     gen = torch.Generator().manual_seed(seed)
@@ -266,7 +301,9 @@ def local_round(
         loss = contrastive_loss(train_model, key_model, v1, v2, negatives=batch_negs, temperature=temperature,
                                 in_batch=in_batch_negatives, online_negatives=online_negatives,
                                 queue_weight=queue_weight,
-                                drift_model=round_model if drift_compensation else None, drift_kernel=drift_kernel)
+                                drift_model=round_model if drift_compensation else None, drift_kernel=drift_kernel,
+                                relation_model=round_model if relation_weight > 0 else None,
+                                relation_weight=relation_weight, relation_temperature=relation_temperature)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if check is not None:

@@ -203,6 +203,52 @@ def test_drift_compensation_moves_the_negatives_by_the_batch_drift():
                                                       in_batch=True, online_negatives=True))
 
 
+def _manual_relation_kl(q, target, anchors, t):
+    # sum_k p_k (log p_k - log q_k) per row, mean over rows; p, q = softmax of similarities / t
+    p = torch.softmax(target @ anchors.T / t, dim=1)
+    r = torch.softmax(q @ anchors.T / t, dim=1)
+    return (p * (p.log() - r.log())).sum(1).mean()
+
+
+def test_relational_term_pulls_each_view_to_the_round_models_profile_over_the_queue():
+    """loss = base + w * 0.5 * (KL(p(frozen(v2)) || p(q1)) + KL(p(frozen(v1)) || p(q2))) over the queue."""
+    from fedcl.losses import relation_kl
+    from fedcl.train import contrastive_loss
+
+    torch.manual_seed(0)
+    frozen = build_model(in_channels=1, width=8, proj_dim=16, proj_hidden=32)
+    model = _nearby_copy(frozen, 0.1)
+    v1, v2 = torch.rand(6, 1, 28, 28), torch.rand(6, 1, 28, 28)
+    negs = F.normalize(torch.randn(10, 16), dim=1)
+    kwargs = dict(negatives=negs, temperature=0.3, in_batch=True, online_negatives=True, queue_weight=0.0)
+    base = contrastive_loss(model, None, v1, v2, **kwargs)
+    got = contrastive_loss(model, None, v1, v2, relation_model=frozen, relation_weight=2.0,
+                           relation_temperature=0.2, **kwargs)
+    q1, q2 = model(v1), model(v2)
+    r1, r2 = frozen(v1).detach(), frozen(v2).detach()
+    want = base + 2.0 * 0.5 * (_manual_relation_kl(q1, r2, negs, 0.2) + _manual_relation_kl(q2, r1, negs, 0.2))
+    torch.testing.assert_close(got, want)
+    assert float((got - base).detach()) > 0
+    # a profile equal to its target costs nothing; the teacher gets no gradient
+    torch.testing.assert_close(relation_kl(r1, r1, negs, temperature=0.2), torch.tensor(0.0))
+    got.backward()
+    assert all(p.grad is None for p in frozen.parameters())
+    # no queue entries (the warm-up round): the term is off, the loss is the base loss
+    empty = torch.zeros(0, 16)
+    torch.testing.assert_close(
+        contrastive_loss(model, None, v1, v2, relation_model=frozen, relation_weight=2.0,
+                         **{**kwargs, "negatives": empty}),
+        contrastive_loss(model, None, v1, v2, **{**kwargs, "negatives": empty}))
+
+
+def test_local_round_refuses_a_bad_relational_setting(data):
+    model = build_model(in_channels=1, width=8, proj_dim=16, proj_hidden=32)
+    with pytest.raises(ValueError, match="relation_weight"):
+        _round(model, data.images, relation_weight=-1.0)
+    with pytest.raises(ValueError, match="relation_temperature"):
+        _round(model, data.images, relation_weight=1.0, relation_temperature=0.0)
+
+
 def test_ema_key_encoder(data):
     from fedcl.train import _ema_update
 

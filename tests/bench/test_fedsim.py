@@ -170,3 +170,23 @@ def test_drift_compensation_reaches_the_loss(setup, monkeypatch):
     assert [r["negatives"] for r in res.rounds] == [0.0, 2 * RECIPE.num_push]
     assert seen and all(d and k == 0.1 for d, k, _ in seen)
     assert any(n for _, _, n in seen)  # round 2 trains against compensated queue negatives
+
+
+def test_relational_term_reaches_the_loss(setup, monkeypatch):
+    """FedMethod.relation_weight / relation_temperature reach contrastive_loss with the round model as teacher."""
+    import fedcl.train as train
+
+    seen = []
+    real = train.contrastive_loss
+
+    def spy(model, key_model, v1, v2, **kw):
+        seen.append((kw["relation_model"] is not None and kw["relation_model"] is not model, kw["relation_weight"],
+                     kw["relation_temperature"]))
+        return real(model, key_model, v1, v2, **kw)
+
+    monkeypatch.setattr(train, "contrastive_loss", spy)
+    method = FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0, key_encoder="online",
+                       online_negatives=True, queue_weight=0.0, relation_weight=3.0, relation_temperature=0.05)
+    res = run(setup, method)
+    assert [r["negatives"] for r in res.rounds] == [0.0, 2 * RECIPE.num_push]
+    assert seen and all(teacher and w == 3.0 and t == 0.05 for teacher, w, t in seen)
