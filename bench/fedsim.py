@@ -72,6 +72,9 @@ class FedMethod:
     # FedAvgM (Hsu et al. 2019): server momentum on the averaged update; 0 is plain FedAvg.
     # The Flower path gets the same with federation.strategy = "FedAvgM".
     server_momentum: float = 0.0
+    # FedAvgM's server learning rate: the global model moves by server_lr x the (momentum) pseudo-
+    # gradient; 1 with momentum 0 is FedAvg. Flower path: strategy "FedAvgM", server_learning_rate.
+    server_lr: float = 1.0
     # this many of a site's own images, encoded by the round model, join its negatives (see
     # fedcl.train.local_round): the negatives then cover every site in proportion
     own_negatives: int = 0
@@ -295,13 +298,13 @@ def run_federation(
             prototypes = merge_prototypes(releases, previous=prototypes, min_count=recipe.prototype_min_count)
             have_prototypes = True
         averaged = fedavg(states, weights)
-        if method.server_momentum > 0:
+        if method.server_momentum > 0 or method.server_lr != 1.0:
             for key, new in averaged.items():
                 if not new.is_floating_point():
                     continue
                 delta = global_state[key] - new  # pseudo-gradient of the round
                 velocity[key] = method.server_momentum * velocity.get(key, torch.zeros_like(delta)) + delta
-                averaged[key] = global_state[key] - velocity[key]
+                averaged[key] = global_state[key] - method.server_lr * velocity[key]
         global_model = model_from_state(model_spec, averaged)
 
         drift = None

@@ -68,6 +68,13 @@ METHODS: dict[str, FedMethod | str] = {
     "fedcl_m05": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0, server_momentum=0.5),
     "fedsimclr_m05": FedMethod(queue=False, key_encoder="online", in_batch_negatives=True, server_momentum=0.5),
     "fedcl_noqueue_m05": FedMethod(queue=False, key_encoder="global", server_momentum=0.5),
+    # a server learning rate of 2 (FedAvgM without momentum): the global model moves twice the mean update
+    "fedsimclr_slr2": FedMethod(queue=False, key_encoder="online", in_batch_negatives=True, server_lr=2.0),
+    "fedcl_slr2": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0, server_lr=2.0),
+    "fedcl_noqueue_slr2": FedMethod(queue=False, key_encoder="global", server_lr=2.0),
+    "fedcl_mixonline_dc_slr2": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0,
+                                         key_encoder="online", online_negatives=True, drift_compensation=True,
+                                         server_lr=2.0),
     "fedcl_m09": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0, server_momentum=0.9),
     # DP-SGD has no in-batch negatives, so no warm-up: the release phase fills the queue in round 1
     "fedcl_dp8": FedMethod(queue=True, release="raw", in_batch_negatives=False, dp_epsilon=8.0,

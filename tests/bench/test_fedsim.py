@@ -190,3 +190,43 @@ def test_relational_term_reaches_the_loss(setup, monkeypatch):
     res = run(setup, method)
     assert [r["negatives"] for r in res.rounds] == [0.0, 2 * RECIPE.num_push]
     assert seen and all(teacher and w == 3.0 and t == 0.05 for teacher, w, t in seen)
+
+
+def test_server_learning_rate_and_momentum_follow_fedavgm(setup, monkeypatch):
+    """x1 = x0 - lr * (x0 - avg1); x2 = x1 - lr * (m * (x0 - avg1) + (x1 - avg2)), avg_r from the rounds' site states."""
+    base = dict(queue=False, key_encoder="online", in_batch_negatives=True)
+    averages = {}
+
+    def capture(tag):
+        def on_round(r, model, record):
+            averages.setdefault(tag, []).append(canonical_state_dict(model))
+        return on_round
+
+    x0 = setup["init"]
+    plain = run_federation(sites=setup["sites"], model_spec=SPEC, init_state=x0, method=FedMethod(**base),
+                           recipe=RECIPE, rounds=1, seed=0, on_round=capture("plain"))
+    fast = run_federation(sites=setup["sites"], model_spec=SPEC, init_state=x0,
+                          method=FedMethod(**base, server_lr=2.0), recipe=RECIPE, rounds=1, seed=0,
+                          on_round=capture("fast"))
+    for key, avg in canonical_state_dict(plain.model).items():  # round 1 of FedAvg is the mean itself
+        if avg.is_floating_point():
+            torch.testing.assert_close(canonical_state_dict(fast.model)[key], x0[key] - 2.0 * (x0[key] - avg))
+    # two rounds with momentum: round 2's mean is FedAvg's from x1 (recomputed from the sites' states)
+    states = []
+    real = fedsim.fedavg
+
+    def spy(s, w):
+        out = real(s, w)
+        states.append({k: v.clone() for k, v in out.items()})  # the server step then edits ``out`` in place
+        return out
+
+    monkeypatch.setattr(fedsim, "fedavg", spy)
+    run_federation(sites=setup["sites"], model_spec=SPEC, init_state=x0,
+                   method=FedMethod(**base, server_lr=1.5, server_momentum=0.5), recipe=RECIPE, rounds=2, seed=0,
+                   on_round=capture("momentum"))
+    (x1, x2), (avg1, avg2) = averages["momentum"], states
+    for key in x1:
+        if x1[key].is_floating_point():
+            d1 = x0[key] - avg1[key]
+            torch.testing.assert_close(x1[key], x0[key] - 1.5 * d1)
+            torch.testing.assert_close(x2[key], x1[key] - 1.5 * (0.5 * d1 + (x1[key] - avg2[key])))
