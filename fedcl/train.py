@@ -239,6 +239,10 @@ def local_round(
         raise ValueError(f"queue_weight must be >= 0, got {queue_weight}")
     if own_negatives < 0:
         raise ValueError(f"own_negatives must be >= 0, got {own_negatives}")
+    if drift_compensation and key_encoder != "online":
+        raise ValueError(f"drift_compensation needs key_encoder='online', got {key_encoder!r}: with frozen or "
+                         "momentum keys the positive key stays in the round model's space, so moving only the "
+                         "negatives by the online drift would contrast them in two different spaces")
     if relation_weight < 0 or relation_temperature <= 0:
         raise ValueError(f"relation_weight must be >= 0 and relation_temperature > 0, got {relation_weight} "
                          f"and {relation_temperature}")

@@ -241,6 +241,13 @@ def test_relational_term_pulls_each_view_to_the_round_models_profile_over_the_qu
         contrastive_loss(model, None, v1, v2, **{**kwargs, "negatives": empty}))
 
 
+def test_drift_compensation_needs_online_keys(data):
+    model = build_model(in_channels=1, width=8, proj_dim=16, proj_hidden=32)
+    for keys in ("global", "ema"):
+        with pytest.raises(ValueError, match="drift_compensation needs key_encoder='online'"):
+            _round(model, data.images, key_encoder=keys, drift_compensation=True)
+
+
 def test_local_round_refuses_a_bad_relational_setting(data):
     model = build_model(in_channels=1, width=8, proj_dim=16, proj_hidden=32)
     with pytest.raises(ValueError, match="relation_weight"):
