@@ -145,14 +145,9 @@ class ThreadCPU:
 
     def per_steady_round(self) -> dict[str, float] | None:
         """CPU seconds per round by thread, from the end of round 1 to the end of the last round."""
-        return per_steady_round(self.marks)
-
-
-def per_steady_round(marks: dict[int, dict[str, float]]) -> dict[str, float] | None:
-    """CPU seconds per round by key, from the mark at the end of round 1 to the last round's, largest first."""
-    if len(marks) < 2 or 1 not in marks:
-        return None
-    last = max(marks)
-    first, end = marks[1], marks[last]
-    used = {k: (v - first.get(k, 0.0)) / (last - 1) for k, v in end.items()}
-    return {k: v for k, v in sorted(used.items(), key=lambda kv: -kv[1]) if v > 0}
+        if len(self.marks) < 2 or 1 not in self.marks:
+            return None
+        last = max(self.marks)
+        first, end = self.marks[1], self.marks[last]
+        used = {k: (v - first.get(k, 0.0)) / (last - 1) for k, v in end.items()}
+        return {k: v for k, v in sorted(used.items(), key=lambda kv: -kv[1]) if v > 0}  # largest first
