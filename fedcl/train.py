@@ -239,6 +239,10 @@ def local_round(
         raise ValueError(f"queue_weight must be >= 0, got {queue_weight}")
     if own_negatives < 0:
         raise ValueError(f"own_negatives must be >= 0, got {own_negatives}")
+    if key_encoder not in ("global", "online", "ema"):
+        raise ValueError(f"key_encoder must be 'global', 'online' or 'ema', got {key_encoder!r}")
+    if not 0.0 <= key_momentum < 1.0:
+        raise ValueError(f"key_momentum must be in [0, 1), got {key_momentum}")
     if drift_compensation and key_encoder != "online":
         raise ValueError(f"drift_compensation needs key_encoder='online', got {key_encoder!r}: with frozen or "
                          "momentum keys the positive key stays in the round model's space, so moving only the "
@@ -254,10 +258,6 @@ def local_round(
     round_model = copy.deepcopy(model).eval()  # the round's global weights, frozen
     for p in round_model.parameters():
         p.requires_grad_(False)
-    if key_encoder not in ("global", "online", "ema"):
-        raise ValueError(f"key_encoder must be 'global', 'online' or 'ema', got {key_encoder!r}")
-    if not 0.0 <= key_momentum < 1.0:
-        raise ValueError(f"key_momentum must be in [0, 1), got {key_momentum}")
     key_model = round_model if key_encoder == "global" else None
     if key_encoder == "ema":  # MoCo's momentum encoder, starting from the round's global weights
         key_model = copy.deepcopy(round_model)
