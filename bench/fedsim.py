@@ -98,6 +98,39 @@ class Recipe:
     release_noise_multiplier: float = 2.0
     release_sample_rate: float = 0.5
     prototype_min_count: float = 5.0
+    # Each round trains on 1/rounds_per_epoch of a site's images (a fresh permutation every
+    # rounds_per_epoch rounds), so R rounds are R/rounds_per_epoch epochs: shorter rounds, same compute.
+    rounds_per_epoch: int = 1
+    # "cosine": round r of R trains at lr x (1 + cos(pi (r - 1) / R)) / 2, the schedule central SimCLR
+    # (fedcl.train.train_centralized) runs over its epochs; "constant": every round at lr.
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+
+
+# Recipe fields added after results were cached: they enter bench/quality.py's cache key only when
+# they differ from their default, so earlier cached runs keep their keys.
+LATER_RECIPE_FIELDS = ("rounds_per_epoch", "lr_schedule")
+
+
+def check_recipe(recipe: Recipe) -> None:
+    if recipe.rounds_per_epoch < 1:
+        raise ValueError(f"rounds_per_epoch must be >= 1, got {recipe.rounds_per_epoch}")
+    if recipe.lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {recipe.lr_schedule!r}")
+
+
+def round_lr_scale(recipe: Recipe, r: int, rounds: int) -> float:
+    """The learning-rate factor of round r (1-based) of ``rounds``."""
+    if recipe.lr_schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * (r - 1) / rounds))
+    return 1.0
+
+
+def round_images(images: torch.Tensor, order: torch.Tensor | None, r: int, rounds_per_epoch: int) -> torch.Tensor:
+    """Round r's share of a site's images: chunk (r - 1) mod rounds_per_epoch of ``order``."""
+    if rounds_per_epoch == 1:
+        return images
+    chunk = order.tensor_split(rounds_per_epoch)[(r - 1) % rounds_per_epoch]
+    return images[chunk]
 
 
 @dataclass
@@ -148,10 +181,10 @@ def dp_plan(*, num_examples: int, batch_size: int, local_epochs: int, rounds: in
 
 def run_local_round(model: ContrastiveModel, images: torch.Tensor, *, negatives: torch.Tensor | None,
                     method: FedMethod, recipe: Recipe, augment: TwoViewAugment, num_push: int,
-                    device: torch.device, seed: int, dp: DPParams | None):
+                    device: torch.device, seed: int, dp: DPParams | None, lr_scale: float = 1.0):
     return local_round(
         model, images, negatives=negatives, epochs=recipe.local_epochs, batch_size=recipe.batch_size,
-        lr=recipe.lr if method.lr is None else method.lr, temperature=recipe.temperature,
+        lr=lr_scale * (recipe.lr if method.lr is None else method.lr), temperature=recipe.temperature,
         in_batch_negatives=method.in_batch_negatives, key_encoder=method.key_encoder, augment=augment,
         num_push=num_push, device=device, seed=seed, dp=dp, online_negatives=method.online_negatives,
         queue_weight=method.queue_weight, own_negatives=method.own_negatives,
@@ -196,6 +229,10 @@ def run_federation(
         raise ValueError("DP-SGD needs in_batch_negatives=False, online_negatives=False and warmup_online=False")
     if method.fresh_push and not (method.queue and method.release == "raw"):
         raise ValueError("fresh_push applies to the raw queue only: set queue=True, release='raw'")
+    check_recipe(recipe)
+    if method.dp_epsilon is not None and recipe.rounds_per_epoch != 1:
+        raise ValueError("DP-SGD plans its sample rate over whole-site epochs: it needs rounds_per_epoch=1, "
+                         f"got {recipe.rounds_per_epoch}")
     device = torch.device(device)
     augment = augment or TwoViewAugment()
     names = [f"site-{i}" for i in range(len(sites))]
@@ -230,8 +267,11 @@ def run_federation(
 
     records = []
     velocity: dict[str, torch.Tensor] = {}  # server momentum (FedAvgM)
+    orders: list[torch.Tensor] = []  # each site's image order of the current epoch (rounds_per_epoch > 1)
     for r in range(1, rounds + 1):
         t0 = time.perf_counter()
+        if recipe.rounds_per_epoch > 1 and (r - 1) % recipe.rounds_per_epoch == 0:  # (draws nothing otherwise)
+            orders = [torch.randperm(s.shape[0], generator=gen) for s in sites]
         use_negatives = method.queue and r > method.warmup_rounds
         evicted = queue.advance(r) if queue is not None else 0
         shared = None
@@ -262,8 +302,9 @@ def run_federation(
         if method.warmup_online and r <= method.warmup_rounds:
             round_method = replace(method, key_encoder="online", in_batch_negatives=True)
         states, weights, losses, negs, releases = [], [], [], [], []
-        for i, (name, images) in enumerate(zip(names, sites)):
+        for i, (name, site_images) in enumerate(zip(names, sites)):
             negatives = fetched[i]
+            images = round_images(site_images, orders[i] if orders else None, r, recipe.rounds_per_epoch)
             n = images.shape[0]
             num_push = 0
             if method.queue and method.release == "raw" and not method.fresh_push:
@@ -272,7 +313,8 @@ def run_federation(
                 num_push = n  # every image is a candidate record; the release Poisson-samples them
             model = model_from_state(model_spec, global_state)
             res = run_local_round(model, images, negatives=negatives, method=round_method, recipe=recipe, augment=augment,
-                                  num_push=num_push, device=device, seed=seed * 100_003 + r * 101 + i, dp=dps[i])
+                                  num_push=num_push, device=device, seed=seed * 100_003 + r * 101 + i, dp=dps[i],
+                                  lr_scale=round_lr_scale(recipe, r, rounds))
             if dps[i] is not None:
                 ledgers[i].record_dpsgd(noise_multiplier=dps[i].noise_multiplier, sample_rate=dps[i].sample_rate,
                                         steps=int(res.metrics["steps"]), round=r)
@@ -348,14 +390,21 @@ def run_local_only(
     device: torch.device | str = "cpu",
 ) -> list[ContrastiveModel]:
     """Each site alone: the FedSimCLR recipe for the same rounds x local epochs, never averaged."""
+    check_recipe(recipe)
     augment = augment or TwoViewAugment()
     method = FedMethod(queue=False, key_encoder="online", in_batch_negatives=True)
+    gen = torch.Generator().manual_seed(seed)
     models = []
-    for i, images in enumerate(sites):
+    for i, site_images in enumerate(sites):
         model = model_from_state(model_spec, init_state)
+        order = None
         for r in range(1, rounds + 1):
+            if recipe.rounds_per_epoch > 1 and (r - 1) % recipe.rounds_per_epoch == 0:
+                order = torch.randperm(site_images.shape[0], generator=gen)
+            images = round_images(site_images, order, r, recipe.rounds_per_epoch)
             run_local_round(model, images, negatives=None, method=method, recipe=recipe, augment=augment,
-                            num_push=0, device=torch.device(device), seed=seed * 100_003 + r * 101 + i, dp=None)
+                            num_push=0, device=torch.device(device), seed=seed * 100_003 + r * 101 + i, dp=None,
+                            lr_scale=round_lr_scale(recipe, r, rounds))
         models.append(model)
     return models
 

@@ -6,7 +6,8 @@
 
 Every method starts from the same initial weights (per seed), uses the same encoder, recipe and
 total compute (rounds x local epochs x images: central trains rounds x local_epochs epochs on
-the union of the sites' images). Encoders are judged frozen (DESIGN "Evaluation protocol"):
+the union of the sites' images; with --rounds-per-epoch k each round trains on 1/k of a site's
+images and central trains rounds x local_epochs / k epochs). Encoders are judged frozen (DESIGN "Evaluation protocol"):
 kNN (k = 200, t = 0.1) with the union of the sites' labelled training images as feature bank,
 linear probe, few-label probe (10 per class) on the same bank, alignment and uniformity on a
 Fashion-MNIST test subset. A public reference set (for ``fedcl_public``) is held out of the
@@ -35,7 +36,7 @@ sys.path.insert(0, str(REPO))
 
 from tqdm.auto import tqdm  # noqa: E402
 
-from bench.fedsim import FedMethod, Recipe, model_from_state, run_federation, run_local_only  # noqa: E402
+from bench.fedsim import LATER_RECIPE_FIELDS, FedMethod, Recipe, model_from_state, run_federation, run_local_only  # noqa: E402
 from fedcl.augment import TwoViewAugment  # noqa: E402
 from fedcl.data import load_fashion_mnist, partition  # noqa: E402
 from fedcl.evaluate import evaluate_encoder, extract_features, knn_accuracy  # noqa: E402
@@ -203,7 +204,8 @@ def run_method(name: str, *, data: dict, cfg: dict, seed: int, device: torch.dev
     init_state = canonical_state_dict(build_model(**spec))
     augment = TwoViewAugment(crop_scale=(cfg.get("crop_scale_min", 0.3), 1.0))
     recipe = Recipe(local_epochs=cfg["local_epochs"], batch_size=cfg["batch_size"], lr=cfg["lr"],
-                    temperature=cfg["temperature"], num_push=cfg["num_push"])
+                    temperature=cfg["temperature"], num_push=cfg["num_push"],
+                    rounds_per_epoch=cfg.get("rounds_per_epoch", 1), lr_schedule=cfg.get("lr_schedule", "constant"))
     rounds = cfg["rounds"]
     t0 = time.perf_counter()
     out: dict = {"method": name, "seed": seed}
@@ -228,10 +230,13 @@ def run_method(name: str, *, data: dict, cfg: dict, seed: int, device: torch.dev
 
         def on_epoch(epoch: int, loss: float) -> None:
             if epoch % cfg["local_epochs"] == 0:
-                history.append({"round": epoch // cfg["local_epochs"], "loss": loss, "knn": knn_only(model, data, device)})
+                history.append({"round": epoch // cfg["local_epochs"] * recipe.rounds_per_epoch, "loss": loss,
+                                "knn": knn_only(model, data, device)})
                 bar.set_postfix(epoch=epoch, knn=f"{history[-1]['knn']:.3f}")
 
-        train_centralized(model, union, epochs=rounds * cfg["local_epochs"], batch_size=cfg["batch_size"],
+        # central SimCLR always decays its learning rate (cosine over its epochs)
+        train_centralized(model, union, epochs=rounds * cfg["local_epochs"] // recipe.rounds_per_epoch,
+                          batch_size=cfg["batch_size"],
                           lr=cfg["lr"], temperature=cfg["temperature"], augment=augment, device=device, seed=seed,
                           on_epoch=on_epoch, progress=False)
         out["metrics"] = full_eval(model, data, augment=augment, device=device, seed=seed)
@@ -387,6 +392,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--local-epochs", type=int, default=1)
+    p.add_argument("--rounds-per-epoch", type=int, default=1,
+                   help="k: each round trains on 1/k of a site's images (k rounds per epoch at the same compute); "
+                        "--rounds x --local-epochs must be a multiple of k")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                   help="the federated and local-only methods' learning rate over rounds (central: always cosine)")
     p.add_argument("--images-per-site", type=int, default=2000)
     p.add_argument("--sites", type=int, default=5)
     p.add_argument("--seeds", default="0,1,2", help="comma-separated")
@@ -419,6 +429,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return a
 
 
+def run_config(args: argparse.Namespace) -> dict:
+    """Everything that decides a run's result, besides the split, method and seed."""
+    cfg = {"rounds": args.rounds, "local_epochs": args.local_epochs, "images_per_site": args.images_per_site,
+           "sites": args.sites, "width": args.width, "batch_size": args.batch_size, "lr": args.lr,
+           "temperature": args.temperature, "num_negatives": args.num_negatives, "num_push": args.num_push,
+           "crop_scale_min": args.crop_scale_min, "test_images": args.test_images, "public_images": args.public_images,
+           "probe_images": args.probe_images, "encoder": "cnn", "proj_dim": 128, "optimizer": "adam",
+           "knn": {"k": 200, "t": 0.1}, "fewlabel_per_class": 10,
+           "dp": {"epsilon": 8.0, "delta": 1e-5, "max_grad_norm": 1.0},
+           "release": {k: v for k, v in asdict(Recipe()).items() if k not in LATER_RECIPE_FIELDS}}
+    for name, value in (("rounds_per_epoch", args.rounds_per_epoch), ("lr_schedule", args.lr_schedule)):
+        if value != getattr(Recipe(), name):  # keys of runs cached before these fields existed stay valid
+            cfg[name] = value
+    return cfg
+
+
+def config_key(cfg: dict) -> str:
+    """The cache key of a configuration (file names under <out>/cache end with it)."""
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -431,14 +462,13 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"unknown method or split {unknown}; methods: {list(METHODS)}; splits: {list(SPLITS)}", file=sys.stderr)
         return 2
-    cfg = {"rounds": args.rounds, "local_epochs": args.local_epochs, "images_per_site": args.images_per_site,
-           "sites": args.sites, "width": args.width, "batch_size": args.batch_size, "lr": args.lr,
-           "temperature": args.temperature, "num_negatives": args.num_negatives, "num_push": args.num_push,
-           "crop_scale_min": args.crop_scale_min, "test_images": args.test_images, "public_images": args.public_images, "probe_images": args.probe_images,
-           "encoder": "cnn", "proj_dim": 128, "optimizer": "adam", "knn": {"k": 200, "t": 0.1},
-           "fewlabel_per_class": 10, "dp": {"epsilon": 8.0, "delta": 1e-5, "max_grad_norm": 1.0},
-           "release": asdict(Recipe())}
-    key = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
+    if args.rounds_per_epoch < 1 or (args.rounds * args.local_epochs) % args.rounds_per_epoch:
+        print(f"--rounds x --local-epochs ({args.rounds * args.local_epochs}) must be a multiple of "
+              f"--rounds-per-epoch ({args.rounds_per_epoch}) >= 1, so that central trains whole epochs",
+              file=sys.stderr)
+        return 2
+    cfg = run_config(args)
+    key = config_key(cfg)
     cache = args.out / "cache"
     cache.mkdir(parents=True, exist_ok=True)
     device = torch.device("cpu")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -230,3 +232,58 @@ def test_server_learning_rate_and_momentum_follow_fedavgm(setup, monkeypatch):
             d1 = x0[key] - avg1[key]
             torch.testing.assert_close(x1[key], x0[key] - 1.5 * d1)
             torch.testing.assert_close(x2[key], x1[key] - 1.5 * (0.5 * d1 + (x1[key] - avg2[key])))
+
+
+def test_rounds_per_epoch_trains_each_image_once_per_epoch_in_shorter_rounds(setup, monkeypatch):
+    """rounds_per_epoch=2: each round a site trains on half its images, the two halves of an epoch disjoint."""
+    seen = []
+    real = fedsim.local_round
+
+    def spy(model, images, **kw):
+        seen.append((images.clone(), kw["lr"]))
+        return real(model, images, **kw)
+
+    monkeypatch.setattr(fedsim, "local_round", spy)
+    sites = setup["sites"][:2]
+    recipe = replace(RECIPE, rounds_per_epoch=2)
+    run_federation(sites=sites, model_spec=SPEC, init_state=setup["init"], method=FedMethod(key_encoder="online"),
+                   recipe=recipe, rounds=4, seed=0)
+    assert len(seen) == 4 * 2  # rounds x sites, in round-major order
+    for epoch in range(2):
+        for i, site in enumerate(sites):
+            halves = [seen[(2 * epoch + h) * 2 + i][0] for h in range(2)]
+            assert [h.shape[0] for h in halves] == [8, 8]
+            together = torch.cat(halves)
+            # the two halves are the site's 16 images, each once (rows compared as bytes)
+            assert sorted(bytes(x.numpy()) for x in together) == sorted(bytes(x.numpy()) for x in site)
+    assert all(lr == RECIPE.lr for _, lr in seen)  # constant schedule
+
+
+def test_cosine_schedule_decays_the_learning_rate_over_rounds(setup, monkeypatch):
+    lrs = []
+    real = fedsim.local_round
+
+    def spy(model, images, **kw):
+        lrs.append(kw["lr"])
+        return real(model, images, **kw)
+
+    monkeypatch.setattr(fedsim, "local_round", spy)
+    recipe = replace(RECIPE, lr_schedule="cosine")
+    run_federation(sites=setup["sites"][:1], model_spec=SPEC, init_state=setup["init"],
+                   method=FedMethod(key_encoder="online"), recipe=recipe, rounds=4, seed=0)
+    expected = [RECIPE.lr * 0.5 * (1 + math.cos(math.pi * r / 4)) for r in range(4)]
+    assert lrs == pytest.approx(expected)
+    assert lrs[0] == RECIPE.lr and lrs[-1] < lrs[0] / 5
+
+
+def test_bad_round_recipes_are_refused(setup):
+    with pytest.raises(ValueError, match="rounds_per_epoch must be >= 1"):
+        run_federation(sites=setup["sites"], model_spec=SPEC, init_state=setup["init"], method=FedMethod(),
+                       recipe=replace(RECIPE, rounds_per_epoch=0), rounds=1, seed=0)
+    with pytest.raises(ValueError, match="lr_schedule must be"):
+        run_local_only(sites=setup["sites"], model_spec=SPEC, init_state=setup["init"],
+                       recipe=replace(RECIPE, lr_schedule="linear"), rounds=1, seed=0)
+    with pytest.raises(ValueError, match="needs rounds_per_epoch=1"):
+        run_federation(sites=setup["sites"], model_spec=SPEC, init_state=setup["init"],
+                       method=FedMethod(queue=True, release="raw", in_batch_negatives=False, dp_epsilon=8.0),
+                       recipe=replace(RECIPE, rounds_per_epoch=2), rounds=2, seed=0)

@@ -29,3 +29,27 @@ def test_pathological_splits_give_each_site_its_number_of_classes(data, split, s
     held = sorted(c for classes in out["site_classes"] for c in classes)
     assert held == sorted(list(range(10)) * (sites * per_site // 10))  # every class, equally often
     assert all(s.shape[0] == 50 for s in out["sites"])
+
+
+MAIN_TABLE = ("--splits pathological,dirichlet0.1 --seeds 0,1,2 --rounds 6 --local-epochs 1 --images-per-site 1000 "
+              "--width 16 --test-images 2000 --batch-size 64 --lr 3e-4 --threads 1").split()
+
+
+def test_cache_key_of_the_main_table_is_stable():
+    """docs/benchmarks.md and bench/results/cache name the main table's runs by key 055a4d29745c: options
+    added since (--rounds-per-epoch, --lr-schedule) must not change it at their defaults, and do change it
+    when set."""
+    from bench.quality import config_key, parse_args, run_config
+
+    assert config_key(run_config(parse_args(MAIN_TABLE))) == "055a4d29745c"
+    keys = {config_key(run_config(parse_args(MAIN_TABLE + extra)))
+            for extra in (["--rounds-per-epoch", "2"], ["--lr-schedule", "cosine"], ["--rounds", "12"])}
+    assert len(keys) == 3 and "055a4d29745c" not in keys
+
+
+def test_rounds_per_epoch_must_divide_the_epochs(capsys, tmp_path):
+    from bench.quality import main
+
+    assert main(MAIN_TABLE + ["--rounds", "3", "--rounds-per-epoch", "2", "--out", str(tmp_path)]) == 2
+    assert "must be a multiple of --rounds-per-epoch" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()  # refused before anything was written
