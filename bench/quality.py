@@ -43,6 +43,10 @@ from fedcl.evaluate import evaluate_encoder, extract_features, knn_accuracy  # n
 from fedcl.models import build_model, canonical_state_dict  # noqa: E402
 from fedcl.train import train_centralized  # noqa: E402
 
+# The raw queue as the Flower path runs it: sites push embeddings of the global model they just
+# received before anyone trains (fresh push), and only this round's entries are sampled.
+FRESH = dict(queue=True, release="raw", fresh_push=True, max_staleness=0)
+
 # The methods of the table. "random", "local" and "central" are not federations.
 METHODS: dict[str, FedMethod | str] = {
     "random": "random",
@@ -53,41 +57,36 @@ METHODS: dict[str, FedMethod | str] = {
     "fedcl": FedMethod(queue=True, release="raw", key_encoder="global", fresh_push=True, max_staleness=0),
     "fedcl_noqueue": FedMethod(queue=False, key_encoder="global"),
     # the site's own round-model embeddings join the negatives (fedcl.train.local_round own_negatives)
-    "fedcl_own": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0, own_negatives=512),
+    "fedcl_own": FedMethod(**FRESH, own_negatives=512),
     "fedcl_noqueue_own": FedMethod(queue=False, key_encoder="global", own_negatives=512),
-    "fedcl_online_own": FedMethod(queue=True, release="raw", key_encoder="online", fresh_push=True, max_staleness=0,
-                                  own_negatives=512),
+    "fedcl_online_own": FedMethod(**FRESH, key_encoder="online", own_negatives=512),
     # the queue as the only source of negatives (as under DP-SGD): a site's negatives then come
     # from every site's data, as a centralized batch's do, not from its own 2 classes
-    "fedcl_qonly": FedMethod(queue=True, release="raw", in_batch_negatives=False, warmup_rounds=0,
-                             fresh_push=True, max_staleness=0),
+    "fedcl_qonly": FedMethod(**FRESH, in_batch_negatives=False, warmup_rounds=0),
     # FedSimCLR for the warm-up rounds, then the frozen round model's keys and the queue
-    "fedcl_simwarm1": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0, warmup_online=True),
-    "fedcl_simwarm3": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0, warmup_rounds=3,
-                                warmup_online=True),
+    "fedcl_simwarm1": FedMethod(**FRESH, warmup_online=True),
+    "fedcl_simwarm3": FedMethod(**FRESH, warmup_rounds=3, warmup_online=True),
     "fedcl_noqueue_simwarm3": FedMethod(queue=False, key_encoder="global", warmup_rounds=3, warmup_online=True),
-    "fedcl_m05": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0, server_momentum=0.5),
+    "fedcl_m05": FedMethod(**FRESH, server_momentum=0.5),
     "fedsimclr_m05": FedMethod(queue=False, key_encoder="online", in_batch_negatives=True, server_momentum=0.5),
     "fedcl_noqueue_m05": FedMethod(queue=False, key_encoder="global", server_momentum=0.5),
     # a server learning rate of 2 (FedAvgM without momentum): the global model moves twice the mean update
     "fedsimclr_slr2": FedMethod(queue=False, key_encoder="online", in_batch_negatives=True, server_lr=2.0),
-    "fedcl_slr2": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0, server_lr=2.0),
+    "fedcl_slr2": FedMethod(**FRESH, server_lr=2.0),
     "fedcl_noqueue_slr2": FedMethod(queue=False, key_encoder="global", server_lr=2.0),
-    "fedcl_mixonline_dc_slr2": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0,
-                                         key_encoder="online", online_negatives=True, drift_compensation=True,
+    "fedcl_mixonline_dc_slr2": FedMethod(**FRESH, key_encoder="online", online_negatives=True, drift_compensation=True,
                                          server_lr=2.0),
-    "fedcl_m09": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0, server_momentum=0.9),
+    "fedcl_m09": FedMethod(**FRESH, server_momentum=0.9),
     # DP-SGD has no in-batch negatives, so no warm-up: the release phase fills the queue in round 1
-    "fedcl_dp8": FedMethod(queue=True, release="raw", in_batch_negatives=False, dp_epsilon=8.0,
-                           warmup_rounds=0, fresh_push=True, max_staleness=0),
+    "fedcl_dp8": FedMethod(**FRESH, in_batch_negatives=False, dp_epsilon=8.0, warmup_rounds=0),
     "fedcl_prototypes": FedMethod(queue=True, release="prototypes"),
     "fedcl_public": FedMethod(queue=True, release="public"),
     # staleness remedies, each one switch away from "fedcl"
     "fedcl_pushafter": FedMethod(queue=True, release="raw", key_encoder="global", max_staleness=2),  # no fresh push
     "fedcl_pushafter_stale1": FedMethod(queue=True, release="raw", max_staleness=1),
-    "fedcl_online": FedMethod(queue=True, release="raw", key_encoder="online", fresh_push=True, max_staleness=0),
-    "fedcl_warmup0": FedMethod(queue=True, release="raw", warmup_rounds=0, fresh_push=True, max_staleness=0),
-    "fedcl_warmup3": FedMethod(queue=True, release="raw", warmup_rounds=3, fresh_push=True, max_staleness=0),
+    "fedcl_online": FedMethod(**FRESH, key_encoder="online"),
+    "fedcl_warmup0": FedMethod(**FRESH, warmup_rounds=0),
+    "fedcl_warmup3": FedMethod(**FRESH, warmup_rounds=3),
     "fedcl_stale1": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=1),
     "fedcl_stale4": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=4),
     # queue remedies for the projection collapse ("What we tried for the queue", docs/benchmarks.md);
@@ -96,46 +95,38 @@ METHODS: dict[str, FedMethod | str] = {
     "fedcl_k1024": FedMethod(queue=True, release="raw", num_negatives=1024),
     "fedcl_lr3e4": FedMethod(queue=True, release="raw", lr=3e-4),
     "fedcl_noqueue_lr3e4": FedMethod(queue=False, key_encoder="global", lr=3e-4),
-    "fedcl_fresh": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0),
-    "fedcl_fresh_w0": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0, warmup_rounds=0),
-    "fedcl_fresh_k256": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0, num_negatives=256),
+    "fedcl_fresh": FedMethod(**FRESH),
+    "fedcl_fresh_w0": FedMethod(**FRESH, warmup_rounds=0),
+    "fedcl_fresh_k256": FedMethod(**FRESH, num_negatives=256),
     "fedcl_fresh_stale1": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=1),
-    "fedcl_fresh_mix": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0, online_negatives=True),
+    "fedcl_fresh_mix": FedMethod(**FRESH, online_negatives=True),
     "fedcl_mix_w01": FedMethod(queue=True, release="raw", online_negatives=True, queue_weight=0.1),
     "fedcl_mix": FedMethod(queue=True, release="raw", online_negatives=True, queue_weight=1.0),
     # MoCo's momentum key encoder inside the round (EMA of the online model, from the round's
     # global weights) instead of the frozen round model: keys improve every step, not every round
-    "fedcl_ema99": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0, key_encoder="ema",
-                             key_momentum=0.99),
-    "fedcl_ema9": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0, key_encoder="ema",
-                            key_momentum=0.9),
+    "fedcl_ema99": FedMethod(**FRESH, key_encoder="ema", key_momentum=0.99),
+    "fedcl_ema9": FedMethod(**FRESH, key_encoder="ema", key_momentum=0.9),
     "fedcl_noqueue_ema99": FedMethod(queue=False, key_encoder="ema", key_momentum=0.99),
     # FedSimCLR's NT-Xent plus a queue term whose positive is the online model's other view (no
     # frozen-key anchor): the queue only adds other sites' negatives
-    "fedcl_mixonline": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0, key_encoder="online",
-                                 online_negatives=True),
-    "fedcl_mixonline_w03": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0,
-                                     key_encoder="online", online_negatives=True, queue_weight=0.3),
+    "fedcl_mixonline": FedMethod(**FRESH, key_encoder="online", online_negatives=True),
+    "fedcl_mixonline_w03": FedMethod(**FRESH, key_encoder="online", online_negatives=True, queue_weight=0.3),
     # the same with the queue's negatives moved by the batch's mean drift from the round model
-    "fedcl_mixonline_dc": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0,
-                                    key_encoder="online", online_negatives=True, drift_compensation=True),
-    "fedcl_online_dc": FedMethod(queue=True, release="raw", key_encoder="online", fresh_push=True, max_staleness=0,
-                                 drift_compensation=True),
-    "fedcl_mixonline_dc_w03": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0,
-                                        key_encoder="online", online_negatives=True, drift_compensation=True,
+    "fedcl_mixonline_dc": FedMethod(**FRESH, key_encoder="online", online_negatives=True, drift_compensation=True),
+    "fedcl_online_dc": FedMethod(**FRESH, key_encoder="online", drift_compensation=True),
+    "fedcl_mixonline_dc_w03": FedMethod(**FRESH, key_encoder="online", online_negatives=True, drift_compensation=True,
                                         queue_weight=0.3),
-    "fedcl_mixonline_dck": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0,
-                                     key_encoder="online", online_negatives=True, drift_compensation=True,
+    "fedcl_mixonline_dck": FedMethod(**FRESH, key_encoder="online", online_negatives=True, drift_compensation=True,
                                      drift_kernel=0.1),
-    "fedcl_mixonline_dc_w0": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0, warmup_rounds=0,
-                                       key_encoder="online", online_negatives=True, drift_compensation=True),
+    "fedcl_mixonline_dc_w0": FedMethod(**FRESH, warmup_rounds=0, key_encoder="online", online_negatives=True,
+                                       drift_compensation=True),
     # FedSimCLR (NT-Xent, online keys) + relational distillation against the queue: each view's
     # similarity profile over other sites' entries is kept as the round model gives it. Without a
     # queue the term is zero, so the no-queue ablation of these is FedSimCLR itself.
-    "fedcl_relation": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0, key_encoder="online",
-                                online_negatives=True, queue_weight=0.0, relation_weight=1.0),
-    "fedcl_relation_w10": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0, key_encoder="online",
-                                    online_negatives=True, queue_weight=0.0, relation_weight=10.0),
+    "fedcl_relation": FedMethod(**FRESH, key_encoder="online", online_negatives=True, queue_weight=0.0,
+                                relation_weight=1.0),
+    "fedcl_relation_w10": FedMethod(**FRESH, key_encoder="online", online_negatives=True, queue_weight=0.0,
+                                    relation_weight=10.0),
     "central": "central",
 }
 MAIN_METHODS = ["random", "local", "fedsimclr", "fedcl", "fedcl_noqueue", "fedcl_dp8", "fedcl_prototypes",
