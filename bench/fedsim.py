@@ -104,11 +104,14 @@ class Recipe:
     # "cosine": round r of R trains at lr x (1 + cos(pi (r - 1) / R)) / 2, the schedule central SimCLR
     # (fedcl.train.train_centralized) runs over its epochs; "constant": every round at lr.
     lr_schedule: Literal["constant", "cosine"] = "constant"
+    # each site's optimizer resumes its own state (Adam's moments and step count) from its previous
+    # round instead of starting cold every round (fedcl.train.local_round optimizer_state)
+    persist_optimizer: bool = False
 
 
 # Recipe fields added after results were cached: they enter bench/quality.py's cache key only when
 # they differ from their default, so earlier cached runs keep their keys.
-LATER_RECIPE_FIELDS = ("rounds_per_epoch", "lr_schedule")
+LATER_RECIPE_FIELDS = ("rounds_per_epoch", "lr_schedule", "persist_optimizer")
 
 
 def check_recipe(recipe: Recipe) -> None:
@@ -181,7 +184,8 @@ def dp_plan(*, num_examples: int, batch_size: int, local_epochs: int, rounds: in
 
 def run_local_round(model: ContrastiveModel, images: torch.Tensor, *, negatives: torch.Tensor | None,
                     method: FedMethod, recipe: Recipe, augment: TwoViewAugment, num_push: int,
-                    device: torch.device, seed: int, dp: DPParams | None, lr_scale: float = 1.0):
+                    device: torch.device, seed: int, dp: DPParams | None, lr_scale: float = 1.0,
+                    optimizer_state: dict | None = None):
     return local_round(
         model, images, negatives=negatives, epochs=recipe.local_epochs, batch_size=recipe.batch_size,
         lr=lr_scale * (recipe.lr if method.lr is None else method.lr), temperature=recipe.temperature,
@@ -190,7 +194,7 @@ def run_local_round(model: ContrastiveModel, images: torch.Tensor, *, negatives:
         queue_weight=method.queue_weight, own_negatives=method.own_negatives,
         key_momentum=method.key_momentum, drift_compensation=method.drift_compensation,
         drift_kernel=method.drift_kernel, relation_weight=method.relation_weight,
-        relation_temperature=method.relation_temperature,
+        relation_temperature=method.relation_temperature, optimizer_state=optimizer_state,
     )
 
 
@@ -233,6 +237,8 @@ def run_federation(
     if method.dp_epsilon is not None and recipe.rounds_per_epoch != 1:
         raise ValueError("DP-SGD plans its sample rate over whole-site epochs: it needs rounds_per_epoch=1, "
                          f"got {recipe.rounds_per_epoch}")
+    if method.dp_epsilon is not None and recipe.persist_optimizer:
+        raise ValueError("DP-SGD starts each round's optimizer cold: it needs persist_optimizer=False")
     device = torch.device(device)
     augment = augment or TwoViewAugment()
     names = [f"site-{i}" for i in range(len(sites))]
@@ -268,6 +274,7 @@ def run_federation(
     records = []
     velocity: dict[str, torch.Tensor] = {}  # server momentum (FedAvgM)
     orders: list[torch.Tensor] = []  # each site's image order of the current epoch (rounds_per_epoch > 1)
+    opt_states: list[dict | None] = [None] * len(sites)  # recipe.persist_optimizer
     for r in range(1, rounds + 1):
         t0 = time.perf_counter()
         if recipe.rounds_per_epoch > 1 and (r - 1) % recipe.rounds_per_epoch == 0:  # (draws nothing otherwise)
@@ -314,7 +321,9 @@ def run_federation(
             model = model_from_state(model_spec, global_state)
             res = run_local_round(model, images, negatives=negatives, method=round_method, recipe=recipe, augment=augment,
                                   num_push=num_push, device=device, seed=seed * 100_003 + r * 101 + i, dp=dps[i],
-                                  lr_scale=round_lr_scale(recipe, r, rounds))
+                                  lr_scale=round_lr_scale(recipe, r, rounds), optimizer_state=opt_states[i])
+            if recipe.persist_optimizer:
+                opt_states[i] = res.optimizer_state
             if dps[i] is not None:
                 ledgers[i].record_dpsgd(noise_multiplier=dps[i].noise_multiplier, sample_rate=dps[i].sample_rate,
                                         steps=int(res.metrics["steps"]), round=r)
@@ -398,13 +407,15 @@ def run_local_only(
     for i, site_images in enumerate(sites):
         model = model_from_state(model_spec, init_state)
         order = None
+        opt_state = None
         for r in range(1, rounds + 1):
             if recipe.rounds_per_epoch > 1 and (r - 1) % recipe.rounds_per_epoch == 0:
                 order = torch.randperm(site_images.shape[0], generator=gen)
             images = round_images(site_images, order, r, recipe.rounds_per_epoch)
-            run_local_round(model, images, negatives=None, method=method, recipe=recipe, augment=augment,
-                            num_push=0, device=torch.device(device), seed=seed * 100_003 + r * 101 + i, dp=None,
-                            lr_scale=round_lr_scale(recipe, r, rounds))
+            res = run_local_round(model, images, negatives=None, method=method, recipe=recipe, augment=augment,
+                                  num_push=0, device=torch.device(device), seed=seed * 100_003 + r * 101 + i,
+                                  dp=None, lr_scale=round_lr_scale(recipe, r, rounds), optimizer_state=opt_state)
+            opt_state = res.optimizer_state if recipe.persist_optimizer else None
         models.append(model)
     return models
 

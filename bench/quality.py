@@ -196,7 +196,8 @@ def run_method(name: str, *, data: dict, cfg: dict, seed: int, device: torch.dev
     augment = TwoViewAugment(crop_scale=(cfg.get("crop_scale_min", 0.3), 1.0))
     recipe = Recipe(local_epochs=cfg["local_epochs"], batch_size=cfg["batch_size"], lr=cfg["lr"],
                     temperature=cfg["temperature"], num_push=cfg["num_push"],
-                    rounds_per_epoch=cfg.get("rounds_per_epoch", 1), lr_schedule=cfg.get("lr_schedule", "constant"))
+                    rounds_per_epoch=cfg.get("rounds_per_epoch", 1), lr_schedule=cfg.get("lr_schedule", "constant"),
+                    persist_optimizer=cfg.get("persist_optimizer", False))
     rounds = cfg["rounds"]
     t0 = time.perf_counter()
     out: dict = {"method": name, "seed": seed}
@@ -388,6 +389,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "--rounds x --local-epochs must be a multiple of k")
     p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
                    help="the federated and local-only methods' learning rate over rounds (central: always cosine)")
+    p.add_argument("--persist-optimizer", action="store_true",
+                   help="each site's optimizer keeps its state (Adam moments) from round to round; DP-SGD methods "
+                        "are refused with it")
     p.add_argument("--images-per-site", type=int, default=2000)
     p.add_argument("--sites", type=int, default=5)
     p.add_argument("--seeds", default="0,1,2", help="comma-separated")
@@ -430,7 +434,8 @@ def run_config(args: argparse.Namespace) -> dict:
            "knn": {"k": 200, "t": 0.1}, "fewlabel_per_class": 10,
            "dp": {"epsilon": 8.0, "delta": 1e-5, "max_grad_norm": 1.0},
            "release": {k: v for k, v in asdict(Recipe()).items() if k not in LATER_RECIPE_FIELDS}}
-    for name, value in (("rounds_per_epoch", args.rounds_per_epoch), ("lr_schedule", args.lr_schedule)):
+    for name, value in (("rounds_per_epoch", args.rounds_per_epoch), ("lr_schedule", args.lr_schedule),
+                        ("persist_optimizer", args.persist_optimizer)):
         if value != getattr(Recipe(), name):  # keys of runs cached before these fields existed stay valid
             cfg[name] = value
     return cfg

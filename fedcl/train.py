@@ -30,6 +30,8 @@ class LocalRoundResult:
     state: dict[str, torch.Tensor]  # canonical state dict, CPU
     embeddings: torch.Tensor  # (M, d) float32 unit norm, from the round's global model
     metrics: dict[str, float] = field(default_factory=dict)
+    # the optimizer's state_dict after the round (moments, step counts), to carry into the site's next round
+    optimizer_state: dict | None = None
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -210,6 +212,7 @@ def local_round(
     drift_kernel: float | None = None,
     relation_weight: float = 0.0,
     relation_temperature: float = 0.1,
+    optimizer_state: dict | None = None,
 ) -> LocalRoundResult:
     """Train ``model`` in place on one site's images for ``epochs`` local epochs.
 
@@ -228,6 +231,10 @@ def local_round(
     proportion, as a centralized batch's do. Couples examples, so not under DP-SGD.
     relation_weight, relation_temperature: the relational term of ``contrastive_loss`` against
     the queue, with the frozen round model as the teacher (0: off).
+    optimizer_state: a previous round's ``LocalRoundResult.optimizer_state`` of this site: the
+    optimizer resumes with its moments and step counts instead of starting cold (Adam's first
+    steps after a cold start move every weight by about lr whatever its gradient). Its learning
+    rate is ``lr``, not the stored one. Not with DP-SGD.
     """
     device = torch.device(device) if isinstance(device, str) else device
     if dp is not None and in_batch_negatives:
@@ -252,6 +259,8 @@ def local_round(
                          f"and {relation_temperature}")
     if dp is not None and own_negatives:
         raise ValueError("DP-SGD needs own_negatives=0 (the site's own embeddings as negatives couple examples)")
+    if dp is not None and optimizer_state is not None:
+        raise ValueError("DP-SGD starts each round's optimizer cold: optimizer_state must be None")
     gen = torch.Generator().manual_seed(seed)
     aug_gen = torch.Generator(device=device).manual_seed(seed + 1) if device.type == "cuda" else gen
     model.to(device).train()
@@ -268,6 +277,13 @@ def local_round(
         own_emb = encode(round_model, images[own_ids], device=device, augment=augment, generator=aug_gen).to(device)
 
     optimizer = make_optimizer(model.parameters(), name=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if optimizer_state is not None:
+        try:
+            optimizer.load_state_dict(optimizer_state)
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"optimizer_state does not fit this model and optimizer: {e}") from e
+        for group in optimizer.param_groups:
+            group["lr"] = lr  # this round's learning rate, not the stored one
     n = images.shape[0]
     t_aug = t_step = 0.0
     losses: list[float] = []
@@ -349,7 +365,15 @@ def local_round(
         **dp_info,
     }
     model.to("cpu")
-    return LocalRoundResult(state=canonical_state_dict(model), embeddings=embeddings, metrics=metrics)
+    opt_state = None
+    if dp is None:
+        opt_state = optimizer.state_dict()
+        for st in opt_state["state"].values():
+            for k, v in st.items():
+                if torch.is_tensor(v):
+                    st[k] = v.detach().to("cpu", copy=True)
+    return LocalRoundResult(state=canonical_state_dict(model), embeddings=embeddings, metrics=metrics,
+                            optimizer_state=opt_state)
 
 
 def train_centralized(

@@ -275,3 +275,41 @@ def test_ema_key_encoder(data):
         _round(copy.deepcopy(init), data.images, key_encoder="ema", key_momentum=1.0)
     with pytest.raises(ValueError, match="key_encoder"):
         _round(copy.deepcopy(init), data.images, key_encoder="momentum")
+
+
+def test_optimizer_state_carries_adam_across_rounds(data):
+    torch.manual_seed(0)
+    model = build_model(in_channels=1, width=8, proj_dim=16, proj_hidden=32)
+    start = canonical_state_dict(model)
+    first = _round(model, data.images, lr=1e-3)
+    steps = [int(s["step"]) for s in first.optimizer_state["state"].values()]
+    assert steps and set(steps) == {3}  # 96 images / batch 32
+    assert all(s["exp_avg_sq"].abs().sum() > 0 for s in first.optimizer_state["state"].values())
+
+    def second(state):
+        m = build_model(in_channels=1, width=8, proj_dim=16, proj_hidden=32)
+        m.load_state_dict(model.state_dict())
+        return _round(m, data.images, lr=5e-4, seed=1, optimizer_state=state)
+
+    warm, cold = second(first.optimizer_state), second(None)
+    assert {int(s["step"]) for s in warm.optimizer_state["state"].values()} == {6}  # resumed, not restarted
+    assert {int(s["step"]) for s in cold.optimizer_state["state"].values()} == {3}
+    assert warm.optimizer_state["param_groups"][0]["lr"] == 5e-4  # this round's lr, not the stored one
+    assert any(not torch.equal(warm.state[k], cold.state[k]) for k in warm.state)
+    assert any(not torch.equal(first.state[k], start[k]) for k in start)
+
+
+def test_optimizer_state_that_does_not_fit_is_refused(data):
+    small = _round(build_model(in_channels=1, width=8, proj_dim=16, proj_hidden=32), data.images)
+    other = build_model(in_channels=1, width=8, proj_dim=16, proj_hidden=32)
+    state = copy.deepcopy(small.optimizer_state)
+    state["param_groups"][0]["params"] = state["param_groups"][0]["params"][:-1]
+    with pytest.raises(ValueError, match="optimizer_state does not fit"):
+        _round(other, data.images, optimizer_state=state)
+
+
+def test_optimizer_state_refused_under_dp(data):
+    model = build_model(in_channels=1, width=8, proj_dim=16, proj_hidden=32)
+    state = _round(model, data.images).optimizer_state
+    with pytest.raises(ValueError, match="optimizer_state must be None"):
+        _round(model, data.images, in_batch_negatives=False, dp=object(), optimizer_state=state)

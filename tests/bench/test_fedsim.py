@@ -287,3 +287,28 @@ def test_bad_round_recipes_are_refused(setup):
         run_federation(sites=setup["sites"], model_spec=SPEC, init_state=setup["init"],
                        method=FedMethod(queue=True, release="raw", in_batch_negatives=False, dp_epsilon=8.0),
                        recipe=replace(RECIPE, rounds_per_epoch=2), rounds=2, seed=0)
+
+
+def test_persist_optimizer_hands_each_site_its_own_previous_state(setup, monkeypatch):
+    calls = []
+    real = fedsim.local_round
+
+    def spy(model, images, **kw):
+        res = real(model, images, **kw)
+        calls.append((kw["optimizer_state"], res.optimizer_state))
+        return res
+
+    monkeypatch.setattr(fedsim, "local_round", spy)
+    run_federation(sites=setup["sites"][:2], model_spec=SPEC, init_state=setup["init"],
+                   method=FedMethod(key_encoder="online"), recipe=replace(RECIPE, persist_optimizer=True),
+                   rounds=2, seed=0)
+    (given0, out0), (given1, out1), (again0, _), (again1, _) = calls  # round-major, sites 0 and 1
+    assert given0 is None and given1 is None
+    assert again0 is out0 and again1 is out1  # a site's own state, not its neighbour's
+    calls.clear()
+    run(setup, FedMethod(key_encoder="online"))  # default: every round starts cold
+    assert all(given is None for given, _ in calls)
+    with pytest.raises(ValueError, match="persist_optimizer=False"):
+        run_federation(sites=setup["sites"], model_spec=SPEC, init_state=setup["init"],
+                       method=FedMethod(queue=True, release="raw", in_batch_negatives=False, dp_epsilon=8.0),
+                       recipe=replace(RECIPE, persist_optimizer=True), rounds=1, seed=0)
