@@ -261,6 +261,21 @@ def _round_seed(seed: int, site_id: str, rnd: int) -> int:
     return (seed * 1_000_003 + zlib.crc32(site_id.encode()) * 1009 + rnd) % (2**31 - 1)
 
 
+def round_share(num_images: int, rc: RoundConfig, site_id: str) -> torch.Tensor | None:
+    """Indices of the images this round trains on when ``rc.rounds_per_epoch`` k > 1 (None: all).
+
+    Rounds (e - 1) k + 1 ... e k make epoch e: one permutation of the site's images, drawn from
+    (seed, site, epoch), split into k shares, round by round. The client process is new for every
+    message, so the permutation is recomputed, never stored.
+    """
+    k = rc.rounds_per_epoch
+    if k <= 1:
+        return None
+    epoch, part = divmod(rc.round - 1, k)
+    gen = torch.Generator().manual_seed(_round_seed(rc.seed, site_id, -1 - epoch))  # rounds are >= 1: never a round seed
+    return torch.randperm(num_images, generator=gen).tensor_split(k)[part]
+
+
 def _build_model(rc: RoundConfig, msg: Message):
     from fedcl.models import build_model, load_canonical_state_dict
 
@@ -307,6 +322,14 @@ def train_handler(msg: Message, context: Context, simulated: SimulatedSites | No
     configure_threads(site.threads or rc.threads)
     images = load_site_images(site, rc, simulated)  # (N, C, H, W) uint8
     groups = load_site_groups(site, rc, simulated)  # (N,) patient ids, or None when the data has none
+    share = round_share(int(images.shape[0]), rc, site.site_id)
+    if share is not None:
+        if rc.privacy.get("dpsgd"):  # the server's config refuses this; a hand-made message could not
+            raise SiteError("DP-SGD needs rounds_per_epoch = 1: its accounting samples the whole data set")
+        images = images[share]
+        groups = None if groups is None else groups[share]
+    if images.shape[0] == 0:
+        raise SiteError(f"site {site.site_id} has fewer images than rounds_per_epoch ({rc.rounds_per_epoch})")
     model = _build_model(rc, msg)
     privacy = plan_round(privacy=site_privacy_settings(site, rc), site_id=site.site_id, state_dir=site.state_dir,
                          round=rc.round, num_rounds=rc.num_rounds, epochs=rc.epochs, batch_size=rc.batch_size,

@@ -77,6 +77,8 @@ class RoundConfig:
     optimizer: str = "adam"  # "adam" | "sgd" (momentum applies to SGD only)
     # sites pushed in this round's release phase (a query message before train): train pushes nothing
     fresh_push: bool = False
+    # each round trains on 1/rounds_per_epoch of the site's images (client.app.round_share)
+    rounds_per_epoch: int = 1
 
     _JSON_FIELDS = ("model", "augment", "privacy", "partition")
 
@@ -115,7 +117,7 @@ class RoundConfig:
             if name.startswith("_"):
                 continue
             if name not in raw:
-                if name in ("threads", "optimizer", "fresh_push"):
+                if name in ("threads", "optimizer", "fresh_push", "rounds_per_epoch"):
                     kwargs[name] = f.default
                     continue
                 if name in ("privacy", "partition"):
@@ -157,6 +159,9 @@ class RoundConfig:
             raise ProtocolError(f"round config key_encoder must be 'global' or 'online', got {self.key_encoder!r}")
         if self.batch_size < 1 or self.epochs < 1:
             raise ProtocolError("round config batch_size and epochs must be at least 1")
+        if isinstance(self.rounds_per_epoch, bool) or not isinstance(self.rounds_per_epoch, int) \
+                or self.rounds_per_epoch < 1:
+            raise ProtocolError(f"round config rounds_per_epoch must be an integer >= 1, got {self.rounds_per_epoch!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise ProtocolError(f"round config threads must be a positive integer, got {self.threads!r}")
 

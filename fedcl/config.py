@@ -60,6 +60,11 @@ class AugmentSettings(_Section):
 
 class TrainSettings(_Section):
     epochs: int = Field(1, ge=1)  # local epochs per round (federated) or total (centralized)
+    # federated: each round trains on 1/rounds_per_epoch of a site's images (disjoint shares, every
+    # image once per epoch), so a round is epochs/rounds_per_epoch epochs. Shorter rounds at the same
+    # compute: the frozen round model, the keys and the queue's fresh pushes are renewed more often
+    # (docs/benchmarks.md, session 7). A run of R rounds trains R x epochs / rounds_per_epoch epochs.
+    rounds_per_epoch: int = Field(1, ge=1)
     batch_size: int = Field(256, ge=1)
     optimizer: Literal["adam", "sgd"] = "adam"  # SGD at lr 0.05 collapsed the small CNN here
     lr: float = Field(3e-4, gt=0)  # 1e-3 dips kNN below random init after the first pathological round
@@ -188,6 +193,11 @@ class FedclConfig(BaseSettings):
             raise ValueError(
                 "privacy.dpsgd needs train.in_batch_negatives = false: with in-batch negatives one "
                 "example's loss depends on other examples and per-example clipping is not valid"
+            )
+        if self.privacy.dpsgd and self.train.rounds_per_epoch > 1:
+            raise ValueError(
+                "privacy.dpsgd needs train.rounds_per_epoch = 1: DP-SGD's accounting assumes each step "
+                "Poisson-samples the site's whole data set, not a share of it"
             )
         if self.queue.per_site_quota > self.queue.capacity:
             raise ValueError("queue.per_site_quota must not exceed queue.capacity")

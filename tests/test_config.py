@@ -46,6 +46,14 @@ def test_dp_with_in_batch_negatives_is_refused():
     assert cfg.privacy.dpsgd
 
 
+def test_dp_with_shorter_rounds_is_refused():
+    with pytest.raises(ConfigError, match="rounds_per_epoch"):
+        load_config(None, ["privacy.dpsgd=true", "train.in_batch_negatives=false", "train.rounds_per_epoch=2"])
+    with pytest.raises(ConfigError, match="rounds_per_epoch"):
+        load_config(None, ["train.rounds_per_epoch=0"])
+    assert load_config(None, ["train.rounds_per_epoch=4"]).train.rounds_per_epoch == 4
+
+
 def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.toml")

@@ -134,3 +134,46 @@ def test_a_folder_site_names_its_patients_in_file_names(tmp_path):
     bad = SiteSettings(site_id="h2", data_path=folder, data_format="folder", patient_regex=r"^Q")
     with pytest.raises(SiteError, match="patient-id pattern"):
         load_site_data(bad, _rc(), None)
+
+
+def test_shorter_rounds_train_disjoint_shares_that_cover_the_site_each_epoch(tmp_path, task_identity, monkeypatch):
+    """train.rounds_per_epoch = 3: rounds 1-3 train three disjoint thirds of the site's 60 images,
+    rounds 4-6 a new permutation's thirds; the reply's num-examples is the share (FedAvg's weight)."""
+    import fedcl.train
+
+    path, _ = _npz(tmp_path / "site.npz", patients=False)
+    node = {"site-id": "h", "data-path": str(path), "state-dir": str(tmp_path / "state")}
+    trained, examples = [], []
+    real = fedcl.train.local_round
+
+    def spy(model, images, **kw):
+        trained.append(sorted(images[:, 0, 0, 0].tolist()))  # image i is filled with the value i
+        return real(model, images, **kw)
+
+    monkeypatch.setattr(fedcl.train, "local_round", spy)
+    for rnd in range(1, 7):
+        rc = _rc(round=rnd, num_rounds=6, rounds_per_epoch=3, in_batch_negatives=True)
+        reply = train_handler(_train_message(rc), Context(run_id=1, node_id=1, node_config=node, state=RecordDict(),
+                                                          run_config={}), None)
+        examples.append(int(reply.content.metric_records["metrics"]["num-examples"]))
+    assert examples == [20] * 6
+    for epoch in (trained[:3], trained[3:]):
+        assert sorted(i for share in epoch for i in share) == list(range(N))  # each image once per epoch
+    assert trained[:3] != trained[3:]  # a new permutation each epoch
+    again = []
+    monkeypatch.setattr(fedcl.train, "local_round", lambda model, images, **kw: again.append(
+        sorted(images[:, 0, 0, 0].tolist())) or real(model, images, **kw))
+    rc = _rc(round=2, num_rounds=6, rounds_per_epoch=3, in_batch_negatives=True)
+    train_handler(_train_message(rc), Context(run_id=1, node_id=1, node_config=node, state=RecordDict(),
+                                              run_config={}), None)
+    assert again == [trained[1]]  # a fresh process recomputes the same share: nothing is kept in memory
+
+
+def test_a_hand_made_dp_round_with_shorter_rounds_is_refused(tmp_path, task_identity):
+    path, _ = _npz(tmp_path / "site.npz", patients=False)
+    rc = _rc({"dpsgd": True, "noise_multiplier": 1.0, "release": "public"}, rounds_per_epoch=2)
+    node = {"site-id": "h", "data-path": str(path), "state-dir": str(tmp_path / "state")}
+    with pytest.raises(SiteError, match="rounds_per_epoch"):
+        train_handler(_train_message(rc), Context(run_id=1, node_id=1, node_config=node, state=RecordDict(),
+                                                  run_config={}), None)
+    assert not (tmp_path / "state" / "ledger-h.json").exists()  # refused before anything was entered

@@ -306,3 +306,21 @@ def test_round_one_waits_for_min_available_nodes(tmp_path, federation, monkeypat
     trained = sorted(m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == "train")
     assert trained == [101, 202]
     assert len(result.history[0]["sites"]) == 2
+
+
+def test_shorter_rounds_reach_the_sites_through_the_federation(tmp_path, federation):
+    """train.rounds_per_epoch = 2: every train message says so, and each site trains on half its images."""
+    from client.app import load_site_images
+    from server.app import round_config
+
+    cfg, link, simulated, sites, _ = federation
+    grid = InProcessGrid(sites, simulated)
+    half = run_federation(grid, config=_with(_with_rounds(cfg, 2), "train", rounds_per_epoch=2),
+                          out_dir=tmp_path / "b", queue=link)
+    rc = round_config(cfg, rnd=1, model_spec={}, queue=None)
+    full = [int(load_site_images(simulated.site(node), rc, simulated).shape[0]) for node in sites.values()]
+    assert all(n > 1 for n in full)
+    for record in half.history:
+        assert [m["num-examples"] for m in record["sites"].values()] == [n // 2 for n in full]
+    assert {m.content.config_records["config"]["rounds_per_epoch"] for m in grid.sent
+            if m.metadata.message_type == "train"} == {2}
