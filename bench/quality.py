@@ -255,7 +255,8 @@ def run_method(name: str, *, data: dict, cfg: dict, seed: int, device: torch.dev
 
 def stat(values: list[float]) -> dict:
     a = np.asarray(values, dtype=float)
-    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else 0.0, "n": int(a.size)}
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else 0.0, "n": int(a.size),
+            "values": [float(v) for v in a]}  # per seed, in the order of --seeds
 
 
 def aggregate(runs: list[dict]) -> dict:
