@@ -31,6 +31,7 @@ the simulated sites' settings (data set partition, tokens) and caches the loaded
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import zlib
@@ -40,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.privacy import plan_round, record_round, round_metrics
@@ -261,6 +262,33 @@ def _round_seed(seed: int, site_id: str, rnd: int) -> int:
     return (seed * 1_000_003 + zlib.crc32(site_id.encode()) * 1009 + rnd) % (2**31 - 1)
 
 
+OPTIMIZER_KEY = "fedcl.optimizer"  # Context.state: the optimizer's tensors (train.persist_optimizer)
+OPTIMIZER_META_KEY = "fedcl.optimizer.meta"  # Context.state: its param groups and which optimizer
+
+
+def save_optimizer_state(context: Context, state: dict, *, optimizer: str) -> None:
+    """Keep ``torch.optim.Optimizer.state_dict()`` in the node's Context.state for the next round."""
+    arrays = {f"{pid}/{name}": torch.as_tensor(value).detach().cpu()
+              for pid, per_param in state["state"].items() for name, value in per_param.items()}
+    context.state[OPTIMIZER_KEY] = ArrayRecord(arrays)
+    context.state[OPTIMIZER_META_KEY] = ConfigRecord({"optimizer": optimizer,
+                                                      "param_groups": json.dumps(state["param_groups"])})
+
+
+def load_optimizer_state(context: Context, *, optimizer: str) -> dict | None:
+    """The state ``save_optimizer_state`` kept, or None when there is none for this optimizer."""
+    if OPTIMIZER_KEY not in context.state or OPTIMIZER_META_KEY not in context.state:
+        return None
+    meta = context.state[OPTIMIZER_META_KEY]
+    if meta.get("optimizer") != optimizer:
+        return None  # the server switched optimizers: start cold
+    per_param: dict[int, dict] = {}
+    for key, value in context.state[OPTIMIZER_KEY].to_torch_state_dict().items():
+        pid, name = key.split("/", 1)
+        per_param.setdefault(int(pid), {})[name] = value
+    return {"state": per_param, "param_groups": json.loads(meta["param_groups"])}
+
+
 def round_share(num_images: int, rc: RoundConfig, site_id: str) -> torch.Tensor | None:
     """Indices of the images this round trains on when ``rc.rounds_per_epoch`` k > 1 (None: all).
 
@@ -331,6 +359,9 @@ def train_handler(msg: Message, context: Context, simulated: SimulatedSites | No
     if images.shape[0] == 0:
         raise SiteError(f"site {site.site_id} has fewer images than rounds_per_epoch ({rc.rounds_per_epoch})")
     model = _build_model(rc, msg)
+    if rc.persist_optimizer and rc.privacy.get("dpsgd"):  # the server's config refuses this
+        raise SiteError("DP-SGD needs persist_optimizer = false: each DP-SGD round starts its optimizer cold")
+    optimizer_state = load_optimizer_state(context, optimizer=rc.optimizer) if rc.persist_optimizer else None
     privacy = plan_round(privacy=site_privacy_settings(site, rc), site_id=site.site_id, state_dir=site.state_dir,
                          round=rc.round, num_rounds=rc.num_rounds, epochs=rc.epochs, batch_size=rc.batch_size,
                          num_examples=int(images.shape[0]), in_batch_negatives=rc.in_batch_negatives, groups=groups)
@@ -354,7 +385,10 @@ def train_handler(msg: Message, context: Context, simulated: SimulatedSites | No
             else 0,
             device=resolve_device("auto"), seed=_round_seed(rc.seed, site.site_id, rc.round), optimizer=rc.optimizer,
             momentum=rc.momentum, weight_decay=rc.weight_decay, dp=privacy.dp, groups=privacy.groups,
+            optimizer_state=optimizer_state,
         )
+        if rc.persist_optimizer and result.optimizer_state is not None:
+            save_optimizer_state(context, result.optimizer_state, optimizer=rc.optimizer)
         t0 = time.perf_counter()
         pushed = 0
         if queue is not None and result.embeddings.shape[0] > 0:

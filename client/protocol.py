@@ -79,6 +79,8 @@ class RoundConfig:
     fresh_push: bool = False
     # each round trains on 1/rounds_per_epoch of the site's images (client.app.round_share)
     rounds_per_epoch: int = 1
+    # the site's optimizer resumes its previous round's state (client.app, Context.state)
+    persist_optimizer: bool = False
 
     _JSON_FIELDS = ("model", "augment", "privacy", "partition")
 
@@ -117,7 +119,7 @@ class RoundConfig:
             if name.startswith("_"):
                 continue
             if name not in raw:
-                if name in ("threads", "optimizer", "fresh_push", "rounds_per_epoch"):
+                if name in ("threads", "optimizer", "fresh_push", "rounds_per_epoch", "persist_optimizer"):
                     kwargs[name] = f.default
                     continue
                 if name in ("privacy", "partition"):
@@ -150,7 +152,7 @@ class RoundConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise ProtocolError(f"round config {name!r} must be a number, got {v!r}")
-        for name in ("in_batch_negatives", "queue_enabled", "queue_tls", "fresh_push"):
+        for name in ("in_batch_negatives", "queue_enabled", "queue_tls", "fresh_push", "persist_optimizer"):
             if not isinstance(getattr(self, name), bool):
                 raise ProtocolError(f"round config {name!r} must be a boolean")
         if self.optimizer not in ("adam", "sgd"):

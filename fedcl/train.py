@@ -279,7 +279,7 @@ def local_round(
     optimizer = make_optimizer(model.parameters(), name=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if optimizer_state is not None:
         try:
-            optimizer.load_state_dict(optimizer_state)
+            optimizer.load_state_dict(copy.deepcopy(optimizer_state))  # Adam steps its "step" tensors in place
         except (ValueError, KeyError) as e:
             raise ValueError(f"optimizer_state does not fit this model and optimizer: {e}") from e
         for group in optimizer.param_groups:

@@ -52,6 +52,8 @@ def test_dp_with_shorter_rounds_is_refused():
     with pytest.raises(ConfigError, match="rounds_per_epoch"):
         load_config(None, ["train.rounds_per_epoch=0"])
     assert load_config(None, ["train.rounds_per_epoch=4"]).train.rounds_per_epoch == 4
+    with pytest.raises(ConfigError, match="persist_optimizer"):
+        load_config(None, ["privacy.dpsgd=true", "train.in_batch_negatives=false", "train.persist_optimizer=true"])
 
 
 def test_missing_and_malformed_files(tmp_path):

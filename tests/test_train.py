@@ -292,6 +292,7 @@ def test_optimizer_state_carries_adam_across_rounds(data):
         return _round(m, data.images, lr=5e-4, seed=1, optimizer_state=state)
 
     warm, cold = second(first.optimizer_state), second(None)
+    assert set(steps) == {int(s["step"]) for s in first.optimizer_state["state"].values()}  # the input is not changed
     assert {int(s["step"]) for s in warm.optimizer_state["state"].values()} == {6}  # resumed, not restarted
     assert {int(s["step"]) for s in cold.optimizer_state["state"].values()} == {3}
     assert warm.optimizer_state["param_groups"][0]["lr"] == 5e-4  # this round's lr, not the stored one

@@ -30,9 +30,11 @@ def test_round_config_survives_a_config_record():
     assert RoundConfig.from_config_record(record) == rc
     assert RoundConfig.from_config_record(_round(threads=2).to_config_record()).threads == 2
     assert RoundConfig.from_config_record(_round(rounds_per_epoch=4).to_config_record()).rounds_per_epoch == 4
+    assert RoundConfig.from_config_record(_round(persist_optimizer=True).to_config_record()).persist_optimizer
     older = dict(rc.to_config_record())
-    del older["rounds_per_epoch"]  # a server from before the setting: whole-epoch rounds
-    assert RoundConfig.from_config_record(ConfigRecord(older)).rounds_per_epoch == 1
+    del older["rounds_per_epoch"], older["persist_optimizer"]  # a server from before these settings
+    back = RoundConfig.from_config_record(ConfigRecord(older))
+    assert back.rounds_per_epoch == 1 and back.persist_optimizer is False
 
 
 @pytest.mark.parametrize(("rnd", "warmup", "enabled", "k", "expected"), [
@@ -66,6 +68,7 @@ def test_without_in_batch_negatives_there_is_no_warm_up():
     ("model", "[1, 2]", "model"),
     ("rounds_per_epoch", 0, "rounds_per_epoch"),
     ("rounds_per_epoch", 1.5, "rounds_per_epoch"),
+    ("persist_optimizer", "yes", "persist_optimizer"),
 ])
 def test_bad_round_settings_are_refused_with_the_key_named(key, value, message):
     raw = dict(_round().to_config_record())

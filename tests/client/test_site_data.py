@@ -177,3 +177,40 @@ def test_a_hand_made_dp_round_with_shorter_rounds_is_refused(tmp_path, task_iden
         train_handler(_train_message(rc), Context(run_id=1, node_id=1, node_config=node, state=RecordDict(),
                                                   run_config={}), None)
     assert not (tmp_path / "state" / "ledger-h.json").exists()  # refused before anything was entered
+
+
+def test_persist_optimizer_keeps_the_sites_adam_state_in_its_flower_context(tmp_path, task_identity, monkeypatch):
+    """train.persist_optimizer: round 2 resumes round 1's Adam state from Context.state (the client
+    process is new for every message, so nothing else could carry it); without it every round is cold."""
+    import fedcl.train
+
+    path, _ = _npz(tmp_path / "site.npz", patients=False)
+    node = {"site-id": "h", "data-path": str(path), "state-dir": str(tmp_path / "state")}
+    given = []
+    real = fedcl.train.local_round
+
+    def spy(model, images, **kw):
+        given.append(kw["optimizer_state"])
+        return real(model, images, **kw)
+
+    monkeypatch.setattr(fedcl.train, "local_round", spy)
+    for persist in (True, False):
+        context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
+        for rnd in (1, 2):
+            rc = _rc(round=rnd, in_batch_negatives=True, persist_optimizer=persist)
+            train_handler(_train_message(rc), context, None)
+    (first, second), (cold1, cold2) = given[:2], given[2:]
+    assert first is None and cold1 is None and cold2 is None
+    steps = N // 12  # 60 images, batch 12: 5 Adam steps in round 1
+    assert {int(s["step"]) for s in second["state"].values()} == {steps}
+    assert all(s["exp_avg"].abs().sum() > 0 for s in second["state"].values())
+    assert second["param_groups"][0]["params"] == list(range(len(second["state"])))
+
+
+def test_a_hand_made_dp_round_that_persists_the_optimizer_is_refused(tmp_path, task_identity):
+    path, _ = _npz(tmp_path / "site.npz", patients=False)
+    rc = _rc({"dpsgd": True, "noise_multiplier": 1.0, "release": "public"}, persist_optimizer=True)
+    node = {"site-id": "h", "data-path": str(path), "state-dir": str(tmp_path / "state")}
+    with pytest.raises(SiteError, match="persist_optimizer"):
+        train_handler(_train_message(rc), Context(run_id=1, node_id=1, node_config=node, state=RecordDict(),
+                                                  run_config={}), None)

@@ -308,15 +308,20 @@ def test_round_one_waits_for_min_available_nodes(tmp_path, federation, monkeypat
     assert len(result.history[0]["sites"]) == 2
 
 
-def test_shorter_rounds_reach_the_sites_through_the_federation(tmp_path, federation):
-    """train.rounds_per_epoch = 2: every train message says so, and each site trains on half its images."""
-    from client.app import load_site_images
+def test_shorter_rounds_and_kept_optimizers_reach_the_sites_through_the_federation(tmp_path, federation):
+    """train.rounds_per_epoch = 2: every train message says so, and each site trains on half its images;
+    train.persist_optimizer: each site's Flower context holds its optimizer state after the run."""
+    from client.app import OPTIMIZER_KEY, load_site_images
     from server.app import round_config
 
     cfg, link, simulated, sites, _ = federation
     grid = InProcessGrid(sites, simulated)
-    half = run_federation(grid, config=_with(_with_rounds(cfg, 2), "train", rounds_per_epoch=2),
+    half = run_federation(grid, config=_with(_with_rounds(cfg, 2), "train", rounds_per_epoch=2,
+                                             persist_optimizer=True),
                           out_dir=tmp_path / "b", queue=link)
+    assert all(OPTIMIZER_KEY in grid.contexts[node].state for node in sites)
+    assert {m.content.config_records["config"]["persist_optimizer"] for m in grid.sent
+            if m.metadata.message_type == "train"} == {True}
     rc = round_config(cfg, rnd=1, model_spec={}, queue=None)
     full = [int(load_site_images(simulated.site(node), rc, simulated).shape[0]) for node in sites.values()]
     assert all(n > 1 for n in full)
