@@ -36,7 +36,8 @@ sys.path.insert(0, str(REPO))
 
 from tqdm.auto import tqdm  # noqa: E402
 
-from bench.fedsim import LATER_RECIPE_FIELDS, FedMethod, Recipe, model_from_state, run_federation, run_local_only  # noqa: E402
+from bench.fedsim import (  # noqa: E402
+    LATER_RECIPE_FIELDS, FedMethod, Recipe, model_from_state, run_federation, run_local_only)
 from fedcl.augment import TwoViewAugment  # noqa: E402
 from fedcl.data import load_fashion_mnist, partition  # noqa: E402
 from fedcl.evaluate import evaluate_encoder, extract_features, knn_accuracy  # noqa: E402

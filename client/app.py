@@ -300,7 +300,8 @@ def round_share(num_images: int, rc: RoundConfig, site_id: str) -> torch.Tensor 
     if k <= 1:
         return None
     epoch, part = divmod(rc.round - 1, k)
-    gen = torch.Generator().manual_seed(_round_seed(rc.seed, site_id, -1 - epoch))  # rounds are >= 1: never a round seed
+    # negative "rounds": rounds are >= 1, so this never reuses a round's seed
+    gen = torch.Generator().manual_seed(_round_seed(rc.seed, site_id, -1 - epoch))
     return torch.randperm(num_images, generator=gen).tensor_split(k)[part]
 
 

@@ -37,8 +37,8 @@ MAIN_TABLE = ("--splits pathological,dirichlet0.1 --seeds 0,1,2 --rounds 6 --loc
 
 def test_cache_key_of_the_main_table_is_stable():
     """docs/benchmarks.md and bench/results/cache name the main table's runs by key 055a4d29745c: options
-    added since (--rounds-per-epoch, --lr-schedule, --persist-optimizer) must not change it at their defaults, and do change it
-    when set."""
+    added since (--rounds-per-epoch, --lr-schedule, --persist-optimizer) must not change it at their
+    defaults, and do change it when set."""
     from bench.quality import config_key, parse_args, run_config
 
     assert config_key(run_config(parse_args(MAIN_TABLE))) == "055a4d29745c"
