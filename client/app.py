@@ -412,6 +412,7 @@ def train_handler(msg: Message, context: Context, simulated: SimulatedSites | No
         "steps": float(m["steps"]),
         "negatives-used": float(m["negatives_used"]),
         "pushed": float(pushed),
+        "optimizer-resumed": float(optimizer_state is not None),  # train.persist_optimizer found last round's
         "seconds-total": time.perf_counter() - t_start,
         "seconds-sample": t_sample,
         "seconds-train": float(m["seconds_augment"] + m["seconds_train"]),

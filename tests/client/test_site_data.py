@@ -194,11 +194,14 @@ def test_persist_optimizer_keeps_the_sites_adam_state_in_its_flower_context(tmp_
         return real(model, images, **kw)
 
     monkeypatch.setattr(fedcl.train, "local_round", spy)
+    resumed = []
     for persist in (True, False):
         context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
         for rnd in (1, 2):
             rc = _rc(round=rnd, in_batch_negatives=True, persist_optimizer=persist)
-            train_handler(_train_message(rc), context, None)
+            reply = train_handler(_train_message(rc), context, None)
+            resumed.append(reply.content.metric_records["metrics"]["optimizer-resumed"])
+    assert resumed == [0.0, 1.0, 0.0, 0.0]  # the reply says whether the site resumed
     (first, second), (cold1, cold2) = given[:2], given[2:]
     assert first is None and cold1 is None and cold2 is None
     steps = N // 12  # 60 images, batch 12: 5 Adam steps in round 1
