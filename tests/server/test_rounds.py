@@ -308,7 +308,7 @@ def test_round_one_waits_for_min_available_nodes(tmp_path, federation, monkeypat
     assert len(result.history[0]["sites"]) == 2
 
 
-def test_shorter_rounds_and_kept_optimizers_reach_the_sites_through_the_federation(tmp_path, federation):
+def test_shorter_rounds_and_kept_optimizers_reach_the_sites_through_the_federation(tmp_path, federation, caplog):
     """train.rounds_per_epoch = 2: every train message says so, and each site trains on half its images;
     train.persist_optimizer: each site's Flower context holds its optimizer state after the run."""
     from client.app import OPTIMIZER_KEY, load_site_images
@@ -320,6 +320,7 @@ def test_shorter_rounds_and_kept_optimizers_reach_the_sites_through_the_federati
                                              persist_optimizer=True),
                           out_dir=tmp_path / "b", queue=link)
     assert all(OPTIMIZER_KEY in grid.contexts[node].state for node in sites)
+    assert "2 rounds are 1 local epochs per site" in caplog.text  # the user is told what k does to the budget
     assert {m.content.config_records["config"]["persist_optimizer"] for m in grid.sent
             if m.metadata.message_type == "train"} == {True}
     rc = round_config(cfg, rnd=1, model_spec={}, queue=None)
