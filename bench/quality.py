@@ -465,6 +465,11 @@ def main(argv: list[str] | None = None) -> int:
               f"--rounds-per-epoch ({args.rounds_per_epoch}) >= 1, so that central trains whole epochs",
               file=sys.stderr)
         return 2
+    dp_methods = [m for m in methods if isinstance(METHODS[m], FedMethod) and METHODS[m].dp_epsilon is not None]
+    if dp_methods and (args.rounds_per_epoch > 1 or args.persist_optimizer):
+        print(f"DP-SGD methods {dp_methods} need whole-epoch rounds and cold optimizers: run them without "
+              "--rounds-per-epoch and --persist-optimizer", file=sys.stderr)
+        return 2
     cfg = run_config(args)
     key = config_key(cfg)
     cache = args.out / "cache"
