@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         ax.set_ylim(min(values) - 2, max(values) + 1.5)
     ax.set_ylabel(f"{a.metric} (%)")
     ax.set_title(f"{a.split}: {a.metric} by recipe variant (dots: seeds)")
-    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: bars fill the axes
     fig.tight_layout()
     fig.savefig(a.out.with_suffix(".png"), dpi=120)
     print(f"wrote {a.out.with_suffix('.md')} and {a.out.with_suffix('.png')}")
