@@ -60,6 +60,7 @@ class FedMethod:
     warmup_rounds: int = 1  # R0: rounds trained without queue negatives
     max_staleness: int = 2  # queue entries older than this many rounds are evicted
     num_negatives: int = 4096  # K per site and round (raw mode)
+    num_push: int | None = None  # embeddings each site pushes per round (raw mode); None: the recipe's
     bootstrap_queue: bool = False  # sites push embeddings of the initial model before round 1
     dp_epsilon: float | None = None  # DP-SGD spending this ε over the whole run (None: no DP-SGD)
     online_negatives: bool = False  # NT-Xent on the online model + queue_weight x queue InfoNCE term
@@ -239,6 +240,8 @@ def run_federation(
                          f"got {recipe.rounds_per_epoch}")
     if method.dp_epsilon is not None and recipe.persist_optimizer:
         raise ValueError("DP-SGD starts each round's optimizer cold: it needs persist_optimizer=False")
+    if method.num_push is not None:
+        recipe = replace(recipe, num_push=method.num_push)
     device = torch.device(device)
     augment = augment or TwoViewAugment()
     names = [f"site-{i}" for i in range(len(sites))]

@@ -90,6 +90,9 @@ METHODS: dict[str, FedMethod | str] = {
     "fedcl_warmup3": FedMethod(**FRESH, warmup_rounds=3),
     "fedcl_stale1": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=1),
     "fedcl_stale4": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=4),
+    # how many fresh negatives: each site pushes this many of its images per round (4 other sites)
+    "fedcl_push128": FedMethod(**FRESH, num_push=128),
+    "fedcl_push1000": FedMethod(**FRESH, num_push=1000),
     # queue remedies for the projection collapse ("What we tried for the queue", docs/benchmarks.md);
     # the _k<K> methods keep their own K, --num-negatives does not override it
     "fedcl_k256": FedMethod(queue=True, release="raw", num_negatives=256),

@@ -102,6 +102,14 @@ def test_fresh_push_gives_negatives_of_the_current_global_model(setup, monkeypat
 
 
 
+def test_a_method_can_push_more_or_fewer_embeddings_than_the_recipe(setup):
+    for push in (2, 16):  # 16: every image of a site
+        method = FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0, num_push=push)
+        res = run(setup, method, rounds=2)
+        assert [r["negatives"] for r in res.rounds] == [0.0, 2 * push]  # the 2 other sites' pushes
+        assert res.rounds[-1]["queue_size"] == 3 * push  # this round's pushes of all 3 sites
+
+
 def test_prototype_and_public_release_modes(setup):
     proto = run(setup, FedMethod(queue=True, release="prototypes"))
     assert [r["negatives"] for r in proto.rounds] == [0.0, float(RECIPE.num_prototypes)]
