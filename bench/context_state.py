@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "context_state.txt")
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error(f"--repeats must be at least 1, got {args.repeats}")
     torch.set_num_threads(args.threads)
     lines = ["Context.state with train.persist_optimizer: one Adam state, serialized with flwr's context_to_proto",
              f"{'encoder':<16}{'parameters':>12}{'serialized MiB':>16}{'x 2 moments fp32':>18}{'serialize s':>13}"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # bench/ is not an installed package
 
 from bench.context_state import main, measure  # noqa: E402
@@ -25,3 +27,9 @@ def test_the_script_writes_its_table(tmp_path, monkeypatch):
     assert main(["--repeats", "1", "--out", str(out)]) == 0
     lines = out.read_text().splitlines()
     assert lines[-1].startswith("cnn w4")
+
+
+def test_no_serialization_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        main(["--repeats", "0"])
+    assert "--repeats must be at least 1" in capsys.readouterr().err

@@ -101,7 +101,6 @@ def test_fresh_push_gives_negatives_of_the_current_global_model(setup, monkeypat
     assert best_now.mean() > (negatives @ before.T).max(dim=1).values.mean()
 
 
-
 def test_a_method_can_push_more_or_fewer_embeddings_than_the_recipe(setup):
     for push in (2, 16):  # 16: every image of a site
         method = FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0, num_push=push)
