@@ -82,6 +82,12 @@ class FedMethod:
     # the warm-up rounds train FedSimCLR (online keys, in-batch negatives) instead of the frozen
     # round model's keys: the queue's key encoder then starts from a spread-out head
     warmup_online: bool = False
+    # MoCHi (Kalantidis et al. 2020): this many synthetic hard negatives per query, mixed from its
+    # hardest queue negatives (fedcl.train.local_round hard_negatives)
+    hard_negatives: int = 0
+    # a predictor MLP of this width on the query side (BYOL / MoCo v3; fedcl.models pred_hidden):
+    # the run's model_spec must carry the same pred_hidden
+    pred_hidden: int = 0
 
 
 @dataclass(frozen=True)
@@ -196,6 +202,7 @@ def run_local_round(model: ContrastiveModel, images: torch.Tensor, *, negatives:
         key_momentum=method.key_momentum, drift_compensation=method.drift_compensation,
         drift_kernel=method.drift_kernel, relation_weight=method.relation_weight,
         relation_temperature=method.relation_temperature, optimizer_state=optimizer_state,
+        hard_negatives=method.hard_negatives,
     )
 
 
@@ -235,6 +242,9 @@ def run_federation(
     if method.fresh_push and not (method.queue and method.release == "raw"):
         raise ValueError("fresh_push applies to the raw queue only: set queue=True, release='raw'")
     check_recipe(recipe)
+    if method.pred_hidden != model_spec.get("pred_hidden", 0):
+        raise ValueError(f"the method's pred_hidden={method.pred_hidden} differs from the model spec's "
+                         f"{model_spec.get('pred_hidden', 0)}: build the spec with the method's predictor")
     if method.dp_epsilon is not None and recipe.rounds_per_epoch != 1:
         raise ValueError("DP-SGD plans its sample rate over whole-site epochs: it needs rounds_per_epoch=1, "
                          f"got {recipe.rounds_per_epoch}")

@@ -131,6 +131,13 @@ METHODS: dict[str, FedMethod | str] = {
                                 relation_weight=1.0),
     "fedcl_relation_w10": FedMethod(**FRESH, key_encoder="online", online_negatives=True, queue_weight=0.0,
                                     relation_weight=10.0),
+    # MoCHi: 32 synthetic hard negatives per query from its 64 hardest queue entries (fresh queue)
+    "fedcl_hard32": FedMethod(**FRESH, hard_negatives=32),
+    "fedcl_hard128": FedMethod(**FRESH, hard_negatives=128),
+    # a predictor on the query side (MoCo v3 / BYOL): queries in the predictor's space, keys and the
+    # queue in the frozen round model's projection space
+    "fedcl_pred": FedMethod(**FRESH, pred_hidden=256),
+    "fedcl_noqueue_pred": FedMethod(queue=False, key_encoder="global", pred_hidden=256),
     "central": "central",
 }
 MAIN_METHODS = ["random", "local", "fedsimclr", "fedcl", "fedcl_noqueue", "fedcl_dp8", "fedcl_prototypes",
@@ -195,6 +202,8 @@ def full_eval(model, data: dict, *, augment: TwoViewAugment, device: torch.devic
 def run_method(name: str, *, data: dict, cfg: dict, seed: int, device: torch.device, bar) -> dict:
     """Train (if needed) and evaluate one method for one split and seed; returns a JSON-able dict."""
     spec = {"arch": "cnn", "in_channels": 1, "width": cfg["width"], "proj_dim": 128, "proj_hidden": 256}
+    if isinstance(METHODS[name], FedMethod) and METHODS[name].pred_hidden:
+        spec["pred_hidden"] = METHODS[name].pred_hidden  # built last: backbone and head init as every method's
     torch.manual_seed(seed)
     init_state = canonical_state_dict(build_model(**spec))
     augment = TwoViewAugment(crop_scale=(cfg.get("crop_scale_min", 0.3), 1.0))

@@ -386,7 +386,7 @@ def train_handler(msg: Message, context: Context, simulated: SimulatedSites | No
             else 0,
             device=resolve_device("auto"), seed=_round_seed(rc.seed, site.site_id, rc.round), optimizer=rc.optimizer,
             momentum=rc.momentum, weight_decay=rc.weight_decay, dp=privacy.dp, groups=privacy.groups,
-            optimizer_state=optimizer_state,
+            optimizer_state=optimizer_state, hard_negatives=rc.hard_negatives,
         )
         if rc.persist_optimizer and result.optimizer_state is not None:
             save_optimizer_state(context, result.optimizer_state, optimizer=rc.optimizer)

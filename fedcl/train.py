@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fedcl.augment import TwoViewAugment
-from fedcl.losses import info_nce, nt_xent, relation_kl
+from fedcl.losses import info_nce, mix_hard_negatives, nt_xent, relation_kl
 from fedcl.models import canonical_state_dict
 
 
@@ -72,8 +72,17 @@ def contrastive_loss(
     relation_model: nn.Module | None = None,
     relation_weight: float = 0.0,
     relation_temperature: float = 0.1,
+    hard_negatives: int = 0,
+    predict: bool = False,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Symmetric InfoNCE for a batch of view pairs.
+
+    hard_negatives: this many synthetic hard negatives per query, mixed from its hardest queue
+    negatives (``fedcl.losses.mix_hard_negatives``, MoCHi), join that query's denominator; they
+    need queue negatives and the default loss (not ``online_negatives``). generator draws the mixes.
+    predict: queries go through the model's predictor (``ContrastiveModel(pred_hidden > 0)``);
+    keys and negatives stay in the round model's projection space. Needs a key_model.
 
     relation_model, relation_weight, relation_temperature: adds ``relation_weight`` x the
     relational term: each online view's softmax similarity profile over the queue's entries is
@@ -99,8 +108,10 @@ def contrastive_loss(
     then an extra term, not the whole denominator: stale negatives cannot be the only thing
     that spreads the embeddings.
     """
-    q1 = model(v1)  # (B, d)
-    q2 = model(v2)  # (B, d)
+    if predict and key_model is None:
+        raise ValueError("predict=True needs a key_model: with online keys the predictor has nothing to map to")
+    q1 = model(v1, predict=True) if predict else model(v1)  # (B, d)
+    q2 = model(v2, predict=True) if predict else model(v2)  # (B, d)
     relation = None
     if relation_model is not None and relation_weight > 0 and negatives is not None and negatives.shape[0] > 0:
         with torch.no_grad():
@@ -110,14 +121,16 @@ def contrastive_loss(
                                             + relation_kl(q2, r1, anchors, temperature=relation_temperature))
     loss = _contrastive_terms(q1, q2, key_model, v1, v2, negatives=negatives, temperature=temperature,
                               in_batch=in_batch, online_negatives=online_negatives, queue_weight=queue_weight,
-                              drift_model=drift_model, drift_kernel=drift_kernel)
+                              drift_model=drift_model, drift_kernel=drift_kernel, hard_negatives=hard_negatives,
+                              generator=generator)
     return loss if relation is None else loss + relation
 
 
 def _contrastive_terms(
     q1: torch.Tensor, q2: torch.Tensor, key_model: nn.Module | None, v1: torch.Tensor, v2: torch.Tensor, *,
     negatives: torch.Tensor | None, temperature: float, in_batch: bool, online_negatives: bool,
-    queue_weight: float, drift_model: nn.Module | None, drift_kernel: float | None,
+    queue_weight: float, drift_model: nn.Module | None, drift_kernel: float | None, hard_negatives: int = 0,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """The InfoNCE terms of ``contrastive_loss`` for the online embeddings q1, q2 of views v1, v2."""
     if drift_model is not None and negatives is not None and negatives.shape[0] > 0 and q1.shape[0] > 0:
@@ -150,8 +163,12 @@ def _contrastive_terms(
             if in_batch:
                 return nt_xent(q1, q2, temperature=temperature)
         k1, k2 = q1, q2
-    loss_a = info_nce(q1, k2, negatives, temperature=temperature, in_batch=in_batch)
-    loss_b = info_nce(q2, k1, negatives, temperature=temperature, in_batch=in_batch)
+    mix1 = mix2 = None
+    if hard_negatives > 0 and negatives is not None and negatives.shape[0] > 0:
+        mix1 = mix_hard_negatives(q1, negatives, num_mix=hard_negatives, generator=generator)  # (B, S, d)
+        mix2 = mix_hard_negatives(q2, negatives, num_mix=hard_negatives, generator=generator)
+    loss_a = info_nce(q1, k2, negatives, temperature=temperature, in_batch=in_batch, row_negatives=mix1)
+    loss_b = info_nce(q2, k1, negatives, temperature=temperature, in_batch=in_batch, row_negatives=mix2)
     return 0.5 * (loss_a + loss_b)
 
 
@@ -213,6 +230,7 @@ def local_round(
     relation_weight: float = 0.0,
     relation_temperature: float = 0.1,
     optimizer_state: dict | None = None,
+    hard_negatives: int = 0,
 ) -> LocalRoundResult:
     """Train ``model`` in place on one site's images for ``epochs`` local epochs.
 
@@ -235,6 +253,9 @@ def local_round(
     optimizer resumes with its moments and step counts instead of starting cold (Adam's first
     steps after a cold start move every weight by about lr whatever its gradient). Its learning
     rate is ``lr``, not the stored one. Not with DP-SGD.
+    hard_negatives: synthetic hard negatives per query from the queue (``contrastive_loss``).
+    A model with a predictor (``pred_hidden > 0``) sends its queries through it; that needs
+    key_encoder 'global' or 'ema' and the default loss.
     """
     device = torch.device(device) if isinstance(device, str) else device
     if dp is not None and in_batch_negatives:
@@ -257,6 +278,16 @@ def local_round(
     if relation_weight < 0 or relation_temperature <= 0:
         raise ValueError(f"relation_weight must be >= 0 and relation_temperature > 0, got {relation_weight} "
                          f"and {relation_temperature}")
+    if hard_negatives < 0:
+        raise ValueError(f"hard_negatives must be >= 0, got {hard_negatives}")
+    if hard_negatives and online_negatives:
+        raise ValueError("hard_negatives mixes the queue's negatives of the default loss: it needs "
+                         "online_negatives=False")
+    predict = getattr(model, "predictor", None) is not None
+    if predict and (key_encoder == "online" or online_negatives or drift_compensation or relation_weight > 0):
+        raise ValueError("a model with a predictor needs key_encoder 'global' or 'ema' and the default loss "
+                         "(no online_negatives, drift_compensation or relation term): its queries live in "
+                         "the predictor's space, its keys in the round model's")
     if dp is not None and own_negatives:
         raise ValueError("DP-SGD needs own_negatives=0 (the site's own embeddings as negatives couple examples)")
     if dp is not None and optimizer_state is not None:
@@ -323,7 +354,8 @@ def local_round(
                                 queue_weight=queue_weight,
                                 drift_model=round_model if drift_compensation else None, drift_kernel=drift_kernel,
                                 relation_model=round_model if relation_weight > 0 else None,
-                                relation_weight=relation_weight, relation_temperature=relation_temperature)
+                                relation_weight=relation_weight, relation_temperature=relation_temperature,
+                                hard_negatives=hard_negatives, predict=predict, generator=gen)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if check is not None:

@@ -314,3 +314,34 @@ def test_optimizer_state_refused_under_dp(data):
     state = _round(model, data.images).optimizer_state
     with pytest.raises(ValueError, match="optimizer_state must be None"):
         _round(model, data.images, in_batch_negatives=False, dp=object(), optimizer_state=state)
+
+
+def test_hard_negatives_join_the_denominator_and_are_validated(data):
+    torch.manual_seed(0)
+    base = build_model(in_channels=1, width=8, proj_dim=16, proj_hidden=32)
+    plain = _round(copy.deepcopy(base), data.images)
+    hard = _round(copy.deepcopy(base), data.images, hard_negatives=8)
+    assert hard.metrics["loss"] > plain.metrics["loss"]  # more (and harder) terms in each denominator
+    assert any(not torch.equal(hard.state[k], plain.state[k]) for k in plain.state)
+    no_queue = _round(copy.deepcopy(base), data.images, negatives=None, hard_negatives=8)
+    again = _round(copy.deepcopy(base), data.images, negatives=None)
+    assert no_queue.metrics["loss"] == pytest.approx(again.metrics["loss"])  # nothing to mix without a queue
+    with pytest.raises(ValueError, match="hard_negatives must be >= 0"):
+        _round(copy.deepcopy(base), data.images, hard_negatives=-1)
+    with pytest.raises(ValueError, match="online_negatives=False"):
+        _round(copy.deepcopy(base), data.images, hard_negatives=4, online_negatives=True, key_encoder="online")
+
+
+def test_predictor_trains_on_queries_and_pushes_stay_projections(data):
+    torch.manual_seed(0)
+    model = build_model(in_channels=1, width=8, proj_dim=16, proj_hidden=32, pred_hidden=24)
+    round_model = copy.deepcopy(model)
+    before = canonical_state_dict(model)
+    res = _round(model, data.images, num_push=96, augment=TwoViewAugment(crop_scale=(1.0, 1.0), flip=False,
+                 brightness=0.0, contrast=0.0, blur_prob=0.0, noise_std=0.0))
+    assert any(not torch.equal(res.state[k], before[k]) for k in before if k.startswith("predictor."))
+    want = encode(round_model, data.images, device=torch.device("cpu"))  # projections, no predictor
+    assert (res.embeddings @ want.T).max(dim=1).values.min() > 0.99
+    for bad in (dict(key_encoder="online"), dict(online_negatives=True), dict(relation_weight=1.0)):
+        with pytest.raises(ValueError, match="predictor"):
+            _round(copy.deepcopy(round_model), data.images, **bad)

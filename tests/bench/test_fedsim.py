@@ -319,3 +319,28 @@ def test_persist_optimizer_hands_each_site_its_own_previous_state(setup, monkeyp
         run_federation(sites=setup["sites"], model_spec=SPEC, init_state=setup["init"],
                        method=FedMethod(queue=True, release="raw", in_batch_negatives=False, dp_epsilon=8.0),
                        recipe=replace(RECIPE, persist_optimizer=True), rounds=1, seed=0)
+
+
+def test_hard_negatives_and_predictor_reach_the_sites_round(setup, monkeypatch):
+    import fedcl.train
+
+    seen = []
+    real = fedcl.train.local_round
+
+    def spy(model, images, **kw):
+        seen.append((kw["hard_negatives"], model.predictor is not None))
+        return real(model, images, **kw)
+
+    monkeypatch.setattr(fedsim, "local_round", spy)
+    run(setup, FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0, hard_negatives=4), rounds=2)
+    assert seen == [(4, False)] * 6
+    seen.clear()
+    spec = {**SPEC, "pred_hidden": 8}
+    torch.manual_seed(0)
+    init = canonical_state_dict(build_model(**spec))
+    method = FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0, pred_hidden=8)
+    res = run_federation(sites=setup["sites"], model_spec=spec, init_state=init, method=method, recipe=RECIPE,
+                         rounds=2, seed=0)
+    assert seen == [(0, True)] * 6 and res.model.predictor is not None
+    with pytest.raises(ValueError, match="pred_hidden"):
+        run(setup, method)  # SPEC has no predictor

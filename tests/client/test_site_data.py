@@ -210,6 +210,22 @@ def test_persist_optimizer_keeps_the_sites_adam_state_in_its_flower_context(tmp_
     assert second["param_groups"][0]["params"] == list(range(len(second["state"])))
 
 
+def test_train_hard_negatives_reaches_the_sites_local_round(tmp_path, task_identity, monkeypatch):
+    import fedcl.train
+
+    path, _ = _npz(tmp_path / "site.npz", patients=False)
+    node = {"site-id": "h", "data-path": str(path), "state-dir": str(tmp_path / "state")}
+    given = []
+    real = fedcl.train.local_round
+    monkeypatch.setattr(fedcl.train, "local_round",
+                        lambda model, images, **kw: given.append(kw["hard_negatives"]) or real(model, images, **kw))
+    for hard in (16, 0):
+        rc = _rc(round=1, in_batch_negatives=True, hard_negatives=hard)
+        train_handler(_train_message(rc), Context(run_id=1, node_id=1, node_config=node, state=RecordDict(),
+                                                  run_config={}), None)
+    assert given == [16, 0]
+
+
 def test_a_hand_made_dp_round_that_persists_the_optimizer_is_refused(tmp_path, task_identity):
     path, _ = _npz(tmp_path / "site.npz", patients=False)
     rc = _rc({"dpsgd": True, "noise_multiplier": 1.0, "release": "public"}, persist_optimizer=True)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from opacus.accountants import RDPAccountant
 from torch import nn
 
-from fedcl.losses import info_nce
+from fedcl.losses import info_nce, mix_hard_negatives
 from fedcl.privacy.dp import (
     DPParams,
     DPTrainer,
@@ -89,6 +89,25 @@ def test_two_forward_calls_give_b_rows_equal_to_true_per_example_gradients(engin
     for p, ref in zip(model.parameters(), expected):
         assert p.grad_sample.shape == (b, *p.shape)  # B rows, not 2B
         torch.testing.assert_close(p.grad_sample, ref, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_hard_negative_mixes_keep_gradients_per_example(engine):
+    # MoCHi mixes are built from each example's own (detached) query and the shared queue only
+    b = 5
+    v1, v2, negs = _data(b)
+    model, reference, gsm, _ = _wrapped(DPParams(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.1), expected=b,
+                                        engine=engine)
+    q = gsm(v1)
+    mix = mix_hard_negatives(q, negs, num_mix=4, pool=6, generator=torch.Generator().manual_seed(0))  # (B, 4, d)
+    info_nce(q, gsm(v2), negs, temperature=TEMPERATURE, row_negatives=mix).backward()
+    check_per_example(gsm, batch_size=b)
+    params = list(reference.parameters())
+    for i in range(b):  # example i alone, with its own row of mixes
+        loss = info_nce(reference(v1[i:i + 1]), reference(v2[i:i + 1]), negs, temperature=TEMPERATURE,
+                        row_negatives=mix[i:i + 1])
+        for p, g in zip(model.parameters(), torch.autograd.grad(loss, params)):
+            torch.testing.assert_close(p.grad_sample[i], g, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
