@@ -180,19 +180,23 @@ def model_from_state(spec: dict, state: dict[str, torch.Tensor]) -> ContrastiveM
 
 @functools.lru_cache(maxsize=64)  # Opacus' noise search takes seconds to minutes at large q
 def dp_plan(*, num_examples: int, batch_size: int, local_epochs: int, rounds: int, epsilon: float,
-            delta: float, max_grad_norm: float) -> DPParams:
-    """DP-SGD parameters spending ``epsilon`` at ``delta`` over all rounds of the planned run."""
+            delta: float, max_grad_norm: float, rounds_per_epoch: int = 1) -> tuple[DPParams, int]:
+    """(DP-SGD parameters spending ``epsilon`` at ``delta`` over all rounds, Poisson steps per round).
+
+    With rounds_per_epoch k a round takes local_epochs / k epochs' worth of steps, each over the
+    site's whole data set (as the Flower path's client.privacy.plan_round).
+    """
     sample_rate = min(1.0, batch_size / max(1, num_examples))
-    steps_per_round = max(1, round(local_epochs / sample_rate))  # as local_round / dp_training_batches
+    steps_per_round = max(1, math.floor(local_epochs / (sample_rate * rounds_per_epoch) + 0.5))  # half up
     sigma = noise_for_budget(target_epsilon=epsilon, target_delta=delta, sample_rate=sample_rate,
                              total_steps=rounds * steps_per_round)
-    return DPParams(noise_multiplier=sigma, max_grad_norm=max_grad_norm, sample_rate=sample_rate)
+    return DPParams(noise_multiplier=sigma, max_grad_norm=max_grad_norm, sample_rate=sample_rate), steps_per_round
 
 
 def run_local_round(model: ContrastiveModel, images: torch.Tensor, *, negatives: torch.Tensor | None,
                     method: FedMethod, recipe: Recipe, augment: TwoViewAugment, num_push: int,
                     device: torch.device, seed: int, dp: DPParams | None, lr_scale: float = 1.0,
-                    optimizer_state: dict | None = None):
+                    optimizer_state: dict | None = None, dp_steps: int | None = None):
     return local_round(
         model, images, negatives=negatives, epochs=recipe.local_epochs, batch_size=recipe.batch_size,
         lr=lr_scale * (recipe.lr if method.lr is None else method.lr), temperature=recipe.temperature,
@@ -202,7 +206,7 @@ def run_local_round(model: ContrastiveModel, images: torch.Tensor, *, negatives:
         key_momentum=method.key_momentum, drift_compensation=method.drift_compensation,
         drift_kernel=method.drift_kernel, relation_weight=method.relation_weight,
         relation_temperature=method.relation_temperature, optimizer_state=optimizer_state,
-        hard_negatives=method.hard_negatives,
+        hard_negatives=method.hard_negatives, dp_steps=dp_steps,
     )
 
 
@@ -245,11 +249,6 @@ def run_federation(
     if method.pred_hidden != model_spec.get("pred_hidden", 0):
         raise ValueError(f"the method's pred_hidden={method.pred_hidden} differs from the model spec's "
                          f"{model_spec.get('pred_hidden', 0)}: build the spec with the method's predictor")
-    if method.dp_epsilon is not None and recipe.rounds_per_epoch != 1:
-        raise ValueError("DP-SGD plans its sample rate over whole-site epochs: it needs rounds_per_epoch=1, "
-                         f"got {recipe.rounds_per_epoch}")
-    if method.dp_epsilon is not None and recipe.persist_optimizer:
-        raise ValueError("DP-SGD starts each round's optimizer cold: it needs persist_optimizer=False")
     if method.num_push is not None:
         recipe = replace(recipe, num_push=method.num_push)
     device = torch.device(device)
@@ -268,11 +267,14 @@ def run_federation(
     prototypes = init_prototypes(num=recipe.num_prototypes, dim=dim, seed=seed) if method.release == "prototypes" else None
     have_prototypes = False
     ledgers = [PrivacyLedger(site_id=n, delta=recipe.delta, epsilon_budget=None) for n in names]
-    dps = [None] * len(sites)
-    if method.dp_epsilon is not None:
-        dps = [dp_plan(num_examples=s.shape[0], batch_size=recipe.batch_size, local_epochs=recipe.local_epochs,
-                       rounds=rounds, epsilon=method.dp_epsilon, delta=recipe.delta,
-                       max_grad_norm=recipe.max_grad_norm) for s in sites]
+    dps: list[DPParams | None] = [None] * len(sites)
+    dp_steps: list[int | None] = [None] * len(sites)
+    if method.dp_epsilon is not None:  # every DP step Poisson-samples a whole site; k shortens rounds
+        plans = [dp_plan(num_examples=s.shape[0], batch_size=recipe.batch_size, local_epochs=recipe.local_epochs,
+                         rounds=rounds, epsilon=method.dp_epsilon, delta=recipe.delta,
+                         max_grad_norm=recipe.max_grad_norm, rounds_per_epoch=recipe.rounds_per_epoch)
+                 for s in sites]
+        dps, dp_steps = [p for p, _ in plans], [n for _, n in plans]
     probes: dict[int, torch.Tensor] = {}  # round whose pushes it makes -> probe embeddings (P, d)
 
     if queue is not None and method.bootstrap_queue:  # round 0: pushes of the initial model
@@ -324,7 +326,8 @@ def run_federation(
         states, weights, losses, negs, releases = [], [], [], [], []
         for i, (name, site_images) in enumerate(zip(names, sites)):
             negatives = fetched[i]
-            images = round_images(site_images, orders[i] if orders else None, r, recipe.rounds_per_epoch)
+            images = site_images if dps[i] is not None else round_images(
+                site_images, orders[i] if orders else None, r, recipe.rounds_per_epoch)
             n = images.shape[0]
             num_push = 0
             if method.queue and method.release == "raw" and not method.fresh_push:
@@ -334,7 +337,8 @@ def run_federation(
             model = model_from_state(model_spec, global_state)
             res = run_local_round(model, images, negatives=negatives, method=round_method, recipe=recipe, augment=augment,
                                   num_push=num_push, device=device, seed=seed * 100_003 + r * 101 + i, dp=dps[i],
-                                  lr_scale=round_lr_scale(recipe, r, rounds), optimizer_state=opt_states[i])
+                                  lr_scale=round_lr_scale(recipe, r, rounds), optimizer_state=opt_states[i],
+                                  dp_steps=dp_steps[i])
             if recipe.persist_optimizer:
                 opt_states[i] = res.optimizer_state
             if dps[i] is not None:

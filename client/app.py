@@ -351,21 +351,20 @@ def train_handler(msg: Message, context: Context, simulated: SimulatedSites | No
     configure_threads(site.threads or rc.threads)
     images = load_site_images(site, rc, simulated)  # (N, C, H, W) uint8
     groups = load_site_groups(site, rc, simulated)  # (N,) patient ids, or None when the data has none
-    share = round_share(int(images.shape[0]), rc, site.site_id)
+    # DP-SGD: every step Poisson-samples the whole data set (the rate the accountant is told), and
+    # shorter rounds take fewer steps instead (plan_round); other rounds train on their share
+    share = None if rc.privacy.get("dpsgd") else round_share(int(images.shape[0]), rc, site.site_id)
     if share is not None:
-        if rc.privacy.get("dpsgd"):  # the server's config refuses this; a hand-made message could not
-            raise SiteError("DP-SGD needs rounds_per_epoch = 1: its accounting samples the whole data set")
         images = images[share]
         groups = None if groups is None else groups[share]
     if images.shape[0] == 0:
         raise SiteError(f"site {site.site_id} has fewer images than rounds_per_epoch ({rc.rounds_per_epoch})")
     model = _build_model(rc, msg)
-    if rc.persist_optimizer and rc.privacy.get("dpsgd"):  # the server's config refuses this
-        raise SiteError("DP-SGD needs persist_optimizer = false: each DP-SGD round starts its optimizer cold")
     optimizer_state = load_optimizer_state(context, optimizer=rc.optimizer) if rc.persist_optimizer else None
     privacy = plan_round(privacy=site_privacy_settings(site, rc), site_id=site.site_id, state_dir=site.state_dir,
                          round=rc.round, num_rounds=rc.num_rounds, epochs=rc.epochs, batch_size=rc.batch_size,
-                         num_examples=int(images.shape[0]), in_batch_negatives=rc.in_batch_negatives, groups=groups)
+                         num_examples=int(images.shape[0]), in_batch_negatives=rc.in_batch_negatives, groups=groups,
+                         rounds_per_epoch=rc.rounds_per_epoch)
     if privacy.refused:
         # say so in the reply: the ServerApp drops this site and stops when no site can go on
         record_round(privacy, round=rc.round, dp_steps=0, pushed=0)
@@ -387,6 +386,7 @@ def train_handler(msg: Message, context: Context, simulated: SimulatedSites | No
             device=resolve_device("auto"), seed=_round_seed(rc.seed, site.site_id, rc.round), optimizer=rc.optimizer,
             momentum=rc.momentum, weight_decay=rc.weight_decay, dp=privacy.dp, groups=privacy.groups,
             optimizer_state=optimizer_state, hard_negatives=rc.hard_negatives,
+            dp_steps=privacy.steps_planned if privacy.dp is not None else None,
         )
         if rc.persist_optimizer and result.optimizer_state is not None:
             save_optimizer_state(context, result.optimizer_state, optimizer=rc.optimizer)
@@ -450,7 +450,8 @@ def release_handler(msg: Message, context: Context, simulated: SimulatedSites | 
     model = _build_model(rc, msg)
     privacy = plan_round(privacy=site_privacy_settings(site, rc), site_id=site.site_id, state_dir=site.state_dir,
                          round=rc.round, num_rounds=rc.num_rounds, epochs=rc.epochs, batch_size=rc.batch_size,
-                         num_examples=int(images.shape[0]), in_batch_negatives=rc.in_batch_negatives, groups=groups)
+                         num_examples=int(images.shape[0]), in_batch_negatives=rc.in_batch_negatives, groups=groups,
+                         rounds_per_epoch=rc.rounds_per_epoch)
     if privacy.refused:
         raise BudgetRefusal(f"{BUDGET_REFUSAL} site {site.site_id}: {privacy.refused}")
     mode = privacy.settings.release

@@ -77,7 +77,7 @@ def _release_event(s: PrivacySettings) -> tuple[float, float, int] | None:
 def plan_round(
     *, privacy: dict[str, Any], site_id: str, state_dir: Path | None, round: int, num_rounds: int,
     epochs: int, batch_size: int, num_examples: int, in_batch_negatives: bool,
-    groups: torch.Tensor | None = None,
+    groups: torch.Tensor | None = None, rounds_per_epoch: int = 1,
 ) -> RoundPrivacy:
     """Open the ledger, derive DP-SGD parameters for the whole planned run, check the budget.
 
@@ -86,6 +86,8 @@ def plan_round(
     (a clear error). q = expected patients per batch / patients, with expected patients per
     batch = batch_size * patients / images: a step then holds batch_size images on average, as
     in the example unit, and q equals batch_size / images.
+    rounds_per_epoch: k > 1 makes a round epochs / k epochs' worth of steps, each still a Poisson
+    sample of the whole data set at rate q: round_half(epochs / (q k)) steps a round.
     """
     s = PrivacySettings.model_validate(privacy or {})
     unit = "group" if s.unit == "patient" else "example"
@@ -115,7 +117,7 @@ def plan_round(
             q = min(1.0, patients_per_batch / num_patients)
         else:
             q = min(1.0, batch_size / num_examples)
-        steps = max(1, round_half(epochs / q))
+        steps = max(1, round_half(epochs / (q * max(1, rounds_per_epoch))))
         release = _release_event(s)
         reserved = [(release[0], release[1], num_rounds)] if release else []
         sigma = s.noise_multiplier if s.noise_multiplier is not None else noise_for_budget(

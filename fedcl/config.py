@@ -64,9 +64,12 @@ class TrainSettings(_Section):
     # image once per epoch), so a round is epochs/rounds_per_epoch epochs. Shorter rounds at the same
     # compute: the frozen round model, the keys and the queue's fresh pushes are renewed more often
     # (docs/benchmarks.md, session 7). A run of R rounds trains R x epochs / rounds_per_epoch epochs.
+    # Under DP-SGD a round instead takes epochs / rounds_per_epoch epochs' worth of Poisson steps,
+    # each over the whole data set, so the sample rate stays the one the accountant composes.
     rounds_per_epoch: int = Field(1, ge=1)
     # federated: each site's optimizer resumes its own state (Adam's moments and step count) from
-    # its previous round, kept in Flower's Context.state, instead of starting cold every round
+    # its previous round, kept in Flower's Context.state, instead of starting cold every round.
+    # Under DP-SGD the moments come from clipped, noised gradients only (post-processing).
     persist_optimizer: bool = False
     batch_size: int = Field(256, ge=1)
     optimizer: Literal["adam", "sgd"] = "adam"  # SGD at lr 0.05 collapsed the small CNN here
@@ -199,16 +202,6 @@ class FedclConfig(BaseSettings):
             raise ValueError(
                 "privacy.dpsgd needs train.in_batch_negatives = false: with in-batch negatives one "
                 "example's loss depends on other examples and per-example clipping is not valid"
-            )
-        if self.privacy.dpsgd and self.train.rounds_per_epoch > 1:
-            raise ValueError(
-                "privacy.dpsgd needs train.rounds_per_epoch = 1: DP-SGD's accounting assumes each step "
-                "Poisson-samples the site's whole data set, not a share of it"
-            )
-        if self.privacy.dpsgd and self.train.persist_optimizer:
-            raise ValueError(
-                "privacy.dpsgd needs train.persist_optimizer = false: each DP-SGD round starts its "
-                "optimizer cold (moments carried across rounds are not part of the accounted release)"
             )
         if self.queue.per_site_quota > self.queue.capacity:
             raise ValueError("queue.per_site_quota must not exceed queue.capacity")

@@ -231,6 +231,7 @@ def local_round(
     relation_temperature: float = 0.1,
     optimizer_state: dict | None = None,
     hard_negatives: int = 0,
+    dp_steps: int | None = None,
 ) -> LocalRoundResult:
     """Train ``model`` in place on one site's images for ``epochs`` local epochs.
 
@@ -252,7 +253,11 @@ def local_round(
     optimizer_state: a previous round's ``LocalRoundResult.optimizer_state`` of this site: the
     optimizer resumes with its moments and step counts instead of starting cold (Adam's first
     steps after a cold start move every weight by about lr whatever its gradient). Its learning
-    rate is ``lr``, not the stored one. Not with DP-SGD.
+    rate is ``lr``, not the stored one. Under DP-SGD the moments are built from clipped, noised
+    gradients only (post-processing), and they never leave the site.
+    dp_steps: DP-SGD only: the Poisson steps of this round over all of ``images`` (default
+    round(epochs / sample_rate)). Shorter rounds take fewer steps over the whole data set instead
+    of a share of it, so every step keeps the sample rate the accountant is told.
     hard_negatives: synthetic hard negatives per query from the queue (``contrastive_loss``).
     A model with a predictor (``pred_hidden > 0``) sends its queries through it; that needs
     key_encoder 'global' or 'ema' and the default loss.
@@ -290,8 +295,9 @@ def local_round(
                          "the predictor's space, its keys in the round model's")
     if dp is not None and own_negatives:
         raise ValueError("DP-SGD needs own_negatives=0 (the site's own embeddings as negatives couple examples)")
-    if dp is not None and optimizer_state is not None:
-        raise ValueError("DP-SGD starts each round's optimizer cold: optimizer_state must be None")
+    if dp_steps is not None and (dp is None or dp_steps < 1):
+        raise ValueError(f"dp_steps is the number of DP-SGD steps (>= 1) and needs dp; got {dp_steps} "
+                         f"with dp={'set' if dp is not None else 'None'}")
     gen = torch.Generator().manual_seed(seed)
     aug_gen = torch.Generator(device=device).manual_seed(seed + 1) if device.type == "cuda" else gen
     model.to(device).train()
@@ -315,6 +321,7 @@ def local_round(
             raise ValueError(f"optimizer_state does not fit this model and optimizer: {e}") from e
         for group in optimizer.param_groups:
             group["lr"] = lr  # this round's learning rate, not the stored one
+    base_optimizer = optimizer  # DP-SGD wraps it; its state is what the next round resumes
     n = images.shape[0]
     t_aug = t_step = 0.0
     losses: list[float] = []
@@ -330,9 +337,12 @@ def local_round(
         dp_groups = check_groups(groups, num_examples=n, unit=dp.unit)  # (N,) or None; clear error if missing
         train_model, optimizer, check = make_dp_training(model, optimizer, params=dp, num_examples=n,
                                                          groups=dp_groups)
-        batches = dp_training_batches(num_examples=n, sample_rate=dp.sample_rate, epochs=epochs, generator=gen,
-                                      groups=dp_groups)
-        total = max(1, round(epochs / dp.sample_rate)) if dp.sample_rate > 0 else 0
+        batches = dp_training_batches(num_examples=n, sample_rate=dp.sample_rate, generator=gen, groups=dp_groups,
+                                      **({"epochs": epochs} if dp_steps is None else {"steps": dp_steps}))
+        if dp_steps is not None:
+            total = dp_steps
+        else:
+            total = max(1, round(epochs / dp.sample_rate)) if dp.sample_rate > 0 else 0
     else:
         train_model, check = model, None
         per_epoch = [torch.randperm(n, generator=gen).split(batch_size) for _ in range(epochs)]
@@ -397,13 +407,11 @@ def local_round(
         **dp_info,
     }
     model.to("cpu")
-    opt_state = None
-    if dp is None:
-        opt_state = optimizer.state_dict()
-        for st in opt_state["state"].values():
-            for k, v in st.items():
-                if torch.is_tensor(v):
-                    st[k] = v.detach().to("cpu", copy=True)
+    opt_state = base_optimizer.state_dict()
+    for st in opt_state["state"].values():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                st[k] = v.detach().to("cpu", copy=True)
     return LocalRoundResult(state=canonical_state_dict(model), embeddings=embeddings, metrics=metrics,
                             optimizer_state=opt_state)
 

@@ -46,14 +46,16 @@ def test_dp_with_in_batch_negatives_is_refused():
     assert cfg.privacy.dpsgd
 
 
-def test_dp_with_shorter_rounds_is_refused():
-    with pytest.raises(ConfigError, match="rounds_per_epoch"):
-        load_config(None, ["privacy.dpsgd=true", "train.in_batch_negatives=false", "train.rounds_per_epoch=2"])
+def test_shorter_rounds_and_kept_optimizers_are_checked_and_allowed_with_dp():
     with pytest.raises(ConfigError, match="rounds_per_epoch"):
         load_config(None, ["train.rounds_per_epoch=0"])
     assert load_config(None, ["train.rounds_per_epoch=4"]).train.rounds_per_epoch == 4
-    with pytest.raises(ConfigError, match="persist_optimizer"):
-        load_config(None, ["privacy.dpsgd=true", "train.in_batch_negatives=false", "train.persist_optimizer=true"])
+    with pytest.raises(ConfigError, match="hard_negatives"):
+        load_config(None, ["train.hard_negatives=-1"])
+    # DP-SGD: shorter rounds take fewer Poisson steps over the whole data set (client.privacy.plan_round)
+    cfg = load_config(None, ["privacy.dpsgd=true", "train.in_batch_negatives=false", "train.rounds_per_epoch=2",
+                             "train.persist_optimizer=true"])
+    assert cfg.train.rounds_per_epoch == 2 and cfg.train.persist_optimizer
 
 
 def test_missing_and_malformed_files(tmp_path):

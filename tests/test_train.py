@@ -309,11 +309,22 @@ def test_optimizer_state_that_does_not_fit_is_refused(data):
         _round(other, data.images, optimizer_state=state)
 
 
-def test_optimizer_state_refused_under_dp(data):
+def test_dp_round_takes_dp_steps_over_all_images_and_resumes_its_optimizer(data):
+    from fedcl.privacy.dp import DPParams
+
+    dp = DPParams(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.25)
     model = build_model(in_channels=1, width=8, proj_dim=16, proj_hidden=32)
-    state = _round(model, data.images).optimizer_state
-    with pytest.raises(ValueError, match="optimizer_state must be None"):
-        _round(model, data.images, in_batch_negatives=False, dp=object(), optimizer_state=state)
+    first = _round(model, data.images, in_batch_negatives=False, dp=dp, dp_steps=3, num_push=0)
+    assert first.metrics["dp_steps"] == 3.0  # not round(1 epoch / 0.25) = 4
+    assert {int(s["step"]) for s in first.optimizer_state["state"].values()} == {3}
+    second = _round(model, data.images, in_batch_negatives=False, dp=dp, dp_steps=2, num_push=0,
+                    optimizer_state=first.optimizer_state)
+    assert {int(s["step"]) for s in second.optimizer_state["state"].values()} == {5}  # resumed, not cold
+    assert _round(model, data.images, in_batch_negatives=False, dp=dp, num_push=0).metrics["dp_steps"] == 4.0
+    with pytest.raises(ValueError, match="dp_steps"):
+        _round(model, data.images, dp_steps=2)  # no DP
+    with pytest.raises(ValueError, match="dp_steps"):
+        _round(model, data.images, in_batch_negatives=False, dp=dp, dp_steps=0)
 
 
 def test_hard_negatives_join_the_denominator_and_are_validated(data):

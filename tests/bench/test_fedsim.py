@@ -290,10 +290,6 @@ def test_bad_round_recipes_are_refused(setup):
     with pytest.raises(ValueError, match="lr_schedule must be"):
         run_local_only(sites=setup["sites"], model_spec=SPEC, init_state=setup["init"],
                        recipe=replace(RECIPE, lr_schedule="linear"), rounds=1, seed=0)
-    with pytest.raises(ValueError, match="needs rounds_per_epoch=1"):
-        run_federation(sites=setup["sites"], model_spec=SPEC, init_state=setup["init"],
-                       method=FedMethod(queue=True, release="raw", in_batch_negatives=False, dp_epsilon=8.0),
-                       recipe=replace(RECIPE, rounds_per_epoch=2), rounds=2, seed=0)
 
 
 def test_persist_optimizer_hands_each_site_its_own_previous_state(setup, monkeypatch):
@@ -315,10 +311,40 @@ def test_persist_optimizer_hands_each_site_its_own_previous_state(setup, monkeyp
     calls.clear()
     run(setup, FedMethod(key_encoder="online"))  # default: every round starts cold
     assert all(given is None for given, _ in calls)
-    with pytest.raises(ValueError, match="persist_optimizer=False"):
-        run_federation(sites=setup["sites"], model_spec=SPEC, init_state=setup["init"],
-                       method=FedMethod(queue=True, release="raw", in_batch_negatives=False, dp_epsilon=8.0),
-                       recipe=replace(RECIPE, persist_optimizer=True), rounds=1, seed=0)
+
+
+def test_dp_with_shorter_rounds_and_kept_optimizers_samples_whole_sites_and_accounts_every_step(setup, monkeypatch):
+    """DP-SGD at rounds_per_epoch = 2: each round takes half an epoch's Poisson steps, every one over
+    the site's whole data set at the planned rate, and ε is the accountant's for all those steps."""
+    from opacus.accountants import RDPAccountant
+
+    monkeypatch.setattr(fedsim, "noise_for_budget", lambda **kw: 2.0)
+    fedsim.dp_plan.cache_clear()
+    calls = []
+    real = fedsim.local_round
+
+    def spy(model, images, **kw):
+        res = real(model, images, **kw)
+        calls.append((images.shape[0], kw["dp_steps"], kw["optimizer_state"], res))
+        return res
+
+    monkeypatch.setattr(fedsim, "local_round", spy)
+    recipe = replace(RECIPE, batch_size=4, rounds_per_epoch=2, persist_optimizer=True)
+    res = run_federation(sites=setup["sites"], model_spec=SPEC, init_state=setup["init"], recipe=recipe, rounds=4,
+                         seed=0, method=FedMethod(queue=True, release="raw", in_batch_negatives=False, dp_epsilon=8.0,
+                                                  warmup_rounds=0, fresh_push=True, max_staleness=0))
+    fedsim.dp_plan.cache_clear()
+    q = 4 / 16
+    steps = 2  # round_half(1 epoch / (q x 2)): half of the 4 steps of a whole-epoch round
+    assert [(n, s) for n, s, _, _ in calls] == [(16, steps)] * 12  # whole sites, half the steps
+    assert all(r.metrics["dp_steps"] == steps for _, _, _, r in calls)
+    assert all(given is None for _, _, given, _ in calls[:3])
+    for site in range(3):  # round r + 1 resumes the site's own round-r state
+        for r in range(3):
+            assert calls[3 * (r + 1) + site][2] is calls[3 * r + site][3].optimizer_state
+    acct = RDPAccountant()
+    acct.history = [(2.0, q, 4 * steps)]
+    assert res.rounds[-1]["epsilon_updates"] == pytest.approx(acct.get_epsilon(delta=RECIPE.delta), rel=1e-6)
 
 
 def test_hard_negatives_and_predictor_reach_the_sites_round(setup, monkeypatch):

@@ -56,10 +56,3 @@ def test_rounds_per_epoch_must_divide_the_epochs(capsys, tmp_path):
     assert not (tmp_path / "cache").exists()  # refused before anything was written
 
 
-def test_dp_methods_are_refused_with_shorter_rounds_or_kept_optimizers(capsys, tmp_path):
-    from bench.quality import main
-
-    for extra in (["--rounds-per-epoch", "2"], ["--persist-optimizer"]):
-        assert main(MAIN_TABLE + extra + ["--methods", "fedsimclr,fedcl_dp8", "--out", str(tmp_path)]) == 2
-        assert "['fedcl_dp8'] need whole-epoch rounds" in capsys.readouterr().err
-    assert not (tmp_path / "cache").exists()

@@ -169,14 +169,36 @@ def test_shorter_rounds_train_disjoint_shares_that_cover_the_site_each_epoch(tmp
     assert again == [trained[1]]  # a fresh process recomputes the same share: nothing is kept in memory
 
 
-def test_a_hand_made_dp_round_with_shorter_rounds_is_refused(tmp_path, task_identity):
+def test_a_dp_round_with_shorter_rounds_samples_the_whole_site_for_fewer_steps(tmp_path, task_identity,
+                                                                                monkeypatch):
+    """train.rounds_per_epoch = 2 under DP-SGD: each round Poisson-samples all 60 images at q = 12/60
+    for round_half(1 / (q x 2)) = round_half(2.5) = 3 (not 5) steps, the ledger holds every step, and
+    ε after three rounds is the accountant's figure for 3 x 3 steps at q; round 2 resumes round 1's
+    Adam state."""
+    import fedcl.train
+
     path, _ = _npz(tmp_path / "site.npz", patients=False)
-    rc = _rc({"dpsgd": True, "noise_multiplier": 1.0, "release": "public"}, rounds_per_epoch=2)
     node = {"site-id": "h", "data-path": str(path), "state-dir": str(tmp_path / "state")}
-    with pytest.raises(SiteError, match="rounds_per_epoch"):
-        train_handler(_train_message(rc), Context(run_id=1, node_id=1, node_config=node, state=RecordDict(),
-                                                  run_config={}), None)
-    assert not (tmp_path / "state" / "ledger-h.json").exists()  # refused before anything was entered
+    seen = []
+    real = fedcl.train.local_round
+
+    def spy(model, images, **kw):
+        seen.append((int(images.shape[0]), kw["dp_steps"], kw["optimizer_state"] is not None))
+        return real(model, images, **kw)
+
+    monkeypatch.setattr(fedcl.train, "local_round", spy)
+    context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
+    for rnd in (1, 2, 3):
+        rc = _rc({"dpsgd": True, "noise_multiplier": 1.0, "release": "public"}, round=rnd, rounds_per_epoch=2,
+                 persist_optimizer=True)
+        reply = train_handler(_train_message(rc), context, None)
+        assert reply.content.metric_records["metrics"]["steps"] == 3.0
+    assert seen == [(N, 3, False), (N, 3, True), (N, 3, True)]
+    q = 12 / N
+    acct = RDPAccountant()
+    acct.history = [(1.0, q, 9)]
+    ledger = PrivacyLedger.load(tmp_path / "state" / "ledger-h.json")
+    assert ledger.epsilon() == pytest.approx(acct.get_epsilon(delta=1e-5), rel=1e-9)
 
 
 def test_persist_optimizer_keeps_the_sites_adam_state_in_its_flower_context(tmp_path, task_identity, monkeypatch):
@@ -226,10 +248,3 @@ def test_train_hard_negatives_reaches_the_sites_local_round(tmp_path, task_ident
     assert given == [16, 0]
 
 
-def test_a_hand_made_dp_round_that_persists_the_optimizer_is_refused(tmp_path, task_identity):
-    path, _ = _npz(tmp_path / "site.npz", patients=False)
-    rc = _rc({"dpsgd": True, "noise_multiplier": 1.0, "release": "public"}, persist_optimizer=True)
-    node = {"site-id": "h", "data-path": str(path), "state-dir": str(tmp_path / "state")}
-    with pytest.raises(SiteError, match="persist_optimizer"):
-        train_handler(_train_message(rc), Context(run_id=1, node_id=1, node_config=node, state=RecordDict(),
-                                                  run_config={}), None)
