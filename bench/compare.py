@@ -5,7 +5,9 @@
         --out bench/results/quality_s7_compare
 
 Each variant is ``label=tag``: the results file ``<results>/quality<tag>.json`` that one
-``bench/quality.py --tag <tag>`` run (or its ``--cached-only`` rebuild) wrote. Reference methods
+``bench/quality.py --tag <tag>`` run (or its ``--cached-only`` rebuild) wrote; ``label=tag@split``
+reads that variant's ``split`` instead of ``--split`` (then put central and random in ``--methods``:
+a reference line holds for one split only). Reference methods
 (not trained by the federation, such as central SimCLR) are drawn as horizontal lines from the
 first variant that has them. Writes ``<out>.md`` (mean ± std, per-seed values, n) and ``<out>.png``
 (grouped bars with one dot per seed), and prints the table.
@@ -38,7 +40,7 @@ def per_seed(cell: dict, metric: str) -> list[float]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--variants", required=True, help="comma-separated label=tag pairs")
+    p.add_argument("--variants", required=True, help="comma-separated label=tag or label=tag@split")
     p.add_argument("--methods", required=True)
     p.add_argument("--reference", default="", help="methods drawn as lines (e.g. central,random)")
     p.add_argument("--split", default="pathological")
@@ -52,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"variant {item!r} is not label=tag", file=sys.stderr)
             return 2
         label, tag = item.rsplit("=", 1)
-        variants.append((label, tag, load_variant(a.results / f"quality{tag}.json", a.split)))
+        tag, _, split = tag.partition("@")
+        variants.append((label, tag, load_variant(a.results / f"quality{tag}.json", split or a.split)))
     methods = [m for m in a.methods.split(",") if m]
     refs = [m for m in a.reference.split(",") if m]
 

@@ -35,3 +35,17 @@ def test_compare_names_a_missing_results_file(tmp_path):
     with pytest.raises(SystemExit, match="quality_missing.json"):
         main(["--variants", "x=_missing", "--methods", "fedcl", "--results", str(tmp_path),
               "--out", str(tmp_path / "c")])
+
+
+def test_a_variant_can_name_its_own_split(tmp_path):
+    path = tmp_path / "quality_s.json"
+    cell = lambda v: {"knn": {"mean": v, "std": 0.0, "n": 1, "values": [v]}}  # noqa: E731
+    path.write_text(json.dumps({"command": "x", "splits": {"pathological": {"fedcl": cell(0.6)},
+                                                           "iid": {"fedcl": cell(0.7)}}}))
+    out = tmp_path / "cmp"
+    assert main(["--variants", "non-IID=_s,IID=_s@iid", "--methods", "fedcl", "--results", str(tmp_path),
+                 "--out", str(out)]) == 0
+    assert "| fedcl | 60.0 ± 0.0 (n=1) (60.00) | 70.0 ± 0.0 (n=1) (70.00) |" in out.with_suffix(".md").read_text()
+    with pytest.raises(SystemExit, match="no split 'dirichlet0.1'"):
+        main(["--variants", "x=_s@dirichlet0.1", "--methods", "fedcl", "--results", str(tmp_path),
+              "--out", str(out)])
