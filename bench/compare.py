@@ -49,17 +49,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="output prefix: writes <out>.md and <out>.png")
     a = p.parse_args(argv)
     variants = []
+    splits = []
     for item in (v for v in a.variants.split(",") if v):
         if "=" not in item:
             print(f"variant {item!r} is not label=tag", file=sys.stderr)
             return 2
         label, tag = item.rsplit("=", 1)
         tag, _, split = tag.partition("@")
-        variants.append((label, tag, load_variant(a.results / f"quality{tag}.json", split or a.split)))
+        splits.append(split or a.split)
+        variants.append((label, tag, load_variant(a.results / f"quality{tag}.json", splits[-1])))
     methods = [m for m in a.methods.split(",") if m]
     refs = [m for m in a.reference.split(",") if m]
 
-    lines = [f"{a.metric} (%), split {a.split}, mean ± std over seeds (n); per seed in brackets\n",
+    split_text = f"split {splits[0]}" if len(set(splits)) == 1 else "splits " + ", ".join(
+        f"{label}: {sp}" for (label, _, _), sp in zip(variants, splits))
+    lines = [f"{a.metric} (%), {split_text}, mean ± std over seeds (n); per seed in brackets\n",
              "| method | " + " | ".join(label for label, _, _ in variants) + " |",
              "|---|" + "---|" * len(variants)]
     bars: dict[str, list[tuple[float, float, list[float]] | None]] = {}
@@ -115,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     if values:
         ax.set_ylim(min(values) - 2, max(values) + 1.5)
     ax.set_ylabel(f"{a.metric} (%)")
-    ax.set_title(f"{a.split}: {a.metric} by recipe variant (dots: seeds)")
+    ax.set_title(f"{splits[0] if len(set(splits)) == 1 else 'per variant'}: {a.metric} by variant (dots: seeds)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: bars fill the axes
     fig.tight_layout()
     fig.savefig(a.out.with_suffix(".png"), dpi=120)

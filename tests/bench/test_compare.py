@@ -45,7 +45,9 @@ def test_a_variant_can_name_its_own_split(tmp_path):
     out = tmp_path / "cmp"
     assert main(["--variants", "non-IID=_s,IID=_s@iid", "--methods", "fedcl", "--results", str(tmp_path),
                  "--out", str(out)]) == 0
-    assert "| fedcl | 60.0 ± 0.0 (n=1) (60.00) | 70.0 ± 0.0 (n=1) (70.00) |" in out.with_suffix(".md").read_text()
+    table = out.with_suffix(".md").read_text()
+    assert "| fedcl | 60.0 ± 0.0 (n=1) (60.00) | 70.0 ± 0.0 (n=1) (70.00) |" in table
+    assert "splits non-IID: pathological, IID: iid" in table
     with pytest.raises(SystemExit, match="no split 'dirichlet0.1'"):
         main(["--variants", "x=_s@dirichlet0.1", "--methods", "fedcl", "--results", str(tmp_path),
               "--out", str(out)])
