@@ -460,8 +460,10 @@ def run_federation(
     log.info("fedcl federation: %d rounds, strategy %s, queue %s; writing to %s", num_rounds,
              cfg.federation.strategy, queue.address if queue else "off", out_dir.resolve())
     if cfg.train.rounds_per_epoch > 1:  # easy to miss: the same num_rounds now trains k times less
-        log.info("train.rounds_per_epoch = %d: each round trains on 1/%d of a site's images, so %d rounds are "
-                 "%g local epochs per site", cfg.train.rounds_per_epoch, cfg.train.rounds_per_epoch, num_rounds,
+        how = ("1/%d of an epoch's DP-SGD steps over all its images" if cfg.privacy.dpsgd
+               else "on 1/%d of its images") % cfg.train.rounds_per_epoch
+        log.info("train.rounds_per_epoch = %d: each round a site trains %s, so %d rounds are %g local epochs per "
+                 "site", cfg.train.rounds_per_epoch, how, num_rounds,
                  num_rounds * cfg.train.epochs / cfg.train.rounds_per_epoch)
     metrics_log = MetricsLog(out_dir, tensorboard=cfg.server.tensorboard)
     metrics_log.reset(history)
