@@ -55,12 +55,15 @@ def _data(b, seed=0):
     return v1, v2, negs
 
 
-def _per_example_grads(model, v1, v2, negs):
-    """Reference: autograd on each example alone (its loss uses only its own two views)."""
+def _per_example_grads(model, v1, v2, negs, row_negatives=None):
+    """Reference: autograd on each example alone (its loss uses only its own two views and, with
+    row_negatives (B, S, d), its own row of them)."""
     out = []
     params = [p for p in model.parameters()]
     for i in range(v1.shape[0]):
-        loss = info_nce(model(v1[i : i + 1]), model(v2[i : i + 1]), negs, temperature=TEMPERATURE)
+        rows = None if row_negatives is None else row_negatives[i : i + 1]
+        loss = info_nce(model(v1[i : i + 1]), model(v2[i : i + 1]), negs, temperature=TEMPERATURE,
+                        row_negatives=rows)
         out.append(torch.autograd.grad(loss, params))
     return [torch.stack([g[j] for g in out]) for j in range(len(params))]  # per param: (B, *shape)
 
@@ -102,12 +105,9 @@ def test_hard_negative_mixes_keep_gradients_per_example(engine):
     mix = mix_hard_negatives(q, negs, num_mix=4, pool=6, generator=torch.Generator().manual_seed(0))  # (B, 4, d)
     info_nce(q, gsm(v2), negs, temperature=TEMPERATURE, row_negatives=mix).backward()
     check_per_example(gsm, batch_size=b)
-    params = list(reference.parameters())
-    for i in range(b):  # example i alone, with its own row of mixes
-        loss = info_nce(reference(v1[i:i + 1]), reference(v2[i:i + 1]), negs, temperature=TEMPERATURE,
-                        row_negatives=mix[i:i + 1])
-        for p, g in zip(model.parameters(), torch.autograd.grad(loss, params)):
-            torch.testing.assert_close(p.grad_sample[i], g, rtol=1e-4, atol=1e-6)
+    expected = _per_example_grads(reference, v1, v2, negs, row_negatives=mix)  # example i with its own mixes
+    for p, ref in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad_sample, ref, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
