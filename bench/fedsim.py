@@ -135,6 +135,15 @@ def round_lr_scale(recipe: Recipe, r: int, rounds: int) -> float:
     return 1.0
 
 
+def epoch_order(num_images: int, order: torch.Tensor | None, r: int, rounds_per_epoch: int,
+                gen: torch.Generator) -> torch.Tensor | None:
+    """A site's image order for round r: a new permutation at each epoch's first round when
+    rounds_per_epoch > 1 (draws nothing otherwise), else the current ``order``."""
+    if rounds_per_epoch > 1 and (r - 1) % rounds_per_epoch == 0:
+        return torch.randperm(num_images, generator=gen)
+    return order
+
+
 def round_images(images: torch.Tensor, order: torch.Tensor | None, r: int, rounds_per_epoch: int) -> torch.Tensor:
     """Round r's share of a site's images: chunk (r - 1) mod rounds_per_epoch of ``order``."""
     if rounds_per_epoch == 1:
@@ -199,7 +208,7 @@ def run_local_round(model: ContrastiveModel, images: torch.Tensor, *, negatives:
                     optimizer_state: dict | None = None, dp_steps: int | None = None):
     return local_round(
         model, images, negatives=negatives, epochs=recipe.local_epochs, batch_size=recipe.batch_size,
-        lr=lr_scale * (recipe.lr if method.lr is None else method.lr), temperature=recipe.temperature,
+        lr=lr_scale * recipe.lr, temperature=recipe.temperature,
         in_batch_negatives=method.in_batch_negatives, key_encoder=method.key_encoder, augment=augment,
         num_push=num_push, device=device, seed=seed, dp=dp, online_negatives=method.online_negatives,
         queue_weight=method.queue_weight, own_negatives=method.own_negatives,
@@ -249,8 +258,8 @@ def run_federation(
     if method.pred_hidden != model_spec.get("pred_hidden", 0):
         raise ValueError(f"the method's pred_hidden={method.pred_hidden} differs from the model spec's "
                          f"{model_spec.get('pred_hidden', 0)}: build the spec with the method's predictor")
-    if method.num_push is not None:
-        recipe = replace(recipe, num_push=method.num_push)
+    # a method's own lr and push count override the recipe's, the same way
+    recipe = replace(recipe, **{k: v for k, v in (("lr", method.lr), ("num_push", method.num_push)) if v is not None})
     device = torch.device(device)
     augment = augment or TwoViewAugment()
     names = [f"site-{i}" for i in range(len(sites))]
@@ -288,12 +297,11 @@ def run_federation(
 
     records = []
     velocity: dict[str, torch.Tensor] = {}  # server momentum (FedAvgM)
-    orders: list[torch.Tensor] = []  # each site's image order of the current epoch (rounds_per_epoch > 1)
+    orders: list[torch.Tensor | None] = [None] * len(sites)  # each site's image order of the current epoch
     opt_states: list[dict | None] = [None] * len(sites)  # recipe.persist_optimizer
     for r in range(1, rounds + 1):
         t0 = time.perf_counter()
-        if recipe.rounds_per_epoch > 1 and (r - 1) % recipe.rounds_per_epoch == 0:  # (draws nothing otherwise)
-            orders = [torch.randperm(s.shape[0], generator=gen) for s in sites]
+        orders = [epoch_order(s.shape[0], o, r, recipe.rounds_per_epoch, gen) for s, o in zip(sites, orders)]
         use_negatives = method.queue and r > method.warmup_rounds
         evicted = queue.advance(r) if queue is not None else 0
         shared = None
@@ -327,7 +335,7 @@ def run_federation(
         for i, (name, site_images) in enumerate(zip(names, sites)):
             negatives = fetched[i]
             images = site_images if dps[i] is not None else round_images(
-                site_images, orders[i] if orders else None, r, recipe.rounds_per_epoch)
+                site_images, orders[i], r, recipe.rounds_per_epoch)
             n = images.shape[0]
             num_push = 0
             if method.queue and method.release == "raw" and not method.fresh_push:
@@ -426,8 +434,7 @@ def run_local_only(
         order = None
         opt_state = None
         for r in range(1, rounds + 1):
-            if recipe.rounds_per_epoch > 1 and (r - 1) % recipe.rounds_per_epoch == 0:
-                order = torch.randperm(site_images.shape[0], generator=gen)
+            order = epoch_order(site_images.shape[0], order, r, recipe.rounds_per_epoch, gen)
             images = round_images(site_images, order, r, recipe.rounds_per_epoch)
             res = run_local_round(model, images, negatives=None, method=method, recipe=recipe, augment=augment,
                                   num_push=0, device=torch.device(device), seed=seed * 100_003 + r * 101 + i,

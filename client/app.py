@@ -44,7 +44,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.privacy import plan_round, record_round, round_metrics
+from client.privacy import RoundPrivacy, plan_round, record_round, round_metrics
 from client.privacy import release as release_embeddings
 from client.privacy import release_prototype_sums
 from client.protocol import (
@@ -339,6 +339,14 @@ def _queue_client(site: SiteSettings, rc: RoundConfig):
                        root_certificates=certs, timeout=30.0)
 
 
+def _plan(site: SiteSettings, rc: RoundConfig, images: torch.Tensor, groups: torch.Tensor | None) -> RoundPrivacy:
+    """This round's privacy plan for the site's images (both phases of a round plan it alike)."""
+    return plan_round(privacy=site_privacy_settings(site, rc), site_id=site.site_id, state_dir=site.state_dir,
+                      round=rc.round, num_rounds=rc.num_rounds, epochs=rc.epochs, batch_size=rc.batch_size,
+                      num_examples=int(images.shape[0]), in_batch_negatives=rc.in_batch_negatives, groups=groups,
+                      rounds_per_epoch=rc.rounds_per_epoch)
+
+
 def train_handler(msg: Message, context: Context, simulated: SimulatedSites | None = None) -> Message:
     from fedcl.config import AugmentSettings
     from fedcl.runtime import configure_threads, make_augment
@@ -361,10 +369,7 @@ def train_handler(msg: Message, context: Context, simulated: SimulatedSites | No
         raise SiteError(f"site {site.site_id} has fewer images than rounds_per_epoch ({rc.rounds_per_epoch})")
     model = _build_model(rc, msg)
     optimizer_state = load_optimizer_state(context, optimizer=rc.optimizer) if rc.persist_optimizer else None
-    privacy = plan_round(privacy=site_privacy_settings(site, rc), site_id=site.site_id, state_dir=site.state_dir,
-                         round=rc.round, num_rounds=rc.num_rounds, epochs=rc.epochs, batch_size=rc.batch_size,
-                         num_examples=int(images.shape[0]), in_batch_negatives=rc.in_batch_negatives, groups=groups,
-                         rounds_per_epoch=rc.rounds_per_epoch)
+    privacy = _plan(site, rc, images, groups)
     if privacy.refused:
         # say so in the reply: the ServerApp drops this site and stops when no site can go on
         record_round(privacy, round=rc.round, dp_steps=0, pushed=0)
@@ -448,10 +453,7 @@ def release_handler(msg: Message, context: Context, simulated: SimulatedSites | 
     images = load_site_images(site, rc, simulated)  # (N, C, H, W) uint8
     groups = load_site_groups(site, rc, simulated)  # patient ids or None: the same DP plan as training
     model = _build_model(rc, msg)
-    privacy = plan_round(privacy=site_privacy_settings(site, rc), site_id=site.site_id, state_dir=site.state_dir,
-                         round=rc.round, num_rounds=rc.num_rounds, epochs=rc.epochs, batch_size=rc.batch_size,
-                         num_examples=int(images.shape[0]), in_batch_negatives=rc.in_batch_negatives, groups=groups,
-                         rounds_per_epoch=rc.rounds_per_epoch)
+    privacy = _plan(site, rc, images, groups)
     if privacy.refused:
         raise BudgetRefusal(f"{BUDGET_REFUSAL} site {site.site_id}: {privacy.refused}")
     mode = privacy.settings.release

@@ -12,7 +12,7 @@ site and carrying its privacy-ledger summary as JSON. Every site reports the sam
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from typing import Any
 
 from flwr.app import ConfigRecord
@@ -121,12 +121,12 @@ class RoundConfig:
             if name.startswith("_"):
                 continue
             if name not in raw:
-                if name in ("threads", "optimizer", "fresh_push", "rounds_per_epoch", "persist_optimizer",
-                            "hard_negatives"):
+                # a field with a default is optional: an older server's config lacks it
+                if f.default is not MISSING:
                     kwargs[name] = f.default
                     continue
-                if name in ("privacy", "partition"):
-                    kwargs[name] = {}
+                if f.default_factory is not MISSING:
+                    kwargs[name] = f.default_factory()
                     continue
                 raise ProtocolError(f"round config has no {name!r}; is the server running the same fedcl version?")
             value = raw[name]

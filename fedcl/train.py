@@ -407,11 +407,11 @@ def local_round(
         **dp_info,
     }
     model.to("cpu")
-    opt_state = base_optimizer.state_dict()
+    opt_state = base_optimizer.state_dict()  # the optimizer ends here, so its tensors need no copy on CPU
     for st in opt_state["state"].values():
         for k, v in st.items():
             if torch.is_tensor(v):
-                st[k] = v.detach().to("cpu", copy=True)
+                st[k] = v.detach().to("cpu")
     return LocalRoundResult(state=canonical_state_dict(model), embeddings=embeddings, metrics=metrics,
                             optimizer_state=opt_state)
 
