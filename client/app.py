@@ -365,8 +365,8 @@ def train_handler(msg: Message, context: Context, simulated: SimulatedSites | No
     if share is not None:
         images = images[share]
         groups = None if groups is None else groups[share]
-    if images.shape[0] == 0:
-        raise SiteError(f"site {site.site_id} has fewer images than rounds_per_epoch ({rc.rounds_per_epoch})")
+        if images.shape[0] == 0:  # (load_site_images already refused a site with no images at all)
+            raise SiteError(f"site {site.site_id} has fewer images than rounds_per_epoch ({rc.rounds_per_epoch})")
     model = _build_model(rc, msg)
     optimizer_state = load_optimizer_state(context, optimizer=rc.optimizer) if rc.persist_optimizer else None
     privacy = _plan(site, rc, images, groups)

@@ -169,6 +169,21 @@ def test_shorter_rounds_train_disjoint_shares_that_cover_the_site_each_epoch(tmp
     assert again == [trained[1]]  # a fresh process recomputes the same share: nothing is kept in memory
 
 
+def test_a_site_with_fewer_images_than_rounds_per_epoch_is_refused_by_name_unless_dp(tmp_path, task_identity):
+    """60 images and rounds_per_epoch = 61: some share is empty, and the round says why; under
+    DP-SGD a round samples the whole site, so the same site trains."""
+    path, _ = _npz(tmp_path / "site.npz", patients=False)
+    node = {"site-id": "h", "data-path": str(path), "state-dir": str(tmp_path / "state")}
+    context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
+    rc = _rc(round=61, num_rounds=61, rounds_per_epoch=61, in_batch_negatives=True)
+    with pytest.raises(SiteError, match=r"site h has fewer images than rounds_per_epoch \(61\)"):
+        train_handler(_train_message(rc), context, None)
+    rc = _rc({"dpsgd": True, "noise_multiplier": 1.0, "release": "public"}, round=61, num_rounds=61,
+             rounds_per_epoch=61)
+    reply = train_handler(_train_message(rc), context, None)
+    assert reply.content.metric_records["metrics"]["num-examples"] == N
+
+
 def test_a_dp_round_with_shorter_rounds_samples_the_whole_site_for_fewer_steps(tmp_path, task_identity,
                                                                                 monkeypatch):
     """train.rounds_per_epoch = 2 under DP-SGD: each round Poisson-samples all 60 images at q = 12/60
