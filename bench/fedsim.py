@@ -88,6 +88,8 @@ class FedMethod:
     # a predictor MLP of this width on the query side (BYOL / MoCo v3; fedcl.models pred_hidden):
     # the run's model_spec must carry the same pred_hidden
     pred_hidden: int = 0
+    # the queue's logits use this temperature instead of the recipe's (fedcl.train.local_round)
+    queue_temperature: float | None = None
 
 
 @dataclass(frozen=True)
@@ -215,7 +217,7 @@ def run_local_round(model: ContrastiveModel, images: torch.Tensor, *, negatives:
         key_momentum=method.key_momentum, drift_compensation=method.drift_compensation,
         drift_kernel=method.drift_kernel, relation_weight=method.relation_weight,
         relation_temperature=method.relation_temperature, optimizer_state=optimizer_state,
-        hard_negatives=method.hard_negatives, dp_steps=dp_steps,
+        hard_negatives=method.hard_negatives, dp_steps=dp_steps, queue_temperature=method.queue_temperature,
     )
 
 

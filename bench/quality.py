@@ -138,6 +138,10 @@ METHODS: dict[str, FedMethod | str] = {
     # queue in the frozen round model's projection space
     "fedcl_pred": FedMethod(**FRESH, pred_hidden=256),
     "fedcl_noqueue_pred": FedMethod(queue=False, key_encoder="global", pred_hidden=256),
+    # the queue's logits at temperature 0.1 (the in-batch ones at the recipe's): sharper on the
+    # other sites' embeddings only, which FedSimCLR does not have
+    "fedcl_qt01": FedMethod(**FRESH, queue_temperature=0.1),
+    "fedcl_qt005": FedMethod(**FRESH, queue_temperature=0.05),
     "central": "central",
 }
 MAIN_METHODS = ["random", "local", "fedsimclr", "fedcl", "fedcl_noqueue", "fedcl_dp8", "fedcl_prototypes",

@@ -232,6 +232,7 @@ def local_round(
     optimizer_state: dict | None = None,
     hard_negatives: int = 0,
     dp_steps: int | None = None,
+    queue_temperature: float | None = None,
 ) -> LocalRoundResult:
     """Train ``model`` in place on one site's images for ``epochs`` local epochs.
 
@@ -259,6 +260,9 @@ def local_round(
     round(epochs / sample_rate)). Shorter rounds take fewer steps over the whole data set instead
     of a share of it, so every step keeps the sample rate the accountant is told.
     hard_negatives: synthetic hard negatives per query from the queue (``contrastive_loss``).
+    queue_temperature: the queue's logits are divided by this instead of ``temperature`` (None:
+    the same); the in-batch and positive logits keep ``temperature``. Scaling the queue's entries
+    by temperature / queue_temperature gives exactly these logits, and is how it is done.
     A model with a predictor (``pred_hidden > 0``) sends its queries through it; that needs
     key_encoder 'global' or 'ema' and the default loss.
     """
@@ -285,6 +289,11 @@ def local_round(
                          f"and {relation_temperature}")
     if hard_negatives < 0:
         raise ValueError(f"hard_negatives must be >= 0, got {hard_negatives}")
+    if queue_temperature is not None and (queue_temperature <= 0 or hard_negatives or drift_compensation
+                                          or relation_weight > 0):
+        raise ValueError(f"queue_temperature must be > 0 and needs the queue's entries as given (no hard_negatives, "
+                         f"drift_compensation or relation term, which use them as unit vectors); got "
+                         f"{queue_temperature}")
     if hard_negatives and online_negatives:
         raise ValueError("hard_negatives mixes the queue's negatives of the default loss: it needs "
                          "online_negatives=False")
@@ -308,6 +317,8 @@ def local_round(
     if key_encoder == "ema":  # MoCo's momentum encoder, starting from the round's global weights
         key_model = copy.deepcopy(round_model)
     negs = negatives.to(device).float() if negatives is not None and negatives.numel() > 0 else None
+    if negs is not None and queue_temperature is not None:
+        negs = negs * (temperature / queue_temperature)  # q . n / queue_temperature, inside the same softmax
     own_ids = own_emb = None
     if own_negatives and images.shape[0] > 0:
         own_ids = torch.randperm(images.shape[0], generator=gen)[:own_negatives]

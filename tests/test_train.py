@@ -356,3 +356,32 @@ def test_predictor_trains_on_queries_and_pushes_stay_projections(data):
     for bad in (dict(key_encoder="online"), dict(online_negatives=True), dict(relation_weight=1.0)):
         with pytest.raises(ValueError, match="predictor"):
             _round(copy.deepcopy(round_model), data.images, **bad)
+
+
+def test_queue_temperature_divides_the_queue_logits_only(data, monkeypatch):
+    """queue_temperature: q . n / 0.05 for the queue's columns, q . k / 0.2 for the positive and in-batch ones."""
+    import fedcl.train
+    from fedcl.losses import info_nce_logits
+
+    negatives = F.normalize(torch.randn(64, 16, generator=torch.Generator().manual_seed(1)), dim=1)
+    seen = []
+    real = fedcl.train.info_nce
+
+    def spy(query, positive, negs=None, **kw):
+        seen.append((query.detach(), positive.detach(), negs, info_nce_logits(query, positive, negs, **{
+            k: v for k, v in kw.items() if k != "reduction"}).detach()))
+        return real(query, positive, negs, **kw)
+
+    monkeypatch.setattr(fedcl.train, "info_nce", spy)
+    model = build_model(in_channels=1, width=8, proj_dim=16, proj_hidden=32)
+    _round(model, data.images, negatives=negatives, queue_temperature=0.05)
+    assert seen
+    for q, k, negs, logits in seen:
+        assert torch.allclose(logits[:, 0], (q * k).sum(1) / 0.2, atol=1e-5)
+        assert torch.allclose(logits[:, 1:65], q @ negatives.T / 0.05, atol=1e-4)
+        assert logits.shape[1] == 1 + 64 + q.shape[0] - 1  # the in-batch columns follow, at 0.2:
+        off = ~torch.eye(q.shape[0], dtype=torch.bool)
+        assert torch.allclose(logits[:, 65:], (q @ k.T)[off].view(q.shape[0], -1) / 0.2, atol=1e-5)
+    for bad in ({"queue_temperature": 0.0}, {"queue_temperature": 0.1, "hard_negatives": 4}):
+        with pytest.raises(ValueError, match="queue_temperature"):
+            _round(copy.deepcopy(model), data.images, **bad)
