@@ -362,10 +362,10 @@ def write_plots(prefix: Path, result: dict) -> None:
         for name, agg in methods.items():
             if agg.get("rounds"):
                 pts = start + [(r["round"], 100 * r["knn"]) for r in agg["rounds"]]
-                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", markersize=3 if many else 6,
-                        label=name, **style[name])
+                dots = {"marker": "o", "markersize": 3 if many else 6} if len(pts) <= 30 else {}  # lines alone past 30
+                ax.plot([x for x, _ in pts], [y for _, y in pts], label=name, **dots, **style[name])
             elif name in ("random", "local"):
-                ax.axhline(100 * agg["knn"]["mean"], linestyle="--", color="grey" if name == "random" else "brown",
+                ax.axhline(100 * agg["knn"]["mean"], linestyle="--" if name == "random" else ":", color="grey" if name == "random" else "black",
                            label=f"{name} (final)")
         ax.set(title=f"{split}: kNN accuracy per round", xlabel="round (0 = initial weights)", ylabel="kNN accuracy (%)")
         ax.xaxis.get_major_locator().set_params(integer=True)
