@@ -383,8 +383,8 @@ def write_plots(prefix: Path, result: dict) -> None:
         for name, agg in methods.items():
             rs = agg.get("rounds") or []
             if rs and any(r.get("epsilon") for r in rs):
-                ax.plot([r["round"] for r in rs], [r["epsilon"] or 0.0 for r in rs], marker="o",
-                        label=f"{name} (all DP channels)")
+                ax.plot([r["round"] for r in rs], [r["epsilon"] or 0.0 for r in rs],
+                        marker="o" if len(rs) <= 30 else None, label=f"{name} (all DP channels)")
                 plotted = True
         if not plotted:
             ax.text(0.5, 0.5, "no DP method in this run", ha="center", va="center", transform=ax.transAxes)
