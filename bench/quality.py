@@ -141,7 +141,6 @@ METHODS: dict[str, FedMethod | str] = {
     # the queue's logits at temperature 0.1 (the in-batch ones at the recipe's): sharper on the
     # other sites' embeddings only, which FedSimCLR does not have
     "fedcl_qt01": FedMethod(**FRESH, queue_temperature=0.1),
-    "fedcl_qt005": FedMethod(**FRESH, queue_temperature=0.05),
     "central": "central",
 }
 MAIN_METHODS = ["random", "local", "fedsimclr", "fedcl", "fedcl_noqueue", "fedcl_dp8", "fedcl_prototypes",
@@ -341,6 +340,12 @@ def write_markdown(path: Path, result: dict) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+# curves with more points than this are drawn as lines alone (dots would hide them)
+MAX_DOTTED = 30
+# methods without rounds, drawn as a horizontal line at their final kNN: (linestyle, colour)
+FINAL_LINES = {"random": ("--", "grey"), "local": (":", "black")}
+
+
 def write_plots(prefix: Path, result: dict) -> None:
     import matplotlib
 
@@ -362,11 +367,11 @@ def write_plots(prefix: Path, result: dict) -> None:
         for name, agg in methods.items():
             if agg.get("rounds"):
                 pts = start + [(r["round"], 100 * r["knn"]) for r in agg["rounds"]]
-                dots = {"marker": "o", "markersize": 3 if many else 6} if len(pts) <= 30 else {}  # lines alone past 30
+                dots = {"marker": "o", "markersize": 3 if many else 6} if len(pts) <= MAX_DOTTED else {}
                 ax.plot([x for x, _ in pts], [y for _, y in pts], label=name, **dots, **style[name])
-            elif name in ("random", "local"):
-                ax.axhline(100 * agg["knn"]["mean"], linestyle="--" if name == "random" else ":", color="grey" if name == "random" else "black",
-                           label=f"{name} (final)")
+            elif name in FINAL_LINES:
+                linestyle, color = FINAL_LINES[name]
+                ax.axhline(100 * agg["knn"]["mean"], linestyle=linestyle, color=color, label=f"{name} (final)")
         ax.set(title=f"{split}: kNN accuracy per round", xlabel="round (0 = initial weights)", ylabel="kNN accuracy (%)")
         ax.xaxis.get_major_locator().set_params(integer=True)
         if many:  # outside the axes, so that it hides no curve
@@ -384,7 +389,7 @@ def write_plots(prefix: Path, result: dict) -> None:
             rs = agg.get("rounds") or []
             if rs and any(r.get("epsilon") for r in rs):
                 ax.plot([r["round"] for r in rs], [r["epsilon"] or 0.0 for r in rs],
-                        marker="o" if len(rs) <= 30 else None, label=f"{name} (all DP channels)")
+                        marker="o" if len(rs) <= MAX_DOTTED else None, label=f"{name} (all DP channels)")
                 plotted = True
         if not plotted:
             ax.text(0.5, 0.5, "no DP method in this run", ha="center", va="center", transform=ax.transAxes)
