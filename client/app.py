@@ -22,9 +22,17 @@ Site settings come from Flower's node config (``fedcl-client`` sets them):
     policy-file        the site's own privacy policy (TOML [policy]); stricter than the server wins
     threads            torch intra-op threads
     patient-regex      image folders: the pattern that finds each file's patient id in its name
+    insecure-reproducible-dp
+                       true: the DP mechanisms draw from public seeds so a benchmark reproduces;
+                       NOT private (warns at every use). Only the site sets it, never the server.
 
 Flower starts a fresh ClientApp process per message in deployment, so nothing here relies on
-memory across rounds: seeds derive from (seed, site, round) and the ledger lives in state-dir.
+memory across rounds: public seeds (augmentation, shares) derive from (seed, site, round), and
+the ledger lives in state-dir, which every DP mode requires. The randomness of the DP
+mechanisms (Poisson batches, release picks and noise, DP-SGD noise) is drawn from OS entropy in
+this process (``fedcl.privacy.randomness``): the coordinator knows every seed, so it must not
+be able to replay them. Under a DP mode the replies carry no un-noised statistic of the images
+(no loss, alignment or uniformity); docs/privacy.md lists what they do carry and why.
 In simulation (Ray) the same handlers run inside long-lived actors; ``make_client_app`` bakes in
 the simulated sites' settings (data set partition, tokens) and caches the loaded data.
 """
@@ -44,7 +52,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.privacy import RoundPrivacy, plan_round, record_round, round_metrics
+from client.privacy import RoundPrivacy, dp_mode, plan_round, record_round, round_metrics
 from client.privacy import release as release_embeddings
 from client.privacy import release_prototype_sums
 from client.protocol import (
@@ -58,6 +66,9 @@ from client.protocol import (
     RoundConfig,
     site_record,
 )
+
+from fedcl.config import PrivacySettings
+from fedcl.privacy.randomness import secret_generator, warn_insecure
 
 log = logging.getLogger("fedcl.client")
 
@@ -90,6 +101,7 @@ class SiteSettings:
     threads: int | None = None
     policy_file: Path | None = None
     patient_regex: str | None = None
+    insecure_reproducible_dp: bool = False
 
     @classmethod
     def from_node_config(cls, node_config: dict[str, Any]) -> SiteSettings:
@@ -128,9 +140,11 @@ class SiteSettings:
                 raise SiteError(f"cannot read the queue token file {token_file}: {exc.strerror or exc}") from None
             if not token:
                 raise SiteError(f"queue token file {token_file} is empty")
-        insecure = node_config.get("insecure", False)
-        if isinstance(insecure, str):
-            insecure = insecure.lower() in ("1", "true", "yes")
+        def flag(key: str) -> bool:
+            v = node_config.get(key, False)
+            return v.lower() in ("1", "true", "yes") if isinstance(v, str) else bool(v)
+
+        insecure = flag("insecure")
         data_path = opt_str("data-path")
         certs = opt_str("root-certificates")
         state_dir = opt_str("state-dir")
@@ -150,6 +164,7 @@ class SiteSettings:
             threads=opt_int("threads"),
             policy_file=Path(policy_file) if policy_file else None,
             patient_regex=opt_str("patient-regex"),
+            insecure_reproducible_dp=flag("insecure-reproducible-dp"),
         )
 
 
@@ -164,6 +179,7 @@ class SimulatedSites:
     site_tokens: dict[str, str] = field(default_factory=dict, repr=False)
     state_root: Path | None = None
     threads: int | None = None
+    insecure_reproducible_dp: bool = False  # benchmarks: public DP seeds, NOT private
 
     def site(self, node_config: dict[str, Any]) -> SiteSettings:
         pid = int(node_config["partition-id"])
@@ -177,6 +193,7 @@ class SimulatedSites:
             insecure=True,
             state_dir=None if self.state_root is None else self.state_root / site_id,
             threads=self.threads,
+            insecure_reproducible_dp=self.insecure_reproducible_dp,
         )
 
 
@@ -340,11 +357,33 @@ def _queue_client(site: SiteSettings, rc: RoundConfig):
 
 
 def _plan(site: SiteSettings, rc: RoundConfig, images: torch.Tensor, groups: torch.Tensor | None) -> RoundPrivacy:
-    """This round's privacy plan for the site's images (both phases of a round plan it alike)."""
-    return plan_round(privacy=site_privacy_settings(site, rc), site_id=site.site_id, state_dir=site.state_dir,
-                      round=rc.round, num_rounds=rc.num_rounds, epochs=rc.epochs, batch_size=rc.batch_size,
-                      num_examples=int(images.shape[0]), in_batch_negatives=rc.in_batch_negatives, groups=groups,
-                      rounds_per_epoch=rc.rounds_per_epoch)
+    """This round's privacy plan for the site's images (both phases of a round plan it alike).
+
+    Refuses (SiteError, before any training) a DP mode without a state folder (the ledger would
+    start from zero every message, so no budget could bind across rounds) and settings the plan
+    rejects (δ >= 1/N, DP-SGD with in-batch negatives)."""
+    settings = site_privacy_settings(site, rc)
+    if site.state_dir is None and dp_mode(PrivacySettings.model_validate(settings)):
+        raise SiteError(f"site {site.site_id} has no state folder (node config state-dir), and under DP its "
+                        "privacy ledger must persist between rounds: start it with fedcl-client --state-dir DIR")
+    try:
+        return plan_round(privacy=settings, site_id=site.site_id, state_dir=site.state_dir,
+                          round=rc.round, num_rounds=rc.num_rounds, epochs=rc.epochs, batch_size=rc.batch_size,
+                          num_examples=int(images.shape[0]), in_batch_negatives=rc.in_batch_negatives, groups=groups,
+                          rounds_per_epoch=rc.rounds_per_epoch)
+    except ValueError as exc:
+        raise SiteError(f"site {site.site_id}: {exc}") from None
+
+
+def _secret_or(public: torch.Generator, site: SiteSettings, privacy: RoundPrivacy, *, where: str) -> torch.Generator:
+    """The generator of this phase's DP mechanisms: a secret one under a DP mode, ``public`` when no
+    DP mechanism runs (raw / public, no DP-SGD) or the site runs insecure_reproducible_dp (warns)."""
+    if not dp_mode(privacy.settings):
+        return public
+    if site.insecure_reproducible_dp:
+        warn_insecure(f"site {site.site_id}, {where}")
+        return public
+    return secret_generator()
 
 
 def train_handler(msg: Message, context: Context, simulated: SimulatedSites | None = None) -> Message:
@@ -375,6 +414,10 @@ def train_handler(msg: Message, context: Context, simulated: SimulatedSites | No
         record_round(privacy, round=rc.round, dp_steps=0, pushed=0)
         raise BudgetRefusal(f"{BUDGET_REFUSAL} site {site.site_id}: {privacy.refused}")
 
+    private = dp_mode(privacy.settings)
+    # the DP mechanisms' generator: secret (OS entropy) under a DP mode; the insecure benchmark
+    # switch keeps the public streams of local_round (seed) and of torch's global generator
+    secret = None if site.insecure_reproducible_dp or not private else secret_generator()
     queue = _queue_client(site, rc) if rc.queue_enabled else None
     negatives = None
     t0 = time.perf_counter()
@@ -392,6 +435,7 @@ def train_handler(msg: Message, context: Context, simulated: SimulatedSites | No
             momentum=rc.momentum, weight_decay=rc.weight_decay, dp=privacy.dp, groups=privacy.groups,
             optimizer_state=optimizer_state, hard_negatives=rc.hard_negatives,
             dp_steps=privacy.steps_planned if privacy.dp is not None else None,
+            dp_generator=secret, insecure_reproducible_dp=site.insecure_reproducible_dp and private,
         )
         if rc.persist_optimizer and result.optimizer_state is not None:
             save_optimizer_state(context, result.optimizer_state, optimizer=rc.optimizer)
@@ -402,7 +446,7 @@ def train_handler(msg: Message, context: Context, simulated: SimulatedSites | No
             if privacy.settings.release == "prototypes" and rc.use_queue_negatives and negatives is not None:
                 prototypes = negatives  # other sites' released (DP) prototype directions: public
             to_push = release_embeddings(privacy, result.embeddings, round=rc.round, prototypes=prototypes,
-                                         generator=None)
+                                         generator=secret)
             if to_push.shape[0] > 0:
                 pushed = queue.push(to_push, round=rc.round, model_version=rc.round)
         t_push = time.perf_counter() - t0
@@ -412,8 +456,8 @@ def train_handler(msg: Message, context: Context, simulated: SimulatedSites | No
     record_round(privacy, round=rc.round, dp_steps=int(result.metrics.get("dp_steps", 0)), pushed=pushed)
     m = result.metrics
     metrics = {
-        "num-examples": int(m["num_examples"]),
-        "loss": float(m["loss"]),
+        "num-examples": int(m["num_examples"]),  # public (docs/privacy.md): FedAvg's weight
+        **({} if private else {"loss": float(m["loss"])}),  # an exact statistic of the images: not under DP
         "steps": float(m["steps"]),
         "negatives-used": float(m["negatives_used"]),
         "pushed": float(pushed),
@@ -457,12 +501,13 @@ def release_handler(msg: Message, context: Context, simulated: SimulatedSites | 
     if privacy.refused:
         raise BudgetRefusal(f"{BUDGET_REFUSAL} site {site.site_id}: {privacy.refused}")
     mode = privacy.settings.release
-    gen = torch.Generator().manual_seed(_round_seed(rc.seed, site.site_id, rc.round) + 17)
+    public = torch.Generator().manual_seed(_round_seed(rc.seed, site.site_id, rc.round) + 17)  # augmentation
+    gen = _secret_or(public, site, privacy, where="release phase")  # picks and noise
     n = int(images.shape[0])
     # prototypes: every image is a candidate record (the release Poisson-samples them)
     pick = torch.randperm(n, generator=gen)[: (n if mode == "prototypes" else rc.num_push)]
     augment = make_augment(AugmentSettings.model_validate(rc.augment))
-    embeddings = encode(model, images[pick], device=torch.device("cpu"), augment=augment, generator=gen)
+    embeddings = encode(model, images[pick], device=torch.device("cpu"), augment=augment, generator=public)
     records: dict[str, Any] = {}
     pushed = 0
     if mode == "prototypes":
@@ -500,12 +545,20 @@ def evaluate_handler(msg: Message, context: Context, simulated: SimulatedSites |
     images = load_site_images(site, rc, simulated)
     model = _build_model(rc, msg)
     n = min(512, int(images.shape[0]))
-    if n < 2:
-        raise SiteError(f"site {site.site_id} needs at least 2 images for uniformity, has {n}")
-    align, uniform = alignment_uniformity(model, images[:n], augment=make_augment(AugmentSettings.model_validate(rc.augment)),
-                                          device=torch.device("cpu"), seed=_round_seed(rc.seed, site.site_id, rc.round))
+    metrics: dict[str, float] = {"num-examples": n}
+    try:
+        private = dp_mode(PrivacySettings.model_validate(rc.privacy or {}))
+    except ValueError as exc:
+        raise SiteError(f"site {site.site_id}: round config privacy settings are not valid: {exc}") from None
+    if not private:  # under DP they would be exact, un-noised statistics of the site's images
+        if n < 2:
+            raise SiteError(f"site {site.site_id} needs at least 2 images for uniformity, has {n}")
+        align, uniform = alignment_uniformity(
+            model, images[:n], augment=make_augment(AugmentSettings.model_validate(rc.augment)),
+            device=torch.device("cpu"), seed=_round_seed(rc.seed, site.site_id, rc.round))
+        metrics |= {"alignment": align, "uniformity": uniform}
     content = RecordDict({
-        METRICS_KEY: MetricRecord({"num-examples": n, "alignment": align, "uniformity": uniform}),
+        METRICS_KEY: MetricRecord(metrics),
         SITE_KEY: site_record(site_id=site.site_id, ledger=None),
     })
     return Message(content=content, reply_to=msg)

@@ -234,6 +234,20 @@ def wait_verified_server(args: argparse.Namespace, *, interval: float = 3.0) -> 
         time.sleep(interval)
 
 
+def check_state_dir(state_dir: Path) -> None:
+    """The site's state folder exists (made if need be) and takes a file: the privacy ledger lives
+    there, and without it no budget binds across rounds (every Flower message is a new process)."""
+    probe = state_dir / ".fedcl-write-test"
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ClientCliError(f"cannot use the state folder {state_dir} ({exc.strerror or exc}): the site keeps its "
+                             "privacy ledger there, and under DP it must persist between rounds; give --state-dir "
+                             "a writable folder") from None
+
+
 def _store_token(token: str, state_dir: Path) -> Path:
     """Keep the token in a 0600 file in the state folder, so it never appears on a command line."""
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -337,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ClientCliError("give the queue token once: --token/FEDCL_QUEUE_TOKEN or --token-file")
         if args.token_file is not None and not args.token_file.is_file():
             raise ClientCliError(f"--token-file {args.token_file} is not a file")
+        check_state_dir(args.state_dir)
         token_file = _store_token(token, args.state_dir) if token else args.token_file
         supernode_argv = build_supernode_argv(args, token_file=token_file)
         if not args.insecure:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import ValidationError
+
 from fedcl.config import PrivacySettings, SitePolicy
 
 
@@ -14,10 +16,18 @@ class PolicyViolation(RuntimeError):
 def enforce(policy: SitePolicy, privacy: dict[str, Any]) -> dict[str, Any]:
     """Check the server's privacy settings against the site's policy.
 
-    Returns the settings the site will apply: the site's own epsilon budget replaces a larger
-    (or missing) one from the server. Raises PolicyViolation when the server asks for more.
+    Returns the settings the site will apply. Their ``epsilon_budget`` is the smallest of the
+    server's, the site's ``epsilon_budget`` and its ``max_target_epsilon``: the ledger's ε after
+    each round's planned steps and releases is held to it (``client.privacy.plan_round``),
+    whatever noise multiplier or number of rounds the server sends. Raises PolicyViolation when
+    the server asks for more, or sends settings that are not valid (one line naming them).
     """
-    s = PrivacySettings.model_validate(privacy or {})
+    try:
+        s = PrivacySettings.model_validate(privacy or {})
+    except ValidationError as exc:
+        wrong = "; ".join(f"privacy.{'.'.join(str(x) for x in e['loc']) or '(section)'}: {e['msg']}"
+                          for e in exc.errors())
+        raise PolicyViolation(f"round config refused: {wrong}") from None
     problems = []
     if s.release not in policy.allowed_release_modes:
         problems.append(f"release mode {s.release!r} is not allowed here (allowed: "
@@ -34,7 +44,6 @@ def enforce(policy: SitePolicy, privacy: dict[str, Any]) -> dict[str, Any]:
     if problems:
         raise PolicyViolation("round config refused by the site policy: " + "; ".join(problems))
     out = s.model_dump()
-    if policy.epsilon_budget is not None:
-        if s.epsilon_budget is None or s.epsilon_budget > policy.epsilon_budget:
-            out["epsilon_budget"] = policy.epsilon_budget
+    caps = [c for c in (s.epsilon_budget, policy.epsilon_budget, policy.max_target_epsilon) if c is not None]
+    out["epsilon_budget"] = min(caps) if caps else None
     return out

@@ -74,6 +74,11 @@ def _release_event(s: PrivacySettings) -> tuple[float, float, int] | None:
     return None
 
 
+def dp_mode(s: PrivacySettings) -> bool:
+    """Some DP mechanism runs on the site's data: DP-SGD, or a gaussian / prototypes release."""
+    return bool(s.dpsgd) or s.release in ("gaussian", "prototypes")
+
+
 def plan_round(
     *, privacy: dict[str, Any], site_id: str, state_dir: Path | None, round: int, num_rounds: int,
     epochs: int, batch_size: int, num_examples: int, in_batch_negatives: bool,
@@ -104,6 +109,16 @@ def plan_round(
                                accountant=s.accountant, privacy_unit=unit)
     rp = RoundPrivacy(settings=s, ledger=ledger, ledger_path=path,
                       groups=groups.long() if s.unit == "patient" and groups is not None else None)
+    num_records = num_examples
+    if s.unit == "patient" and groups is not None:
+        num_records = int(torch.unique(groups).numel())
+    if ledger is not None:
+        ledger.num_records = num_records
+    if dp_mode(s) and num_records > 0 and s.delta >= 1.0 / num_records:
+        # δ is the probability of failing outright; at 1/N a mechanism may publish one record in the clear
+        raise ValueError(f"privacy.delta = {s.delta:g} is not below 1/N = {1.0 / num_records:.3g} for site "
+                         f"{site_id}'s {num_records} {'patients' if s.unit == 'patient' else 'images'}: set "
+                         f"privacy.delta well below 1/N (e.g. {0.1 / num_records:.1g})")
     if s.dpsgd:
         if in_batch_negatives:
             raise ValueError("DP-SGD was asked for with in-batch negatives; the server must send "
@@ -248,4 +263,4 @@ def round_metrics(rp: RoundPrivacy) -> dict[str, float]:
     }
 
 
-__all__ = ["RoundPrivacy", "plan_round", "release", "release_prototype_sums", "record_round", "round_metrics", "ledger_path", "BudgetExceeded"]
+__all__ = ["dp_mode", "RoundPrivacy", "plan_round", "release", "release_prototype_sums", "record_round", "round_metrics", "ledger_path", "BudgetExceeded"]

@@ -110,7 +110,7 @@ class PrivacySettings(_Section):
     target_epsilon: float = Field(8.0, gt=0)  # for DP-SGD over the whole planned run
     delta: float = Field(1e-5, gt=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)
-    noise_multiplier: float | None = Field(None, ge=0)  # None: derived from target_epsilon
+    noise_multiplier: float | None = Field(None, gt=0)  # None: derived from target_epsilon
     unit: Literal["example", "patient"] = "example"
     release: Literal["raw", "prototypes", "public", "gaussian"] = "raw"
     release_noise_multiplier: float = Field(1.0, ge=0)
@@ -119,6 +119,13 @@ class PrivacySettings(_Section):
     prototype_min_count: float = Field(5.0, ge=0)  # server merge: a prototype moves only with this much noisy mass
     epsilon_budget: float | None = Field(None, gt=0)  # per site, all channels together
     accountant: Literal["rdp", "prv"] = "rdp"
+
+    @model_validator(mode="after")
+    def _release_noise(self) -> "PrivacySettings":
+        if self.release in ("gaussian", "prototypes") and self.release_noise_multiplier <= 0:
+            raise ValueError(f"release_noise_multiplier must be > 0 for release {self.release!r} (a DP release "
+                             "needs noise); raise it, or use release 'raw' (not DP) or 'public'")
+        return self
 
 
 class FederationSettings(_Section):

@@ -200,6 +200,44 @@ def _ema_update(target: nn.Module, source: nn.Module, *, momentum: float) -> Non
         t.mul_(momentum).add_(p.detach(), alpha=1.0 - momentum)
 
 
+def _refuse_coupled_options_under_dp(dp, *, in_batch_negatives: bool, online_negatives: bool, own_negatives: int,
+                                     drift_compensation: bool) -> None:
+    """DP-SGD clips each example's gradient to C, which bounds one example's effect only when its
+    loss depends on its own two views and detached negatives. Options that couple examples are
+    refused by name. (The relation term and hard-negative mixes are per row against the detached
+    queue, and key_encoder 'online' / 'ema' use the example's own views: none of them couples.)"""
+    if dp is None:
+        return
+    coupling = {
+        "in_batch_negatives": (in_batch_negatives, "the batch's other examples are negatives"),
+        "online_negatives": (online_negatives, "NT-Xent takes the batch's other examples as negatives"),
+        "own_negatives": (own_negatives > 0, "the site's own images are negatives of every example"),
+        "drift_compensation": (drift_compensation, "every negative moves by the batch's drift"),
+    }
+    for name, (on, why) in coupling.items():
+        if on:
+            raise ValueError(f"DP-SGD cannot be used with {name} ({why}, so one example changes the others' "
+                             f"losses and per-example clipping no longer bounds its effect): switch {name} off")
+
+
+def _dp_randomness(*, dp, dp_generator: torch.Generator | None, public: torch.Generator, device: torch.device,
+                   insecure_reproducible_dp: bool) -> tuple[torch.Generator, torch.Generator | None, bool]:
+    """(generator of Poisson batches and release picks, DP-SGD noise generator, Opacus secure_mode)."""
+    from fedcl.privacy.randomness import secret_generator, warn_insecure
+
+    if insecure_reproducible_dp:
+        if dp is not None or dp_generator is not None:
+            warn_insecure("fedcl.train.local_round")
+        return public, None, False  # the pre-secret streams: `seed`, and torch's global generator for the noise
+    if dp is None and dp_generator is None:
+        return public, None, False  # no DP mechanism runs here: reproducible from `seed`
+    secret = dp_generator if dp_generator is not None else secret_generator()
+    if device.type == "cpu":
+        return secret, secret, True
+    noise_seed = int(torch.randint(0, 2**62, (1,), generator=secret))  # the noise is drawn on the device
+    return secret, torch.Generator(device=device).manual_seed(noise_seed), True
+
+
 def local_round(
     model: nn.Module,
     images: torch.Tensor,
@@ -233,6 +271,8 @@ def local_round(
     hard_negatives: int = 0,
     dp_steps: int | None = None,
     queue_temperature: float | None = None,
+    dp_generator: torch.Generator | None = None,
+    insecure_reproducible_dp: bool = False,
 ) -> LocalRoundResult:
     """Train ``model`` in place on one site's images for ``epochs`` local epochs.
 
@@ -265,13 +305,16 @@ def local_round(
     by temperature / queue_temperature gives exactly these logits, and is how it is done.
     A model with a predictor (``pred_hidden > 0``) sends its queries through it; that needs
     key_encoder 'global' or 'ema' and the default loss.
+    dp_generator: the secret source of the DP mechanisms (``fedcl.privacy.randomness``): DP-SGD's
+    Poisson batches and noise, and which images are encoded for release (``num_push``) when
+    given. None: a fresh generator seeded from OS entropy under DP-SGD; ``seed`` (public) drives
+    augmentation and everything else. insecure_reproducible_dp: draw them from ``seed`` and
+    torch's global generator instead, as before secret randomness, so benchmark numbers
+    reproduce; NOT private, warns at every call.
     """
     device = torch.device(device) if isinstance(device, str) else device
-    if dp is not None and in_batch_negatives:
-        raise ValueError("DP-SGD needs in_batch_negatives=False (per-example clipping is only valid "
-                         "when each example's loss depends on its own views and detached negatives)")
-    if dp is not None and online_negatives:
-        raise ValueError("DP-SGD needs online_negatives=False (in-batch negatives couple examples)")
+    _refuse_coupled_options_under_dp(dp, in_batch_negatives=in_batch_negatives, online_negatives=online_negatives,
+                                     own_negatives=own_negatives, drift_compensation=drift_compensation)
     if queue_weight < 0:
         raise ValueError(f"queue_weight must be >= 0, got {queue_weight}")
     if own_negatives < 0:
@@ -302,13 +345,13 @@ def local_round(
         raise ValueError("a model with a predictor needs key_encoder 'global' or 'ema' and the default loss "
                          "(no online_negatives, drift_compensation or relation term): its queries live in "
                          "the predictor's space, its keys in the round model's")
-    if dp is not None and own_negatives:
-        raise ValueError("DP-SGD needs own_negatives=0 (the site's own embeddings as negatives couple examples)")
     if dp_steps is not None and (dp is None or dp_steps < 1):
         raise ValueError(f"dp_steps is the number of DP-SGD steps (>= 1) and needs dp; got {dp_steps} "
                          f"with dp={'set' if dp is not None else 'None'}")
     gen = torch.Generator().manual_seed(seed)
     aug_gen = torch.Generator(device=device).manual_seed(seed + 1) if device.type == "cuda" else gen
+    secret, noise_gen, secure_noise = _dp_randomness(dp=dp, dp_generator=dp_generator, public=gen, device=device,
+                                                     insecure_reproducible_dp=insecure_reproducible_dp)
     model.to(device).train()
     round_model = copy.deepcopy(model).eval()  # the round's global weights, frozen
     for p in round_model.parameters():
@@ -347,8 +390,9 @@ def local_round(
 
         dp_groups = check_groups(groups, num_examples=n, unit=dp.unit)  # (N,) or None; clear error if missing
         train_model, optimizer, check = make_dp_training(model, optimizer, params=dp, num_examples=n,
-                                                         groups=dp_groups)
-        batches = dp_training_batches(num_examples=n, sample_rate=dp.sample_rate, generator=gen, groups=dp_groups,
+                                                         groups=dp_groups, generator=noise_gen,
+                                                         secure_mode=secure_noise)
+        batches = dp_training_batches(num_examples=n, sample_rate=dp.sample_rate, generator=secret, groups=dp_groups,
                                       **({"epochs": epochs} if dp_steps is None else {"steps": dp_steps}))
         if dp_steps is not None:
             total = dp_steps
@@ -402,7 +446,7 @@ def local_round(
     t0 = time.perf_counter()
     embeddings = torch.zeros(0, model.head[-1].out_features)
     if num_push > 0 and n > 0:
-        pick = torch.randperm(n, generator=gen)[:num_push]
+        pick = torch.randperm(n, generator=secret)[:num_push]  # release selection: secret under DP
         embeddings = encode(round_model, images[pick], device=device, augment=augment, generator=aug_gen)
     t_push = time.perf_counter() - t0
 

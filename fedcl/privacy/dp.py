@@ -222,8 +222,10 @@ def make_private(
     returned module; its parameters are ``model``'s own (no copy). Rows are clipped to
     ``params.max_grad_norm`` and the noise std is ``params.noise_multiplier *
     params.max_grad_norm``. engine: "fedcl" (``fedcl.privacy.per_example``, faster) or
-    "opacus" (Opacus' GradSampleModule, hooks mode). A seeded ``generator`` makes the noise
-    reproducible (tests, benchmarks); leave it None in deployment, or set ``secure_mode``.
+    "opacus" (Opacus' GradSampleModule, hooks mode). ``generator`` draws the noise: None is
+    torch's global generator (replayable by whoever seeds it), so callers under a threat model
+    pass a secret one (``fedcl.privacy.randomness.secret_generator``); a seeded one only in
+    tests. secure_mode: Opacus' floating-point-attack-resistant noise (more Gaussian draws).
     """
     if expected_batch_size <= 0:
         raise ValueError(f"expected_batch_size must be > 0 (sample_rate * N), got {expected_batch_size}")
@@ -336,7 +338,7 @@ def sum_per_patient(module: nn.Module, *, groups: torch.Tensor) -> int:
 class DPTrainer:
     """DP-SGD for a caller-owned training loop.
 
-    >>> trainer = DPTrainer(model, optimizer, params=params, num_examples=n, seed=0)
+    >>> trainer = DPTrainer(model, optimizer, params=params, num_examples=n)
     >>> for idx in trainer.batches(steps=s):
     ...     if idx.numel():
     ...         v1, v2 = augment.two_views(images[idx])
@@ -348,6 +350,11 @@ class DPTrainer:
 
     With ``params.unit == "patient"``, ``groups`` (N,) gives each example's patient id; the
     batches then hold whole patients and ``step`` clips per patient.
+
+    generator: draws the Poisson batches and the noise. None (deployment): a fresh one seeded
+    from OS entropy (``fedcl.privacy.randomness.secret_generator``), so nobody who knows the
+    configuration can replay them; pass a seeded one only in tests. secure_mode: Opacus' noise
+    that resists floating-point attacks (on by default).
     """
 
     def __init__(
@@ -358,21 +365,20 @@ class DPTrainer:
         params: DPParams,
         num_examples: int,
         groups: torch.Tensor | None = None,
-        seed: int | None = None,
-        secure_mode: bool = False,
+        generator: torch.Generator | None = None,
+        secure_mode: bool = True,
         engine: Literal["fedcl", "opacus"] = "fedcl",
     ) -> None:
         self.params = params
         self.num_examples = int(num_examples)
         self.groups = check_groups(groups, num_examples=num_examples, unit=params.unit)
         self.expected_batch_size = expected_batch_size(params=params, num_examples=num_examples)
-        self._sample_gen = torch.Generator()
-        noise_gen = None
-        if seed is not None:
-            self._sample_gen.manual_seed(seed)
-            noise_gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed + 1)
-        else:
-            self._sample_gen.seed()
+        from fedcl.privacy.randomness import secret_generator
+
+        self._sample_gen = generator if generator is not None else secret_generator()
+        device = next(model.parameters()).device
+        noise_gen = self._sample_gen if device.type == "cpu" else torch.Generator(device=device).manual_seed(
+            int(torch.randint(0, 2**62, (1,), generator=self._sample_gen)))
         self.module, self.optimizer = make_private(
             model, optimizer, params=params, expected_batch_size=self.expected_batch_size,
             generator=noise_gen, secure_mode=secure_mode, engine=engine,

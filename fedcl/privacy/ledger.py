@@ -158,6 +158,9 @@ class PrivacyLedger:
         self.accountant = create_accountant(mechanism=accountant)
         self.events: list[LedgerEvent] = []
         self._epsilon = 0.0
+        # how many records (images, or patients in the group unit) the site holds, when the site
+        # says: the report compares δ with 1 / num_records (public under zero-out adjacency)
+        self.num_records: int | None = None
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -246,6 +249,7 @@ class PrivacyLedger:
             "epsilon": self._epsilon,
             "epsilon_budget": self.epsilon_budget,
             "remaining": self.remaining(),
+            "num_records": self.num_records,
             "channels": self.channels(),
         }
 
@@ -326,6 +330,7 @@ class PrivacyLedger:
             "privacy_unit": self.privacy_unit,
             "accountant": {"mechanism": acct["mechanism"], "history": [list(h) for h in acct["history"]]},
             "epsilon": _finite_or_none(self._epsilon),
+            "num_records": self.num_records,
             "events": [asdict(e) for e in self.events],
         }
 
@@ -354,6 +359,8 @@ class PrivacyLedger:
         self.privacy_unit = state.get("privacy_unit", "example")
         self.events = events
         self._epsilon = eps if stored is None else float(stored)
+        n = state.get("num_records")
+        self.num_records = None if n is None else int(n)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write JSON atomically: temp file in the same folder, fsync, rename, fsync folder."""

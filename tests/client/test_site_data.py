@@ -97,7 +97,7 @@ def test_a_patient_level_round_through_the_client_app_spends_epsilon_per_patient
 def test_patient_unit_on_data_without_patient_ids_is_a_clear_error(tmp_path, task_identity):
     path, _ = _npz(tmp_path / "plain.npz", patients=False)
     rc = _rc({"dpsgd": True, "unit": "patient", "noise_multiplier": 1.0, "release": "public"})
-    node = {"site-id": "h", "data-path": str(path)}
+    node = {"site-id": "h", "data-path": str(path), "state-dir": str(tmp_path / "state")}  # DP needs one
     with pytest.raises(ValueError, match="no patient id.*train_patients"):
         train_handler(_train_message(rc), Context(run_id=1, node_id=1, node_config=node, state=RecordDict(),
                                                   run_config={}), None)

@@ -275,7 +275,8 @@ def test_trainer_runs_a_round_and_reports_its_accounting():
     torch.manual_seed(0)
     model = TinyEncoder()
     params = DPParams(noise_multiplier=1.1, max_grad_norm=1.0, sample_rate=0.25)
-    trainer = DPTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), params=params, num_examples=12, seed=0)
+    trainer = DPTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), params=params, num_examples=12,
+                        generator=torch.Generator().manual_seed(0))
     images = torch.rand(12, 1, 8, 8)
     _, _, negs = _data(1)
     for idx in trainer.batches(steps=8):

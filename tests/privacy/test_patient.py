@@ -141,7 +141,7 @@ def test_epsilon_of_a_patient_level_run_equals_opacus_rdp_for_the_patients_sampl
     model = TinyEncoder()
     params = DPParams(noise_multiplier=sigma, max_grad_norm=1.0, sample_rate=q, unit="patient")
     trainer = DPTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), params=params,
-                        num_examples=GROUPS.numel(), groups=GROUPS, seed=0)
+                        num_examples=GROUPS.numel(), groups=GROUPS, generator=torch.Generator().manual_seed(0))
     v1, v2, negs = _views(GROUPS.numel())
     for idx in trainer.batches(steps=steps):
         if idx.numel():
