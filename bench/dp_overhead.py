@@ -8,7 +8,11 @@ in every variant). A DP step adds per-example gradients, per-example clipping an
 (Opacus' DPOptimizer). Two DP variants differ only in how per-example gradients are computed:
 
     dp-opacus   Opacus' GradSampleModule, hooks mode (what fedcl used before)
-    dp-fedcl    fedcl.privacy.per_example (fedcl's default now)
+    dp-fedcl    fedcl.privacy.per_example, noise from torch's global generator (replayable)
+    dp-secure   dp-fedcl with what a site runs: noise from a generator seeded from OS entropy
+                (fedcl.privacy.randomness) and Opacus' secure_mode noise (5 Gaussian draws per
+                coordinate instead of 1, against floating-point attacks); its line also gives
+                the ratio dp-secure / dp-fedcl, the cost of secure randomness
 
 Steps of the three variants are interleaved so that machine load affects them alike; the
 ratios are medians over steps of each step's DP time / the plain step time next to it.
@@ -33,8 +37,9 @@ import torch.nn.functional as F
 from fedcl.losses import info_nce
 from fedcl.models import build_model
 from fedcl.privacy.dp import DPParams, make_dp_training
+from fedcl.privacy.randomness import secret_generator
 
-VARIANTS = ("sgd", "dp-opacus", "dp-fedcl")
+VARIANTS = ("sgd", "dp-opacus", "dp-fedcl", "dp-secure")
 
 
 def _sync(device: torch.device) -> None:
@@ -82,6 +87,10 @@ def main() -> None:
         model = copy.deepcopy(base).train()
         runs[name] = make_dp_training(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9),
                                       params=params, num_examples=60000, engine=engine)
+    model = copy.deepcopy(base).train()
+    runs["dp-secure"] = make_dp_training(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9),
+                                         params=params, num_examples=60000, engine="fedcl",
+                                         generator=secret_generator(device), secure_mode=True)
 
     def step(name: str, key_encoder: str) -> float:
         model, opt, check = runs[name]
@@ -120,6 +129,8 @@ def main() -> None:
             q1, q3 = paired[len(paired) // 4], paired[(3 * len(paired)) // 4]
             line += (f" | {name} {1e3 * med[name]:7.1f} ms  ratio {statistics.median(paired):.2f}x"
                      f" (IQR {q1:.2f}-{q3:.2f})")
+        paired = sorted(d / s for d, s in zip(times["dp-secure"], times["dp-fedcl"]))
+        line += f" | dp-secure / dp-fedcl {statistics.median(paired):.3f}x"
         print(line + "  (target <= 2x)")
         if args.profile:
             from torch.profiler import ProfilerActivity, profile

@@ -218,6 +218,8 @@ def run_local_round(model: ContrastiveModel, images: torch.Tensor, *, negatives:
         drift_kernel=method.drift_kernel, relation_weight=method.relation_weight,
         relation_temperature=method.relation_temperature, optimizer_state=optimizer_state,
         hard_negatives=method.hard_negatives, dp_steps=dp_steps, queue_temperature=method.queue_temperature,
+        # published numbers reproduce: the DP draws come from `seed` (NOT private; local_round warns)
+        insecure_reproducible_dp=dp is not None,
     )
 
 

@@ -453,7 +453,8 @@ def train_handler(msg: Message, context: Context, simulated: SimulatedSites | No
     finally:
         if queue is not None:
             queue.close()
-    record_round(privacy, round=rc.round, dp_steps=int(result.metrics.get("dp_steps", 0)), pushed=pushed)
+    record_round(privacy, round=rc.round, dp_steps=int(result.metrics.get("dp_steps", 0)), pushed=pushed,
+                 queue_enabled=rc.queue_enabled)
     m = result.metrics
     metrics = {
         "num-examples": int(m["num_examples"]),  # public (docs/privacy.md): FedAvg's weight

@@ -220,11 +220,13 @@ def release(
     return F.normalize(sums, dim=1) if sums.shape[0] else embeddings[:0]
 
 
-def record_round(rp: RoundPrivacy, *, round: int, dp_steps: int, pushed: int, trained: bool = True) -> None:
+def record_round(rp: RoundPrivacy, *, round: int, dp_steps: int, pushed: int, trained: bool = True,
+                 queue_enabled: bool = True) -> None:
     """Enter the round's events in the ledger and persist it atomically.
 
     trained=False: the release phase of a round (fresh push): only the release is entered; the
-    training of the same round is entered by its own call.
+    training of the same round is entered by its own call. queue_enabled=False: no release of
+    any kind took place (a 'public' mode is not entered then, so the report says "none").
     """
     if rp.ledger is None:
         return
@@ -235,7 +237,7 @@ def record_round(rp: RoundPrivacy, *, round: int, dp_steps: int, pushed: int, tr
                                    steps=dp_steps, round=round)
         elif rp.dp is None:
             rp.ledger.record_nonprivate_update(round=round)
-    if pushed > 0 or (trained and s.release == "public"):
+    if pushed > 0 or (trained and s.release == "public" and queue_enabled):
         if s.release in ("gaussian", "prototypes"):
             # one invocation of the subsampled Gaussian mechanism over the site's data
             rp.ledger.record_release(mode=s.release, round=round, count=1,

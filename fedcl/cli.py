@@ -156,7 +156,7 @@ def privacy(
         updates = [e for e in ledger.events if e.channel == MODEL_UPDATES]
         releases = [e for e in ledger.events if e.channel == EMBEDDINGS]
         dp_enabled = bool(updates) and all(e.dp_protected for e in updates)
-        mode = releases[-1].mode if releases else "public"
+        mode = releases[-1].mode if releases else "none"  # no release event: the queue was off (or unused)
         return describe_privacy(dp_enabled=dp_enabled, release_mode=mode, ledger_summary=ledger.summary())
 
     files: list[Path] = []

@@ -385,3 +385,46 @@ def test_queue_temperature_divides_the_queue_logits_only(data, monkeypatch):
     for bad in ({"queue_temperature": 0.0}, {"queue_temperature": 0.1, "hard_negatives": 4}):
         with pytest.raises(ValueError, match="queue_temperature"):
             _round(copy.deepcopy(model), data.images, **bad)
+
+
+COUPLING_OPTIONS = [
+    ("in_batch_negatives", dict(in_batch_negatives=True)),
+    ("online_negatives", dict(online_negatives=True, key_encoder="online")),
+    ("own_negatives", dict(own_negatives=4)),
+    ("drift_compensation", dict(drift_compensation=True, key_encoder="online")),
+]
+
+
+@pytest.mark.parametrize("name, options", COUPLING_OPTIONS)
+def test_dp_sgd_refuses_every_option_that_couples_examples_by_name(data, name, options):
+    from fedcl.privacy.dp import DPParams
+
+    dp = DPParams(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.25)
+    model = build_model(in_channels=1, width=8, proj_dim=16, proj_hidden=32)
+    with pytest.raises(ValueError, match=f"DP-SGD cannot be used with {name} .*switch {name} off"):
+        _round(model, data.images, dp=dp, **{"in_batch_negatives": False, **options})
+
+
+def _poisson_batches(data, monkeypatch, **kw) -> list[torch.Tensor]:
+    import fedcl.privacy.sampling as sampling
+    from fedcl.privacy.dp import DPParams
+
+    batches: list[torch.Tensor] = []
+    real = sampling.poisson_sample
+    monkeypatch.setattr(sampling, "poisson_sample", lambda **a: batches.append(real(**a)) or batches[-1])
+    dp = DPParams(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.25)
+    model = build_model(in_channels=1, width=4, proj_dim=16, proj_hidden=32)
+    _round(model, data.images[:24], dp=dp, in_batch_negatives=False, num_push=0, seed=5, **kw)
+    monkeypatch.setattr(sampling, "poisson_sample", real)
+    return batches
+
+
+def test_dp_batches_are_secret_unless_the_insecure_switch_says_otherwise(data, monkeypatch, caplog):
+    first, second = _poisson_batches(data, monkeypatch), _poisson_batches(data, monkeypatch)
+    assert len(first) == len(second) == 4
+    assert any(not torch.equal(a, b) for a, b in zip(first, second))  # the same seed does not replay them
+    caplog.set_level("WARNING", logger="fedcl.privacy")
+    replay = [_poisson_batches(data, monkeypatch, insecure_reproducible_dp=True) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*replay))
+    warnings = [r.getMessage() for r in caplog.records if "insecure_reproducible_dp" in r.getMessage()]
+    assert len(warnings) == 2 and all("NOT differentially private" in w for w in warnings)  # at every use

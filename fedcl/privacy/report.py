@@ -1,14 +1,38 @@
-"""Plain-words privacy report of one site, per channel, from ``PrivacyLedger.summary()``."""
+"""Plain-words privacy report of one site, per channel and per recipient, from ``PrivacyLedger.summary()``.
+
+Threat model (docs/privacy.md): an honest-but-curious coordinator that knows every configuration
+value and seed, the other sites, and an observer on the network. Every channel that leaves the
+site is listed with who receives it and what protects it; no line claims more than the ledger's
+accounting supports.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 _UNIT_WORDS = {"example": "one training image", "group": "one patient (all of their images)"}
+RELEASE_MODES = ("raw", "prototypes", "gaussian", "public", "none")
+
+THREAT_MODEL = (
+    "Threat model: an honest-but-curious coordinator that knows every configuration value and seed, "
+    "the other sites, and an observer on the network. Raw images never leave the site."
+)
 
 
 def _eps(x: float | None) -> str:
     return "unbounded" if x is None else f"{x:.3g}"
+
+
+def _delta_line(delta: float | None, n: int | None, unit: str) -> str | None:
+    if delta is None:
+        return None
+    if not n:
+        return f"δ = {delta:g}; the site's record count is not in the ledger, so δ is not compared with 1/N."
+    what = "patients" if unit == "group" else "images"
+    if delta < 1.0 / n:
+        return f"δ = {delta:g} is below 1/N = {1.0 / n:.3g} (N = {n} {what})."
+    return (f"δ = {delta:g} is NOT below 1/N = {1.0 / n:.3g} (N = {n} {what}): a mechanism could publish one "
+            "record in the clear with that probability, so the ε below means little.")
 
 
 def describe_privacy(
@@ -17,76 +41,99 @@ def describe_privacy(
     release_mode: str,
     ledger_summary: dict[str, Any] | None,
 ) -> str:
-    """Report what each channel reveals about a site's data and what is and is not protected.
+    """Report what each channel reveals about a site's data, to whom, and what is and is not protected.
 
     dp_enabled: model updates are trained with DP-SGD. release_mode: "raw" | "prototypes" |
-    "gaussian" | "public". ledger_summary: ``PrivacyLedger.summary()`` (None: no ledger kept).
+    "gaussian" | "public", or "none" when no embedding left the site (queue off, or nothing
+    released yet). ledger_summary: ``PrivacyLedger.summary()`` (None: no ledger kept).
     """
-    if release_mode not in ("raw", "prototypes", "gaussian", "public"):
-        raise ValueError(f"unknown release mode {release_mode!r}")
+    if release_mode not in RELEASE_MODES:
+        raise ValueError(f"unknown release mode {release_mode!r}; one of {', '.join(RELEASE_MODES)}")
     s = ledger_summary or {}
     delta = s.get("delta")
     at = f" at δ = {delta:g}" if delta is not None else ""
     channels = s.get("channels", {})
     unit = s.get("privacy_unit", "example")
-    lines = [f"Privacy report for site {s['site_id']!r}" if "site_id" in s else "Privacy report"]
+    lines = [f"Privacy report for site {s['site_id']!r}" if "site_id" in s else "Privacy report", THREAT_MODEL]
     if s:
-        lines.append(f"  accountant {s.get('accountant', '?').upper()}, privacy unit: {_UNIT_WORDS.get(unit, unit)}")
+        lines.append(f"Accountant {s.get('accountant', '?').upper()}, privacy unit: {_UNIT_WORDS.get(unit, unit)}.")
+        delta_line = _delta_line(delta, s.get("num_records"), unit)
+        if delta_line:
+            lines.append(delta_line)
+    lines.append("Channels (what leaves the site -> who receives it: what protects it):")
 
     # channel 1: model updates
     mu = channels.get("model_updates", {})
-    if dp_enabled:
-        if mu.get("dp_protected") is False:
-            text = ("NOT protected: some rounds' updates were trained without DP-SGD "
-                    f"(rounds {mu.get('rounds')}), so no ε bounds this channel")
-        elif mu.get("events"):
-            text = (f"differentially private (DP-SGD with Opacus): ε = {_eps(mu.get('epsilon'))}{at} "
-                    f"over {mu.get('steps', 0)} noisy steps")
-        else:
-            text = "differentially private (DP-SGD); nothing released yet (ε = 0)"
+    recipients = ("the coordinator (this site's own update, in the clear to it), the other sites (inside the "
+                  "aggregate model), the network (TLS)")
+    if dp_enabled and mu.get("dp_protected") is False:
+        text = ("NOT protected: some rounds' updates were trained without DP-SGD "
+                f"(rounds {mu.get('rounds')}), so no ε bounds this channel")
+    elif dp_enabled and mu.get("events"):
+        text = (f"DP-SGD, ε = {_eps(mu.get('epsilon'))}{at} on its own over {mu.get('steps', 0)} noisy steps "
+                "(Poisson batches and noise drawn from the site's OS entropy)")
+    elif dp_enabled:
+        text = "DP-SGD; no update released yet (ε = 0)"
     else:
-        text = ("NOT protected: trained without DP-SGD; weights can memorise and leak training images "
-                "(membership, reconstruction) to the coordinator")
-    lines.append(f"Model updates: {text}.")
+        text = ("NOT protected: trained without DP-SGD; the weights can memorise and leak training images "
+                "(membership, reconstruction), and they reach every other site through the aggregate model")
+    lines.append(f"- Model updates -> {recipients}: {text}.")
 
     # channel 2: shared embeddings
     em = channels.get("embeddings", {})
     if release_mode == "raw" or em.get("dp_protected") is False:
-        text = ("NOT differentially private: per-image embeddings leave the site; trusted consortium "
-                "only (TLS, authenticated sites). An embedding of a private image is not covered by the "
-                "model's DP guarantee")
+        text = ("-> the queue service (run by the coordinator) and every other site (as negatives), the network "
+                "(TLS): NOT differentially private: per-image embeddings of private images, for a trusted "
+                "consortium only; the model's DP guarantee does not cover them")
     elif release_mode == "public":
-        text = "no private data released (the server encodes a public reference set); ε = 0"
+        text = ("-> nobody: no embedding of a private image leaves the site (the server encodes a public "
+                "reference set); ε = 0")
+    elif release_mode == "none":
+        text = "-> nobody: no embedding left the site (the queue is off, or nothing was released yet)"
     elif release_mode == "prototypes":
-        text = (f"differentially private: noisy per-prototype sums and counts (subsampled Gaussian), "
-                f"ε = {_eps(em.get('epsilon', 0.0))}{at} on their own")
+        text = (f"-> the coordinator (it merges them) and, merged, every other site: noisy per-prototype sums "
+                f"and counts (subsampled Gaussian, secret sampling and noise), ε = {_eps(em.get('epsilon', 0.0))}"
+                f"{at} on their own")
     else:
-        text = (f"differentially private: each embedding with Gaussian noise (subsampled, zero-out "
-                f"adjacency), ε = {_eps(em.get('epsilon', 0.0))}{at} on their own; at useful ε these "
-                "negatives are close to random directions")
-    lines.append(f"Shared embeddings ({release_mode}): {text}.")
+        text = (f"-> the queue service (coordinator) and every other site: each embedding with Gaussian noise "
+                f"(subsampled, zero-out adjacency, secret sampling and noise), ε = {_eps(em.get('epsilon', 0.0))}"
+                f"{at} on their own; at useful ε these rows are close to random directions")
+    lines.append(f"- Shared embeddings ({release_mode}) {text}.")
+
+    private = dp_enabled or release_mode in ("gaussian", "prototypes")
+    if private:
+        lines.append("- Reply metrics -> the coordinator: under DP no loss, alignment or uniformity is sent; what "
+                     "is sent (steps, negatives used, records pushed, noise multiplier, ε) follows from the "
+                     "configuration, N and the queue, not from the images' content.")
+    else:
+        lines.append("- Reply metrics -> the coordinator: NOT protected: the training loss and the alignment and "
+                     "uniformity are exact statistics of the site's images.")
+    lines.append("- Counts -> the coordinator: NOT protected: the number of images N (FedAvg's weight), treated "
+                 "as public.")
+    lines.append("- Timings and participation -> the coordinator and the network: NOT protected (seconds per "
+                 "phase, when the site answers).")
+    lines.append("- This ledger summary -> the coordinator: ε, steps, δ and N, which follow from the "
+                 "configuration and N only.")
 
     # total
-    protected = [c for c in (mu, em) if c.get("dp_protected") is not False]
-    all_dp = dp_enabled and release_mode != "raw" and len(protected) == 2
+    all_dp = (dp_enabled and release_mode in ("gaussian", "prototypes", "public", "none")
+              and mu.get("dp_protected") is not False and em.get("dp_protected") is not False)
+    what = "the content of each " + ("patient's images" if unit == "group" else "image")
     if s:
         budget = s.get("epsilon_budget")
         budget_text = (f" Budget ε = {budget:g}, remaining {_eps(s.get('remaining'))}." if budget is not None
                        else " No budget set.")
         if all_dp:
-            lines.append(f"Total: ε = {_eps(s.get('epsilon'))}{at} for everything this site released "
-                         f"(all events composed in one accountant).{budget_text}")
+            lines.append(f"Total: ε = {_eps(s.get('epsilon'))}{at} for the model updates and embedding releases "
+                         f"together (all DP events composed in one accountant).{budget_text}")
         else:
-            lines.append(f"Total: the DP-accounted events compose to ε = {_eps(s.get('epsilon'))}{at}, "
-                         f"but the site is NOT protected overall: a channel above has no DP guarantee."
-                         f"{budget_text}")
-
-    what = "the content of each " + ("patient's images" if unit == "group" else "image")
+            lines.append(f"Total: the DP-accounted events compose to ε = {_eps(s.get('epsilon'))}{at}, but the "
+                         f"site is NOT protected overall: a channel above has no DP guarantee.{budget_text}")
     if all_dp:
-        lines.append(f"Protected: {what}, against the coordinator, the other sites and the network, "
-                     "up to the ε above.")
+        lines.append(f"Protected: {what}, in the model updates and embedding releases, against the coordinator, "
+                     "the other sites and the network, up to the ε above; not the counts, timings and "
+                     "participation.")
     else:
-        lines.append("Protected: raw images never leave the site; TLS protects traffic from the network.")
-    lines.append("Not protected: the number of images at the site (sent in the clear for FedAvg weighting), "
-                 "the site's participation and timing, and anything the site shares outside fedcl.")
+        lines.append("Protected: raw images never leave the site; TLS protects traffic from the network. No ε "
+                     "bounds what the channels marked NOT protected reveal.")
     return "\n".join(lines)
