@@ -10,7 +10,7 @@ in every variant). A DP step adds per-example gradients, per-example clipping an
     dp-opacus   Opacus' GradSampleModule, hooks mode (what fedcl used before)
     dp-fedcl    fedcl.privacy.per_example, noise from torch's global generator (replayable)
     dp-secure   dp-fedcl with what a site runs: noise from a generator seeded from OS entropy
-                (fedcl.privacy.randomness) and Opacus' secure_mode noise (5 Gaussian draws per
+                (fedcl.privacy.randomness) and Opacus' secure_mode noise (4 Gaussian draws per
                 coordinate instead of 1, against floating-point attacks); its line also gives
                 the ratio dp-secure / dp-fedcl, the cost of secure randomness
 

@@ -26,7 +26,8 @@ PROTOTYPES_KEY = "prototypes"  # prototypes mode: current prototypes out, noisy 
 PROTOTYPE_SITE = "prototypes"  # the queue's site id of the merged prototypes the server pushes
 PUBLIC_SITE = "public"  # the queue's site id of the server's public reference embeddings
 
-# Metric keys every train reply carries (FedAvg needs identical key sets across replies).
+# Metric keys every train reply carries (FedAvg needs identical key sets across replies); under a DP
+# mode "loss" is left out (an exact statistic of the images; docs/privacy.md), at every site alike.
 TRAIN_METRIC_KEYS = (
     "num-examples",
     "loss",

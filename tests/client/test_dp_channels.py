@@ -95,6 +95,9 @@ class _RecordingQueue:
     def __exit__(self, *exc) -> None:
         return None
 
+    def sample(self, k, *, max_age):  # other sites' entries: the same for every replay and neighbour
+        return F.normalize(torch.randn(k, MODEL["proj_dim"], generator=torch.Generator().manual_seed(2)), dim=1)
+
     def push(self, embeddings, *, round, model_version):
         self.pushed.append(torch.as_tensor(embeddings).clone())
         return int(embeddings.shape[0])
@@ -195,12 +198,14 @@ def _reply_values(reply: Message) -> dict:
     {"dpsgd": True, "noise_multiplier": 1.1, "release": "public"},
     {"release": "gaussian", "release_noise_multiplier": 1.0},
 ])
-def test_under_dp_no_reply_value_changes_with_one_private_image(tmp_path, task_identity, privacy):
+def test_under_dp_no_reply_value_changes_with_one_private_image(tmp_path, task_identity, monkeypatch, privacy):
+    # queue negatives make the loss a real function of the images (without any it is 0)
+    monkeypatch.setattr("client.app._queue_client", lambda site, rc: _RecordingQueue([]))
     replies = {}
     for name, change in (("d", False), ("d-prime", True)):
         data = _npz(tmp_path / f"{name}.npz", change_one=change)
         ctx = _context(data, tmp_path / f"state-{name}")
-        rc = _rc(privacy, num_push=0)
+        rc = _rc(privacy, num_push=0, queue_enabled=True, num_negatives=16)
         replies[name] = (_reply_values(train_handler(_message(rc), ctx, None)),
                          _reply_values(evaluate_handler(_message(rc, "evaluate"), ctx, None)))
     (train_d, eval_d), (train_p, eval_p) = replies["d"], replies["d-prime"]
@@ -210,10 +215,12 @@ def test_under_dp_no_reply_value_changes_with_one_private_image(tmp_path, task_i
     assert eval_d == eval_p, "an evaluate reply value changed with one private image"
 
 
-def test_without_dp_the_replies_still_carry_loss_alignment_and_uniformity(tmp_path, task_identity):
+def test_without_dp_the_replies_still_carry_loss_alignment_and_uniformity(tmp_path, task_identity, monkeypatch):
+    monkeypatch.setattr("client.app._queue_client", lambda site, rc: _RecordingQueue([]))
     data = _npz(tmp_path / "site.npz")
-    rc = _rc({"release": "raw"}, num_push=0)
-    assert "loss" in _reply_values(train_handler(_message(rc), _context(data, None), None))["metrics"]
+    rc = _rc({"release": "raw"}, num_push=0, queue_enabled=True, num_negatives=16)
+    loss = _reply_values(train_handler(_message(rc), _context(data, None), None))["metrics"]["loss"]
+    assert loss > 0  # with queue negatives the loss depends on the images: what DP replies must not carry
     assert {"alignment", "uniformity"} <= set(_reply_values(
         evaluate_handler(_message(rc, "evaluate"), _context(data, None), None))["metrics"])
 

@@ -332,3 +332,25 @@ def test_shorter_rounds_and_kept_optimizers_reach_the_sites_through_the_federati
             if m.metadata.message_type == "train"} == {2}
     assert {m.content.config_records["config"]["hard_negatives"] for m in grid.sent
             if m.metadata.message_type == "train"} == {8}
+
+
+def test_a_dp_federation_reports_no_loss_or_alignment_and_its_table_and_plots_cope(tmp_path, federation):
+    """Under DP-SGD the sites send no loss, alignment or uniformity (exact statistics of their images):
+    the round records, the table and the plots show them as missing."""
+    from server.metrics import format_table
+
+    cfg, link, simulated, sites, _ = federation
+    cfg = _with(_with(_with_rounds(cfg, 2), "privacy", dpsgd=True, noise_multiplier=1.5, release="public"),
+                "train", in_batch_negatives=False)
+    cfg = _with(cfg, "queue", public_images=30)
+    simulated = SimulatedSites(config=simulated.config, site_tokens=simulated.site_tokens, threads=1,
+                               state_root=tmp_path / "sites")  # DP needs each site's ledger to persist
+    result = run_federation(InProcessGrid(sites, simulated), config=cfg, out_dir=tmp_path / "out", queue=link)
+    for record in result.history:
+        assert record["sites_ok"] == 2 and record["loss"] is None
+        assert all("loss" not in m and m["epsilon"] > 0 for m in record["sites"].values())
+    fed_eval = result.history[-1]["fed_eval"]
+    assert fed_eval["alignment"] is None and fed_eval["uniformity"] is None and fed_eval["failed"] == 0
+    rows = format_table(result.history).splitlines()[2:]
+    assert len(rows) == 2 and all(row.split()[1] == "—" for row in rows)  # the loss column
+    assert {p.name for p in result.plots} >= {"loss.png", "epsilon.png"}
