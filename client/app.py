@@ -363,16 +363,20 @@ def _plan(site: SiteSettings, rc: RoundConfig, images: torch.Tensor, groups: tor
     start from zero every message, so no budget could bind across rounds) and settings the plan
     rejects (δ >= 1/N, DP-SGD with in-batch negatives)."""
     settings = site_privacy_settings(site, rc)
-    if site.state_dir is None and dp_mode(PrivacySettings.model_validate(settings)):
+    private = dp_mode(PrivacySettings.model_validate(settings))
+    if site.state_dir is None and private:
         raise SiteError(f"site {site.site_id} has no state folder (node config state-dir), and under DP its "
                         "privacy ledger must persist between rounds: start it with fedcl-client --state-dir DIR")
     try:
-        return plan_round(privacy=settings, site_id=site.site_id, state_dir=site.state_dir,
-                          round=rc.round, num_rounds=rc.num_rounds, epochs=rc.epochs, batch_size=rc.batch_size,
-                          num_examples=int(images.shape[0]), in_batch_negatives=rc.in_batch_negatives, groups=groups,
-                          rounds_per_epoch=rc.rounds_per_epoch)
+        rp = plan_round(privacy=settings, site_id=site.site_id, state_dir=site.state_dir,
+                        round=rc.round, num_rounds=rc.num_rounds, epochs=rc.epochs, batch_size=rc.batch_size,
+                        num_examples=int(images.shape[0]), in_batch_negatives=rc.in_batch_negatives, groups=groups,
+                        rounds_per_epoch=rc.rounds_per_epoch)
     except ValueError as exc:
         raise SiteError(f"site {site.site_id}: {exc}") from None
+    if private and site.insecure_reproducible_dp and rp.ledger is not None:
+        rp.ledger.insecure_randomness = True  # the report then says the site is not protected
+    return rp
 
 
 def _secret_or(public: torch.Generator, site: SiteSettings, privacy: RoundPrivacy, *, where: str) -> torch.Generator:

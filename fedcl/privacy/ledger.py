@@ -161,6 +161,8 @@ class PrivacyLedger:
         # how many records (images, or patients in the group unit) the site holds, when the site
         # says: the report compares δ with 1 / num_records (public under zero-out adjacency)
         self.num_records: int | None = None
+        # some DP event drew its randomness from public seeds (insecure_reproducible_dp): sticky
+        self.insecure_randomness = False
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -250,6 +252,7 @@ class PrivacyLedger:
             "epsilon_budget": self.epsilon_budget,
             "remaining": self.remaining(),
             "num_records": self.num_records,
+            "insecure_randomness": self.insecure_randomness,
             "channels": self.channels(),
         }
 
@@ -331,6 +334,7 @@ class PrivacyLedger:
             "accountant": {"mechanism": acct["mechanism"], "history": [list(h) for h in acct["history"]]},
             "epsilon": _finite_or_none(self._epsilon),
             "num_records": self.num_records,
+            "insecure_randomness": self.insecure_randomness,
             "events": [asdict(e) for e in self.events],
         }
 
@@ -361,6 +365,7 @@ class PrivacyLedger:
         self._epsilon = eps if stored is None else float(stored)
         n = state.get("num_records")
         self.num_records = None if n is None else int(n)
+        self.insecure_randomness = bool(state.get("insecure_randomness", False))
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write JSON atomically: temp file in the same folder, fsync, rename, fsync folder."""

@@ -60,6 +60,10 @@ def describe_privacy(
         delta_line = _delta_line(delta, s.get("num_records"), unit)
         if delta_line:
             lines.append(delta_line)
+    insecure = bool(s.get("insecure_randomness"))
+    if insecure:
+        lines.append("Randomness: NOT secret: this site ran with insecure_reproducible_dp, so its Poisson batches "
+                     "and noise came from seeds the coordinator knows; no ε below holds against it.")
     lines.append("Channels (what leaves the site -> who receives it: what protects it):")
 
     # channel 1: model updates
@@ -70,8 +74,9 @@ def describe_privacy(
         text = ("NOT protected: some rounds' updates were trained without DP-SGD "
                 f"(rounds {mu.get('rounds')}), so no ε bounds this channel")
     elif dp_enabled and mu.get("events"):
+        source = "public seeds: NOT secret" if insecure else "the site's OS entropy"
         text = (f"DP-SGD, ε = {_eps(mu.get('epsilon'))}{at} on its own over {mu.get('steps', 0)} noisy steps "
-                "(Poisson batches and noise drawn from the site's OS entropy)")
+                f"(Poisson batches and noise drawn from {source})")
     elif dp_enabled:
         text = "DP-SGD; no update released yet (ε = 0)"
     else:
@@ -116,7 +121,7 @@ def describe_privacy(
                  "configuration and N only.")
 
     # total
-    all_dp = (dp_enabled and release_mode in ("gaussian", "prototypes", "public", "none")
+    all_dp = (dp_enabled and not insecure and release_mode in ("gaussian", "prototypes", "public", "none")
               and mu.get("dp_protected") is not False and em.get("dp_protected") is not False)
     what = "the content of each " + ("patient's images" if unit == "group" else "image")
     if s:

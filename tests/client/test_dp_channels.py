@@ -183,6 +183,25 @@ def test_a_replay_in_another_process_reproduces_nothing(tmp_path, task_identity,
         assert here[what] != there[what], f"a replay in another process reproduced the site's {what}"
 
 
+def test_only_the_sites_own_insecure_switch_makes_a_round_replayable_and_the_ledger_says_so(
+        tmp_path, task_identity, monkeypatch, caplog):
+    from fedcl.privacy.ledger import PrivacyLedger
+
+    data = _npz(tmp_path / "site.npz")
+    runs = []
+    real_sample = sampling.poisson_sample
+    caplog.set_level("WARNING")
+    for name in ("a", "b"):
+        batches: list[torch.Tensor] = []
+        monkeypatch.setattr(sampling, "poisson_sample", lambda **kw: batches.append(real_sample(**kw)) or batches[-1])
+        ctx = _context(data, tmp_path / f"state-{name}", **{"insecure-reproducible-dp": "true"})
+        train_handler(_message(_rc({"dpsgd": True, "noise_multiplier": 1.1, "release": "public"})), ctx, None)
+        runs.append(_digest(batches))
+        assert PrivacyLedger.load(tmp_path / f"state-{name}" / "ledger-h.json").insecure_randomness
+    assert runs[0] == runs[1]  # replayable: what the switch is for, and why the report says NOT private
+    assert "NOT differentially private" in caplog.text
+
+
 # Timings depend on the machine, the image count and the (secret) Poisson batch sizes, not on the
 # pixels; docs/privacy.md lists them as NOT protected. Every other value is compared exactly.
 TIMING_KEYS = {"seconds-total", "seconds-sample", "seconds-train", "seconds-push"}

@@ -107,3 +107,15 @@ def test_fedcl_privacy_reports_a_ledger_without_releases_as_none(tmp_path):
     assert result.exit_code == 0, result.output
     assert "- Shared embeddings (none)" in result.output and "(public)" not in result.output
     assert "is below 1/N" in result.output  # num_records survives the ledger file
+
+
+def test_a_site_that_ran_with_insecure_reproducible_dp_is_not_reported_as_protected(tmp_path):
+    ledger = _ledger(release="prototypes")
+    ledger.insecure_randomness = True
+    ledger.save(tmp_path / "ledger.json")
+    s = PrivacyLedger.load(tmp_path / "ledger.json").summary()
+    text = describe_privacy(dp_enabled=True, release_mode="prototypes", ledger_summary=s)
+    assert "insecure_reproducible_dp" in _line(text, "Randomness: NOT secret")
+    assert "public seeds: NOT secret" in _line(text, "- Model updates")
+    assert "NOT protected overall" in _line(text, "Total")
+    assert "against the coordinator" not in _line(text, "Protected")
