@@ -42,7 +42,7 @@ from fedcl.augment import TwoViewAugment  # noqa: E402
 from fedcl.data import load_fashion_mnist, partition  # noqa: E402
 from fedcl.evaluate import evaluate_encoder, extract_features, knn_accuracy  # noqa: E402
 from fedcl.models import build_model, canonical_state_dict  # noqa: E402
-from fedcl.train import train_centralized  # noqa: E402
+from fedcl.train import RoundRecipe, train_centralized  # noqa: E402
 
 # The methods of the tables in docs/benchmarks.md. "random", "local" and "central" are not
 # federations. Probes that lost are described in research/ with the commit that still registers them.
@@ -155,10 +155,10 @@ def run_method(name: str, *, data: dict, cfg: dict, seed: int, device: torch.dev
                 bar.set_postfix(epoch=epoch, knn=f"{history[-1]['knn']:.3f}")
 
         # central SimCLR always decays its learning rate (cosine over its epochs)
-        train_centralized(model, union, epochs=rounds * cfg["local_epochs"] // recipe.rounds_per_epoch,
-                          batch_size=cfg["batch_size"],
-                          lr=cfg["lr"], temperature=cfg["temperature"], augment=augment, device=device, seed=seed,
-                          on_epoch=on_epoch, progress=False)
+        central = RoundRecipe(epochs=rounds * cfg["local_epochs"] // recipe.rounds_per_epoch,
+                              batch_size=cfg["batch_size"], lr=cfg["lr"], temperature=cfg["temperature"])
+        train_centralized(model, union, central, augment=augment, device=device, seed=seed, on_epoch=on_epoch,
+                          progress=False)
         out["metrics"] = full_eval(model, data, augment=augment, device=device, seed=seed)
         out["rounds"] = history
     else:

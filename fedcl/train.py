@@ -339,29 +339,29 @@ def local_round(
 def train_centralized(
     model: nn.Module,
     images: torch.Tensor,
+    recipe: RoundRecipe,
     *,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    temperature: float,
     augment: TwoViewAugment,
     device: torch.device,
     seed: int = 0,
-    optimizer: str = "adam",
-    momentum: float = 0.9,
-    weight_decay: float = 1e-6,
     on_epoch=None,
     progress: bool = True,
 ) -> list[float]:
-    """SimCLR (NT-Xent, in-batch negatives) with cosine learning-rate decay; returns epoch losses."""
+    """SimCLR (NT-Xent, in-batch negatives) with cosine learning-rate decay; returns epoch losses.
+
+    From the recipe: epochs, batch_size, lr, temperature and the optimizer; the loss is always
+    NT-Xent on the trained model's views, so key_encoder, in_batch_negatives and num_push do not apply.
+    """
+    epochs, temperature = recipe.epochs, recipe.temperature
     gen = torch.Generator().manual_seed(seed)
     model.to(device).train()
-    optimizer = make_optimizer(model.parameters(), name=optimizer, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    optimizer = make_optimizer(model.parameters(), name=recipe.optimizer, lr=recipe.lr, momentum=recipe.momentum,
+                               weight_decay=recipe.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs))
     n = images.shape[0]
     history = []
     for epoch in range(epochs):
-        batches = torch.randperm(n, generator=gen).split(batch_size)
+        batches = torch.randperm(n, generator=gen).split(recipe.batch_size)
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
         total, count = 0.0, 0
         for idx in bar:

@@ -82,7 +82,7 @@ def test_dp_refuses_in_batch_negatives(data):
 def test_centralized_loss_decreases(data):
     torch.manual_seed(0)
     model = build_model(in_channels=1, width=8, proj_dim=16, proj_hidden=32)
-    hist = train_centralized(model, data.images, epochs=4, batch_size=32, lr=1e-3, temperature=0.5,
+    hist = train_centralized(model, data.images, RoundRecipe(epochs=4, batch_size=32, lr=1e-3, temperature=0.5),
                              augment=TwoViewAugment(), device=torch.device("cpu"), progress=False)
     assert len(hist) == 4 and hist[-1] < hist[0]
 
