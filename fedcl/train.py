@@ -10,7 +10,7 @@ negatives and no queue is FedSimCLR (SimCLR's NT-Xent under FedAvg), the baselin
 
 Ideas that were measured and lost (drift compensation, a relational term, online and own
 negatives, EMA keys, a predictor, MoCHi hard negatives, a separate queue temperature) are
-described with their results and the commit that has their code in ``research/``.
+described in ``research/``, each with its result and the commit that still has its code.
 """
 
 from __future__ import annotations
