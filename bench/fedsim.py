@@ -26,7 +26,7 @@ import functools
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -39,7 +39,7 @@ from fedcl.privacy.dp import DPParams, noise_for_budget
 from fedcl.privacy.ledger import PrivacyLedger
 from fedcl.privacy.release import init_prototypes, merge_prototypes, release_prototypes
 from fedcl.queue import EmbeddingQueue
-from fedcl.train import encode, local_round
+from fedcl.train import INSECURE_REPRODUCIBLE, RoundRecipe, encode, local_round
 
 
 @dataclass(frozen=True)
@@ -48,48 +48,17 @@ class FedMethod:
 
     queue: bool = False  # negatives from other sites (how: ``release``)
     release: Literal["raw", "prototypes", "public"] = "raw"
-    key_encoder: Literal["global", "online", "ema"] = "global"
-    key_momentum: float = 0.99  # key_encoder="ema": MoCo momentum per local step
-    drift_compensation: bool = False  # move the queue's negatives by the batch's mean drift (local_round)
-    drift_kernel: float | None = None  # None: mean drift; else the cosine-kernel temperature (local_round)
-    # relational distillation against the queue (local_round): keep each view's similarity profile
-    # over the queue's entries as the frozen round model gives it (FedX-style, the queue as anchors)
-    relation_weight: float = 0.0
-    relation_temperature: float = 0.1
+    key_encoder: Literal["global", "online"] = "global"  # frozen round model (fedcl) or online (FedSimCLR)
     in_batch_negatives: bool = True
     warmup_rounds: int = 1  # R0: rounds trained without queue negatives
     max_staleness: int = 2  # queue entries older than this many rounds are evicted
     num_negatives: int = 4096  # K per site and round (raw mode)
-    num_push: int | None = None  # embeddings each site pushes per round (raw mode); None: the recipe's
     bootstrap_queue: bool = False  # sites push embeddings of the initial model before round 1
     dp_epsilon: float | None = None  # DP-SGD spending this ε over the whole run (None: no DP-SGD)
-    online_negatives: bool = False  # NT-Xent on the online model + queue_weight x queue InfoNCE term
-    queue_weight: float = 1.0  # weight of the queue term when online_negatives
-    lr: float | None = None  # overrides Recipe.lr for this method (None: the recipe's)
     # raw mode: each site pushes embeddings of the global model it just received BEFORE any site
     # samples (a push phase, then a barrier, then training), so the negatives of round r come
     # from the same model as the positive keys; with max_staleness=0 only those are sampled
     fresh_push: bool = False
-    # FedAvgM (Hsu et al. 2019): server momentum on the averaged update; 0 is plain FedAvg.
-    # The Flower path gets the same with federation.strategy = "FedAvgM".
-    server_momentum: float = 0.0
-    # FedAvgM's server learning rate: the global model moves by server_lr x the (momentum) pseudo-
-    # gradient; 1 with momentum 0 is FedAvg. Flower path: strategy "FedAvgM", server_learning_rate.
-    server_lr: float = 1.0
-    # this many of a site's own images, encoded by the round model, join its negatives (see
-    # fedcl.train.local_round): the negatives then cover every site in proportion
-    own_negatives: int = 0
-    # the warm-up rounds train FedSimCLR (online keys, in-batch negatives) instead of the frozen
-    # round model's keys: the queue's key encoder then starts from a spread-out head
-    warmup_online: bool = False
-    # MoCHi (Kalantidis et al. 2020): this many synthetic hard negatives per query, mixed from its
-    # hardest queue negatives (fedcl.train.local_round hard_negatives)
-    hard_negatives: int = 0
-    # a predictor MLP of this width on the query side (BYOL / MoCo v3; fedcl.models pred_hidden):
-    # the run's model_spec must carry the same pred_hidden
-    pred_hidden: int = 0
-    # the queue's logits use this temperature instead of the recipe's (fedcl.train.local_round)
-    queue_temperature: float | None = None
 
 
 @dataclass(frozen=True)
@@ -110,9 +79,6 @@ class Recipe:
     # Each round trains on 1/rounds_per_epoch of a site's images (a fresh permutation every
     # rounds_per_epoch rounds), so R rounds are R/rounds_per_epoch epochs: shorter rounds, same compute.
     rounds_per_epoch: int = 1
-    # "cosine": round r of R trains at lr x (1 + cos(pi (r - 1) / R)) / 2, the schedule central SimCLR
-    # (fedcl.train.train_centralized) runs over its epochs; "constant": every round at lr.
-    lr_schedule: Literal["constant", "cosine"] = "constant"
     # each site's optimizer resumes its own state (Adam's moments and step count) from its previous
     # round instead of starting cold every round (fedcl.train.local_round optimizer_state)
     persist_optimizer: bool = False
@@ -120,21 +86,12 @@ class Recipe:
 
 # Recipe fields added after results were cached: they enter bench/quality.py's cache key only when
 # they differ from their default, so earlier cached runs keep their keys.
-LATER_RECIPE_FIELDS = ("rounds_per_epoch", "lr_schedule", "persist_optimizer")
+LATER_RECIPE_FIELDS = ("rounds_per_epoch", "persist_optimizer")
 
 
 def check_recipe(recipe: Recipe) -> None:
     if recipe.rounds_per_epoch < 1:
         raise ValueError(f"rounds_per_epoch must be >= 1, got {recipe.rounds_per_epoch}")
-    if recipe.lr_schedule not in ("constant", "cosine"):
-        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {recipe.lr_schedule!r}")
-
-
-def round_lr_scale(recipe: Recipe, r: int, rounds: int) -> float:
-    """The learning-rate factor of round r (1-based) of ``rounds``."""
-    if recipe.lr_schedule == "cosine":
-        return 0.5 * (1.0 + math.cos(math.pi * (r - 1) / rounds))
-    return 1.0
 
 
 def epoch_order(num_images: int, order: torch.Tensor | None, r: int, rounds_per_epoch: int,
@@ -206,21 +163,15 @@ def dp_plan(*, num_examples: int, batch_size: int, local_epochs: int, rounds: in
 
 def run_local_round(model: ContrastiveModel, images: torch.Tensor, *, negatives: torch.Tensor | None,
                     method: FedMethod, recipe: Recipe, augment: TwoViewAugment, num_push: int,
-                    device: torch.device, seed: int, dp: DPParams | None, lr_scale: float = 1.0,
+                    device: torch.device, seed: int, dp: DPParams | None,
                     optimizer_state: dict | None = None, dp_steps: int | None = None):
-    return local_round(
-        model, images, negatives=negatives, epochs=recipe.local_epochs, batch_size=recipe.batch_size,
-        lr=lr_scale * recipe.lr, temperature=recipe.temperature,
-        in_batch_negatives=method.in_batch_negatives, key_encoder=method.key_encoder, augment=augment,
-        num_push=num_push, device=device, seed=seed, dp=dp, online_negatives=method.online_negatives,
-        queue_weight=method.queue_weight, own_negatives=method.own_negatives,
-        key_momentum=method.key_momentum, drift_compensation=method.drift_compensation,
-        drift_kernel=method.drift_kernel, relation_weight=method.relation_weight,
-        relation_temperature=method.relation_temperature, optimizer_state=optimizer_state,
-        hard_negatives=method.hard_negatives, dp_steps=dp_steps, queue_temperature=method.queue_temperature,
-        # published numbers reproduce: the DP draws come from `seed` (NOT private; local_round warns)
-        insecure_reproducible_dp=dp is not None,
-    )
+    round_recipe = RoundRecipe(epochs=recipe.local_epochs, batch_size=recipe.batch_size, lr=recipe.lr,
+                               temperature=recipe.temperature, key_encoder=method.key_encoder,
+                               in_batch_negatives=method.in_batch_negatives, num_push=num_push)
+    return local_round(model, images, negatives, round_recipe, augment=augment, dp=dp, dp_steps=dp_steps,
+                       optimizer_state=optimizer_state, seed=seed, device=device,
+                       # published numbers reproduce: the DP draws come from `seed` (NOT private; local_round warns)
+                       dp_generator=INSECURE_REPRODUCIBLE if dp is not None else None)
 
 
 def run_federation(
@@ -253,17 +204,11 @@ def run_federation(
         raise ValueError("every site needs at least one image")
     if method.queue and method.release == "public" and (public_images is None or public_images.shape[0] == 0):
         raise ValueError("release='public' needs public_images: a reference set disjoint from the sites")
-    if method.dp_epsilon is not None and (method.in_batch_negatives or method.online_negatives
-                                          or method.warmup_online):
-        raise ValueError("DP-SGD needs in_batch_negatives=False, online_negatives=False and warmup_online=False")
+    if method.dp_epsilon is not None and method.in_batch_negatives:
+        raise ValueError("DP-SGD needs in_batch_negatives=False")
     if method.fresh_push and not (method.queue and method.release == "raw"):
         raise ValueError("fresh_push applies to the raw queue only: set queue=True, release='raw'")
     check_recipe(recipe)
-    if method.pred_hidden != model_spec.get("pred_hidden", 0):
-        raise ValueError(f"the method's pred_hidden={method.pred_hidden} differs from the model spec's "
-                         f"{model_spec.get('pred_hidden', 0)}: build the spec with the method's predictor")
-    # a method's own lr and push count override the recipe's, the same way
-    recipe = replace(recipe, **{k: v for k, v in (("lr", method.lr), ("num_push", method.num_push)) if v is not None})
     device = torch.device(device)
     augment = augment or TwoViewAugment()
     names = [f"site-{i}" for i in range(len(sites))]
@@ -300,7 +245,6 @@ def run_federation(
         probes[1] = encode(global_model, probe_images, device=device)  # round 1's pushes come from init
 
     records = []
-    velocity: dict[str, torch.Tensor] = {}  # server momentum (FedAvgM)
     orders: list[torch.Tensor | None] = [None] * len(sites)  # each site's image order of the current epoch
     opt_states: list[dict | None] = [None] * len(sites)  # recipe.persist_optimizer
     for r in range(1, rounds + 1):
@@ -332,9 +276,6 @@ def run_federation(
                 assert name not in s.site_ids  # a site's own entries would be false negatives
                 fetched[i] = torch.from_numpy(s.embeddings) if len(s) else None
 
-        round_method = method  # warmup_online: the warm-up rounds are FedSimCLR rounds
-        if method.warmup_online and r <= method.warmup_rounds:
-            round_method = replace(method, key_encoder="online", in_batch_negatives=True)
         states, weights, losses, negs, releases = [], [], [], [], []
         for i, (name, site_images) in enumerate(zip(names, sites)):
             negatives = fetched[i]
@@ -347,10 +288,9 @@ def run_federation(
             elif method.queue and method.release == "prototypes":
                 num_push = n  # every image is a candidate record; the release Poisson-samples them
             model = model_from_state(model_spec, global_state)
-            res = run_local_round(model, images, negatives=negatives, method=round_method, recipe=recipe, augment=augment,
+            res = run_local_round(model, images, negatives=negatives, method=method, recipe=recipe, augment=augment,
                                   num_push=num_push, device=device, seed=seed * 100_003 + r * 101 + i, dp=dps[i],
-                                  lr_scale=round_lr_scale(recipe, r, rounds), optimizer_state=opt_states[i],
-                                  dp_steps=dp_steps[i])
+                                  optimizer_state=opt_states[i], dp_steps=dp_steps[i])
             if recipe.persist_optimizer:
                 opt_states[i] = res.optimizer_state
             if dps[i] is not None:
@@ -377,15 +317,7 @@ def run_federation(
         if releases:  # post-processing of DP releases: no ε
             prototypes = merge_prototypes(releases, previous=prototypes, min_count=recipe.prototype_min_count)
             have_prototypes = True
-        averaged = fedavg(states, weights)
-        if method.server_momentum > 0 or method.server_lr != 1.0:
-            for key, new in averaged.items():
-                if not new.is_floating_point():
-                    continue
-                delta = global_state[key] - new  # pseudo-gradient of the round
-                velocity[key] = method.server_momentum * velocity.get(key, torch.zeros_like(delta)) + delta
-                averaged[key] = global_state[key] - method.server_lr * velocity[key]
-        global_model = model_from_state(model_spec, averaged)
+        global_model = model_from_state(model_spec, fedavg(states, weights))
 
         drift = None
         if probe_images is not None:
@@ -442,7 +374,7 @@ def run_local_only(
             images = round_images(site_images, order, r, recipe.rounds_per_epoch)
             res = run_local_round(model, images, negatives=None, method=method, recipe=recipe, augment=augment,
                                   num_push=0, device=torch.device(device), seed=seed * 100_003 + r * 101 + i,
-                                  dp=None, lr_scale=round_lr_scale(recipe, r, rounds), optimizer_state=opt_state)
+                                  dp=None, optimizer_state=opt_state)
             opt_state = res.optimizer_state if recipe.persist_optimizer else None
         models.append(model)
     return models

@@ -34,7 +34,7 @@ from client.queue_client import QueueClient  # noqa: E402
 from fedcl.augment import TwoViewAugment  # noqa: E402
 from fedcl.models import build_model, load_canonical_state_dict, canonical_state_dict  # noqa: E402
 from fedcl.queue import EmbeddingQueue  # noqa: E402
-from fedcl.train import local_round  # noqa: E402
+from fedcl.train import RoundRecipe, local_round  # noqa: E402
 from server.queue_service import start_queue_server  # noqa: E402
 
 TOKENS = {"site-0": "overhead-site-0-token-0123456789", "site-1": "overhead-site-1-token-0123456789"}
@@ -121,9 +121,9 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             negatives = client.sample(args.negatives, max_age=2)  # (K, 128) float32
             t_sample = time.perf_counter() - t0
-            res = local_round(model, images, negatives=negatives, epochs=1, batch_size=args.batch_size, lr=lr,
-                              temperature=temperature, in_batch_negatives=True, key_encoder="global", augment=augment,
-                              num_push=args.num_push, device="cpu", seed=seed)
+            recipe = RoundRecipe(epochs=1, batch_size=args.batch_size, lr=lr, temperature=temperature,
+                                 in_batch_negatives=True, key_encoder="global", num_push=args.num_push)
+            res = local_round(model, images, negatives, recipe, augment=augment, device="cpu", seed=seed)
             t1 = time.perf_counter()
             client.push(res.embeddings, round=1, model_version=1)
             t_push = time.perf_counter() - t1

@@ -42,13 +42,10 @@ from fedcl.augment import TwoViewAugment  # noqa: E402
 from fedcl.data import load_fashion_mnist, partition  # noqa: E402
 from fedcl.evaluate import evaluate_encoder, extract_features, knn_accuracy  # noqa: E402
 from fedcl.models import build_model, canonical_state_dict  # noqa: E402
-from fedcl.train import train_centralized  # noqa: E402
+from fedcl.train import RoundRecipe, train_centralized  # noqa: E402
 
-# The raw queue as the Flower path runs it: sites push embeddings of the global model they just
-# received before anyone trains (fresh push), and only this round's entries are sampled.
-FRESH = dict(queue=True, release="raw", fresh_push=True, max_staleness=0)
-
-# The methods of the table. "random", "local" and "central" are not federations.
+# The methods of the tables in docs/benchmarks.md. "random", "local" and "central" are not
+# federations. Probes that lost are described in research/ with the commit that still registers them.
 METHODS: dict[str, FedMethod | str] = {
     "random": "random",
     "local": "local",
@@ -57,97 +54,15 @@ METHODS: dict[str, FedMethod | str] = {
     # model they just received, before anyone trains), only this round's entries, one warm-up round
     "fedcl": FedMethod(queue=True, release="raw", key_encoder="global", fresh_push=True, max_staleness=0),
     "fedcl_noqueue": FedMethod(queue=False, key_encoder="global"),
-    # the site's own round-model embeddings join the negatives (fedcl.train.local_round own_negatives)
-    "fedcl_own": FedMethod(**FRESH, own_negatives=512),
-    "fedcl_noqueue_own": FedMethod(queue=False, key_encoder="global", own_negatives=512),
-    "fedcl_online_own": FedMethod(**FRESH, key_encoder="online", own_negatives=512),
-    # the queue as the only source of negatives (as under DP-SGD): a site's negatives then come
-    # from every site's data, as a centralized batch's do, not from its own 2 classes
-    "fedcl_qonly": FedMethod(**FRESH, in_batch_negatives=False, warmup_rounds=0),
-    # FedSimCLR for the warm-up rounds, then the frozen round model's keys and the queue
-    "fedcl_simwarm1": FedMethod(**FRESH, warmup_online=True),
-    "fedcl_simwarm3": FedMethod(**FRESH, warmup_rounds=3, warmup_online=True),
-    "fedcl_noqueue_simwarm3": FedMethod(queue=False, key_encoder="global", warmup_rounds=3, warmup_online=True),
-    "fedcl_m05": FedMethod(**FRESH, server_momentum=0.5),
-    "fedsimclr_m05": FedMethod(queue=False, key_encoder="online", in_batch_negatives=True, server_momentum=0.5),
-    "fedcl_noqueue_m05": FedMethod(queue=False, key_encoder="global", server_momentum=0.5),
-    # a server learning rate of 2 (FedAvgM without momentum): the global model moves twice the mean update
-    "fedsimclr_slr2": FedMethod(queue=False, key_encoder="online", in_batch_negatives=True, server_lr=2.0),
-    "fedcl_slr2": FedMethod(**FRESH, server_lr=2.0),
-    "fedcl_noqueue_slr2": FedMethod(queue=False, key_encoder="global", server_lr=2.0),
-    "fedcl_mixonline_dc_slr2": FedMethod(**FRESH, key_encoder="online", online_negatives=True, drift_compensation=True,
-                                         server_lr=2.0),
-    "fedcl_m09": FedMethod(**FRESH, server_momentum=0.9),
     # DP-SGD has no in-batch negatives, so no warm-up: the release phase fills the queue in round 1
-    "fedcl_dp8": FedMethod(**FRESH, in_batch_negatives=False, dp_epsilon=8.0, warmup_rounds=0),
+    "fedcl_dp8": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0, in_batch_negatives=False,
+                           dp_epsilon=8.0, warmup_rounds=0),
     "fedcl_prototypes": FedMethod(queue=True, release="prototypes"),
     "fedcl_public": FedMethod(queue=True, release="public"),
-    # staleness remedies, each one switch away from "fedcl"
-    "fedcl_pushafter": FedMethod(queue=True, release="raw", key_encoder="global", max_staleness=2),  # no fresh push
-    "fedcl_pushafter_stale1": FedMethod(queue=True, release="raw", max_staleness=1),
-    "fedcl_online": FedMethod(**FRESH, key_encoder="online"),
-    "fedcl_warmup0": FedMethod(**FRESH, warmup_rounds=0),
-    "fedcl_warmup3": FedMethod(**FRESH, warmup_rounds=3),
-    "fedcl_stale1": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=1),
-    "fedcl_stale4": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=4),
-    # how many fresh negatives: each site pushes this many of its images per round (4 other sites)
-    "fedcl_push128": FedMethod(**FRESH, num_push=128),
-    "fedcl_push1000": FedMethod(**FRESH, num_push=1000),
-    # queue remedies for the projection collapse ("What we tried for the queue", docs/benchmarks.md);
-    # the _k<K> methods keep their own K, --num-negatives does not override it
-    "fedcl_k256": FedMethod(queue=True, release="raw", num_negatives=256),
-    "fedcl_k1024": FedMethod(queue=True, release="raw", num_negatives=1024),
-    "fedcl_lr3e4": FedMethod(queue=True, release="raw", lr=3e-4),
-    "fedcl_noqueue_lr3e4": FedMethod(queue=False, key_encoder="global", lr=3e-4),
-    "fedcl_fresh": FedMethod(**FRESH),
-    "fedcl_fresh_w0": FedMethod(**FRESH, warmup_rounds=0),
-    "fedcl_fresh_k256": FedMethod(**FRESH, num_negatives=256),
-    "fedcl_fresh_stale1": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=1),
-    "fedcl_fresh_mix": FedMethod(**FRESH, online_negatives=True),
-    "fedcl_mix_w01": FedMethod(queue=True, release="raw", online_negatives=True, queue_weight=0.1),
-    "fedcl_mix": FedMethod(queue=True, release="raw", online_negatives=True, queue_weight=1.0),
-    # MoCo's momentum key encoder inside the round (EMA of the online model, from the round's
-    # global weights) instead of the frozen round model: keys improve every step, not every round
-    "fedcl_ema99": FedMethod(**FRESH, key_encoder="ema", key_momentum=0.99),
-    "fedcl_ema9": FedMethod(**FRESH, key_encoder="ema", key_momentum=0.9),
-    "fedcl_noqueue_ema99": FedMethod(queue=False, key_encoder="ema", key_momentum=0.99),
-    # FedSimCLR's NT-Xent plus a queue term whose positive is the online model's other view (no
-    # frozen-key anchor): the queue only adds other sites' negatives
-    "fedcl_mixonline": FedMethod(**FRESH, key_encoder="online", online_negatives=True),
-    "fedcl_mixonline_w03": FedMethod(**FRESH, key_encoder="online", online_negatives=True, queue_weight=0.3),
-    # the same with the queue's negatives moved by the batch's mean drift from the round model
-    "fedcl_mixonline_dc": FedMethod(**FRESH, key_encoder="online", online_negatives=True, drift_compensation=True),
-    "fedcl_online_dc": FedMethod(**FRESH, key_encoder="online", drift_compensation=True),
-    "fedcl_mixonline_dc_w03": FedMethod(**FRESH, key_encoder="online", online_negatives=True, drift_compensation=True,
-                                        queue_weight=0.3),
-    "fedcl_mixonline_dck": FedMethod(**FRESH, key_encoder="online", online_negatives=True, drift_compensation=True,
-                                     drift_kernel=0.1),
-    "fedcl_mixonline_dc_w0": FedMethod(**FRESH, warmup_rounds=0, key_encoder="online", online_negatives=True,
-                                       drift_compensation=True),
-    # FedSimCLR (NT-Xent, online keys) + relational distillation against the queue: each view's
-    # similarity profile over other sites' entries is kept as the round model gives it. Without a
-    # queue the term is zero, so the no-queue ablation of these is FedSimCLR itself.
-    "fedcl_relation": FedMethod(**FRESH, key_encoder="online", online_negatives=True, queue_weight=0.0,
-                                relation_weight=1.0),
-    "fedcl_relation_w10": FedMethod(**FRESH, key_encoder="online", online_negatives=True, queue_weight=0.0,
-                                    relation_weight=10.0),
-    # MoCHi: 32 synthetic hard negatives per query from its 64 hardest queue entries (fresh queue)
-    "fedcl_hard32": FedMethod(**FRESH, hard_negatives=32),
-    "fedcl_hard128": FedMethod(**FRESH, hard_negatives=128),
-    # a predictor on the query side (MoCo v3 / BYOL): queries in the predictor's space, keys and the
-    # queue in the frozen round model's projection space
-    "fedcl_pred": FedMethod(**FRESH, pred_hidden=256),
-    "fedcl_noqueue_pred": FedMethod(queue=False, key_encoder="global", pred_hidden=256),
-    # the queue's logits at temperature 0.1 (the in-batch ones at the recipe's): sharper on the
-    # other sites' embeddings only, which FedSimCLR does not have
-    "fedcl_qt01": FedMethod(**FRESH, queue_temperature=0.1),
     "central": "central",
 }
 MAIN_METHODS = ["random", "local", "fedsimclr", "fedcl", "fedcl_noqueue", "fedcl_dp8", "fedcl_prototypes",
                 "fedcl_public", "central"]
-STALENESS_METHODS = ["fedcl", "fedcl_pushafter", "fedcl_pushafter_stale1", "fedcl_online", "fedcl_warmup0",
-                     "fedcl_warmup3", "fedcl_stale1", "fedcl_stale4"]
-OWN_NUM_NEGATIVES = {"fedcl_k256", "fedcl_k1024", "fedcl_fresh_k256"}
 SPLITS = {"pathological": {"scheme": "pathological", "classes_per_site": 2},
           "pathological1": {"scheme": "pathological", "classes_per_site": 1},
           "dirichlet0.1": {"scheme": "dirichlet", "alpha": 0.1},
@@ -205,15 +120,12 @@ def full_eval(model, data: dict, *, augment: TwoViewAugment, device: torch.devic
 def run_method(name: str, *, data: dict, cfg: dict, seed: int, device: torch.device, bar) -> dict:
     """Train (if needed) and evaluate one method for one split and seed; returns a JSON-able dict."""
     spec = {"arch": "cnn", "in_channels": 1, "width": cfg["width"], "proj_dim": 128, "proj_hidden": 256}
-    if isinstance(METHODS[name], FedMethod) and METHODS[name].pred_hidden:
-        spec["pred_hidden"] = METHODS[name].pred_hidden  # built last: backbone and head init as every method's
     torch.manual_seed(seed)
     init_state = canonical_state_dict(build_model(**spec))
     augment = TwoViewAugment(crop_scale=(cfg.get("crop_scale_min", 0.3), 1.0))
     recipe = Recipe(local_epochs=cfg["local_epochs"], batch_size=cfg["batch_size"], lr=cfg["lr"],
                     temperature=cfg["temperature"], num_push=cfg["num_push"],
-                    rounds_per_epoch=cfg.get("rounds_per_epoch", 1), lr_schedule=cfg.get("lr_schedule", "constant"),
-                    persist_optimizer=cfg.get("persist_optimizer", False))
+                    rounds_per_epoch=cfg.get("rounds_per_epoch", 1), persist_optimizer=cfg.get("persist_optimizer", False))
     rounds = cfg["rounds"]
     t0 = time.perf_counter()
     out: dict = {"method": name, "seed": seed}
@@ -243,14 +155,14 @@ def run_method(name: str, *, data: dict, cfg: dict, seed: int, device: torch.dev
                 bar.set_postfix(epoch=epoch, knn=f"{history[-1]['knn']:.3f}")
 
         # central SimCLR always decays its learning rate (cosine over its epochs)
-        train_centralized(model, union, epochs=rounds * cfg["local_epochs"] // recipe.rounds_per_epoch,
-                          batch_size=cfg["batch_size"],
-                          lr=cfg["lr"], temperature=cfg["temperature"], augment=augment, device=device, seed=seed,
-                          on_epoch=on_epoch, progress=False)
+        central = RoundRecipe(epochs=rounds * cfg["local_epochs"] // recipe.rounds_per_epoch,
+                              batch_size=cfg["batch_size"], lr=cfg["lr"], temperature=cfg["temperature"])
+        train_centralized(model, union, central, augment=augment, device=device, seed=seed, on_epoch=on_epoch,
+                          progress=False)
         out["metrics"] = full_eval(model, data, augment=augment, device=device, seed=seed)
         out["rounds"] = history
     else:
-        method = kind if name in OWN_NUM_NEGATIVES else replace(kind, num_negatives=cfg["num_negatives"])
+        method = replace(kind, num_negatives=cfg["num_negatives"])
 
         def on_round(r: int, model, record: dict) -> None:
             record["knn"] = knn_only(model, data, device)
@@ -410,8 +322,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds-per-epoch", type=int, default=1,
                    help="k: each round trains on 1/k of a site's images (k rounds per epoch at the same compute); "
                         "--rounds x --local-epochs must be a multiple of k")
-    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
-                   help="the federated and local-only methods' learning rate over rounds (central: always cosine)")
     p.add_argument("--persist-optimizer", action="store_true",
                    help="each site's optimizer keeps its state (Adam moments) from round to round (under DP-SGD "
                         "built from noised gradients only)")
@@ -419,8 +329,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sites", type=int, default=5)
     p.add_argument("--seeds", default="0,1,2", help="comma-separated")
     p.add_argument("--splits", default="pathological,dirichlet0.1", help=f"comma-separated of {list(SPLITS)}")
-    p.add_argument("--methods", default=",".join(MAIN_METHODS), help=f"comma-separated of {list(METHODS)}; "
-                   "'staleness' adds the staleness switches")
+    p.add_argument("--methods", default=",".join(MAIN_METHODS), help=f"comma-separated of {list(METHODS)}")
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -457,8 +366,7 @@ def run_config(args: argparse.Namespace) -> dict:
            "knn": {"k": 200, "t": 0.1}, "fewlabel_per_class": 10,
            "dp": {"epsilon": 8.0, "delta": 1e-5, "max_grad_norm": 1.0},
            "release": {k: v for k, v in asdict(Recipe()).items() if k not in LATER_RECIPE_FIELDS}}
-    for name, value in (("rounds_per_epoch", args.rounds_per_epoch), ("lr_schedule", args.lr_schedule),
-                        ("persist_optimizer", args.persist_optimizer)):
+    for name, value in (("rounds_per_epoch", args.rounds_per_epoch), ("persist_optimizer", args.persist_optimizer)):
         if value != getattr(Recipe(), name):  # keys of runs cached before these fields existed stay valid
             cfg[name] = value
     return cfg
@@ -473,8 +381,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     methods = [m for m in args.methods.split(",") if m]
-    if "staleness" in methods:
-        methods = [m for m in methods if m != "staleness"] + [m for m in STALENESS_METHODS if m not in methods]
     splits = [s for s in args.splits.split(",") if s]
     seeds = [int(s) for s in args.seeds.split(",") if s]
     unknown = [m for m in methods if m not in METHODS] + [s for s in splits if s not in SPLITS]

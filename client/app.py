@@ -393,7 +393,7 @@ def _secret_or(public: torch.Generator, site: SiteSettings, privacy: RoundPrivac
 def train_handler(msg: Message, context: Context, simulated: SimulatedSites | None = None) -> Message:
     from fedcl.config import AugmentSettings
     from fedcl.runtime import configure_threads, make_augment
-    from fedcl.train import local_round, resolve_device
+    from fedcl.train import INSECURE_REPRODUCIBLE, RoundRecipe, local_round, resolve_device
     from client.site_data import load_site_groups
 
     t_start = time.perf_counter()
@@ -429,17 +429,18 @@ def train_handler(msg: Message, context: Context, simulated: SimulatedSites | No
         if queue is not None and rc.use_queue_negatives:
             negatives = queue.sample(rc.num_negatives, max_age=rc.max_staleness)  # (n, d), n <= K
         t_sample = time.perf_counter() - t0
+        push_after = queue is not None and not rc.fresh_push and privacy.settings.release != "public"
+        recipe = RoundRecipe(
+            epochs=rc.epochs, batch_size=rc.batch_size, lr=rc.lr, temperature=rc.temperature,
+            key_encoder=rc.key_encoder, in_batch_negatives=rc.in_batch_negatives,
+            num_push=rc.num_push if push_after else 0, optimizer=rc.optimizer, momentum=rc.momentum,
+            weight_decay=rc.weight_decay)
         result = local_round(
-            model, images, negatives=negatives, epochs=rc.epochs, batch_size=rc.batch_size, lr=rc.lr,
-            temperature=rc.temperature, in_batch_negatives=rc.in_batch_negatives, key_encoder=rc.key_encoder,
-            augment=make_augment(AugmentSettings.model_validate(rc.augment)),
-            num_push=rc.num_push if queue is not None and not rc.fresh_push and privacy.settings.release != "public"
-            else 0,
-            device=resolve_device("auto"), seed=_round_seed(rc.seed, site.site_id, rc.round), optimizer=rc.optimizer,
-            momentum=rc.momentum, weight_decay=rc.weight_decay, dp=privacy.dp, groups=privacy.groups,
-            optimizer_state=optimizer_state, hard_negatives=rc.hard_negatives,
-            dp_steps=privacy.steps_planned if privacy.dp is not None else None,
-            dp_generator=secret, insecure_reproducible_dp=site.insecure_reproducible_dp and private,
+            model, images, negatives, recipe, augment=make_augment(AugmentSettings.model_validate(rc.augment)),
+            dp=privacy.dp, dp_steps=privacy.steps_planned if privacy.dp is not None else None, groups=privacy.groups,
+            optimizer_state=optimizer_state, seed=_round_seed(rc.seed, site.site_id, rc.round),
+            dp_generator=INSECURE_REPRODUCIBLE if site.insecure_reproducible_dp and private else secret,
+            device=resolve_device("auto"),
         )
         if rc.persist_optimizer and result.optimizer_state is not None:
             save_optimizer_state(context, result.optimizer_state, optimizer=rc.optimizer)

@@ -82,8 +82,6 @@ class RoundConfig:
     rounds_per_epoch: int = 1
     # the site's optimizer resumes its previous round's state (client.app, Context.state)
     persist_optimizer: bool = False
-    # synthetic hard negatives per query from the queue (fedcl.train.local_round hard_negatives)
-    hard_negatives: int = 0
 
     _JSON_FIELDS = ("model", "augment", "privacy", "partition")
 
@@ -147,7 +145,7 @@ class RoundConfig:
 
     def _check_types(self) -> None:
         ints = ("round", "num_rounds", "epochs", "batch_size", "num_push", "seed", "num_negatives", "max_staleness",
-                "warmup_rounds", "hard_negatives")
+                "warmup_rounds")
         for name in ints:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:

@@ -43,7 +43,7 @@ def train(
     from fedcl.evaluate import evaluate_encoder
     from fedcl.models import save_encoder
     from fedcl.runtime import JsonlLog, configure_threads, first_n, load_split, make_augment, make_model
-    from fedcl.train import resolve_device, train_centralized
+    from fedcl.train import RoundRecipe, resolve_device, train_centralized
 
     configure_threads(cfg.train.threads)
     try:
@@ -62,10 +62,11 @@ def train(
     typer.echo(f"training {cfg.model.arch} on {train_set.images.shape[0]} {cfg.data.name} images for "
                f"{cfg.train.epochs} epochs on {device}")
     start = time.time()
+    t = cfg.train
+    recipe = RoundRecipe(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, temperature=t.temperature,
+                         optimizer=t.optimizer, momentum=t.momentum, weight_decay=t.weight_decay)
     train_centralized(
-        model, train_set.images, epochs=cfg.train.epochs, batch_size=cfg.train.batch_size, lr=cfg.train.lr,
-        temperature=cfg.train.temperature, augment=augment, device=device, seed=cfg.train.seed,
-        optimizer=cfg.train.optimizer, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay,
+        model, train_set.images, recipe, augment=augment, device=device, seed=t.seed,
         on_epoch=lambda e, loss: log.write({"epoch": e, "loss": loss, "seconds": time.time() - start}),
     )
     save_encoder(out / "encoder.pt", model=model, meta={"trained": "centralized", "epochs": cfg.train.epochs,

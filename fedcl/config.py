@@ -80,9 +80,6 @@ class TrainSettings(_Section):
     in_batch_negatives: bool = True
     key_encoder: Literal["global", "online"] = "global"
     num_push: int = Field(512, ge=0)
-    # synthetic hard negatives per query mixed from its hardest queue negatives (MoCHi, Kalantidis
-    # et al. 2020; fedcl.losses.mix_hard_negatives); 0: off. Per-example safe, so allowed with DP-SGD.
-    hard_negatives: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1)  # torch intra-op threads; None: all cores
     seed: int = 0

@@ -61,17 +61,9 @@ def _resnet18_small(*, in_channels: int, width: int) -> tuple[nn.Module, int]:
 
 
 class ContrastiveModel(nn.Module):
-    """Backbone + 2-layer MLP projection head (SimCLR, Chen et al. 2020).
+    """Backbone + 2-layer MLP projection head (SimCLR, Chen et al. 2020)."""
 
-    pred_hidden > 0 adds a 2-layer MLP predictor on the query side (BYOL, Grill et al. 2020;
-    MoCo v3, Chen et al. 2021): ``forward(x, predict=True)`` maps the projection through it, so
-    that queries from the trained model are compared with keys (and queue entries) that the frozen
-    round model's projection head made. Built last, so the backbone and head draw the same initial
-    weights with or without it.
-    """
-
-    def __init__(self, *, arch: str, in_channels: int, width: int, proj_dim: int, proj_hidden: int,
-                 pred_hidden: int = 0) -> None:
+    def __init__(self, *, arch: str, in_channels: int, width: int, proj_dim: int, proj_hidden: int) -> None:
         super().__init__()
         if arch == "cnn":
             self.backbone: nn.Module = SmallCNN(in_channels=in_channels, width=width)
@@ -83,41 +75,24 @@ class ContrastiveModel(nn.Module):
         self.head = nn.Sequential(
             nn.Linear(feat_dim, proj_hidden), nn.ReLU(), nn.Linear(proj_hidden, proj_dim)
         )
-        if pred_hidden < 0:
-            raise ValueError(f"pred_hidden must be >= 0 (0: no predictor), got {pred_hidden}")
-        self.predictor: nn.Module | None = None
-        if pred_hidden:
-            self.predictor = nn.Sequential(
-                nn.Linear(proj_dim, pred_hidden), nn.ReLU(), nn.Linear(pred_hidden, proj_dim)
-            )
         self.feat_dim = feat_dim
         self.spec: dict[str, Any] = {
             "arch": arch, "in_channels": in_channels, "width": width,
             "proj_dim": proj_dim, "proj_hidden": proj_hidden,
         }
-        if pred_hidden:  # only when set: checkpoints without a predictor keep their spec
-            self.spec["pred_hidden"] = pred_hidden
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)  # (B, feat_dim)
 
-    def forward(self, x: torch.Tensor, predict: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.head(self.backbone(x))  # (B, proj_dim)
-        if predict:
-            if self.predictor is None:
-                raise ValueError("predict=True needs a model built with pred_hidden > 0")
-            z = self.predictor(z)
         return F.normalize(z, dim=1)  # (B, proj_dim), unit norm
 
 
 def build_model(
     *, arch: str = "cnn", in_channels: int, width: int = 32, proj_dim: int = 128, proj_hidden: int = 256,
-    pred_hidden: int = 0,
 ) -> ContrastiveModel:
-    return ContrastiveModel(
-        arch=arch, in_channels=in_channels, width=width, proj_dim=proj_dim, proj_hidden=proj_hidden,
-        pred_hidden=pred_hidden,
-    )
+    return ContrastiveModel(arch=arch, in_channels=in_channels, width=width, proj_dim=proj_dim, proj_hidden=proj_hidden)
 
 
 def _strip(name: str) -> str:

@@ -170,7 +170,6 @@ def round_config(cfg, *, rnd: int, model_spec: dict[str, Any], queue: QueueLink 
         fresh_push=q.fresh_push and cfg.privacy.release in ("raw", "gaussian", "prototypes"),
         rounds_per_epoch=t.rounds_per_epoch,
         persist_optimizer=t.persist_optimizer,
-        hard_negatives=t.hard_negatives,
     )
 
 

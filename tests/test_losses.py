@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedcl.losses import info_nce, info_nce_logits, mix_hard_negatives, nt_xent
+from fedcl.losses import info_nce, info_nce_logits, nt_xent
 
 
 def _unit(*shape, seed=0):
@@ -100,59 +100,3 @@ def test_nt_xent_matches_manual_and_is_symmetric():
 def test_dimension_mismatch_is_reported():
     with pytest.raises(ValueError, match="dim"):
         info_nce(_unit(2, 8), _unit(2, 8), _unit(3, 4), temperature=0.1)
-
-
-def test_row_negatives_join_only_their_own_rows_denominator():
-    b, s_, k, t = 4, 3, 5, 0.2
-    q, key, negs = _unit(b, 8, seed=20), _unit(b, 8, seed=21), _unit(k, 8, seed=22)
-    rows = _unit(b, s_, 8, seed=23)
-    logits = info_nce_logits(q, key, negs, temperature=t, in_batch=True, row_negatives=rows)
-    assert logits.shape == (b, 1 + k + b - 1 + s_)
-    per = info_nce(q, key, negs, temperature=t, row_negatives=rows, reduction="none")
-    for i in range(b):  # manual: row i's own S negatives in its denominator, nobody else's
-        pos = math.exp(float(q[i] @ key[i]) / t)
-        denom = pos + sum(math.exp(float(q[i] @ n) / t) for n in negs)
-        denom += sum(math.exp(float(q[i] @ n) / t) for n in rows[i])
-        assert per[i].item() == pytest.approx(-math.log(pos / denom), rel=1e-5)
-    with pytest.raises(ValueError, match="row_negatives"):
-        info_nce(q, key, negs, temperature=t, row_negatives=rows[:2])
-
-
-def test_mix_hard_negatives_shape_norm_and_detached():
-    q = _unit(6, 16, seed=30).requires_grad_(True)
-    negs = _unit(40, 16, seed=31)
-    mix = mix_hard_negatives(q, negs, num_mix=7, pool=10, generator=torch.Generator().manual_seed(0))
-    assert mix.shape == (6, 7, 16) and not mix.requires_grad
-    torch.testing.assert_close(mix.norm(dim=2), torch.ones(6, 7))
-    assert mix_hard_negatives(q, negs[:0], num_mix=7).shape == (6, 0, 16)
-    assert mix_hard_negatives(q, negs, num_mix=0).shape == (6, 0, 16)
-    assert mix_hard_negatives(q[:0], negs, num_mix=4).shape == (0, 0, 16)
-
-
-def test_mixes_come_from_each_querys_hardest_negatives():
-    q, negs = _unit(5, 16, seed=40), _unit(30, 16, seed=41)
-    hardest = negs[(q @ negs.T).argmax(dim=1)]  # (B, d), computed independently
-    mix = mix_hard_negatives(q, negs, num_mix=6, pool=1, generator=torch.Generator().manual_seed(1))
-    # with a pool of one, a mix of two hard negatives is the hardest negative itself
-    torch.testing.assert_close(mix[:, :3], hardest.unsqueeze(1).expand(5, 3, 16))
-    # a query mix b q + (1 - b) n with b <= 1/2 stays at least as close to n as to q
-    to_neg = (mix[:, 3:] * hardest.unsqueeze(1)).sum(-1)
-    to_query = (mix[:, 3:] * q.unsqueeze(1)).sum(-1)
-    assert (to_neg >= to_query - 1e-6).all()
-    # every pair mix with a larger pool lies in the span of that row's pool (here: of its 4 hardest)
-    top = (q @ negs.T).topk(4, dim=1).indices
-    mix4 = mix_hard_negatives(q, negs, num_mix=4, pool=4, generator=torch.Generator().manual_seed(2))
-    for i in range(5):
-        basis = negs[top[i]]  # (4, d)
-        coef = torch.linalg.lstsq(basis.T, mix4[i, :2].T).solution
-        torch.testing.assert_close(basis.T @ coef, mix4[i, :2].T, atol=1e-5, rtol=1e-4)
-
-
-def test_a_rows_mixes_do_not_depend_on_the_other_queries():
-    q, negs = _unit(4, 16, seed=50), _unit(30, 16, seed=51)
-    other = q.clone()
-    other[1:] = _unit(3, 16, seed=52)
-    a = mix_hard_negatives(q, negs, num_mix=6, generator=torch.Generator().manual_seed(3))
-    b = mix_hard_negatives(other, negs, num_mix=6, generator=torch.Generator().manual_seed(3))
-    torch.testing.assert_close(a[0], b[0])
-    assert not torch.allclose(a[1:], b[1:])

@@ -66,28 +66,3 @@ def test_encoder_checkpoint_records_architecture(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a readable fedcl checkpoint"):
         load_encoder(tmp_path / "bad.pt")
-
-
-def test_predictor_is_built_last_and_maps_only_queries(tmp_path):
-    torch.manual_seed(0)
-    plain = build_model(in_channels=1, width=8, proj_dim=16, proj_hidden=32)
-    torch.manual_seed(0)
-    with_pred = build_model(in_channels=1, width=8, proj_dim=16, proj_hidden=32, pred_hidden=24)
-    plain_sd, pred_sd = canonical_state_dict(plain), canonical_state_dict(with_pred)
-    assert {k for k in pred_sd if k.startswith("predictor.")} == {
-        "predictor.0.weight", "predictor.0.bias", "predictor.2.weight", "predictor.2.bias"}
-    for k, v in plain_sd.items():  # same backbone and head draws with or without a predictor
-        assert torch.equal(pred_sd[k], v)
-    x = torch.rand(3, 1, 28, 28)
-    torch.testing.assert_close(with_pred(x), plain(x))  # forward: the projection, as before
-    z = with_pred(x, predict=True)
-    torch.testing.assert_close(z.norm(dim=1), torch.ones(3))
-    assert not torch.allclose(z, with_pred(x))
-    with pytest.raises(ValueError, match="pred_hidden"):
-        plain(x, predict=True)
-    assert "pred_hidden" not in plain.spec and with_pred.spec["pred_hidden"] == 24
-    save_encoder(tmp_path / "p.pt", model=with_pred)
-    back, _ = load_encoder(tmp_path / "p.pt")
-    torch.testing.assert_close(back(x, predict=True), z)
-    with pytest.raises(ValueError, match="pred_hidden"):
-        build_model(in_channels=1, width=8, pred_hidden=-1)

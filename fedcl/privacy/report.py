@@ -54,20 +54,34 @@ def describe_privacy(
     at = f" at δ = {delta:g}" if delta is not None else ""
     channels = s.get("channels", {})
     unit = s.get("privacy_unit", "example")
+    insecure = bool(s.get("insecure_randomness"))
+    lines = _header_lines(s, delta=delta, unit=unit, insecure=insecure)
+    lines.append("Channels (what leaves the site -> who receives it: what protects it):")
+    mu = channels.get("model_updates", {})
+    em = channels.get("embeddings", {})
+    lines.append(_model_updates_line(mu, dp_enabled=dp_enabled, insecure=insecure, at=at))
+    lines.append(_embeddings_line(em, release_mode=release_mode, at=at))
+    lines += _other_channel_lines(private=dp_enabled or release_mode in ("gaussian", "prototypes"))
+    all_dp = (dp_enabled and not insecure and release_mode in ("gaussian", "prototypes", "public", "none")
+              and mu.get("dp_protected") is not False and em.get("dp_protected") is not False)
+    lines += _total_lines(s, all_dp=all_dp, at=at, unit=unit)
+    return "\n".join(lines)
+
+
+def _header_lines(s: dict[str, Any], *, delta, unit: str, insecure: bool) -> list[str]:
     lines = [f"Privacy report for site {s['site_id']!r}" if "site_id" in s else "Privacy report", THREAT_MODEL]
     if s:
         lines.append(f"Accountant {s.get('accountant', '?').upper()}, privacy unit: {_UNIT_WORDS.get(unit, unit)}.")
         delta_line = _delta_line(delta, s.get("num_records"), unit)
         if delta_line:
             lines.append(delta_line)
-    insecure = bool(s.get("insecure_randomness"))
     if insecure:
         lines.append("Randomness: NOT secret: this site ran with insecure_reproducible_dp, so its Poisson batches "
                      "and noise came from seeds the coordinator knows; no ε below holds against it.")
-    lines.append("Channels (what leaves the site -> who receives it: what protects it):")
+    return lines
 
-    # channel 1: model updates
-    mu = channels.get("model_updates", {})
+
+def _model_updates_line(mu: dict[str, Any], *, dp_enabled: bool, insecure: bool, at: str) -> str:
     recipients = ("the coordinator (this site's own update, in the clear to it), the other sites (inside the "
                   "aggregate model), the network (TLS)")
     if dp_enabled and mu.get("dp_protected") is False:
@@ -82,10 +96,10 @@ def describe_privacy(
     else:
         text = ("NOT protected: trained without DP-SGD; the weights can memorise and leak training images "
                 "(membership, reconstruction), and they reach every other site through the aggregate model")
-    lines.append(f"- Model updates -> {recipients}: {text}.")
+    return f"- Model updates -> {recipients}: {text}."
 
-    # channel 2: shared embeddings
-    em = channels.get("embeddings", {})
+
+def _embeddings_line(em: dict[str, Any], *, release_mode: str, at: str) -> str:
     if release_mode == "raw" or em.get("dp_protected") is False:
         text = ("-> the queue service (run by the coordinator) and every other site (as negatives), the network "
                 "(TLS): NOT differentially private: per-image embeddings of private images, for a trusted "
@@ -103,9 +117,11 @@ def describe_privacy(
         text = (f"-> the queue service (coordinator) and every other site: each embedding with Gaussian noise "
                 f"(subsampled, zero-out adjacency, secret sampling and noise), ε = {_eps(em.get('epsilon', 0.0))}"
                 f"{at} on their own; at useful ε these rows are close to random directions")
-    lines.append(f"- Shared embeddings ({release_mode}) {text}.")
+    return f"- Shared embeddings ({release_mode}) {text}."
 
-    private = dp_enabled or release_mode in ("gaussian", "prototypes")
+
+def _other_channel_lines(*, private: bool) -> list[str]:
+    lines = []
     if private:
         lines.append("- Reply metrics -> the coordinator: under DP no loss, alignment or uniformity is sent; what "
                      "is sent (steps, negatives used, records pushed, noise multiplier, ε) follows from the "
@@ -119,10 +135,11 @@ def describe_privacy(
                  "phase, when the site answers).")
     lines.append("- This ledger summary -> the coordinator: ε, steps, δ and N, which follow from the "
                  "configuration and N only.")
+    return lines
 
-    # total
-    all_dp = (dp_enabled and not insecure and release_mode in ("gaussian", "prototypes", "public", "none")
-              and mu.get("dp_protected") is not False and em.get("dp_protected") is not False)
+
+def _total_lines(s: dict[str, Any], *, all_dp: bool, at: str, unit: str) -> list[str]:
+    lines = []
     what = "the content of each " + ("patient's images" if unit == "group" else "image")
     if s:
         budget = s.get("epsilon_budget")
@@ -141,4 +158,4 @@ def describe_privacy(
     else:
         lines.append("Protected: raw images never leave the site; TLS protects traffic from the network. No ε "
                      "bounds what the channels marked NOT protected reveal.")
-    return "\n".join(lines)
+    return lines

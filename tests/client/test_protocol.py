@@ -31,11 +31,10 @@ def test_round_config_survives_a_config_record():
     assert RoundConfig.from_config_record(_round(threads=2).to_config_record()).threads == 2
     assert RoundConfig.from_config_record(_round(rounds_per_epoch=4).to_config_record()).rounds_per_epoch == 4
     assert RoundConfig.from_config_record(_round(persist_optimizer=True).to_config_record()).persist_optimizer
-    assert RoundConfig.from_config_record(_round(hard_negatives=32).to_config_record()).hard_negatives == 32
     older = dict(rc.to_config_record())
-    del older["rounds_per_epoch"], older["persist_optimizer"], older["hard_negatives"]  # an older server
+    del older["rounds_per_epoch"], older["persist_optimizer"]  # an older server
     back = RoundConfig.from_config_record(ConfigRecord(older))
-    assert back.rounds_per_epoch == 1 and back.persist_optimizer is False and back.hard_negatives == 0
+    assert back.rounds_per_epoch == 1 and back.persist_optimizer is False
 
 
 @pytest.mark.parametrize(("rnd", "warmup", "enabled", "k", "expected"), [
@@ -70,8 +69,6 @@ def test_without_in_batch_negatives_there_is_no_warm_up():
     ("rounds_per_epoch", 0, "rounds_per_epoch"),
     ("rounds_per_epoch", 1.5, "rounds_per_epoch"),
     ("persist_optimizer", "yes", "persist_optimizer"),
-    ("hard_negatives", -1, "hard_negatives"),
-    ("hard_negatives", 2.5, "hard_negatives"),
 ])
 def test_bad_round_settings_are_refused_with_the_key_named(key, value, message):
     raw = dict(_round().to_config_record())

@@ -146,9 +146,9 @@ def test_shorter_rounds_train_disjoint_shares_that_cover_the_site_each_epoch(tmp
     trained, examples = [], []
     real = fedcl.train.local_round
 
-    def spy(model, images, **kw):
+    def spy(model, images, *args, **kw):
         trained.append(sorted(images[:, 0, 0, 0].tolist()))  # image i is filled with the value i
-        return real(model, images, **kw)
+        return real(model, images, *args, **kw)
 
     monkeypatch.setattr(fedcl.train, "local_round", spy)
     for rnd in range(1, 7):
@@ -161,8 +161,8 @@ def test_shorter_rounds_train_disjoint_shares_that_cover_the_site_each_epoch(tmp
         assert sorted(i for share in epoch for i in share) == list(range(N))  # each image once per epoch
     assert trained[:3] != trained[3:]  # a new permutation each epoch
     again = []
-    monkeypatch.setattr(fedcl.train, "local_round", lambda model, images, **kw: again.append(
-        sorted(images[:, 0, 0, 0].tolist())) or real(model, images, **kw))
+    monkeypatch.setattr(fedcl.train, "local_round", lambda model, images, *args, **kw: again.append(
+        sorted(images[:, 0, 0, 0].tolist())) or real(model, images, *args, **kw))
     rc = _rc(round=2, num_rounds=6, rounds_per_epoch=3, in_batch_negatives=True)
     train_handler(_train_message(rc), Context(run_id=1, node_id=1, node_config=node, state=RecordDict(),
                                               run_config={}), None)
@@ -197,9 +197,9 @@ def test_a_dp_round_with_shorter_rounds_samples_the_whole_site_for_fewer_steps(t
     seen = []
     real = fedcl.train.local_round
 
-    def spy(model, images, **kw):
+    def spy(model, images, *args, **kw):
         seen.append((int(images.shape[0]), kw["dp_steps"], kw["optimizer_state"] is not None))
-        return real(model, images, **kw)
+        return real(model, images, *args, **kw)
 
     monkeypatch.setattr(fedcl.train, "local_round", spy)
     context = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
@@ -226,9 +226,9 @@ def test_persist_optimizer_keeps_the_sites_adam_state_in_its_flower_context(tmp_
     given = []
     real = fedcl.train.local_round
 
-    def spy(model, images, **kw):
+    def spy(model, images, *args, **kw):
         given.append(kw["optimizer_state"])
-        return real(model, images, **kw)
+        return real(model, images, *args, **kw)
 
     monkeypatch.setattr(fedcl.train, "local_round", spy)
     resumed = []
@@ -247,19 +247,25 @@ def test_persist_optimizer_keeps_the_sites_adam_state_in_its_flower_context(tmp_
     assert second["param_groups"][0]["params"] == list(range(len(second["state"])))
 
 
-def test_train_hard_negatives_reaches_the_sites_local_round(tmp_path, task_identity, monkeypatch):
+def test_the_round_configs_training_settings_reach_local_round_as_one_recipe(tmp_path, task_identity, monkeypatch):
+    """Every training field of the round config arrives in local_round's RoundRecipe; num_push is 0
+    when nothing is pushed after training (no queue here)."""
     import fedcl.train
 
     path, _ = _npz(tmp_path / "site.npz", patients=False)
     node = {"site-id": "h", "data-path": str(path), "state-dir": str(tmp_path / "state")}
     given = []
     real = fedcl.train.local_round
-    monkeypatch.setattr(fedcl.train, "local_round",
-                        lambda model, images, **kw: given.append(kw["hard_negatives"]) or real(model, images, **kw))
-    for hard in (16, 0):
-        rc = _rc(round=1, in_batch_negatives=True, hard_negatives=hard)
-        train_handler(_train_message(rc), Context(run_id=1, node_id=1, node_config=node, state=RecordDict(),
-                                                  run_config={}), None)
-    assert given == [16, 0]
 
+    def spy(model, images, negatives, recipe, **kw):
+        given.append(recipe)
+        return real(model, images, negatives, recipe, **kw)
 
+    monkeypatch.setattr(fedcl.train, "local_round", spy)
+    rc = _rc(round=1, in_batch_negatives=True, key_encoder="online", epochs=2, batch_size=20, lr=5e-4,
+             temperature=0.3, optimizer="sgd", momentum=0.8, weight_decay=1e-5, num_push=7)
+    train_handler(_train_message(rc), Context(run_id=1, node_id=1, node_config=node, state=RecordDict(),
+                                              run_config={}), None)
+    assert given == [fedcl.train.RoundRecipe(epochs=2, batch_size=20, lr=5e-4, temperature=0.3, key_encoder="online",
+                                             in_batch_negatives=True, num_push=0, optimizer="sgd", momentum=0.8,
+                                             weight_decay=1e-5)]

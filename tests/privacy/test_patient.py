@@ -13,7 +13,7 @@ from fedcl.losses import info_nce
 from fedcl.models import build_model
 from fedcl.privacy.dp import DPParams, DPTrainer, dp_training_batches, make_dp_training
 from fedcl.privacy.ledger import PrivacyLedger
-from fedcl.train import local_round
+from fedcl.train import RoundRecipe, local_round
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
@@ -118,11 +118,11 @@ def test_local_round_samples_and_clips_per_patient(monkeypatch):
                         real_sum(module, groups=groups))
     params = DPParams(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5, unit="patient")
     torch.manual_seed(0)
+    recipe = RoundRecipe(epochs=2, batch_size=4, lr=1e-3, temperature=0.2, in_batch_negatives=False,
+                         key_encoder="global", num_push=0)
     res = local_round(build_model(in_channels=1, width=4, proj_dim=8, proj_hidden=16), images,
-                      negatives=F.normalize(torch.randn(16, 8), dim=1), epochs=2, batch_size=4, lr=1e-3,
-                      temperature=0.2, in_batch_negatives=False, key_encoder="global",
-                      augment=TwoViewAugment(crop_scale=(0.5, 1.0)), num_push=0, dp=params,
-                      groups=GROUPS)
+                      F.normalize(torch.randn(16, 8), dim=1), recipe, augment=TwoViewAugment(crop_scale=(0.5, 1.0)),
+                      dp=params, groups=GROUPS)
     assert torch.equal(seen["groups"], GROUPS)
     assert len(seen["batches"]) == res.metrics["dp_steps"] == 4  # epochs / q
     for idx in seen["batches"]:
@@ -165,12 +165,13 @@ def test_patient_unit_without_patient_ids_is_a_clear_error():
     with pytest.raises(ValueError, match="no patient id"):
         DPTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), params=params, num_examples=14)
     images = torch.zeros(14, 1, 28, 28, dtype=torch.uint8)
-    kwargs = dict(negatives=None, epochs=1, batch_size=4, lr=1e-3, temperature=0.2, in_batch_negatives=False,
-                  key_encoder="global", augment=TwoViewAugment(), num_push=0)
+    recipe = RoundRecipe(epochs=1, batch_size=4, lr=1e-3, temperature=0.2, in_batch_negatives=False,
+                         key_encoder="global", num_push=0)
+    kwargs = dict(augment=TwoViewAugment())
     with pytest.raises(ValueError, match="no patient id.*train_patients"):
-        local_round(build_model(in_channels=1, width=4), images, dp=params, **kwargs)
+        local_round(build_model(in_channels=1, width=4), images, None, recipe, dp=params, **kwargs)
     with pytest.raises(ValueError, match="shape \\(14,\\)"):
-        local_round(build_model(in_channels=1, width=4), images, dp=params, groups=GROUPS[:5], **kwargs)
+        local_round(build_model(in_channels=1, width=4), images, None, recipe, dp=params, groups=GROUPS[:5], **kwargs)
     example = DPParams(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5)
     with pytest.raises(ValueError, match="unit is 'example'"):
-        local_round(build_model(in_channels=1, width=4), images, dp=example, groups=GROUPS, **kwargs)
+        local_round(build_model(in_channels=1, width=4), images, None, recipe, dp=example, groups=GROUPS, **kwargs)

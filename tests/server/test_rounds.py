@@ -317,7 +317,7 @@ def test_shorter_rounds_and_kept_optimizers_reach_the_sites_through_the_federati
     cfg, link, simulated, sites, _ = federation
     grid = InProcessGrid(sites, simulated)
     half = run_federation(grid, config=_with(_with_rounds(cfg, 2), "train", rounds_per_epoch=2,
-                                             persist_optimizer=True, hard_negatives=8),
+                                             persist_optimizer=True),
                           out_dir=tmp_path / "b", queue=link)
     assert all(OPTIMIZER_KEY in grid.contexts[node].state for node in sites)
     assert "2 rounds are 1 local epochs per site" in caplog.text  # the user is told what k does to the budget
@@ -330,8 +330,6 @@ def test_shorter_rounds_and_kept_optimizers_reach_the_sites_through_the_federati
         assert [m["num-examples"] for m in record["sites"].values()] == [n // 2 for n in full]
     assert {m.content.config_records["config"]["rounds_per_epoch"] for m in grid.sent
             if m.metadata.message_type == "train"} == {2}
-    assert {m.content.config_records["config"]["hard_negatives"] for m in grid.sent
-            if m.metadata.message_type == "train"} == {8}
 
 
 def test_a_dp_federation_reports_no_loss_or_alignment_and_its_table_and_plots_cope(tmp_path, federation):
