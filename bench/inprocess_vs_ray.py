@@ -1,13 +1,15 @@
 """Wall time of one small federation under both engines of `fedcl simulate`: in-process vs Ray.
 
     python bench/inprocess_vs_ray.py [--sites 3] [--rounds 3] [--images-per-site 300] [--repeats 1]
+                                     [--threads N]
 
 Both engines run the same shipped code (``server.simulate.run_simulation_main``: the ServerApp
 loop, the ClientApp handlers, the queue gRPC service on loopback), on the same configuration and
 seed: Fashion-MNIST, pathological split (2 classes per site), a CNN of width 8, queue on, kNN on
 500 + 500 images after every round. Each run is a fresh Python process, so both pay the same
-imports. Threads: each engine's own default (``train.threads`` unset): Ray runs min(sites, cores)
-actors with cores / actors torch threads each; in-process runs one site at a time with all cores.
+imports. Threads (``--threads`` sets ``train.threads``; unset): both give each site
+cores / min(sites, cores) torch threads (``server.simulate.site_threads``); Ray runs
+min(sites, cores) sites at once, in-process one.
 
 Measured per engine (median over ``--repeats``, runs alternating between the engines):
 
@@ -17,8 +19,8 @@ Measured per engine (median over ``--repeats``, runs alternating between the eng
 * rounds: the sum of the rounds' ``seconds`` in metrics.jsonl (the ServerApp's clock, from the
   queue's Advance to the checkpoint), and round 1 apart (Ray starts its actors then).
 
-Also the final kNN accuracy and the largest per-round loss difference between the engines
-(threads differ between them, so the floats may differ slightly). Writes
+Also the final kNN accuracy and the largest per-round loss difference between the engines (the
+queue service draws negatives in a random order, so the floats may differ slightly). Writes
 ``bench/results/inprocess_vs_ray.txt``.
 """
 
@@ -46,7 +48,7 @@ def overrides(args) -> list[str]:
         f"data.max_images_per_site={args.images_per_site}", "data.eval_max_images=500",
         "data.train_max_images=500", "model.width=8", "train.batch_size=64", "train.num_push=64",
         "queue.num_negatives=256", f"federation.num_rounds={args.rounds}",
-    ]
+    ] + ([f"train.threads={args.threads}"] if args.threads else [])
 
 
 def child(engine: str, out: Path, items: list[str]) -> None:
@@ -86,6 +88,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--images-per-site", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--threads", type=int, help="train.threads (default: each engine's per-site default)")
     parser.add_argument("--child", choices=ENGINES, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("items", nargs="*", help=argparse.SUPPRESS)
@@ -110,7 +113,8 @@ def main() -> None:
     load = os.getloadavg()[0]
     lines = [
         f"in-process vs Ray: one federation, {args.sites} sites x {args.rounds} rounds, Fashion-MNIST "
-        f"pathological, {args.images_per_site} images per site, CNN width 8, queue on",
+        f"pathological, {args.images_per_site} images per site, CNN width 8, queue on, train.threads "
+        f"{args.threads or 'unset'}",
         f"{cores} cores, load average {load:.1f} at the end; median of {args.repeats} run(s) per engine, "
         "each a fresh process",
         "",

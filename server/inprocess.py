@@ -8,16 +8,16 @@ reply Flower writes when a ClientApp raises. Nodes are configured as Flower's si
 configures them (``partition-id``, ``num-partitions``), so ``client.app.SimulatedSites`` turns
 node i into site i with the same partition, token and state folder as under Ray.
 
-What differs from Ray, on purpose: sites run one after another (so each may use all the cores),
-node and run ids are small fixed numbers instead of random ones, and a reply that comes back after
-``timeout`` is held back (pullable later) rather than the handler being interrupted.
+What differs from Ray, on purpose: sites run one after another (each with the torch threads it
+would have under Ray, ``server.simulate.site_threads``), node and run ids are small fixed numbers
+instead of random ones, and a reply that comes back after ``timeout`` is held back (pullable
+later) rather than the handler being interrupted.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import os
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -67,9 +67,9 @@ class InProcessGrid(Grid):
         self.client_app = client_app
         self._run = Run.create_empty(run_id=run_id)
         self.contexts: dict[int, Context] = {
-            FIRST_NODE_ID + i: Context(run_id=run_id, node_id=FIRST_NODE_ID + i, node_config=dict(node_config),
+            FIRST_NODE_ID + i: Context(run_id=run_id, node_id=FIRST_NODE_ID + i, node_config=dict(config),
                                        state=RecordDict(), run_config={})
-            for i, node_config in enumerate(node_configs)}
+            for i, config in enumerate(node_configs)}
         self._replies: dict[str, Message] = {}  # message id -> its reply, until pulled
         self.sent: list[Message] = []  # every message accepted, in order (for tests and counts)
 
@@ -100,7 +100,8 @@ class InProcessGrid(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [self._replies.pop(i) for i in message_ids if i in self._replies]
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
         """Deliver the messages one by one; replies that came back within ``timeout`` seconds of the
         call (all of them when it is None)."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -148,7 +149,8 @@ class InProcessGrid(Grid):
         return reply
 
 
-def run_apps(server_app: ServerApp, client_app: ClientApp, *, num_nodes: int, run_id: int = 1) -> InProcessGrid:
+def run_apps(server_app: ServerApp, client_app: ClientApp, *, num_nodes: int,
+             run_id: int = 1) -> InProcessGrid:
     """Run ``server_app`` against ``num_nodes`` nodes of ``client_app`` in this process (what
     ``flwr.simulation.run_simulation`` does with Ray); returns the grid, whose nodes' contexts hold
     their final state. An exception of the ServerApp propagates."""
@@ -165,17 +167,17 @@ def run_federation_inprocess(config, *, out_dir: Path, num_sites: int | None = N
     starts it. Returns the ``server.app.FederationResult`` (``history``: the per-round records)."""
     from client.app import make_client_app
     from server.app import make_server_app
-    from server.simulate import loopback_federation, with_num_sites
+    from server.simulate import loopback_federation, site_threads, with_num_sites
 
     cfg = with_num_sites(config, num_sites)
     out_dir = Path(out_dir).resolve()
     results: list = []
-    threads = cfg.train.threads or len(os.sched_getaffinity(0))  # one site at a time: all cores
-    with loopback_federation(cfg, out_dir=out_dir, threads=threads) as (link, simulated):
-        server_app = make_server_app(config=cfg, out_dir=out_dir, queue=link, observer=observer, results=results)
+    with loopback_federation(cfg, out_dir=out_dir, threads=site_threads(cfg)) as (link, simulated):
+        server_app = make_server_app(config=cfg, out_dir=out_dir, queue=link, observer=observer,
+                                     results=results)
         run_apps(server_app, make_client_app(simulated=simulated), num_nodes=cfg.data.num_sites)
     return results[0]
 
 
-__all__ = ["FIRST_NODE_ID", "InProcessGrid", "run_apps", "run_federation_inprocess", "simulation_node_configs",
-           "task_identity"]
+__all__ = ["FIRST_NODE_ID", "InProcessGrid", "run_apps", "run_federation_inprocess",
+           "simulation_node_configs", "task_identity"]

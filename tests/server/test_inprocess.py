@@ -113,8 +113,9 @@ def test_a_handler_that_raises_is_an_error_reply_and_the_round_goes_on(tmp_path)
     history = results[0].history
     for r in history:  # site-1 dropped out of each round; site-0 trained alone
         assert set(r["sites"]) == {"site-0"} and r["sites_failed"] == 1
-        assert r["errors"] == [f"node {FIRST_NODE_ID + 1}: <class 'flwr.clientapp.client_app.ClientAppException'>:"
-                               "<'\nException ClientAppException occurred. Message: site-1: its data folder is gone'>"]
+        assert r["errors"] == [f"node {FIRST_NODE_ID + 1}: "
+                               "<class 'flwr.clientapp.client_app.ClientAppException'>:<'\nException "
+                               "ClientAppException occurred. Message: site-1: its data folder is gone'>"]
     assert find_checkpoint(out / "checkpoints").round == 2
     # a handler that raised leaves its node's context as it was (Flower keeps only a reply's context)
     assert "touched" not in grid.contexts[FIRST_NODE_ID + 1].state
@@ -178,11 +179,13 @@ def _ray_run(out: Path, overrides: list[str]) -> list[dict]:
         argv += ["-s", item]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"})
-    assert proc.returncode == 0, "fedcl simulate --engine ray failed:\n" + proc.stdout[-3000:] + proc.stderr[-3000:]
+    tail = proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, f"fedcl simulate --engine ray failed:\n{tail}"
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 LOSS_RTOL = 1e-5
+KNN_ATOL = 0.011  # one of the 100 evaluation images
 
 
 @pytest.mark.e2e
@@ -207,7 +210,7 @@ def test_in_process_and_ray_give_the_same_metrics_at_the_same_seed(tmp_path):
                     "random_init_knn"):
             assert mine[key] == theirs[key], (mine["round"], key)
         assert mine["loss"] == pytest.approx(theirs["loss"], rel=LOSS_RTOL)
-        assert mine["knn"] == pytest.approx(theirs["knn"], abs=0.011), "kNN differs by more than one of 100 images"
+        assert mine["knn"] == pytest.approx(theirs["knn"], abs=KNN_ATOL), "kNN: over 1 of 100 images apart"
         assert set(mine["sites"]) == set(theirs["sites"])
         for site, m in mine["sites"].items():
             t = theirs["sites"][site]
