@@ -129,6 +129,20 @@ def test_a_handler_that_raises_is_an_error_reply_and_the_round_goes_on(tmp_path)
     assert reply.metadata.src_node_id == FIRST_NODE_ID + 1
 
 
+def test_a_budget_refusal_reaches_the_loop_through_flowers_error_reply(tmp_path):
+    """The shipped handler refuses on its privacy budget by raising; the grid turns that into the
+    error reply Flower would write, and the loop still recognises it and stops cleanly."""
+    cfg = load_config(None, TINY + ["federation.num_rounds=3", "privacy.dpsgd=true",
+                                    "train.in_batch_negatives=false", "privacy.release=gaussian",
+                                    "privacy.epsilon_budget=6.0"])
+    result = run_federation_inprocess(cfg, out_dir=tmp_path / "run")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    stopped = summary["stopped_for_privacy_budget_at_round"]
+    assert stopped == 2 and [r["round"] for r in result.history] == [1]  # round 2 would pass ε = 6
+    assert result.history[0]["sites_ok"] == 2
+    assert all(0 < m["epsilon"] <= 6.0 for m in result.history[0]["sites"].values())
+
+
 def _echo_app() -> ClientApp:
     app = ClientApp()
 
