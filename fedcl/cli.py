@@ -130,13 +130,17 @@ def simulate(
     config: Optional[Path] = _CONFIG,
     overrides: list[str] = _SET,
     out: Optional[Path] = typer.Option(None, help="output folder (default: server.out_dir)"),
+    engine: str = typer.Option("ray", help="ray: Flower's simulation engine, sites in parallel; inprocess: "
+                                           "the same apps in this process, one site after another"),
 ) -> None:
     """The federation on one machine: Flower's simulation engine + the queue service on loopback."""
+    if engine not in ("ray", "inprocess"):
+        _fail(f"--engine {engine}: choose ray or inprocess")
     cfg = _load(config, overrides)
     from server.simulate import run_simulation_main  # Flower lives in server/, imported only here
 
     try:
-        run_simulation_main(cfg, out_dir=out or cfg.server.out_dir)
+        run_simulation_main(cfg, out_dir=out or cfg.server.out_dir, engine=engine)
     except Exception as exc:  # user-facing errors are raised with clear messages by the driver
         from fedcl.data import DataError
 

@@ -3,7 +3,9 @@
 The queue service runs on loopback in this process (a gRPC server thread, with per-site tokens),
 Flower's simulation engine (Ray) runs N virtual sites, each on its own partition of the
 configured data set (default: Fashion-MNIST, 5 sites, 2 classes each), and the ServerApp runs
-the rounds in a thread here. Prints a progress bar, a round table and a one-line summary; writes
+the rounds in a thread here. ``engine="inprocess"`` (``fedcl simulate --engine inprocess``) runs
+the same ServerApp and ClientApp without Ray, one site after another in this process
+(``server.inprocess``). Prints a progress bar, a round table and a one-line summary; writes
 metrics.jsonl, plots, checkpoints and encoder.pt (loadable by ``fedcl eval``) under ``out_dir``.
 """
 
@@ -93,48 +95,42 @@ def _cpu_count() -> int:
     return max(1, len(os.sched_getaffinity(0)))
 
 
-def run_simulation_main(
-    config,
-    *,
-    out_dir: Path,
-    num_sites: int | None = None,
-    progress: bool = True,
-    verbose: bool = False,
-    stream: TextIO | None = None,
-) -> dict[str, Any]:
-    """Run (or resume) the federation of ``config`` with ``num_sites`` simulated sites.
+def site_threads(cfg) -> int:
+    """Torch threads per site: ``train.threads``, else the cores shared among the sites Ray runs at
+    once. The in-process engine uses the same count, one site at a time: the sites then compute as
+    under Ray, and a busy machine is not oversubscribed (on 2 shared cores at load 9 to 14, the 3
+    rounds of ``bench/inprocess_vs_ray.py`` took 215 s in-process with 2 threads per site, 24 s
+    with 1)."""
+    cores = _cpu_count()
+    return cfg.train.threads or max(1, cores // max(1, min(cfg.data.num_sites, cores)))
 
-    Returns the summary (also written to ``out_dir/summary.json``): rounds, final and random-init
-    kNN accuracy, the encoder path, seconds, the round history.
+
+def with_num_sites(config, num_sites: int | None):
+    """``config`` with ``data.num_sites`` replaced (None: as configured)."""
+    if num_sites is None:
+        return config
+    return config.model_copy(update={"data": config.data.model_copy(update={"num_sites": int(num_sites)})})
+
+
+@contextmanager
+def loopback_federation(cfg, *, out_dir: Path, threads: int | None):
+    """What both engines of ``fedcl simulate`` share: the queue service on loopback (per-site tokens;
+    restored from its snapshot when the run resumes) and the simulated sites' settings.
+
+    Yields ``(QueueLink or None, SimulatedSites)``; stops the queue service on the way out.
     """
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silences a Ray FutureWarning
-    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC core notes about fork() under Ray
-    # Flower (and with it gRPC, which reads GRPC_VERBOSITY once) is imported only from here on
-    from flwr.simulation import run_simulation
-
-    from client.app import SimulatedSites, make_client_app
-    from server.app import ENCODER_NAME, QUEUE_SNAPSHOT_NAME, QueueLink, make_server_app
-    from server.checkpoint import find_checkpoint
-    from fedcl.config import FedclConfig
+    from client.app import SimulatedSites
     from fedcl.queue import EmbeddingQueue
+    from server.app import QUEUE_SNAPSHOT_NAME, QueueLink
+    from server.checkpoint import find_checkpoint
     from server.queue_service import start_queue_server
 
-    stream = stream or sys.stdout
-    cfg: FedclConfig = config
-    if num_sites is not None:
-        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"num_sites": int(num_sites)})})
-    n_sites = cfg.data.num_sites
-    out_dir = Path(out_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = Path(cfg.server.checkpoint_dir) if cfg.server.checkpoint_dir else out_dir / "checkpoints"
     resuming = find_checkpoint(ckpt_dir) is not None
     snapshot = out_dir / QUEUE_SNAPSHOT_NAME
-
     queue_server = None
     link = None
-    site_tokens = {f"site-{i}": secrets.token_urlsafe(24) for i in range(n_sites)}
+    site_tokens = {f"site-{i}": secrets.token_urlsafe(24) for i in range(cfg.data.num_sites)}
     coordinator_token = secrets.token_urlsafe(24)
     if cfg.queue.enabled:
         q = cfg.queue
@@ -149,36 +145,74 @@ def run_simulation_main(
             audit_log=out_dir / "queue-audit.jsonl")
         link = QueueLink(address=f"127.0.0.1:{queue_server.port}", tls=False, coordinator_token=coordinator_token,
                          snapshot_path=snapshot)
-
-    cores = _cpu_count()
-    parallel = max(1, min(n_sites, cores))
-    threads = cfg.train.threads or max(1, cores // parallel)
     simulated = SimulatedSites(config=cfg, site_tokens=site_tokens, state_root=out_dir / "sites", threads=threads)
-    observer = _Progress(stream=stream, enabled=progress)
-    results: list = []  # receives the FederationResult
-    server_app = make_server_app(config=cfg, out_dir=out_dir, queue=link, observer=observer, results=results)
-    client_app = make_client_app(simulated=simulated)
-    backend_config = {
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {"num_cpus": parallel, "num_gpus": 0, "logging_level": "ERROR",
-                      "log_to_driver": bool(verbose)},
-    }
-    print(f"fedcl simulate: {n_sites} sites, {cfg.federation.num_rounds} rounds, {cfg.data.name} "
-          f"({cfg.data.partition}), queue {'on' if link else 'off'}; output in {out_dir}", file=stream, flush=True)
-    t0 = time.time()
     try:
-        _start_ray(backend_config["init_args"], stream=stream)
-        with _quiet_flower(verbose):
-            run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n_sites,
-                           backend_config=backend_config, verbose_logging=verbose)
+        yield link, simulated
     finally:
-        observer.close()
         if queue_server is not None:
             queue_server.stop(grace=2.0)
-        import ray
 
-        if ray.is_initialized():  # Flower shuts it down when it gets that far
-            ray.shutdown()
+
+ENGINES = ("ray", "inprocess")
+
+
+def run_simulation_main(
+    config,
+    *,
+    out_dir: Path,
+    num_sites: int | None = None,
+    progress: bool = True,
+    verbose: bool = False,
+    stream: TextIO | None = None,
+    engine: str = "ray",
+) -> dict[str, Any]:
+    """Run (or resume) the federation of ``config`` with ``num_sites`` simulated sites.
+
+    ``engine``: "ray" (Flower's simulation engine, sites in parallel) or "inprocess"
+    (``server.inprocess.InProcessGrid``: the same apps, one site after another, no Ray).
+    Returns the summary (also written to ``out_dir/summary.json``): rounds, final and random-init
+    kNN accuracy, the encoder path, seconds, the round history.
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"engine {engine!r}: choose one of {', '.join(ENGINES)}")
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silences a Ray FutureWarning
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC core notes about fork() under Ray
+    # Flower (and with it gRPC, which reads GRPC_VERBOSITY once) is imported only from here on
+    from client.app import make_client_app
+    from server.app import ENCODER_NAME, make_server_app
+
+    stream = stream or sys.stdout
+    cfg = with_num_sites(config, num_sites)
+    n_sites = cfg.data.num_sites
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    parallel = max(1, min(n_sites, _cpu_count()))  # Ray actors
+    threads = site_threads(cfg)
+    observer = _Progress(stream=stream, enabled=progress)
+    results: list = []  # receives the FederationResult
+    with loopback_federation(cfg, out_dir=out_dir, threads=threads) as (link, simulated):
+        server_app = make_server_app(config=cfg, out_dir=out_dir, queue=link, observer=observer,
+                                     results=results)
+        client_app = make_client_app(simulated=simulated)
+        print(f"fedcl simulate: {n_sites} sites, {cfg.federation.num_rounds} rounds, {cfg.data.name} "
+              f"({cfg.data.partition}), queue {'on' if link else 'off'}, engine {engine}; "
+              f"output in {out_dir}",
+              file=stream, flush=True)
+        t0 = time.time()
+        try:
+            with _quiet_flower(verbose):
+                if engine == "ray":
+                    _run_ray(server_app, client_app, n_sites=n_sites, parallel=parallel, verbose=verbose,
+                             stream=stream)
+                else:
+                    from server.inprocess import run_apps
+
+                    run_apps(server_app, client_app, num_nodes=n_sites)
+        finally:
+            observer.close()
     seconds = time.time() - t0
     if not results:
         raise RuntimeError("the simulation ended without a result from the ServerApp (see the log above)")
@@ -201,3 +235,22 @@ def run_simulation_main(
         "plots": [str(p) for p in result.plots],
         "history": result.history,
     }
+
+
+def _run_ray(server_app, client_app, *, n_sites: int, parallel: int, verbose: bool, stream: TextIO) -> None:
+    """Flower's simulation engine: ``n_sites`` virtual nodes, ``parallel`` Ray actors of one CPU each."""
+    import ray
+    from flwr.simulation import run_simulation
+
+    backend_config = {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {"num_cpus": parallel, "num_gpus": 0, "logging_level": "ERROR",
+                      "log_to_driver": bool(verbose)},
+    }
+    try:
+        _start_ray(backend_config["init_args"], stream=stream)
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=n_sites,
+                       backend_config=backend_config, verbose_logging=verbose)
+    finally:
+        if ray.is_initialized():  # Flower shuts it down when it gets that far
+            ray.shutdown()
