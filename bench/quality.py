@@ -226,29 +226,28 @@ def privacy_cell(agg: dict) -> str:
 
 
 def write_markdown(path: Path, result: dict) -> None:
-    lines = [f"# Quality benchmark\n", f"Command: `{result['command']}`\n",
+    """The final table per split (method x metric, mean ± std over seeds). Per-round curves are
+    not tabulated: they are in the JSON beside it and in its _rounds plot."""
+    stem = path.with_suffix("").name
+    lines = ["# Quality benchmark\n", f"Command: `{result['command']}`\n",
              "Accuracies in %, mean ± std over seeds (std 0 with one seed). Lower is better for "
-             "alignment and uniformity. ε at δ = 1e-5 per site; 'not DP' = channel not protected.\n"]
+             "alignment and uniformity. ε at δ = 1e-5 per site; 'not DP' = channel not protected.\n",
+             f"Per-round kNN, loss, drift and ε of every federated method: `{stem}.json` "
+             f"(`splits.<split>.<method>.rounds`), plotted in `{stem}_rounds.png` and "
+             f"`{stem}_epsilon.png`.\n"]
     for split, methods in result["splits"].items():
-        lines += [f"\n## {split}\n", "| method | kNN | linear | few-label (10/class) | alignment | uniformity | "
+        lines += [f"\n## {split}\n",
+                  "| method | kNN | linear | few-label (10/class) | alignment | uniformity | "
                   "final drift | privacy | seconds |", "|---|---|---|---|---|---|---|---|---|"]
         for name, agg in methods.items():
             knn = fmt(agg["knn"])
             if "knn_worst" in agg:
                 knn += f" (worst site {100 * agg['knn_worst']['mean']:.1f})"
-            drift = agg["rounds"][-1]["drift"] if agg.get("rounds") and agg["rounds"][-1].get("drift") is not None else None
+            last = agg["rounds"][-1] if agg.get("rounds") else {}
+            drift = "–" if last.get("drift") is None else f"{last['drift']:.3f}"
             lines.append(f"| {name} | {knn} | {fmt(agg.get('linear'))} | {fmt(agg.get('fewlabel'))} | "
                          f"{fmt(agg.get('alignment'), False)} | {fmt(agg.get('uniformity'), False)} | "
-                         f"{'–' if drift is None else f'{drift:.3f}'} | {privacy_cell(agg)} | "
-                         f"{agg['seconds']['mean']:.0f} |")
-        per_round = {n: a["rounds"] for n, a in methods.items() if a.get("rounds")}
-        if per_round:
-            rounds = max(len(v) for v in per_round.values())
-            lines += ["\nkNN (%) of the global model after each round (central: after each "
-                      "local_epochs epochs):\n", "| method | " + " | ".join(str(i + 1) for i in range(rounds)) + " |",
-                      "|---|" + "---|" * rounds]
-            for n, rs in per_round.items():
-                lines.append(f"| {n} | " + " | ".join(f"{100 * r['knn']:.1f}" for r in rs) + " |")
+                         f"{drift} | {privacy_cell(agg)} | {agg['seconds']['mean']:.0f} |")
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -64,6 +64,7 @@ def test_a_run_whose_ray_node_did_not_start_is_started_again(tmp_path, monkeypat
         scale.run_one(sites=4, overrides=[], work_dir=tmp_path, timeout=1)
 
 
+@pytest.mark.e2e  # two Ray federations
 def test_scale_measures_two_real_federations(tmp_path):
     result = scale.run_scale(sites=[3, 2], rounds=2, images_per_site=IMAGES, data="synthetic", batch_size=8,
                              extra=TINY, work_dir=tmp_path / "work", timeout=500, progress=False)

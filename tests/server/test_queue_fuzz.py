@@ -6,6 +6,7 @@ a proper status with a message, and the queue stays consistent (finite unit-norm
 capacity, stats agree with the stored rows).
 """
 
+import os
 from collections import Counter
 
 import grpc
@@ -26,6 +27,9 @@ ALLOWED = {
     grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAUTHENTICATED,
     grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.OUT_OF_RANGE,
 }
+# batches of 5-10 requests: a short run in the default tier, 400 in the e2e tier (scripts/test.sh --e2e)
+EXAMPLES = int(os.environ.get("FEDCL_FUZZ_EXAMPLES", "50"))
+pytestmark = pytest.mark.fuzz
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +160,7 @@ def _check_consistent(q: EmbeddingQueue):
     assert np.all(q._round[valid] >= q.current_round - q.max_staleness)
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                    HealthCheck.too_slow])
 @given(batch=st.lists(requests, min_size=5, max_size=10))
 def test_fuzzed_requests_never_crash_or_corrupt(served, batch):
@@ -178,8 +182,11 @@ def test_fuzzed_requests_never_crash_or_corrupt(served, batch):
 
 
 def test_fuzzing_reached_both_accepted_and_rejected_paths():
-    # guards the fuzzer itself: it must have exercised real stores and every kind of refusal
-    assert sum(SEEN.values()) >= 2000, SEEN
+    # guards the fuzzer itself: it must have exercised real stores and every kind of refusal (the rarer
+    # kinds only in the e2e tier's 400 examples: a short run missed FAILED_PRECONDITION in 3 of 4 seeds)
+    assert sum(SEEN.values()) >= 5 * EXAMPLES, SEEN
     assert SEEN[("push", "OK")] > 0 and SEEN[("sample", "OK")] > 0 and SEEN[("advance", "OK")] > 0
-    for code in ("INVALID_ARGUMENT", "UNAUTHENTICATED", "PERMISSION_DENIED", "FAILED_PRECONDITION"):
+    codes = ("INVALID_ARGUMENT", "UNAUTHENTICATED") + (("PERMISSION_DENIED", "FAILED_PRECONDITION")
+                                                       if EXAMPLES >= 400 else ())
+    for code in codes:
         assert sum(v for (kind, c), v in SEEN.items() if c == code) > 0, (code, SEEN)

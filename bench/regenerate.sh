@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Rebuild every table, plot and JSON in bench/results/ with the commands docs/benchmarks.md reports.
+#
+#   bench/regenerate.sh                 # everything: quality runs missing from bench/results/cache are trained
+#   bench/regenerate.sh --tables-only   # quality tables and plots from the cache alone, no training, no timing
+#
+# bench/quality.py keeps every finished (split, method, seed) run in bench/results/cache (ignored by git),
+# so a rerun trains only what is missing. On a fresh clone the cache is empty: the two quality tables then
+# train 57 runs of 20 or 40 epochs each, many CPU-hours on 2 cores. The timing benchmarks (overhead, DP
+# overhead, context state, scale) always rerun and take minutes; their figures depend on the machine's load.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+if [ ! -x "$PY" ]; then
+    echo "no Python at $PY: run ./scripts/setup.sh first, or set PYTHON=/path/to/python" >&2
+    exit 2
+fi
+export FLWR_TELEMETRY_ENABLED=0
+tables_only=0
+case "${1:-}" in
+    "") ;;
+    --tables-only) tables_only=1 ;;
+    *) echo "unknown option $1: use no option (rebuild everything) or --tables-only" >&2; exit 2 ;;
+esac
+cached=()
+[ "$tables_only" = 1 ] && cached=(--cached-only)
+
+RECIPE=(--seeds 0,1,2 --local-epochs 1 --images-per-site 1000 --width 16 --test-images 2000 --batch-size 64
+        --lr 3e-4 --threads 1)
+# the main table: every method, both splits, 20 epochs as 160 rounds of 1/8 epoch with kept Adam state
+"$PY" bench/quality.py --splits pathological,dirichlet0.1 "${RECIPE[@]}" --rounds 160 --rounds-per-epoch 8 \
+    --persist-optimizer \
+    --methods random,local,fedsimclr,fedcl,fedcl_noqueue,fedcl_dp8,fedcl_public,fedcl_prototypes,central "${cached[@]}"
+# DP-SGD at 40 epochs, the same ε = 8
+"$PY" bench/quality.py --splits pathological "${RECIPE[@]}" --rounds 320 --rounds-per-epoch 8 --persist-optimizer \
+    --methods fedcl_dp8 --tag _s10_dp_e40 "${cached[@]}"
+[ "$tables_only" = 1 ] && exit 0
+
+"$PY" bench/overhead.py > bench/results/overhead.txt
+{ echo "# python bench/dp_overhead.py --threads 1 --steps 10 --profile   ($(date -u '+%Y-%m-%d %H:%M') UTC)"
+  "$PY" bench/dp_overhead.py --threads 1 --steps 10 --profile; } > bench/results/dp_overhead.txt
+"$PY" bench/context_state.py
+"$PY" bench/scale.py --sites 10,50,100

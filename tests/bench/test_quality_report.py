@@ -1,0 +1,32 @@
+"""bench/quality.py's Markdown report: the final table only; per-round curves stay in the JSON and plots."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # bench/ is not an installed package
+
+from bench.quality import aggregate, write_markdown  # noqa: E402
+
+
+def run(knn: float, rounds: int) -> dict:
+    metrics = {"knn": knn, "linear": 0.7, "fewlabel": 0.6, "alignment": 0.4, "uniformity": -2.0}
+    return {"metrics": metrics, "seconds": 10.0,
+            "rounds": [{"round": i + 1, "knn": knn - 0.001 * (rounds - i - 1), "loss": 1.0, "drift": 0.9,
+                        "epsilon": None} for i in range(rounds)]}
+
+
+def test_report_has_the_final_table_and_points_to_the_curves(tmp_path):
+    result = {"command": "python bench/quality.py --rounds 160",
+              "splits": {"pathological": {"fedsimclr": aggregate([run(0.66, 160), run(0.68, 160)]),
+                                          "fedcl": aggregate([run(0.69, 160), run(0.71, 160)])}}}
+    path = tmp_path / "quality_x.md"
+    write_markdown(path, result)
+    text = path.read_text()
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    # header, separator and one row per method: 160 rounds add no row and no column
+    assert len(table) == 4, text
+    assert max(line.count("|") for line in table) == 10, text
+    assert "| fedcl | 70.0 ± 1.4 (n=2) |" in text
+    assert "`quality_x.json`" in text and "`quality_x_rounds.png`" in text
