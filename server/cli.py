@@ -435,7 +435,7 @@ def cmd_serve_queue(args) -> int:
 
     with stop_on_signal() as stop:  # installed before the start: a SIGTERM during it still stops cleanly
         server, cfg = _start_queue(cfg, generate_coordinator_token=False)  # the separate ServerApp needs it
-        _log(f"queue service on {args.listen or cfg.server.queue_host}:{server.port}; snapshot in {cfg.server.out_dir}")
+        _log(f"queue service on {cfg.server.queue_host}:{server.port}; snapshot in {cfg.server.out_dir}")
         server.serve_until(stop, grace=5.0)
     _log("queue service stopped (snapshot written)")
     return 0

@@ -293,15 +293,8 @@ def serve_queue(settings: QueueServiceSettings, *, warn=None):
     tls_key = _read(settings.tls_key, "tls_key")
     client_ca = _read(settings.client_ca, "client_ca")
     queue = _load_queue(settings)
-    if settings.demo_open_queue_no_auth and not settings.site_tokens and settings.client_ca is None:
-        warn("WARNING: DEMO OPEN QUEUE (demo_open_queue_no_auth = true): any caller that reaches "
-             f"{settings.host}:{settings.port} can push and sample as any site it names. Never use this with real "
-             "data: set site tokens or client certificates.")
-    if settings.insecure and settings.host not in ("127.0.0.1", "localhost", "::1"):
-        warn(f"warning: the queue service listens on {settings.host} without TLS (insecure = true): tokens and "
-             "embeddings cross the network in clear")
     try:
-        return start_queue_server(
+        server = start_queue_server(
             queue=queue,
             host=settings.host,
             port=settings.port,
@@ -323,6 +316,16 @@ def serve_queue(settings: QueueServiceSettings, *, warn=None):
         raise QueueConfigError(err.message) from None
     except ValueError as err:
         raise QueueConfigError(str(err)) from None
+    # warnings once the service runs, at every start (a refusal stays one line)
+    if settings.demo_open_queue_no_auth and not settings.site_tokens and settings.client_ca is None:
+        warn("WARNING: DEMO OPEN QUEUE (demo_open_queue_no_auth = true): any caller that reaches "
+             f"{settings.host}:{server.port} can push and sample as any site it names. Never use this with real "
+             "data: set site tokens or client certificates.")
+    if settings.insecure:
+        where = "use this on loopback only" if settings.host in ("127.0.0.1", "localhost", "::1") else (
+            f"it listens on {settings.host}: tokens and embeddings cross the network in clear")
+        warn(f"warning: TLS is off (insecure = true); {where}")
+    return server
 
 
 def queue_main(argv: list[str] | None = None) -> int:
@@ -338,9 +341,7 @@ def queue_main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = load_queue_settings(args.config)
-        if settings.insecure:
-            print(f"{PROG}: warning: TLS is off (insecure = true); use this on loopback only", file=sys.stderr)
-        server = serve_queue(settings)
+        server = serve_queue(settings, warn=lambda line: print(f"{PROG}: {line}", file=sys.stderr, flush=True))
     except QueueConfigError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2

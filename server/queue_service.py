@@ -640,6 +640,8 @@ class _Servicer(queue_pb2_grpc.EmbeddingQueueServicer):
                 call.touch()
                 seen.setdefault("round", chunk.round)
                 yield chunk
+            if call.cut is not None:  # a cancelled stream can end like a complete one: store nothing
+                raise QueueError("DEADLINE_EXCEEDED", call.cut)
 
         try:
             reply = self._handlers.push(principal, chunks())

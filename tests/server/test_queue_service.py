@@ -688,3 +688,64 @@ def test_cli_serves_tls_with_certificate_paths_relative_to_the_config(tmp_path):
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
     assert proc.returncode == 0
+
+
+# ------------------------------------------------------------- what a site sees, audit wear, leftovers
+
+
+def test_a_sites_stats_show_only_its_own_counts(serve, clients):
+    server = serve()
+    a, b, coord = clients(server, "site-a"), clients(server, "site-b"), clients(server, "coordinator")
+    a.push(unit(3), round=0, model_version=0)
+    b.push(unit(2, seed=1), round=0, model_version=0)
+    mine = a.stats()
+    assert mine["per_site"] == {"site-a": 3} and mine["size"] == 3
+    assert mine["pushed_total"] == 0 and mine["oldest_round"] is None  # nothing about the others
+    assert b.stats()["per_site"] == {"site-b": 2}
+    assert coord.stats()["per_site"] == {"site-a": 3, "site-b": 2} and coord.stats()["size"] == 5
+
+
+def test_rejections_are_audited_once_per_source_and_interval_with_a_count(serve, tmp_path):
+    server = serve()
+    flood = 60
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    stub = queue_pb2_grpc.EmbeddingQueueStub(channel)
+    start = time.monotonic()
+    with channel:
+        for _ in range(flood):
+            with pytest.raises(grpc.RpcError):
+                stub.Stats(queue_pb2.StatsRequest(), metadata=[("authorization", "Bearer wrong-token")], timeout=10)
+    elapsed = time.monotonic() - start
+    server.stop(grace=1.0)
+    events = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    lines = [e for e in events if e["event"] == "rejection"]
+    assert sum(e["count"] for e in lines) == flood  # every refusal counted
+    assert len(lines) <= 2 + elapsed / 10.0  # one line per 10 s interval, plus the count flushed at the stop
+    assert all(e["peer"].startswith("ipv") and e["code"] == "UNAUTHENTICATED" for e in lines)
+
+
+def test_the_audit_log_rotates_by_size(serve, clients, tmp_path):
+    server = serve(audit_max_bytes=4096, audit_backups=2)
+    a = clients(server, "site-a")
+    for i in range(150):  # ~140 bytes per push line: ~20 KiB in all, more than the 3 files hold
+        a.push(unit(1, seed=i), round=0, model_version=0)
+    server.stop(grace=1.0)
+    log = tmp_path / "audit.jsonl"
+    files = [log, log.with_name("audit.jsonl.1"), log.with_name("audit.jsonl.2")]
+    assert all(f.exists() and f.stat().st_size <= 4096 for f in files)
+    assert not log.with_name("audit.jsonl.3").exists()
+    for f in files:  # whole JSON lines in every file
+        assert all(json.loads(line)["event"] for line in f.read_text().splitlines())
+
+
+def test_stale_snapshot_temp_files_are_removed_at_start(serve, tmp_path):
+    stale = [tmp_path / ".queue.npz.k3j9x.tmp", tmp_path / ".queue.npz.a81q.tmp"]
+    other = tmp_path / ".other.npz.k3j9x.tmp"
+    for path in (*stale, other):
+        path.write_bytes(b"half a snapshot")
+    server = serve()
+    assert not any(p.exists() for p in stale) and other.exists()
+    server.stop(grace=1.0)
+    start = next(json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()
+                 if json.loads(line)["event"] == "start")
+    assert sorted(start["stale_temp_files"]) == sorted(p.name for p in stale)
