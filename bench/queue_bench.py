@@ -132,8 +132,9 @@ def bench_rss(*, rows: int) -> None:
             start = time.perf_counter()
             fill(f"127.0.0.1:{port}", rows, seed=1)
             fill_s = time.perf_counter() - start
+            with QueueClient(f"127.0.0.1:{port}", site_id="coordinator", token=COORDINATOR_TOKEN) as coordinator:
+                size = coordinator.stats()["size"]  # a site's Stats shows only its own rows
             with QueueClient(f"127.0.0.1:{port}", site_id="reader", token=TOKENS["reader"]) as reader:
-                size = reader.stats()["size"]
                 sample_s = median_seconds(lambda: reader.sample(K), repeats=10)
             rss, peak = rss_bytes(proc.pid)
         finally:

@@ -178,6 +178,8 @@ class QueueClient:
             },
             "oldest_round": reply.oldest_round if reply.HasField("oldest_round") else None,
             "newest_round": reply.newest_round if reply.HasField("newest_round") else None,
+            "restarts": reply.restarts,  # coordinator only: starts of the service from its snapshot folder
+            "rows_lost": reply.rows_lost,  # acknowledged rows that restarts lost (not yet in a snapshot)
         }
 
     def health(self) -> bool:

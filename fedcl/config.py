@@ -149,7 +149,10 @@ class ServerSettings(_Section):
     tls_key: Path | None = None
     tls_ca: Path | None = None
     coordinator_token: str | None = None
-    site_tokens: dict[str, str] = Field(default_factory=dict)
+    site_tokens: dict[str, str] = Field(default_factory=dict)  # 16+ characters each, all distinct
+    # The queue service trusts every caller that names a site: a throwaway demo on a closed network
+    # only (it warns at every start). Without it, a queue with no site tokens refuses to start.
+    demo_open_queue_no_auth: bool = False
     audit_log: Path | None = None
     tensorboard: bool = False
     # Sites shut out of the consortium: the queue service answers their token or certificate

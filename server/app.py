@@ -353,6 +353,14 @@ def state_sha256(state: dict[str, torch.Tensor]) -> str:
     return _arrays_sha256(ArrayRecord({k: v.detach().cpu().contiguous() for k, v in state.items()}))
 
 
+def queue_rows_lost(previous: dict[str, Any] | None, now: dict[str, Any]) -> dict[str, Any]:
+    """The queue service's restarts so far and the acknowledged rows its restarts lost since the
+    previous round's stats (the service counts both, see server.queue_service.PushJournal)."""
+    before = int((previous or {}).get("rows_lost") or 0)
+    lost = int(now.get("rows_lost") or 0)
+    return {"queue_restarts": int(now.get("restarts") or 0), "queue_rows_lost": max(lost - before, 0)}
+
+
 def _comparable_queue_stats(stats: dict[str, Any]) -> dict[str, Any]:
     keys = ("size", "current_round", "per_site", "pushed_total", "oldest_round", "newest_round")
     return {k: stats.get(k) for k in keys}
@@ -526,11 +534,17 @@ def run_federation(
                 knn = evaluator.knn(model)
 
             queue_info: dict[str, Any] = {}
+            queue_loss: dict[str, Any] = {}
             if queue is not None:
                 with queue.client() as qc:
                     in_round = qc.stats()  # what the sites sampled from (max_staleness 0: gone after Advance)
                     qc.advance(rnd + 1)  # the queue service snapshots on Advance
                     stats = qc.stats()
+                queue_loss = queue_rows_lost(history[-1].get("queue") if history else None, stats)
+                if queue_loss["queue_rows_lost"]:
+                    log.warning("round %d: the queue service restarted without a snapshot and lost %d rows it had "
+                                "acknowledged (pushes after its last Advance); this round's negatives were fewer",
+                                rnd, queue_loss["queue_rows_lost"])
                 queue_info = {"stats": stats, "size_in_round": in_round.get("size"), "evicted_at_start": evicted, "release": release_state.to_checkpoint(),
                               "snapshot_path": str(queue.snapshot_path) if queue.snapshot_path else None,
                               "snapshot_sha256": _file_sha256(queue.snapshot_path)}
@@ -558,6 +572,7 @@ def run_federation(
                 "fed_eval": fed_eval,
                 "queue": queue_info.get("stats", {}),
                 "queue_at_start": queue_at_start,
+                **queue_loss,  # queue_restarts, queue_rows_lost (since the previous round)
                 "weights_sha256": weights_sha256,  # of the global weights sent out this round
             }
             history.append(record)

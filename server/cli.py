@@ -318,35 +318,26 @@ def start_and_follow_run(cfg, *, superlink_address: str) -> int:
     return 1 if code == 0 else code
 
 
-def _start_queue(cfg):
-    """The queue service in this process, on the config's host and port; returns (server, cfg)."""
-    from fedcl.queue import EmbeddingQueue
+def _start_queue(cfg, *, generate_coordinator_token: bool):
+    """The queue service in this process, on the config's host and port, through the one start path
+    (server.queue_cli.serve_queue); returns (server, cfg with the queue's address and coordinator token)."""
     from server.app import QUEUE_SNAPSHOT_NAME
-    from server.queue_service import start_queue_server
+    from server.queue_cli import QueueConfigError, serve_queue, settings_from_fedcl_config
 
-    s, q = cfg.server, cfg.queue
-    snapshot = Path(s.out_dir) / QUEUE_SNAPSHOT_NAME
-    if snapshot.exists():
-        queue = EmbeddingQueue.restore(snapshot)
-        _log(f"queue restored from {snapshot}: {len(queue)} entries, round {queue.current_round}")
-    else:
-        queue = EmbeddingQueue(dim=cfg.model.proj_dim, capacity=q.capacity, per_site_quota=q.per_site_quota,
-                               max_staleness=q.max_staleness, dtype=q.dtype)
+    s = cfg.server
     coordinator = s.coordinator_token
-    if coordinator is None and s.site_tokens:
+    if coordinator is None and generate_coordinator_token:
         coordinator = secrets.token_urlsafe(24)  # only this process and its ServerApp know it
-    tls_cert = tls_key = None
-    if not s.insecure:
-        if s.tls_cert is None or s.tls_key is None:
-            raise ServerCliError("the queue service needs server.tls_cert and server.tls_key, or server.insecure = true")
-        tls_cert, tls_key = Path(s.tls_cert).read_bytes(), Path(s.tls_key).read_bytes()
-    elif s.queue_host not in ("127.0.0.1", "localhost", "::1"):
-        _log(f"warning: the queue service listens on {s.queue_host} without TLS (server.insecure = true)")
-    server = start_queue_server(
-        queue=queue, host=s.queue_host, port=s.queue_port, site_tokens=dict(s.site_tokens),
-        coordinator_token=coordinator, tls_cert=tls_cert, tls_key=tls_key, client_ca=None, snapshot_path=snapshot,
-        max_message_bytes=4 << 20, audit_log=s.audit_log or Path(s.out_dir) / "queue-audit.jsonl",
-        revoked_sites=s.revoked_sites)
+    try:
+        settings = settings_from_fedcl_config(
+            cfg, snapshot_path=Path(s.out_dir) / QUEUE_SNAPSHOT_NAME, coordinator_token=coordinator,
+            audit_log=Path(s.audit_log) if s.audit_log else Path(s.out_dir) / "queue-audit.jsonl")
+        server = serve_queue(settings, warn=lambda line: print(f"fedcl-server: {line}", file=sys.stderr, flush=True))
+    except (QueueConfigError, OSError) as exc:
+        raise ServerCliError(str(exc)) from None
+    if len(server.queue) or server.queue.current_round:
+        _log(f"queue restored from {settings.snapshot_path}: {len(server.queue)} entries, "
+             f"round {server.queue.current_round}")
     advertised = s.queue_host if s.queue_host not in ("0.0.0.0", "::", "") else socket.getfqdn()
     cfg = cfg.model_copy(update={"server": s.model_copy(update={
         "queue_port": server.port, "queue_host": advertised, "coordinator_token": coordinator})})
@@ -371,7 +362,7 @@ def cmd_run(args) -> int:
     try:
         check_supernode_keys(cfg)  # a bad key file stops us before anything starts
         if cfg.queue.enabled:
-            queue_server, cfg = _start_queue(cfg)
+            queue_server, cfg = _start_queue(cfg, generate_coordinator_token=True)
             _log(f"queue service on {cfg.server.queue_host}:{cfg.server.queue_port}")
         env = _flower_env(out_dir / "flwr-home" / "superlink")
         with open(out_dir / "superlink.log", "a") as log_file:
@@ -439,14 +430,12 @@ def cmd_serve_queue(args) -> int:
     if args.listen:
         host, port = _host_port(args.listen)
         cfg = _with_server(cfg, queue_host=host, queue_port=port)
-    if cfg.server.coordinator_token is None and cfg.server.site_tokens:
-        raise ServerCliError("a queue service of its own needs server.coordinator_token (the ServerApp uses it)")
     Path(cfg.server.out_dir).mkdir(parents=True, exist_ok=True)
     from server.queue_service import stop_on_signal
 
     with stop_on_signal() as stop:  # installed before the start: a SIGTERM during it still stops cleanly
-        server, cfg = _start_queue(cfg)
-        _log(f"queue service on {args.listen or cfg.server.queue_host}:{server.port}; snapshot in {cfg.server.out_dir}")
+        server, cfg = _start_queue(cfg, generate_coordinator_token=False)  # the separate ServerApp needs it
+        _log(f"queue service on {cfg.server.queue_host}:{server.port}; snapshot in {cfg.server.out_dir}")
         server.serve_until(stop, grace=5.0)
     _log("queue service stopped (snapshot written)")
     return 0

@@ -16,9 +16,15 @@ their own readers)::
     revoked_sites = ["site-c"]      # their token / certificate CN is refused (PERMISSION_DENIED)
 
     [queue_service.site_tokens]
-    site-a = "..."
+    site-a = "..."                  # at least 16 characters, each token distinct
 
 Restores ``snapshot_path`` when it exists, snapshots on every Advance and on SIGTERM/SIGINT.
+
+``serve_queue`` is the one way every command starts the service: ``fedcl-server queue`` from
+this table, ``fedcl-server serve-queue`` and ``fedcl-server run`` from the consortium config
+through ``settings_from_fedcl_config`` (the same validation, with the errors naming the
+consortium config's keys). A queue without site credentials exists only with
+``demo_open_queue_no_auth = true``, which warns at every start.
 """
 
 from __future__ import annotations
@@ -31,11 +37,12 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, model_validator
 
 from fedcl.queue import EmbeddingQueue, QueueError
 
-__all__ = ["QueueServiceSettings", "queue_main", "load_queue_settings", "QueueConfigError"]
+__all__ = ["QueueServiceSettings", "queue_main", "load_queue_settings", "QueueConfigError", "serve_queue",
+           "settings_from_fedcl_config"]
 
 PROG = "fedcl-server queue"
 _SITE_ID = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -67,43 +74,85 @@ class QueueServiceSettings(BaseModel):
     insecure: bool = False
     coordinator_token: str | None = Field(None, min_length=_MIN_TOKEN)
     audit_log: Path | None = None
+    audit_max_bytes: int = Field(64 << 20, ge=4096)  # the audit log rotates past this size
+    audit_backups: int = Field(3, ge=0, le=100)
     site_tokens: dict[str, str] = Field(default_factory=dict)
     revoked_sites: list[str] = Field(default_factory=list)  # token holders or certificate CNs shut out
+    # Sites get in by naming themselves, with no credential: for a throwaway demo on a closed network
+    # only. Every start prints a warning. The coordinator still needs coordinator_token.
+    demo_open_queue_no_auth: bool = False
+    # Limits no single site can exhaust (server.queue_service.CallLimits)
+    max_workers: int = Field(96, ge=2, le=4096)
+    coordinator_reserve: int = Field(8, ge=1)  # threads site calls never take: Advance and Stats get through
+    per_site_calls: int = Field(4, ge=1)  # concurrent calls of one site; beyond: RESOURCE_EXHAUSTED
+    call_timeout: float = Field(300.0, gt=0)  # seconds any call may run
+    stream_idle_timeout: float = Field(30.0, gt=0)  # seconds a stream may go without a message
+    max_concurrent_rpcs: int = Field(512, ge=2)  # gRPC refuses calls past this many, queued ones included
 
     @model_validator(mode="after")
-    def _consistent(self) -> QueueServiceSettings:
+    def _consistent(self, info: ValidationInfo) -> QueueServiceSettings:
+        names = (info.context or {}).get("names", {})
+
+        def key(name: str) -> str:  # the setting as the user's config file spells it
+            return names.get(name, name)
+
+        if not self.coordinator_reserve < self.max_workers:
+            raise ValueError(f"coordinator_reserve ({self.coordinator_reserve}) must be below max_workers "
+                             f"({self.max_workers})")
+        if self.max_concurrent_rpcs < self.max_workers:
+            raise ValueError(f"max_concurrent_rpcs ({self.max_concurrent_rpcs}) must be at least max_workers "
+                             f"({self.max_workers})")
         for site in self.revoked_sites:
             if not re.match(_SITE_ID, site):
                 raise ValueError(f"site id {site!r} in revoked_sites: use letters, digits, '_', '.', '-' (at most 64)")
-        if self.client_ca is None and (unknown := sorted(set(self.revoked_sites) - set(self.site_tokens))):
-            raise ValueError(f"revoked_sites names {unknown}, which have no token in site_tokens "
+        if (self.client_ca is None and not self.demo_open_queue_no_auth
+                and (unknown := sorted(set(self.revoked_sites) - set(self.site_tokens)))):
+            raise ValueError(f"{key('revoked_sites')} names {unknown}, which have no token in {key('site_tokens')} "
                              "(and without client_ca no certificate names them either)")
         if self.per_site_quota > self.capacity:
             raise ValueError(f"per_site_quota ({self.per_site_quota}) cannot exceed capacity ({self.capacity})")
         if self.max_message_bytes < self.dim * 4 + 1024:
             raise ValueError(f"max_message_bytes ({self.max_message_bytes}) cannot hold one embedding of dim {self.dim}")
         if (self.tls_cert is None) != (self.tls_key is None):
-            raise ValueError("set both tls_cert and tls_key, or neither")
+            raise ValueError(f"set both {key('tls_cert')} and {key('tls_key')}, or neither")
         if self.client_ca is not None and self.tls_cert is None:
-            raise ValueError("client_ca (mutual TLS) needs tls_cert and tls_key")
+            raise ValueError(f"client_ca (mutual TLS) needs {key('tls_cert')} and {key('tls_key')}")
         if self.tls_cert is None and not self.insecure:
             raise ValueError(
-                "TLS is required: set tls_cert and tls_key (deploy/ has a certificate script), "
-                "or insecure = true for a loopback test"
+                f"TLS is required: set {key('tls_cert')} and {key('tls_key')} (deploy/ has a certificate script), "
+                f"or {key('insecure')} = true for a loopback test"
             )
         for site, token in self.site_tokens.items():
             if not re.match(_SITE_ID, site):
-                raise ValueError(f"site id {site!r} in site_tokens: use letters, digits, '_', '.', '-' (at most 64)")
+                raise ValueError(f"site id {site!r} in {key('site_tokens')}: use letters, digits, '_', '.', '-' "
+                                 "(at most 64)")
             if len(token) < _MIN_TOKEN:
-                raise ValueError(f"the token of site {site!r} is shorter than {_MIN_TOKEN} characters")
-        tokens = list(self.site_tokens.values()) + ([self.coordinator_token] if self.coordinator_token else [])
-        if len(set(tokens)) != len(tokens):
-            raise ValueError("every site token and the coordinator token must be distinct")
-        if (self.site_tokens or self.client_ca is not None) and self.coordinator_token is None:
-            raise ValueError("coordinator_token is required when sites authenticate (the ServerApp uses it for Advance)")
-        if not self.insecure and not self.site_tokens and self.client_ca is None:
-            raise ValueError("no site credentials: set [queue_service.site_tokens] or client_ca (mutual TLS)")
+                raise ValueError(f"{key('site_tokens')}.{site} is shorter than {_MIN_TOKEN} characters: give every "
+                                 "site a long random token (python -c \"import secrets; "
+                                 "print(secrets.token_urlsafe(24))\")")
+        by_token: dict[str, list[str]] = {}
+        for site, token in self.site_tokens.items():
+            by_token.setdefault(token, []).append(f"{key('site_tokens')}.{site}")
+        if self.coordinator_token is not None:
+            by_token.setdefault(self.coordinator_token, []).append(key("coordinator_token"))
+        if shared := [holders for holders in by_token.values() if len(holders) > 1]:
+            raise ValueError(f"{' and '.join(shared[0])} have the same token: every site and the coordinator "
+                             "need a token of their own")
+        if self.coordinator_token is None:
+            raise ValueError(f"{key('coordinator_token')} is required (16+ characters): the ServerApp uses it for "
+                             "Advance, and no caller without it is the coordinator")
+        if not self.site_tokens and self.client_ca is None and not self.demo_open_queue_no_auth:
+            raise ValueError(f"no site credentials: set [{key('site_tokens')}] (a 16+ character token per site) or "
+                             f"client_ca (mutual TLS); an open queue that trusts every caller needs "
+                             f"{key('demo_open_queue_no_auth')} = true (demos only)")
         return self
+
+    def limits(self):
+        from server.queue_service import CallLimits
+
+        return CallLimits(max_workers=self.max_workers, coordinator_reserve=self.coordinator_reserve,
+                          per_site_calls=self.per_site_calls, call_timeout=self.call_timeout,
+                          stream_idle_timeout=self.stream_idle_timeout, max_concurrent_rpcs=self.max_concurrent_rpcs)
 
 
 class _ConfigFile(BaseModel):
@@ -111,13 +160,16 @@ class _ConfigFile(BaseModel):
     queue_service: QueueServiceSettings
 
 
-def _format_validation(err: ValidationError) -> str:
+def _format_validation(err: ValidationError, names: dict[str, str] | None = None, *, table: str = "queue_service") -> str:
     lines = []
     for item in err.errors():
-        where = ".".join(str(part) for part in item["loc"]) or "queue_service"
+        loc = [str(part) for part in item["loc"]]
+        if loc and names and loc[0] in names:
+            loc[0] = names[loc[0]]
+        where = ".".join(loc) or table
         message = item["msg"].removeprefix("Value error, ")
-        lines.append(f"  {where}: {message}")
-    return "\n".join(lines)
+        lines.append(f"{where}: {message}")
+    return "; ".join(lines)  # one line, however many settings are wrong
 
 
 def load_queue_settings(path: Path) -> QueueServiceSettings:
@@ -135,7 +187,7 @@ def load_queue_settings(path: Path) -> QueueServiceSettings:
     try:
         settings = _ConfigFile.model_validate(raw).queue_service
     except ValidationError as err:
-        raise QueueConfigError(f"invalid settings in {path}:\n{_format_validation(err)}") from None
+        raise QueueConfigError(f"invalid settings in {path}: {_format_validation(err)}") from None
     base = path.resolve().parent
     updates = {
         name: base / value
@@ -196,29 +248,51 @@ def _steady_malloc() -> None:
         pass
 
 
-def queue_main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status (0 after a clean stop, 2 for a config error)."""
-    parser = argparse.ArgumentParser(prog=PROG, description="Serve the global embedding queue over gRPC.")
-    parser.add_argument("--config", type=Path, required=True, help="TOML file with a [queue_service] table")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    args = parser.parse_args(argv)
+# [queue_service] key -> where a consortium config (fedcl.config.FedclConfig) keeps it
+FEDCL_CONFIG_NAMES = {
+    "host": "server.queue_host", "port": "server.queue_port", "dim": "model.proj_dim",
+    "capacity": "queue.capacity", "per_site_quota": "queue.per_site_quota", "max_staleness": "queue.max_staleness",
+    "dtype": "queue.dtype", "tls_cert": "server.tls_cert", "tls_key": "server.tls_key", "insecure": "server.insecure",
+    "coordinator_token": "server.coordinator_token", "audit_log": "server.audit_log",
+    "site_tokens": "server.site_tokens", "revoked_sites": "server.revoked_sites",
+    "demo_open_queue_no_auth": "server.demo_open_queue_no_auth", "snapshot_path": "server.out_dir",
+}
 
-    from server.queue_service import start_queue_server, stop_on_signal  # grpc only once the arguments are fine
 
+def settings_from_fedcl_config(cfg, *, snapshot_path: Path, audit_log: Path, coordinator_token: str | None = None,
+                               source: str = "the config") -> QueueServiceSettings:
+    """The queue service's settings from a consortium config (server.*, queue.*, model.proj_dim),
+    validated like a [queue_service] table; errors name the consortium config's keys."""
+    s, q = cfg.server, cfg.queue
+    raw = {
+        "host": s.queue_host, "port": s.queue_port, "dim": cfg.model.proj_dim, "capacity": q.capacity,
+        "per_site_quota": q.per_site_quota, "max_staleness": q.max_staleness, "dtype": q.dtype,
+        "snapshot_path": snapshot_path, "insecure": s.insecure,
+        "tls_cert": None if s.insecure else s.tls_cert, "tls_key": None if s.insecure else s.tls_key,
+        "coordinator_token": coordinator_token or s.coordinator_token, "audit_log": audit_log,
+        "site_tokens": dict(s.site_tokens), "revoked_sites": list(s.revoked_sites),
+        "demo_open_queue_no_auth": s.demo_open_queue_no_auth,
+    }
     try:
-        settings = load_queue_settings(args.config)
-        tls_cert = _read(settings.tls_cert, "tls_cert")
-        tls_key = _read(settings.tls_key, "tls_key")
-        client_ca = _read(settings.client_ca, "client_ca")
-        queue = _load_queue(settings)
-    except QueueConfigError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
+        return QueueServiceSettings.model_validate(raw, context={"names": FEDCL_CONFIG_NAMES})
+    except ValidationError as err:
+        raise QueueConfigError(f"invalid queue service settings in {source}: "
+                               f"{_format_validation(err, FEDCL_CONFIG_NAMES, table='server')}") from None
 
-    _steady_malloc()
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if settings.insecure:
-        print(f"{PROG}: warning: TLS is off (insecure = true); use this on loopback only", file=sys.stderr)
+
+def serve_queue(settings: QueueServiceSettings, *, warn=None):
+    """Start the queue service from validated settings: read the TLS files, restore the snapshot
+    (it must be intact and match the settings), then serve. The one start path of every command.
+
+    Raises QueueConfigError (bad files, snapshot) or OSError (the port is taken); ``warn(line)``
+    receives the warnings (default: stderr), printed at every start."""
+    from server.queue_service import start_queue_server  # grpc only once the settings are fine
+
+    warn = warn or (lambda line: print(line, file=sys.stderr, flush=True))
+    tls_cert = _read(settings.tls_cert, "tls_cert")
+    tls_key = _read(settings.tls_key, "tls_key")
+    client_ca = _read(settings.client_ca, "client_ca")
+    queue = _load_queue(settings)
     try:
         server = start_queue_server(
             queue=queue,
@@ -233,15 +307,53 @@ def queue_main(argv: list[str] | None = None) -> int:
             max_message_bytes=settings.max_message_bytes,
             audit_log=settings.audit_log,
             revoked_sites=settings.revoked_sites,
+            demo_open_queue=settings.demo_open_queue_no_auth,
+            limits=settings.limits(),
+            audit_max_bytes=settings.audit_max_bytes,
+            audit_backups=settings.audit_backups,
         )
-    except (OSError, ValueError) as err:
+    except QueueError as err:  # an unreadable push journal beside the snapshot
+        raise QueueConfigError(err.message) from None
+    except ValueError as err:
+        raise QueueConfigError(str(err)) from None
+    # warnings once the service runs, at every start (a refusal stays one line)
+    if settings.demo_open_queue_no_auth and not settings.site_tokens and settings.client_ca is None:
+        warn("WARNING: DEMO OPEN QUEUE (demo_open_queue_no_auth = true): any caller that reaches "
+             f"{settings.host}:{server.port} can push and sample as any site it names. Never use this with real "
+             "data: set site tokens or client certificates.")
+    if settings.insecure:
+        where = "use this on loopback only" if settings.host in ("127.0.0.1", "localhost", "::1") else (
+            f"it listens on {settings.host}: tokens and embeddings cross the network in clear")
+        warn(f"warning: TLS is off (insecure = true); {where}")
+    return server
+
+
+def queue_main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (0 after a clean stop, 2 for a config error)."""
+    parser = argparse.ArgumentParser(prog=PROG, description="Serve the global embedding queue over gRPC.")
+    parser.add_argument("--config", type=Path, required=True, help="TOML file with a [queue_service] table")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    args = parser.parse_args(argv)
+
+    from server.queue_service import stop_on_signal  # grpc only once the arguments are fine
+
+    _steady_malloc()
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = load_queue_settings(args.config)
+        server = serve_queue(settings, warn=lambda line: print(f"{PROG}: {line}", file=sys.stderr, flush=True))
+    except QueueConfigError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 1
 
+    queue = server.queue
     with stop_on_signal() as stop:
         print(
             f"queue service listening on {settings.host}:{server.port} "
-            f"({'TLS' if tls_cert else 'insecure'}, {len(queue)} entries, round {queue.current_round})",
+            f"({'TLS' if settings.tls_cert else 'insecure'}, {len(queue)} entries, round {queue.current_round})",
             flush=True,
         )
         server.serve_until(stop, grace=5.0)

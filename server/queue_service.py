@@ -3,9 +3,15 @@
 Three layers, top to bottom:
 - ``QueueHandlers``: pure handlers (proto messages in, proto messages out) over an
   EmbeddingQueue, for an already authenticated ``Principal``; they raise QueueError.
-- ``_Servicer``: the one thin gRPC layer: authenticates the caller, calls a handler and maps
+- ``_Servicer``: the one thin gRPC layer: authenticates the caller, admits the call within the
+  ``CallLimits`` (a site cannot hold the threads the coordinator needs), calls a handler and maps
   QueueError/AccessError codes to gRPC status codes, writes the audit log.
 - ``start_queue_server``: TLS (optionally mutual), health checking, snapshot on stop.
+
+Pushes acknowledged after the last snapshot (taken on every Advance and on a clean stop) live
+in memory only: a kill -9 or a power loss loses them. ``PushJournal`` counts them on disk, so a
+restarted service knows how many rows it lost and reports it in Stats (``restarts``,
+``rows_lost``); the ServerApp records that in the round's metrics.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import os
 import secrets
 import signal
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from concurrent import futures
@@ -36,6 +43,8 @@ __all__ = [
     "SERVICE_NAME",
     "AccessError",
     "AuditLog",
+    "CallLimits",
+    "PushJournal",
     "Principal",
     "QueueHandlers",
     "QueueServer",
@@ -56,6 +65,7 @@ _WIRE = {
 _WIRE_BY_NAME = {"float16": queue_pb2.DTYPE_FLOAT16, "float32": queue_pb2.DTYPE_FLOAT32}
 _SEEN_REQUESTS = 4096  # push request ids remembered for idempotent retries
 _SEEN_PEERS = 10000  # (peer, site) pairs remembered for "connect" audit events
+SNAPSHOT_TEMP_GLOB = ".{name}.*.tmp"  # fedcl.fileio.atomic_file's temp names beside a snapshot
 
 
 class AccessError(Exception):
@@ -91,10 +101,12 @@ def rows_per_chunk(*, dim: int, itemsize: int, max_message_bytes: int) -> int:
 class QueueHandlers:
     """The service's behaviour, free of gRPC: each method takes a Principal and proto messages."""
 
-    def __init__(self, *, queue: EmbeddingQueue, max_message_bytes: int, snapshot_path: Path | None) -> None:
+    def __init__(self, *, queue: EmbeddingQueue, max_message_bytes: int, snapshot_path: Path | None,
+                 journal: PushJournal | None = None) -> None:
         self.queue = queue
         self.max_message_bytes = int(max_message_bytes)
         self.snapshot_path = snapshot_path
+        self.journal = journal if journal is not None else PushJournal(None)
         self._rng = np.random.default_rng(secrets.randbits(128))
         self._rng_lock = threading.Lock()
         self._push_lock = threading.Lock()
@@ -154,6 +166,7 @@ class QueueHandlers:
             accepted = self.queue.push(
                 embeddings, site_id=principal.site_id, round=first.round, model_version=first.model_version
             )
+            self.journal.acknowledged(accepted)  # lost on kill -9 until the next snapshot
             if first.request_id:
                 self._seen[key] = accepted
                 if len(self._seen) > _SEEN_REQUESTS:
@@ -201,7 +214,16 @@ class QueueHandlers:
         return queue_pb2.AdvanceReply(evicted=evicted, current_round=self.queue.current_round, size=len(self.queue))
 
     def stats(self, principal: Principal, request: queue_pb2.StatsRequest) -> queue_pb2.StatsReply:
+        """The coordinator sees everything; a site sees the queue's settings and its own row count only
+        (other sites' names and volumes are theirs)."""
         s = self.queue.stats()
+        if not principal.coordinator:
+            own = s["per_site"].get(principal.site_id, 0)
+            return queue_pb2.StatsReply(
+                size=own, capacity=s["capacity"], dim=s["dim"], dtype=_WIRE_BY_NAME[s["dtype"]],
+                current_round=s["current_round"], max_staleness=s["max_staleness"],
+                per_site_quota=s["per_site_quota"], per_site={principal.site_id: own} if own else {},
+            )
         reply = queue_pb2.StatsReply(
             size=s["size"],
             capacity=s["capacity"],
@@ -215,6 +237,8 @@ class QueueHandlers:
             evicted_capacity=s["evicted"]["capacity"],
             evicted_quota=s["evicted"]["quota"],
             evicted_staleness=s["evicted"]["staleness"],
+            restarts=self.journal.restarts,
+            rows_lost=self.journal.rows_lost,
         )
         if s["oldest_round"] is not None:
             reply.oldest_round = s["oldest_round"]
@@ -223,38 +247,171 @@ class QueueHandlers:
 
     def save_snapshot(self) -> None:
         if self.snapshot_path is not None:
-            self.queue.snapshot(self.snapshot_path)
+            with self._push_lock:  # no push lands between the snapshot and the journal's reset
+                self.queue.snapshot(self.snapshot_path)
+                self.journal.snapshotted()
+
+
+class PushJournal:
+    """Rows acknowledged since the last snapshot, counted in a small file beside the snapshot.
+
+    The count is rewritten in place after every accepted push and reset after every snapshot; it
+    is not fsynced (it must outlive the process, which the page cache does; a power loss may lose
+    it too). At start, a count left over means the previous run ended without a snapshot: those
+    rows are lost, and ``rows_lost`` says how many. File: one line ``restarts rows_lost pending``."""
+
+    _FORMAT = "{:020d} {:020d} {:020d}\n"  # fixed width: each update overwrites the whole line
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.restarts = 0
+        self.rows_lost = 0  # over every restart of this state folder
+        self.lost_at_start = 0  # by the restart that made this process
+        self._pending = 0
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        if path is None:
+            return
+        try:
+            fields = path.read_text(encoding="ascii").split()
+            restarts, lost, pending = (int(field) for field in fields)
+        except FileNotFoundError:
+            pass
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            raise QueueError("FAILED_PRECONDITION", f"push journal {path} is not readable ({err}); delete it "
+                             "(the count of rows lost at the last crash is then unknown)") from None
+        else:
+            self.restarts, self.lost_at_start = restarts + 1, pending
+            self.rows_lost = lost + pending
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._write()
+
+    def _write(self) -> None:
+        if self._fd is not None:
+            os.pwrite(self._fd, self._FORMAT.format(self.restarts, self.rows_lost, self._pending).encode(), 0)
+
+    def acknowledged(self, rows: int) -> None:
+        with self._lock:
+            self._pending += rows
+            self._write()
+
+    def snapshotted(self) -> None:
+        with self._lock:
+            self._pending = 0
+            self._write()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+
+def journal_path(snapshot_path: Path) -> Path:
+    return snapshot_path.with_name(snapshot_path.name + ".pending")
+
+
+def remove_stale_snapshot_temps(snapshot_path: Path) -> list[Path]:
+    """Delete temp files that a snapshot killed mid-write left beside ``snapshot_path``."""
+    removed = []
+    for stale in snapshot_path.parent.glob(SNAPSHOT_TEMP_GLOB.format(name=snapshot_path.name)):
+        stale.unlink(missing_ok=True)
+        removed.append(stale)
+    return removed
 
 
 class AuditLog:
-    """Append-only JSON lines, fsynced, one per event (connect, push, sample, advance, rejection)."""
+    """Append-only JSON lines, fsynced, one per event (connect, push, sample, advance, rejection).
 
-    def __init__(self, path: Path | None) -> None:
+    Rejections are rate limited: the first from a source (peer host and claimed site) in each
+    ``rejection_interval`` seconds is written, later ones are counted, and the next line of that
+    source (or ``close``) carries the count of rejections since its previous line. The file
+    rotates by size: past ``max_bytes`` it becomes ``<name>.1`` (older ones shift up to
+    ``<name>.<backups>``, the oldest is dropped)."""
+
+    def __init__(self, path: Path | None, *, max_bytes: int = 64 << 20, backups: int = 3,
+                 rejection_interval: float = 10.0) -> None:
         self._lock = threading.Lock()
         self._file = None
-        if path is not None:
-            path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._path = None if path is None else Path(path)
+        self.max_bytes = int(max_bytes)
+        self.backups = int(backups)
+        self.rejection_interval = float(rejection_interval)
+        self._rejections: dict[tuple, list] = {}  # source -> [time of its last line, count since, fields]
+        if self._path is not None:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self._path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
 
     def write(self, event: str, **fields: object) -> None:
+        if self._file is None:
+            return
+        with self._lock:
+            self._write_locked(event, fields)
+
+    def _write_locked(self, event: str, fields: dict) -> None:
         if self._file is None:
             return
         record = {"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "event": event}
         record.update({k: v for k, v in fields.items() if v is not None})
         line = json.dumps(record, sort_keys=True) + "\n"
+        if self._file.tell() and self._file.tell() + len(line) > self.max_bytes:
+            self._rotate()
+        self._file.write(line)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def _rotate(self) -> None:
+        assert self._path is not None and self._file is not None
+        self._file.close()
+        for index in range(self.backups - 1, 0, -1):
+            older = self._path.with_name(f"{self._path.name}.{index}")
+            if older.exists():
+                os.replace(older, self._path.with_name(f"{self._path.name}.{index + 1}"))
+        if self.backups > 0:
+            os.replace(self._path, self._path.with_name(f"{self._path.name}.1"))
+        else:
+            self._path.unlink(missing_ok=True)
+        self._file = open(self._path, "a", encoding="utf-8")  # noqa: SIM115
+
+    def rejection(self, *, peer: str | None, **fields: object) -> None:
+        """A refused call, rate limited per source (see the class docstring)."""
+        if self._file is None:
+            return
+        source = (_peer_host(peer), fields.get("site"))
+        now = time.monotonic()
         with self._lock:
-            if self._file is None:
+            entry = self._rejections.get(source)
+            if entry is not None and now - entry[0] < self.rejection_interval:
+                entry[1] += 1
+                entry[2] = fields
                 return
-            self._file.write(line)
-            self._file.flush()
-            os.fsync(self._file.fileno())
+            count = 1 + (entry[1] if entry is not None else 0)
+            if entry is None and len(self._rejections) >= _SEEN_PEERS:  # bounded: report and forget
+                self._flush_rejections_locked()
+            self._rejections[source] = [now, 0, fields]
+            self._write_locked("rejection", {**fields, "peer": peer, "count": count})
+
+    def _flush_rejections_locked(self) -> None:
+        for (host, _site), (_, count, fields) in self._rejections.items():
+            if count:
+                self._write_locked("rejection", {**fields, "peer": host, "count": count})
+        self._rejections.clear()
 
     def close(self) -> None:
         with self._lock:
             if self._file is not None:
+                self._flush_rejections_locked()
                 self._file.close()
                 self._file = None
+
+
+def _peer_host(peer: str | None) -> str | None:
+    """'ipv4:127.0.0.1:50312' -> 'ipv4:127.0.0.1' (every connection has a port of its own)."""
+    if not peer:
+        return peer
+    host, sep, port = peer.rpartition(":")
+    return host if sep and port.isdigit() else peer
 
 
 class Authenticator:
@@ -264,13 +421,14 @@ class Authenticator:
     and refused on purpose (a wrong token stays UNAUTHENTICATED)."""
 
     def __init__(self, *, site_tokens: dict[str, str], coordinator_token: str | None, mutual_tls: bool,
-                 revoked_sites: Iterable[str] = ()) -> None:
+                 revoked_sites: Iterable[str] = (), demo_open_queue: bool = False) -> None:
         self._site_tokens = [(site, token.encode()) for site, token in site_tokens.items()]
         self._coordinator = coordinator_token.encode() if coordinator_token else None
         self.mutual_tls = mutual_tls
         self.revoked = frozenset(revoked_sites)
-        # No credentials of any kind configured: every caller is trusted (loopback tests, simulation).
-        self.open = not site_tokens and coordinator_token is None and not mutual_tls
+        # The demo switch: a caller that names a site is taken at its word. The coordinator is
+        # never an anonymous caller: it always needs its token.
+        self.open = demo_open_queue
 
     def __call__(self, context: grpc.ServicerContext) -> Principal:
         metadata = {key: value for key, value in context.invocation_metadata() if isinstance(value, str)}
@@ -299,11 +457,11 @@ class Authenticator:
                 )
         elif cert_site is not None:
             site = cert_site
-        elif self.open:
+        elif self.open and claimed:
             if claimed in self.revoked:  # no credentials to check, but a revoked name is still refused
                 raise AccessError("PERMISSION_DENIED", f"site {claimed!r} is revoked (server.revoked_sites)",
                                   site=claimed)
-            return Principal(site_id=claimed, coordinator=False) if claimed else Principal(COORDINATOR, coordinator=True)
+            return Principal(site_id=claimed, coordinator=False)
         else:
             raise AccessError("UNAUTHENTICATED", "missing credentials: send 'authorization: Bearer <token>'")
         if site in self.revoked:
@@ -318,13 +476,118 @@ def _status(code: str) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, code)
 
 
-class _Servicer(queue_pb2_grpc.EmbeddingQueueServicer):
-    """The thin gRPC layer: authenticate, call the pure handler, map errors to status codes, audit."""
+@dataclass(frozen=True)
+class CallLimits:
+    """What one caller may hold of the service, so that no site can starve the coordinator.
 
-    def __init__(self, handlers: QueueHandlers, authenticate: Authenticator, audit: AuditLog) -> None:
+    Site calls may occupy at most ``max_workers - coordinator_reserve`` threads (beyond: UNAVAILABLE,
+    which clients retry with backoff) and ``per_site_calls`` of them per site (beyond:
+    RESOURCE_EXHAUSTED); the coordinator's calls are only held to the deadlines. Every call is cut
+    after ``call_timeout`` seconds, and a stream after ``stream_idle_timeout`` seconds without a
+    message. gRPC itself refuses calls past ``max_concurrent_rpcs`` (queued ones included)."""
+
+    max_workers: int = 96
+    coordinator_reserve: int = 8
+    per_site_calls: int = 4
+    call_timeout: float = 300.0
+    stream_idle_timeout: float = 30.0
+    max_concurrent_rpcs: int = 512
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.coordinator_reserve < self.max_workers:
+            raise ValueError(f"coordinator_reserve ({self.coordinator_reserve}) must be at least 1 and below "
+                             f"max_workers ({self.max_workers})")
+        if self.per_site_calls < 1 or self.call_timeout <= 0 or self.stream_idle_timeout <= 0:
+            raise ValueError("per_site_calls, call_timeout and stream_idle_timeout must be positive")
+        if self.max_concurrent_rpcs < self.max_workers:
+            raise ValueError(f"max_concurrent_rpcs ({self.max_concurrent_rpcs}) must be at least max_workers "
+                             f"({self.max_workers})")
+
+
+class _Call:
+    """One admitted call: when it started, when its stream last moved, why it was cut."""
+
+    def __init__(self, principal: Principal, context: grpc.ServicerContext, method: str) -> None:
+        self.principal = principal
+        self.context = context
+        self.method = method
+        self.started = self.moved = time.monotonic()
+        self.cut: str | None = None  # set by the deadline watcher before it cancels the call
+
+    def touch(self) -> None:
+        self.moved = time.monotonic()
+
+
+class _Admission:
+    """Counts calls in flight per site, refuses those over the limits, and cuts overdue calls."""
+
+    def __init__(self, limits: CallLimits) -> None:
+        self.limits = limits
+        self._site_slots = limits.max_workers - limits.coordinator_reserve
+        self._lock = threading.Lock()
+        self._calls: set[_Call] = set()
+        self._per_site: dict[str, int] = {}
+        self._site_calls = 0
+        self._stop = threading.Event()
+        self._tick = min(0.5, limits.stream_idle_timeout / 4, limits.call_timeout / 4)
+        self._watcher = threading.Thread(target=self._watch, name="queue-deadlines", daemon=True)
+        self._watcher.start()
+
+    def enter(self, principal: Principal, context: grpc.ServicerContext, method: str) -> _Call:
+        call = _Call(principal, context, method)
+        with self._lock:
+            if not principal.coordinator:
+                held = self._per_site.get(principal.site_id, 0)
+                if held >= self.limits.per_site_calls:
+                    raise QueueError("RESOURCE_EXHAUSTED", f"site {principal.site_id!r} already has {held} calls in "
+                                     f"flight (the per-site limit); finish or cancel one first")
+                if self._site_calls >= self._site_slots:
+                    raise QueueError("UNAVAILABLE", f"queue service busy ({self._site_calls} site calls in flight); "
+                                     "retry with backoff")
+                self._per_site[principal.site_id] = held + 1
+                self._site_calls += 1
+            self._calls.add(call)
+        return call
+
+    def leave(self, call: _Call) -> None:
+        with self._lock:
+            if call not in self._calls:
+                return
+            self._calls.discard(call)
+            if not call.principal.coordinator:
+                site = call.principal.site_id
+                self._site_calls -= 1
+                self._per_site[site] -= 1
+                if not self._per_site[site]:
+                    del self._per_site[site]
+
+    def _watch(self) -> None:
+        limits = self.limits
+        while not self._stop.wait(self._tick):
+            now = time.monotonic()
+            with self._lock:
+                overdue = [c for c in self._calls if c.cut is None and (
+                    now - c.started > limits.call_timeout or now - c.moved > limits.stream_idle_timeout)]
+                for c in overdue:
+                    c.cut = (f"{c.method} ran past the server's call_timeout of {limits.call_timeout:g} s"
+                             if now - c.started > limits.call_timeout else
+                             f"{c.method} stream sent nothing for stream_idle_timeout = {limits.stream_idle_timeout:g} s")
+            for c in overdue:
+                c.context.cancel()  # unblocks the handler's read or write with an RpcError
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+class _Servicer(queue_pb2_grpc.EmbeddingQueueServicer):
+    """The thin gRPC layer: authenticate, admit, call the pure handler, map errors to status codes, audit."""
+
+    def __init__(self, handlers: QueueHandlers, authenticate: Authenticator, audit: AuditLog,
+                 admission: _Admission) -> None:
         self._handlers = handlers
         self._authenticate = authenticate
         self._audit = audit
+        self._admission = admission
         self._peers: set[tuple[str, str]] = set()
         self._peers_lock = threading.Lock()
 
@@ -332,8 +595,7 @@ class _Servicer(queue_pb2_grpc.EmbeddingQueueServicer):
         try:
             principal = self._authenticate(context)
         except AccessError as err:
-            self._audit.write("rejection", method=method, peer=context.peer(), site=err.site, code=err.code,
-                              reason=err.message)
+            self._audit.rejection(method=method, peer=context.peer(), site=err.site, code=err.code, reason=err.message)
             context.abort(_status(err.code), err.message)
         key = (context.peer(), principal.site_id)
         with self._peers_lock:
@@ -346,37 +608,47 @@ class _Servicer(queue_pb2_grpc.EmbeddingQueueServicer):
             self._audit.write("connect", site=principal.site_id, coordinator=principal.coordinator, peer=context.peer())
         return principal
 
-    def _reject(self, context, method: str, principal: Principal, err: Exception, round: int | None = None) -> None:
-        if isinstance(err, (QueueError, AccessError)):
+    def _admit(self, context: grpc.ServicerContext, method: str) -> _Call:
+        principal = self._principal(context, method)
+        try:
+            return self._admission.enter(principal, context, method)
+        except QueueError as err:
+            self._reject(context, method, principal, err)
+
+    def _reject(self, context, method: str, principal: Principal, err: Exception, round: int | None = None,
+                call: _Call | None = None) -> None:
+        if call is not None and call.cut is not None:  # the deadline watcher cancelled it
+            code, message = "DEADLINE_EXCEEDED", f"{call.cut}; cut by the queue service, nothing stored"
+        elif isinstance(err, (QueueError, AccessError)):
             code, message = err.code, err.message
         elif isinstance(err, grpc.RpcError):  # the client's stream broke: nothing was stored
             code, message = "CANCELLED", "push stream broken before it completed; nothing stored"
         else:
             log.exception("queue service: %s failed", method, exc_info=err)
             code, message = "INTERNAL", f"{method} failed inside the queue service ({type(err).__name__}); nothing stored"
-        self._audit.write(
-            "rejection",
-            method=method,
-            site=principal.site_id,
-            round=round,
-            code=code,
-            reason=message,
-        )
+        self._audit.rejection(method=method, peer=context.peer(), site=principal.site_id, round=round, code=code,
+                              reason=message)
         context.abort(_status(code), message)
 
     def Push(self, request_iterator, context):
-        principal = self._principal(context, "Push")
+        call = self._admit(context, "Push")
+        principal = call.principal
         seen: dict[str, int] = {}
 
-        def chunks():  # remembers the pushed round for the audit log
+        def chunks():  # remembers the pushed round for the audit log; each chunk resets the idle clock
             for chunk in request_iterator:
+                call.touch()
                 seen.setdefault("round", chunk.round)
                 yield chunk
+            if call.cut is not None:  # a cancelled stream can end like a complete one: store nothing
+                raise QueueError("DEADLINE_EXCEEDED", call.cut)
 
         try:
             reply = self._handlers.push(principal, chunks())
         except Exception as err:  # noqa: BLE001 - every failure becomes a status; nothing was stored
-            self._reject(context, "Push", principal, err, round=seen.get("round"))
+            self._reject(context, "Push", principal, err, round=seen.get("round"), call=call)
+        finally:
+            self._admission.leave(call)
         self._audit.write(
             "push",
             site=principal.site_id,
@@ -387,19 +659,25 @@ class _Servicer(queue_pb2_grpc.EmbeddingQueueServicer):
         return reply
 
     def Sample(self, request, context):
-        principal = self._principal(context, "Sample")
+        call = self._admit(context, "Sample")
+        principal = call.principal
         try:
-            chunks = self._handlers.sample(principal, request)
-        except (QueueError, AccessError) as err:
-            self._reject(context, "Sample", principal, err, round=self._handlers.queue.current_round)
-        count = 0
-        for chunk in chunks:
-            count = chunk.total
-            yield chunk
+            try:
+                chunks = self._handlers.sample(principal, request)
+            except (QueueError, AccessError) as err:
+                self._reject(context, "Sample", principal, err, round=self._handlers.queue.current_round)
+            count = 0
+            for chunk in chunks:
+                count = chunk.total
+                yield chunk  # blocks while the reader does not read: the deadlines still apply
+                call.touch()
+        finally:
+            self._admission.leave(call)
         self._audit.write("sample", site=principal.site_id, round=self._handlers.queue.current_round, count=count)
 
     def Advance(self, request, context):
-        principal = self._principal(context, "Advance")
+        call = self._admit(context, "Advance")
+        principal = call.principal
         try:
             reply = self._handlers.advance(principal, request)
         except (QueueError, AccessError) as err:
@@ -407,23 +685,30 @@ class _Servicer(queue_pb2_grpc.EmbeddingQueueServicer):
         except OSError as err:  # the round moved but the snapshot failed: retrying the same round is safe
             self._audit.write("rejection", method="Advance", code="INTERNAL", reason=f"snapshot failed: {err}")
             context.abort(grpc.StatusCode.INTERNAL, f"queue snapshot failed: {err}; retry Advance with the same round")
+        finally:
+            self._admission.leave(call)
         self._audit.write("advance", site=principal.site_id, round=reply.current_round, count=reply.evicted)
         return reply
 
     def Stats(self, request, context):
-        principal = self._principal(context, "Stats")
-        return self._handlers.stats(principal, request)
+        call = self._admit(context, "Stats")
+        try:
+            return self._handlers.stats(call.principal, request)
+        finally:
+            self._admission.leave(call)
 
 
 class QueueServer:
     """A running queue service: ``.port``, ``.stop(grace)`` (snapshots), ``.wait()``."""
 
-    def __init__(self, *, server: grpc.Server, port: int, handlers: QueueHandlers, health_servicer, audit: AuditLog) -> None:
+    def __init__(self, *, server: grpc.Server, port: int, handlers: QueueHandlers, health_servicer, audit: AuditLog,
+                 admission: _Admission) -> None:
         self._server = server
         self.port = port
         self.handlers = handlers
         self._health = health_servicer
         self._audit = audit
+        self._admission = admission
         self._stopped = False
         self._stop_lock = threading.Lock()
 
@@ -439,9 +724,11 @@ class QueueServer:
             self._stopped = True
         self._health.enter_graceful_shutdown()
         self._server.stop(grace).wait()
+        self._admission.close()
         try:
             self.handlers.save_snapshot()
         finally:
+            self.handlers.journal.close()
             self._audit.write("stop", size=len(self.queue), round=self.queue.current_round)
             self._audit.close()
 
@@ -488,35 +775,58 @@ def start_queue_server(
     snapshot_path: Path | None,
     max_message_bytes: int,
     audit_log: Path | None = None,
-    max_workers: int = 32,
     revoked_sites: Iterable[str] = (),
+    demo_open_queue: bool = False,
+    limits: CallLimits = CallLimits(),
+    audit_max_bytes: int = 64 << 20,
+    audit_backups: int = 3,
+    rejection_interval: float = 10.0,
 ) -> QueueServer:
     """Serve ``queue`` on host:port (port 0 picks a free one). TLS when tls_cert/tls_key are given;
     mutual TLS (client certificate CN = site id) when client_ca is given too. Calls with the token
-    or certificate of a site in ``revoked_sites`` are refused with PERMISSION_DENIED."""
+    or certificate of a site in ``revoked_sites`` are refused with PERMISSION_DENIED.
+
+    Sites authenticate with ``site_tokens`` or client certificates; only ``demo_open_queue`` lets a
+    site in by its name alone. The coordinator always needs ``coordinator_token``. With a
+    ``snapshot_path``, temp files of a snapshot killed mid-write are removed and a ``PushJournal``
+    beside it counts the rows a crash would lose. Commands start the service through
+    ``server.queue_cli.serve_queue``, which validates the settings first."""
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("give both tls_cert and tls_key, or neither")
     if client_ca is not None and tls_cert is None:
         raise ValueError("client_ca (mutual TLS) needs tls_cert and tls_key")
-    tokens = list(site_tokens.values()) + ([coordinator_token] if coordinator_token else [])
+    if not coordinator_token:
+        raise ValueError("coordinator_token is required: the coordinator (ServerApp) is never an anonymous caller")
+    if not site_tokens and client_ca is None and not demo_open_queue:
+        raise ValueError("no site credentials: give site_tokens or client_ca (an open queue needs demo_open_queue)")
+    tokens = list(site_tokens.values()) + [coordinator_token]
     if len(set(tokens)) != len(tokens) or any(not t for t in tokens):
         raise ValueError("every site token and the coordinator token must be non-empty and distinct")
-    handlers = QueueHandlers(queue=queue, max_message_bytes=max_message_bytes, snapshot_path=snapshot_path)
-    audit = AuditLog(audit_log)
     revoked = sorted(set(revoked_sites))
     if COORDINATOR in revoked or COORDINATOR_PUSH_SITE in revoked:
         raise ValueError(f"revoked_sites may not name the coordinator ({COORDINATOR!r}, {COORDINATOR_PUSH_SITE!r})")
+    removed: list[Path] = []
+    journal = PushJournal(None)
+    if snapshot_path is not None:
+        removed = remove_stale_snapshot_temps(Path(snapshot_path))
+        journal = PushJournal(journal_path(Path(snapshot_path)))
+    handlers = QueueHandlers(queue=queue, max_message_bytes=max_message_bytes, snapshot_path=snapshot_path,
+                             journal=journal)
+    audit = AuditLog(audit_log, max_bytes=audit_max_bytes, backups=audit_backups,
+                     rejection_interval=rejection_interval)
     authenticate = Authenticator(
         site_tokens=dict(site_tokens), coordinator_token=coordinator_token, mutual_tls=client_ca is not None,
-        revoked_sites=revoked,
+        revoked_sites=revoked, demo_open_queue=demo_open_queue,
     )
     options = [
         ("grpc.max_receive_message_length", int(max_message_bytes)),
         ("grpc.max_send_message_length", int(max_message_bytes)),
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="queue"), options=options)
-    queue_pb2_grpc.add_EmbeddingQueueServicer_to_server(_Servicer(handlers, authenticate, audit), server)
+    admission = _Admission(limits)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=limits.max_workers, thread_name_prefix="queue"),
+                         options=options, maximum_concurrent_rpcs=limits.max_concurrent_rpcs)
+    queue_pb2_grpc.add_EmbeddingQueueServicer_to_server(_Servicer(handlers, authenticate, audit, admission), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -529,8 +839,12 @@ def start_queue_server(
         else:
             bound = server.add_insecure_port(address)
     except RuntimeError as err:  # grpc raises RuntimeError when the port is taken
+        admission.close()
+        journal.close()
         raise OSError(f"queue service cannot listen on {address}: {err}") from err
     if not bound:
+        admission.close()
+        journal.close()
         raise OSError(f"queue service cannot listen on {address}")
     server.start()
     for service in ("", SERVICE_NAME):
@@ -538,7 +852,12 @@ def start_queue_server(
     audit.write(
         "start", port=bound, size=len(queue), round=queue.current_round,
         tls=tls_cert is not None, mutual_tls=client_ca is not None, open=authenticate.open,
-        revoked_sites=revoked or None,
+        revoked_sites=revoked or None, restarts=journal.restarts, rows_lost=journal.lost_at_start or None,
+        stale_temp_files=[p.name for p in removed] or None,
     )
+    if journal.lost_at_start:
+        log.warning("queue service: the previous run ended without a snapshot; the %d rows acknowledged after "
+                    "its last snapshot are lost", journal.lost_at_start)
     log.info("queue service listening on %s (port %d)", host, bound)
-    return QueueServer(server=server, port=bound, handlers=handlers, health_servicer=health_servicer, audit=audit)
+    return QueueServer(server=server, port=bound, handlers=handlers, health_servicer=health_servicer, audit=audit,
+                       admission=admission)

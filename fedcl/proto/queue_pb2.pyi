@@ -93,7 +93,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsReply(_message.Message):
-    __slots__ = ("size", "capacity", "dim", "dtype", "current_round", "max_staleness", "per_site_quota", "per_site", "pushed_total", "evicted_capacity", "evicted_quota", "evicted_staleness", "oldest_round", "newest_round")
+    __slots__ = ("size", "capacity", "dim", "dtype", "current_round", "max_staleness", "per_site_quota", "per_site", "pushed_total", "evicted_capacity", "evicted_quota", "evicted_staleness", "oldest_round", "newest_round", "restarts", "rows_lost")
     class PerSiteEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +115,8 @@ class StatsReply(_message.Message):
     EVICTED_STALENESS_FIELD_NUMBER: _ClassVar[int]
     OLDEST_ROUND_FIELD_NUMBER: _ClassVar[int]
     NEWEST_ROUND_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_LOST_FIELD_NUMBER: _ClassVar[int]
     size: int
     capacity: int
     dim: int
@@ -129,4 +131,6 @@ class StatsReply(_message.Message):
     evicted_staleness: int
     oldest_round: int
     newest_round: int
-    def __init__(self, size: _Optional[int] = ..., capacity: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., current_round: _Optional[int] = ..., max_staleness: _Optional[int] = ..., per_site_quota: _Optional[int] = ..., per_site: _Optional[_Mapping[str, int]] = ..., pushed_total: _Optional[int] = ..., evicted_capacity: _Optional[int] = ..., evicted_quota: _Optional[int] = ..., evicted_staleness: _Optional[int] = ..., oldest_round: _Optional[int] = ..., newest_round: _Optional[int] = ...) -> None: ...
+    restarts: int
+    rows_lost: int
+    def __init__(self, size: _Optional[int] = ..., capacity: _Optional[int] = ..., dim: _Optional[int] = ..., dtype: _Optional[_Union[DType, str]] = ..., current_round: _Optional[int] = ..., max_staleness: _Optional[int] = ..., per_site_quota: _Optional[int] = ..., per_site: _Optional[_Mapping[str, int]] = ..., pushed_total: _Optional[int] = ..., evicted_capacity: _Optional[int] = ..., evicted_quota: _Optional[int] = ..., evicted_staleness: _Optional[int] = ..., oldest_round: _Optional[int] = ..., newest_round: _Optional[int] = ..., restarts: _Optional[int] = ..., rows_lost: _Optional[int] = ...) -> None: ...

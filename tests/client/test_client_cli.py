@@ -95,11 +95,24 @@ def test_supervisor_restarts_a_supernode_that_drops_out(tmp_path):
     # rejoin=False returns the child's status at once; with rejoin the child is started again
     assert supervise([sys.executable, "-c", script], rejoin=False) == 0
     assert counter.read_text() == "1"
-    proc = subprocess.run([sys.executable, "-c", (
-        "import sys; from client.cli import supervise; import threading, os, signal;"
-        f"threading.Timer(1.5, lambda: os.kill(os.getpid(), signal.SIGTERM)).start();"
-        f"sys.exit(supervise([sys.executable, '-c', {script!r}], rejoin=True, min_delay=0.1))")],
-        capture_output=True, text=True, timeout=60)
+    # the supervisor is stopped (SIGTERM) once the child has run a third time: an event, not a guess of
+    # how long three interpreter starts take on a busy machine
+    supervisor = (
+        "import os, pathlib, signal, sys, threading, time\n"
+        "from client.cli import supervise\n"
+        f"p = pathlib.Path({str(counter)!r})\n"
+        "def third_run():\n"
+        "    while not (p.exists() and p.read_text().strip().isdigit() and int(p.read_text()) >= 3):\n"
+        "        time.sleep(0.05)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "threading.Thread(target=third_run, daemon=True).start()\n"
+        f"sys.exit(supervise([sys.executable, '-c', {script!r}], rejoin=True, min_delay=0.1))\n")
+    try:
+        proc = subprocess.run([sys.executable, "-c", supervisor], capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired as err:
+        raise AssertionError(f"awaited the supervised child's third run and the supervisor's exit on SIGTERM; "
+                             f"runs so far: {counter.read_text() if counter.exists() else 0}; "
+                             f"stdout: {err.stdout!r}") from None
     assert proc.returncode == 0, proc.stderr
     assert int(counter.read_text()) >= 3  # exited with 0 and then 7, and was started again each time
     assert "rejoining" in proc.stdout

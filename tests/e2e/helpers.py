@@ -19,6 +19,9 @@ BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[2]
 
 
+PATIENCE = float(os.environ.get("FEDCL_E2E_PATIENCE", "3"))  # see Processes.wait_for
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -183,6 +186,10 @@ class Processes:
                 pass
 
     def wait_for(self, what: str, predicate, *, timeout: float, interval: float = 0.5, alive: list[str] = ()) -> None:
+        """Wait for an event (``predicate()`` true); fail at once when a process in ``alive`` exits. The
+        timeout, a backstop, is ``timeout`` (what an idle 2-core machine needs, with room) times
+        PATIENCE, so that a machine shared with other jobs (load average 8-15) does not fail a drill."""
+        timeout *= PATIENCE
         deadline = time.time() + timeout
         while time.time() < deadline:
             if predicate():

@@ -187,7 +187,10 @@ def test_snapshot_on_advance_and_stop_restores_after_restart(serve, clients, tmp
 
     restored = serve(queue=EmbeddingQueue.restore(snapshot), snapshot_path=snapshot)
     b, coord2 = clients(restored, "site-b"), clients(restored, "coordinator")
-    assert coord2.stats() == before
+    after = coord2.stats()
+    # a clean stop loses nothing
+    assert (after.pop("restarts"), after.pop("rows_lost"), before.pop("restarts"), before.pop("rows_lost")) == (1, 0, 0, 0)
+    assert after == before
     assert rows(b.sample(50)) == rows(x)
 
 
@@ -402,12 +405,24 @@ def test_audit_log_records_every_kind_of_event(serve, clients, tmp_path):
     assert rejection["site"] == "site-a" and rejection["code"] == "INVALID_ARGUMENT" and "norm" in rejection["reason"]
 
 
-def test_open_mode_without_credentials(serve, clients):
-    server = serve(site_tokens={}, coordinator_token=None)
+def test_demo_open_queue_trusts_site_names_but_never_makes_an_anonymous_caller_the_coordinator(serve, clients):
+    server = serve(site_tokens={}, demo_open_queue=True)
     a = clients(server, "site-a", token=None)
     b = clients(server, "site-b", token=None)
     a.push(unit(3), round=0, model_version=0)
     assert len(b.sample(10)) == 3 and len(a.sample(10)) == 0
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")  # no site header, no token
+    with channel:
+        with pytest.raises(grpc.RpcError) as err:
+            queue_pb2_grpc.EmbeddingQueueStub(channel).Advance(queue_pb2.AdvanceRequest(round=5), timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert refused(lambda: clients(server, "coordinator", token=None).advance(5)) == grpc.StatusCode.PERMISSION_DENIED
+    assert clients(server, "coordinator").stats()["current_round"] == 0  # nothing moved; the token still works
+
+
+def test_an_open_queue_needs_the_demo_switch(serve):
+    with pytest.raises(ValueError, match="demo_open_queue"):
+        serve(site_tokens={})
 
 
 # ------------------------------------------------------------- revocation
@@ -433,7 +448,8 @@ def test_revoked_site_is_refused_permission_denied_audited_and_changes_nothing(s
     start = next(e for e in events if e["event"] == "start")
     assert start["revoked_sites"] == ["site-b"]
     denied = [e for e in events if e["event"] == "rejection" and e.get("site") == "site-b"]
-    assert [e["method"] for e in denied] == ["Push", "Sample", "Stats"]
+    # rate limited per source: the first refusal is written at once, the later two as one counted line
+    assert denied[0]["method"] == "Push" and sum(e["count"] for e in denied) == 3
     assert all(e["code"] == "PERMISSION_DENIED" and "revoked" in e["reason"] for e in denied)
     assert not [e for e in events if e["event"] in ("connect", "push", "sample") and e.get("site") == "site-b"]
 
@@ -454,7 +470,7 @@ def test_revoked_certificate_common_name_is_refused_under_mutual_tls(serve, clie
 
 
 def test_revocation_applies_in_open_mode_and_never_to_the_coordinator(serve, clients):
-    server = serve(site_tokens={}, coordinator_token=None, revoked_sites=["site-b"])
+    server = serve(site_tokens={}, demo_open_queue=True, revoked_sites=["site-b"])
     assert refused(lambda: clients(server, "site-b", token=None).sample(1)) == grpc.StatusCode.PERMISSION_DENIED
     assert len(clients(server, "site-a", token=None).sample(1)) == 0
     with pytest.raises(ValueError, match="coordinator"):
@@ -675,3 +691,64 @@ def test_cli_serves_tls_with_certificate_paths_relative_to_the_config(tmp_path):
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
     assert proc.returncode == 0
+
+
+# ------------------------------------------------------------- what a site sees, audit wear, leftovers
+
+
+def test_a_sites_stats_show_only_its_own_counts(serve, clients):
+    server = serve()
+    a, b, coord = clients(server, "site-a"), clients(server, "site-b"), clients(server, "coordinator")
+    a.push(unit(3), round=0, model_version=0)
+    b.push(unit(2, seed=1), round=0, model_version=0)
+    mine = a.stats()
+    assert mine["per_site"] == {"site-a": 3} and mine["size"] == 3
+    assert mine["pushed_total"] == 0 and mine["oldest_round"] is None  # nothing about the others
+    assert b.stats()["per_site"] == {"site-b": 2}
+    assert coord.stats()["per_site"] == {"site-a": 3, "site-b": 2} and coord.stats()["size"] == 5
+
+
+def test_rejections_are_audited_once_per_source_and_interval_with_a_count(serve, tmp_path):
+    server = serve()
+    flood = 60
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    stub = queue_pb2_grpc.EmbeddingQueueStub(channel)
+    start = time.monotonic()
+    with channel:
+        for _ in range(flood):
+            with pytest.raises(grpc.RpcError):
+                stub.Stats(queue_pb2.StatsRequest(), metadata=[("authorization", "Bearer wrong-token")], timeout=10)
+    elapsed = time.monotonic() - start
+    server.stop(grace=1.0)
+    events = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    lines = [e for e in events if e["event"] == "rejection"]
+    assert sum(e["count"] for e in lines) == flood  # every refusal counted
+    assert len(lines) <= 2 + elapsed / 10.0  # one line per 10 s interval, plus the count flushed at the stop
+    assert all(e["peer"].startswith("ipv") and e["code"] == "UNAUTHENTICATED" for e in lines)
+
+
+def test_the_audit_log_rotates_by_size(serve, clients, tmp_path):
+    server = serve(audit_max_bytes=4096, audit_backups=2)
+    a = clients(server, "site-a")
+    for i in range(150):  # ~140 bytes per push line: ~20 KiB in all, more than the 3 files hold
+        a.push(unit(1, seed=i), round=0, model_version=0)
+    server.stop(grace=1.0)
+    log = tmp_path / "audit.jsonl"
+    files = [log, log.with_name("audit.jsonl.1"), log.with_name("audit.jsonl.2")]
+    assert all(f.exists() and f.stat().st_size <= 4096 for f in files)
+    assert not log.with_name("audit.jsonl.3").exists()
+    for f in files:  # whole JSON lines in every file
+        assert all(json.loads(line)["event"] for line in f.read_text().splitlines())
+
+
+def test_stale_snapshot_temp_files_are_removed_at_start(serve, tmp_path):
+    stale = [tmp_path / ".queue.npz.k3j9x.tmp", tmp_path / ".queue.npz.a81q.tmp"]
+    other = tmp_path / ".other.npz.k3j9x.tmp"
+    for path in (*stale, other):
+        path.write_bytes(b"half a snapshot")
+    server = serve()
+    assert not any(p.exists() for p in stale) and other.exists()
+    server.stop(grace=1.0)
+    start = next(json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()
+                 if json.loads(line)["event"] == "start")
+    assert sorted(start["stale_temp_files"]) == sorted(p.name for p in stale)

@@ -96,8 +96,13 @@ def federation(tmp_path, task_identity):
                      snapshot_path=tmp_path / "queue-snapshot.npz")
     simulated = SimulatedSites(config=cfg, site_tokens=tokens, threads=1)
     sites = {101: {"partition-id": 0, "num-partitions": 2}, 202: {"partition-id": 1, "num-partitions": 2}}
+    _running_servers.append(server)
     yield cfg, link, simulated, sites, queue
+    _running_servers.remove(server)
     server.stop(grace=0.5)
+
+
+_running_servers: list = []  # the federation fixture's queue server, for a test that kills it
 
 
 def _with_rounds(cfg, n):
@@ -352,3 +357,32 @@ def test_a_dp_federation_reports_no_loss_or_alignment_and_its_table_and_plots_co
     rows = format_table(result.history).splitlines()[2:]
     assert len(rows) == 2 and all(row.split()[1] == "—" for row in rows)  # the loss column
     assert {p.name for p in result.plots} >= {"loss.png", "epsilon.png"}
+
+
+def test_rows_a_queue_restart_lost_show_in_the_rounds_metrics(tmp_path, federation):
+    cfg, link, simulated, sites, queue = federation
+    out = tmp_path / "out"
+    first = run_federation(InProcessGrid(sites, simulated), config=_with_rounds(cfg, 1), out_dir=out, queue=link)
+    assert (first.history[0]["queue_restarts"], first.history[0]["queue_rows_lost"]) == (0, 0)
+    from client.queue_client import QueueClient
+
+    with QueueClient(link.address, site_id="site-0", token=simulated.site_tokens["site-0"]) as site:
+        site.push(torch.nn.functional.normalize(torch.randn(7, 16), dim=1), round=2, model_version=2)  # acknowledged
+    # the service dies without a snapshot (kill -9): here, its gRPC server stops and nothing is saved
+    live = next(s for s in _running_servers if s.queue is queue)
+    live._server.stop(0).wait()
+    live.handlers.journal.close()
+    snapshot = tmp_path / "queue-snapshot.npz"
+    restarted = start_queue_server(queue=EmbeddingQueue.restore(snapshot), host="127.0.0.1", port=0,
+                                   site_tokens=simulated.site_tokens, coordinator_token=link.coordinator_token,
+                                   tls_cert=None, tls_key=None, client_ca=None, snapshot_path=snapshot,
+                                   max_message_bytes=1 << 20)
+    try:
+        link2 = QueueLink(address=f"127.0.0.1:{restarted.port}", coordinator_token=link.coordinator_token,
+                          snapshot_path=snapshot)
+        resumed = run_federation(InProcessGrid(sites, simulated), config=_with_rounds(cfg, 2), out_dir=out,
+                                 queue=link2)
+    finally:
+        restarted.stop(grace=0.5)
+    assert (resumed.history[1]["queue_restarts"], resumed.history[1]["queue_rows_lost"]) == (1, 7)
+    assert resumed.history[1]["queue"]["rows_lost"] == 7

@@ -149,7 +149,7 @@ def test_queue_service_of_fedcl_server_refuses_revoked_sites(tmp_path):
     cfg = load_config(None, ["server.insecure=true", "server.queue_port=0", f'server.out_dir="{tmp_path}"',
                              "server.site_tokens={" + ", ".join(f'"{s}" = "{t}"' for s, t in tokens.items()) + "}",
                              'server.revoked_sites=["site-b"]'])
-    server, cfg = _start_queue(cfg)
+    server, cfg = _start_queue(cfg, generate_coordinator_token=True)
     try:
         address = f"127.0.0.1:{server.port}"
         with QueueClient(address, site_id="site-a", token=tokens["site-a"], timeout=5) as a:
