@@ -1,7 +1,7 @@
 """What `train.persist_optimizer` adds to a site's Flower Context, per encoder.
 
 With `train.persist_optimizer = true` the client keeps its Adam state (two moments per
-parameter and the step counts) in `Context.state` (`client.app.save_optimizer_state`), and the
+parameter and the step counts) in `Context.state` (`fedcl.client.app.save_optimizer_state`), and the
 context travels between the SuperNode and the ClientApp process with every message. This
 script builds each encoder, takes one Adam step so that every moment exists, stores the state
 as the client does, and prints the size of the serialized context and the time to serialize it.
@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from flwr.app import Context, RecordDict  # noqa: E402
 from flwr.common.serde import context_to_proto  # noqa: E402
 
-from client.app import save_optimizer_state  # noqa: E402
+from fedcl.client.app import save_optimizer_state  # noqa: E402
 from fedcl.models import build_model  # noqa: E402
 
 # (arch, width, input channels, image side)

@@ -152,7 +152,7 @@ def dp_plan(*, num_examples: int, batch_size: int, local_epochs: int, rounds: in
     """(DP-SGD parameters spending ``epsilon`` at ``delta`` over all rounds, Poisson steps per round).
 
     With rounds_per_epoch k a round takes local_epochs / k epochs' worth of steps, each over the
-    site's whole data set (as the Flower path's client.privacy.plan_round).
+    site's whole data set (as the Flower path's fedcl.client.privacy.plan_round).
     """
     sample_rate = min(1.0, batch_size / max(1, num_examples))
     steps_per_round = max(1, math.floor(local_epochs / (sample_rate * rounds_per_epoch) + 0.5))  # half up

@@ -3,12 +3,12 @@
     python bench/inprocess_vs_ray.py [--sites 3] [--rounds 3] [--images-per-site 300] [--repeats 1]
                                      [--threads N]
 
-Both engines run the same shipped code (``server.simulate.run_simulation_main``: the ServerApp
+Both engines run the same shipped code (``fedcl.sim.simulate.run_simulation_main``: the ServerApp
 loop, the ClientApp handlers, the queue gRPC service on loopback), on the same configuration and
 seed: Fashion-MNIST, pathological split (2 classes per site), a CNN of width 8, queue on, kNN on
 500 + 500 images after every round. Each run is a fresh Python process, so both pay the same
 imports. Threads (``--threads`` sets ``train.threads``; unset): both give each site
-cores / min(sites, cores) torch threads (``server.simulate.site_threads``); Ray runs
+cores / min(sites, cores) torch threads (``fedcl.sim.simulate.site_threads``); Ray runs
 min(sites, cores) sites at once, in-process one.
 
 Measured per engine (median over ``--repeats``, runs alternating between the engines):
@@ -54,7 +54,7 @@ def overrides(args) -> list[str]:
 def child(engine: str, out: Path, items: list[str]) -> None:
     """One run, in this (fresh) process; prints its figures as one JSON line."""
     from fedcl.config import load_config
-    from server.simulate import run_simulation_main
+    from fedcl.sim.simulate import run_simulation_main
 
     summary = run_simulation_main(load_config(None, items), out_dir=out, progress=False, stream=io.StringIO(),
                                   engine=engine)

@@ -5,7 +5,7 @@
 A fedcl site round = fetch K negatives from the queue service + fedcl.train.local_round
 (two-view augmentation, query/key InfoNCE with the frozen round model as key encoder, Adam)
 + encode and push the embeddings it shares. The queue is the real gRPC service
-(server/queue_service.py) on 127.0.0.1 reached through client/queue_client.py, holding
+(fedcl/server/queue_service.py) on 127.0.0.1 reached through fedcl/wire/queue_client.py, holding
 another site's embeddings. The baseline is a plain PyTorch loop that does the same training
 on the same data: same model and initial weights, same augmentation, same batches and random
 draws, same negatives (handed over in memory), no queue I/O. The two alternate ``--repeats``
@@ -30,12 +30,12 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from client.queue_client import QueueClient  # noqa: E402
+from fedcl.wire.queue_client import QueueClient  # noqa: E402
 from fedcl.augment import TwoViewAugment  # noqa: E402
 from fedcl.models import build_model, load_canonical_state_dict, canonical_state_dict  # noqa: E402
 from fedcl.queue import EmbeddingQueue  # noqa: E402
 from fedcl.train import RoundRecipe, local_round  # noqa: E402
-from server.queue_service import start_queue_server  # noqa: E402
+from fedcl.server.queue_service import start_queue_server  # noqa: E402
 
 TOKENS = {"site-0": "overhead-site-0-token-0123456789", "site-1": "overhead-site-1-token-0123456789"}
 COORDINATOR = "overhead-coordinator-token-0123456789"

@@ -33,7 +33,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from client.queue_client import QueueClient  # noqa: E402
+from fedcl.wire.queue_client import QueueClient  # noqa: E402
 
 COORDINATOR_TOKEN = "bench-coordinator-token-0123456789"
 
@@ -43,7 +43,7 @@ def site_token(i: int) -> str:
 
 
 def start_queue_process(settings: dict, *, workdir: Path) -> tuple[subprocess.Popen, int]:
-    """Run server/queue_cli.py with these [queue_service] settings; return (process, port)."""
+    """Run fedcl/server/queue_cli.py with these [queue_service] settings; return (process, port)."""
     lines = ["[queue_service]"]
     tokens = settings.pop("site_tokens", {})
     for key, value in settings.items():
@@ -54,7 +54,7 @@ def start_queue_process(settings: dict, *, workdir: Path) -> tuple[subprocess.Po
     config.write_text("\n".join(lines) + "\n")
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server.queue_cli", "--config", str(config), "--log-level", "WARNING"],
+        [sys.executable, "-m", "fedcl.server.queue_cli", "--config", str(config), "--log-level", "WARNING"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env,
     )
     line = proc.stdout.readline()
@@ -133,7 +133,7 @@ def run_phase(args, *, stall: bool) -> dict:
         def stalling_stream(i: int) -> None:
             import grpc
 
-            from fedcl.proto import queue_pb2, queue_pb2_grpc
+            from fedcl.wire.proto import queue_pb2, queue_pb2_grpc
 
             channel = (grpc.secure_channel(address, grpc.ssl_channel_credentials(ca)) if ca
                        else grpc.insecure_channel(address))

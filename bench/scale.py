@@ -3,7 +3,7 @@
     python bench/scale.py [--sites 10,50,100] [--rounds 3] [--images-per-site 64]
 
 For each site count, a fresh process runs the real simulation path,
-``server.simulate.run_simulation_main``: Flower's simulation engine (Ray) with N virtual sites,
+``fedcl.sim.simulate.run_simulation_main``: Flower's simulation engine (Ray) with N virtual sites,
 and in the same process the ServerApp (a thread) and the queue gRPC service on loopback. Each
 site trains on a small slice of the data (default 64 Fashion-MNIST images, iid) with a CNN of
 width 8, so the figures show the per-site and per-round costs of the federation machinery, not
@@ -79,7 +79,7 @@ def _child(result_path: Path, out_dir: Path, overrides: list[str]) -> int:
     """One federation in this process; writes the rounds and this process's memory to result_path."""
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     from fedcl.config import ConfigError, load_config
-    from server.simulate import run_simulation_main
+    from fedcl.sim.simulate import run_simulation_main
 
     try:
         cfg = load_config(None, overrides)
@@ -89,7 +89,7 @@ def _child(result_path: Path, out_dir: Path, overrides: list[str]) -> int:
     # CPU seconds at the end of each round, taken as the round's record is written (in the writing
     # thread, so no round's work falls between two polls): by thread of this process, and by kind of
     # process in this process's tree (this server process, Ray's workers, Ray's services)
-    from server.metrics import MetricsLog
+    from fedcl.server.metrics import MetricsLog
 
     threads, tree = ThreadCPU(), ProcessSampler(os.getpid())
     cpu_at: dict[int, dict[str, Any]] = {}

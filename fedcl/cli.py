@@ -137,7 +137,7 @@ def simulate(
     if engine not in ("ray", "inprocess"):
         _fail(f"--engine {engine}: choose ray or inprocess")
     cfg = _load(config, overrides)
-    from server.simulate import run_simulation_main  # Flower lives in server/, imported only here
+    from fedcl.sim.simulate import run_simulation_main  # Flower lives in server/, imported only here
 
     try:
         run_simulation_main(cfg, out_dir=out or cfg.server.out_dir, engine=engine)

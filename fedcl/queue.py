@@ -1,6 +1,6 @@
 """The global queue of negatives: a ring buffer of unit-norm embeddings with site/round metadata.
 
-Pure numpy, no networking (the gRPC service in server/queue_service.py wraps it). Every
+Pure numpy, no networking (the gRPC service in fedcl/server/queue_service.py wraps it). Every
 push is validated completely before anything is stored, so a rejected push changes
 nothing. Rules (docs: "Queue service contract"):
 

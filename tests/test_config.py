@@ -53,7 +53,7 @@ def test_shorter_rounds_and_kept_optimizers_are_checked_and_allowed_with_dp():
     # options that lost in docs/benchmarks.md are gone from the config (research/ describes them)
     with pytest.raises(ConfigError, match=r"train.hard_negatives: unknown key"):
         load_config(None, ["train.hard_negatives=4"])
-    # DP-SGD: shorter rounds take fewer Poisson steps over the whole data set (client.privacy.plan_round)
+    # DP-SGD: shorter rounds take fewer Poisson steps over the whole data set (fedcl.client.privacy.plan_round)
     cfg = load_config(None, ["privacy.dpsgd=true", "train.in_batch_negatives=false", "train.rounds_per_epoch=2",
                              "train.persist_optimizer=true"])
     assert cfg.train.rounds_per_epoch == 2 and cfg.train.persist_optimizer

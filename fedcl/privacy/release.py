@@ -183,6 +183,9 @@ def merge_prototypes(
     return out
 
 
+PROTOTYPE_SEED = 1234  # public: the same random prototypes at every site
+
+
 def init_prototypes(*, num: int, dim: int, seed: int) -> torch.Tensor:
     """Public random unit-norm prototypes (num, dim): no data involved."""
     if num < 1 or dim < 1:

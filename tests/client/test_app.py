@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from client.app import SiteError, SiteSettings, load_site_images, site_privacy_settings
-from client.protocol import RoundConfig
+from fedcl.client.app import SiteError, SiteSettings, load_site_images, site_privacy_settings
+from fedcl.wire.protocol import RoundConfig
 
 
 def _rc(**partition) -> RoundConfig:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from flwr.common.config import parse_config_args
 
-from client.cli import (
+from fedcl.client.cli import (
     ClientCliError,
     _parser,
     _store_token,
@@ -99,7 +99,7 @@ def test_supervisor_restarts_a_supernode_that_drops_out(tmp_path):
     # how long three interpreter starts take on a busy machine
     supervisor = (
         "import os, pathlib, signal, sys, threading, time\n"
-        "from client.cli import supervise\n"
+        "from fedcl.client.cli import supervise\n"
         f"p = pathlib.Path({str(counter)!r})\n"
         "def third_run():\n"
         "    while not (p.exists() and p.read_text().strip().isdigit() and int(p.read_text()) >= 3):\n"
@@ -200,7 +200,7 @@ def test_server_certificate_is_checked_before_joining(tmp_path, tls_server):
 def test_fedcl_client_with_the_wrong_ca_stops_with_one_clear_message(tmp_path, tls_server):
     port, _ = tls_server
     rogue = _certs(tmp_path / "rogue")
-    proc = subprocess.run([sys.executable, "-m", "client.cli", "--server", f"127.0.0.1:{port}", "--data-format",
+    proc = subprocess.run([sys.executable, "-m", "fedcl.client.cli", "--server", f"127.0.0.1:{port}", "--data-format",
                            "synthetic", "--site-id", "hospital-a", "--state-dir", str(tmp_path / "state"),
                            "--root-certificates", str(rogue / "ca.pem")],
                           capture_output=True, text=True, timeout=60, cwd=REPO)
@@ -213,7 +213,7 @@ def test_supervisor_explains_a_refused_supernode(tmp_path):
     # what flower-supernode prints (and its status) when the SuperLink does not know its key
     child = "print('[code: 2004] Failed to activate SuperNode.'); import sys; sys.exit(1)"
     proc = subprocess.run([sys.executable, "-c", (
-        "import sys; from client.cli import supervise, NODE_REFUSED, NODE_REFUSED_HINT;"
+        "import sys; from fedcl.client.cli import supervise, NODE_REFUSED, NODE_REFUSED_HINT;"
         f"sys.exit(supervise([sys.executable, '-c', {child!r}], rejoin=False,"
         " output_hints={NODE_REFUSED: NODE_REFUSED_HINT}))")], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert proc.returncode == 1
@@ -229,7 +229,7 @@ def test_supervisor_restarts_a_refused_supernode_whose_children_linger(tmp_path)
     child = f"{linger}; print('[code: 2004] Failed to activate SuperNode.'); sys.exit(1)"
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-c", (
-        "import sys; from client.cli import supervise, NODE_REFUSED, NODE_REFUSED_HINT;"
+        "import sys; from fedcl.client.cli import supervise, NODE_REFUSED, NODE_REFUSED_HINT;"
         f"sys.exit(supervise([sys.executable, '-c', {child!r}], rejoin=False,"
         " output_hints={NODE_REFUSED: NODE_REFUSED_HINT}))")], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert proc.returncode == 1 and time.monotonic() - t0 < 20

@@ -24,8 +24,8 @@ from flwr.supercore.task_identity import TaskIdentity
 
 import fedcl.privacy.sampling as sampling
 import fedcl.train
-from client.app import BudgetRefusal, SiteError, evaluate_handler, release_handler, train_handler
-from client.protocol import RoundConfig
+from fedcl.client.app import BudgetRefusal, SiteError, evaluate_handler, release_handler, train_handler
+from fedcl.wire.protocol import RoundConfig
 from fedcl.models import build_model, canonical_state_dict
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
@@ -138,7 +138,7 @@ def replay_site_round(folder: Path, monkeypatch) -> dict[str, str]:
     pushed: list[torch.Tensor] = []
     monkeypatch.setattr(sampling, "poisson_sample", recording_sample)
     monkeypatch.setattr(fedcl.train, "encode", recording_encode)
-    monkeypatch.setattr("client.app._queue_client", lambda site, rc: _RecordingQueue(pushed))
+    monkeypatch.setattr("fedcl.client.app._queue_client", lambda site, rc: _RecordingQueue(pushed))
 
     dp = {"dpsgd": True, "noise_multiplier": 1.1, "release": "public"}
     train_handler(_message(_rc(dp)), _context(data, folder / "state-train"), None)
@@ -219,7 +219,7 @@ def _reply_values(reply: Message) -> dict:
 ])
 def test_under_dp_no_reply_value_changes_with_one_private_image(tmp_path, task_identity, monkeypatch, privacy):
     # queue negatives make the loss a real function of the images (without any it is 0)
-    monkeypatch.setattr("client.app._queue_client", lambda site, rc: _RecordingQueue([]))
+    monkeypatch.setattr("fedcl.client.app._queue_client", lambda site, rc: _RecordingQueue([]))
     replies = {}
     for name, change in (("d", False), ("d-prime", True)):
         data = _npz(tmp_path / f"{name}.npz", change_one=change)
@@ -235,7 +235,7 @@ def test_under_dp_no_reply_value_changes_with_one_private_image(tmp_path, task_i
 
 
 def test_without_dp_the_replies_still_carry_loss_alignment_and_uniformity(tmp_path, task_identity, monkeypatch):
-    monkeypatch.setattr("client.app._queue_client", lambda site, rc: _RecordingQueue([]))
+    monkeypatch.setattr("fedcl.client.app._queue_client", lambda site, rc: _RecordingQueue([]))
     data = _npz(tmp_path / "site.npz")
     rc = _rc({"release": "raw"}, num_push=0, queue_enabled=True, num_negatives=16)
     loss = _reply_values(train_handler(_message(rc), _context(data, None), None))["metrics"]["loss"]
@@ -311,7 +311,7 @@ def test_fedcl_client_refuses_to_start_without_a_usable_state_folder(tmp_path):
     policy = _policy(tmp_path, require_dpsgd="true")
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "FLWR_TELEMETRY_ENABLED": "0", "HOME": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-m", "client.cli", "--server", "127.0.0.1:9", "--insecure",
+    out = subprocess.run([sys.executable, "-m", "fedcl.client.cli", "--server", "127.0.0.1:9", "--insecure",
                           "--site-id", "hospital-a", "--data-format", "synthetic", "--policy", str(policy),
                           "--state-dir", str(blocker / "state")],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)

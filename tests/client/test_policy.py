@@ -1,6 +1,6 @@
 import pytest
 
-from client.policy import PolicyViolation, enforce
+from fedcl.client.policy import PolicyViolation, enforce
 from fedcl.config import ConfigError, SitePolicy, load_site_policy
 
 

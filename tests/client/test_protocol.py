@@ -7,7 +7,7 @@ import json
 import pytest
 from flwr.app import ConfigRecord
 
-from client.protocol import ProtocolError, RoundConfig, parse_site_record, site_record
+from fedcl.wire.protocol import ProtocolError, RoundConfig, parse_site_record, site_record
 
 
 def _round(**change) -> RoundConfig:

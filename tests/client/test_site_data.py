@@ -9,10 +9,10 @@ from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants import RDPAccountant
 
-from client.app import SiteError, SiteSettings, load_site_images, train_handler
-from client.privacy import plan_round, record_round, release
-from client.protocol import RoundConfig
-from client.site_data import load_site_data, load_site_groups
+from fedcl.client.app import SiteError, SiteSettings, load_site_images, train_handler
+from fedcl.client.privacy import plan_round, record_round, release
+from fedcl.wire.protocol import RoundConfig
+from fedcl.client.site_data import load_site_data, load_site_groups
 from fedcl.models import build_model, canonical_state_dict
 from fedcl.privacy.ledger import PrivacyLedger
 
@@ -50,7 +50,7 @@ def test_groups_stay_aligned_with_the_images_the_site_trains_on(tmp_path, how):
     site = SiteSettings(site_id="h", data_path=path, **how)
     images = load_site_images(site, _rc(), None)
     data = load_site_data(site, _rc(), None)
-    assert torch.equal(data.images, images)  # the same choices as client.app.load_site_images
+    assert torch.equal(data.images, images)  # the same choices as fedcl.client.app.load_site_images
     groups = load_site_groups(site, _rc(), None)
     stored = images[:, 0, 0, 0].long()  # (n,) index of each image in the file
     assert torch.equal(groups, torch.from_numpy(expected)[stored])

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from opacus.accountants import RDPAccountant
 
-from client.privacy import plan_round, record_round, release, round_metrics
+from fedcl.client.privacy import plan_round, record_round, release, round_metrics
 from fedcl.privacy.ledger import PrivacyLedger
 
 
@@ -101,7 +101,7 @@ def test_dp_with_in_batch_negatives_is_refused(tmp_path):
 
 
 def test_release_phase_enters_the_release_and_training_separately(tmp_path):
-    from client.privacy import release_prototype_sums
+    from fedcl.client.privacy import release_prototype_sums
 
     kw = dict(dpsgd=True, noise_multiplier=1.2, release="prototypes", release_noise_multiplier=2.0,
               release_sample_rate=0.5, num_prototypes=4)
@@ -122,7 +122,7 @@ def test_release_phase_enters_the_release_and_training_separately(tmp_path):
 
 
 def test_a_prototype_release_past_the_budget_is_refused(tmp_path):
-    from client.privacy import release_prototype_sums
+    from fedcl.client.privacy import release_prototype_sums
 
     rp = _plan(tmp_path, 1, dpsgd=True, noise_multiplier=0.6, epsilon_budget=0.5, release="prototypes",
                release_noise_multiplier=0.5, release_sample_rate=1.0, num_prototypes=4)

@@ -202,12 +202,12 @@ class Processes:
 
 
 def server_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "server.cli", *args]
+    return [sys.executable, "-m", "fedcl.server.cli", *args]
 
 
 def client_argv(*, port: int, data: Path, site_id: str, token_file: Path, state_dir: Path, runtime_port: int,
                 extra: tuple[str, ...] = ()) -> list[str]:
-    return [sys.executable, "-m", "client.cli", "--server", f"127.0.0.1:{port}", "--data", str(data),
+    return [sys.executable, "-m", "fedcl.client.cli", "--server", f"127.0.0.1:{port}", "--data", str(data),
             "--site-id", site_id, "--token-file", str(token_file), "--state-dir", str(state_dir),
             "--runtime-address", f"127.0.0.1:{runtime_port}", *(extra or ("--insecure",))]
 
@@ -218,7 +218,7 @@ def read_history(out_dir: Path) -> list[dict]:
 
 
 def checkpoint_round(out_dir: Path) -> int:
-    from server.checkpoint import CheckpointError, find_checkpoint
+    from fedcl.server.checkpoint import CheckpointError, find_checkpoint
 
     try:
         ckpt = find_checkpoint(out_dir / "checkpoints")

@@ -3,7 +3,7 @@ pair into a bridge that lives in a namespace of its own (the "switch"), so nothi
 machine's own network. Needs root (or CAP_NET_ADMIN + CAP_SYS_ADMIN) and iproute2.
 
     net = Network.create({"coord": "10.77.0.1", "a": "10.77.0.2"})
-    argv = net.exec_argv("a", ["python", "-m", "client.cli", ...])  # ip netns exec ... python ...
+    argv = net.exec_argv("a", ["python", "-m", "fedcl.client.cli", ...])  # ip netns exec ... python ...
     net.cut("a"); net.restore("a")                                   # the host's cable out / in
     net.destroy()                                                    # kills what runs inside, removes all
 

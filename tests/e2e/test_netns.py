@@ -79,7 +79,7 @@ def _count(processes: Processes, name: str, pattern: str) -> int:
 
 QUEUE_PROBE = """
 import json, sys, grpc
-from fedcl.proto import queue_pb2, queue_pb2_grpc
+from fedcl.wire.proto import queue_pb2, queue_pb2_grpc
 address, ca, site, token = sys.argv[1:5]
 channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(open(ca, "rb").read()))
 try:
@@ -175,13 +175,13 @@ def _run_scenario(net: Network, root: Path, processes: Processes) -> Drill:
 
     def start_server(name: str) -> None:
         env = process_env(root / "home" / "coord")
-        processes.start(name, net.exec_argv("coord", [sys.executable, "-m", "server.cli", "run", "--config", str(cfg)]),
+        processes.start(name, net.exec_argv("coord", [sys.executable, "-m", "fedcl.server.cli", "run", "--config", str(cfg)]),
                         env=env, cwd=REPO)
 
     def start_site(host: str, site: str, *, token_file: Path, ca: Path, node_key: Path | None,
                    runtime_port: int = 9094, extra: tuple[str, ...] = ()) -> None:
         # each site's own images: 200 synthetic ones, drawn from a seed of its own
-        argv = [sys.executable, "-m", "client.cli", "--server", f"{COORD}:{SUPERLINK_PORT}", "--data-format",
+        argv = [sys.executable, "-m", "fedcl.client.cli", "--server", f"{COORD}:{SUPERLINK_PORT}", "--data-format",
                 "synthetic", "--max-images", "200", "--site-id", site, "--token-file", str(token_file),
                 "--root-certificates", str(ca), "--state-dir", str(root / "sites" / site),
                 "--runtime-address", f"127.0.0.1:{runtime_port}", *extra]

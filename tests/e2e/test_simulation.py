@@ -13,8 +13,8 @@ import pytest
 
 from fedcl.config import load_config
 from fedcl.models import load_encoder
-from server.checkpoint import find_checkpoint
-from server.simulate import run_simulation_main
+from fedcl.server.checkpoint import find_checkpoint
+from fedcl.sim.simulate import run_simulation_main
 
 TINY = [
     "data.name=synthetic", "data.num_sites=2", "data.partition=iid", "data.synthetic_images=400",

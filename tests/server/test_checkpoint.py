@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from server.checkpoint import (
+from fedcl.server.checkpoint import (
     CheckpointError,
     FederationCheckpoint,
     checkpoint_path,

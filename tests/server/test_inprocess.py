@@ -17,13 +17,13 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
-from client.app import SiteError, make_client_app
+from fedcl.client.app import SiteError, make_client_app
 from fedcl.config import load_config
 from fedcl.models import canonical_state_dict, load_encoder
-import server.inprocess
-from server.app import make_server_app, state_sha256
-from server.checkpoint import find_checkpoint
-from server.inprocess import (
+import fedcl.sim.inprocess
+from fedcl.server.app import make_server_app, state_sha256
+from fedcl.server.checkpoint import find_checkpoint
+from fedcl.sim.inprocess import (
     FIRST_NODE_ID,
     InProcessGrid,
     run_apps,
@@ -31,7 +31,7 @@ from server.inprocess import (
     simulation_node_configs,
     task_identity,
 )
-from server.simulate import loopback_federation
+from fedcl.sim.simulate import loopback_federation
 
 TINY = [
     "data.name=synthetic", "data.num_sites=2", "data.partition=iid", "data.synthetic_images=200",
@@ -176,7 +176,7 @@ def test_grid_keeps_each_nodes_context_and_the_servers_threads(monkeypatch):
 
         # a reply that comes back after the timeout is not returned, but can still be pulled
         clock = iter([100.0, 100.5, 102.0])  # send at 100; first reply at 100.5, second at 102
-        monkeypatch.setattr(server.inprocess, "time", SimpleNamespace(monotonic=lambda: next(clock)))
+        monkeypatch.setattr(fedcl.sim.inprocess, "time", SimpleNamespace(monotonic=lambda: next(clock)))
         msgs = [Message(RecordDict(), dst_node_id=n, message_type="query") for n in grid.get_node_ids()]
         replies = list(grid.send_and_receive(msgs, timeout=1.0))
         assert [r.metadata.reply_to_message_id for r in replies] == [msgs[0].metadata.message_id]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from server.metrics import MetricsLog, format_table, read_metrics, table_rows, write_plots
+from fedcl.server.metrics import MetricsLog, format_table, read_metrics, table_rows, write_plots
 
 
 def _history():

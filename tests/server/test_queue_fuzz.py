@@ -15,9 +15,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedcl.proto import queue_pb2, queue_pb2_grpc
+from fedcl.wire.proto import queue_pb2, queue_pb2_grpc
 from fedcl.queue import EmbeddingQueue
-from server.queue_service import CallLimits, start_queue_server
+from fedcl.server.queue_service import CallLimits, start_queue_server
 
 DIM = 8
 TOKENS = {"site-a": "tok-a", "site-b": "tok-b"}

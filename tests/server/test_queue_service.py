@@ -1,4 +1,4 @@
-"""The queue gRPC service against a real server on 127.0.0.1, through client/queue_client.py."""
+"""The queue gRPC service against a real server on 127.0.0.1, through fedcl/wire/queue_client.py."""
 
 from __future__ import annotations
 
@@ -25,10 +25,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client.queue_client import QueueClient, QueueServiceError
-from fedcl.proto import queue_pb2, queue_pb2_grpc
+from fedcl.wire.queue_client import QueueClient, QueueServiceError
+from fedcl.wire.proto import queue_pb2, queue_pb2_grpc
 from fedcl.queue import EmbeddingQueue
-from server.queue_service import QueueHandlers, Principal, start_queue_server
+from fedcl.server.queue_service import QueueHandlers, Principal, start_queue_server
 
 DIM = 16
 TOKENS = {"site-a": "token-a-0123456789abcdef", "site-b": "token-b-0123456789abcdef"}
@@ -560,7 +560,7 @@ def test_mutual_tls_certificate_names_the_site(serve, clients):
 
 
 def _run_cli(config: Path, **kwargs) -> subprocess.Popen:
-    code = "import sys; from server.queue_cli import queue_main; sys.exit(queue_main(sys.argv[1:]))"
+    code = "import sys; from fedcl.server.queue_cli import queue_main; sys.exit(queue_main(sys.argv[1:]))"
     env = dict(os.environ, PYTHONPATH=str(REPO))
     return subprocess.Popen(
         [sys.executable, "-c", code, "--config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -592,7 +592,7 @@ def _write_config(path: Path, body: str) -> Path:
          "unknown-revoked-site", "no-table"],
 )
 def test_cli_config_errors_exit_2_with_one_clear_message(tmp_path, capsys, body, message):
-    from server.queue_cli import queue_main
+    from fedcl.server.queue_cli import queue_main
 
     assert queue_main(["--config", str(_write_config(tmp_path / "queue.toml", body))]) == 2
     err = capsys.readouterr().err

@@ -19,7 +19,7 @@ import grpc
 import numpy as np
 import pytest
 
-from fedcl.proto import queue_pb2, queue_pb2_grpc
+from fedcl.wire.proto import queue_pb2, queue_pb2_grpc
 from fedcl.queue import EmbeddingQueue
 
 REPO = Path(__file__).resolve().parents[2]
@@ -66,7 +66,7 @@ def consortium_toml(tmp_path: Path, *, tokens: dict[str, str] | None = None, cer
 
 def command(kind: str, tmp_path: Path, **config) -> list[str]:
     """argv of ``kind`` (queue | serve-queue | run) with a config built from ``config``."""
-    base = [sys.executable, "-m", "server.cli", kind, "--config"]
+    base = [sys.executable, "-m", "fedcl.server.cli", kind, "--config"]
     if kind == "queue":
         return [*base, str(queue_toml(tmp_path, **config))]
     path = consortium_toml(tmp_path, **config)

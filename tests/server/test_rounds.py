@@ -12,12 +12,12 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.app import SimulatedSites, evaluate_handler, release_handler, train_handler
+from fedcl.client.app import SimulatedSites, evaluate_handler, release_handler, train_handler
 from fedcl.config import load_config
 from fedcl.queue import EmbeddingQueue
-from server.app import FederationError, QueueLink, run_federation, state_sha256
-from server.checkpoint import find_checkpoint
-from server.queue_service import start_queue_server
+from fedcl.server.app import FederationError, QueueLink, run_federation, state_sha256
+from fedcl.server.checkpoint import find_checkpoint
+from fedcl.server.queue_service import start_queue_server
 
 TINY = [
     "data.name=synthetic", "data.num_sites=2", "data.partition=iid", "data.synthetic_images=200",
@@ -257,9 +257,9 @@ def test_a_checkpoint_of_another_model_is_not_resumed(tmp_path, federation):
 
 def test_weights_that_do_not_fit_are_refused_by_the_site(tmp_path, federation):
     cfg, link, simulated, sites, _ = federation
-    from client.protocol import ProtocolError
+    from fedcl.wire.protocol import ProtocolError
     from flwr.app import ArrayRecord, RecordDict as RD
-    from server.app import round_config
+    from fedcl.server.app import round_config
 
     rc = round_config(cfg, rnd=1, model_spec={"arch": "cnn", "in_channels": 1, "width": 4, "proj_dim": 16,
                                               "proj_hidden": 32}, queue=None)
@@ -274,7 +274,7 @@ def test_weights_that_do_not_fit_are_refused_by_the_site(tmp_path, federation):
 def test_audit_round_records_epsilon_per_site_and_failures(tmp_path):
     import json as _json
 
-    from server.app import audit_round
+    from fedcl.server.app import audit_round
 
     log = tmp_path / "audit.jsonl"
     audit_round(log, rnd=3, sites={"a": {"epsilon": 2.5, "epsilon-accounted": 2.5},
@@ -304,7 +304,7 @@ def test_round_one_waits_for_min_available_nodes(tmp_path, federation, monkeypat
     """FedAvg sizes its sample from the nodes connected when asked; without the wait, round 1
     would train on the first site alone although min_available_nodes names both."""
     cfg, link, simulated, sites, _ = federation
-    monkeypatch.setattr("server.app.time.sleep", lambda s: None)
+    monkeypatch.setattr("fedcl.server.app.time.sleep", lambda s: None)
     cfg = _with(_with_rounds(cfg, 1), "federation", min_available_nodes=2, min_train_nodes=1, fraction_train=1.0)
     grid = ConnectingGrid(sites, simulated)
     result = run_federation(grid, config=cfg, out_dir=tmp_path / "out", queue=link)
@@ -316,8 +316,8 @@ def test_round_one_waits_for_min_available_nodes(tmp_path, federation, monkeypat
 def test_shorter_rounds_and_kept_optimizers_reach_the_sites_through_the_federation(tmp_path, federation, caplog):
     """train.rounds_per_epoch = 2: every train message says so, and each site trains on half its images;
     train.persist_optimizer: each site's Flower context holds its optimizer state after the run."""
-    from client.app import OPTIMIZER_KEY, load_site_images
-    from server.app import round_config
+    from fedcl.client.app import OPTIMIZER_KEY, load_site_images
+    from fedcl.server.app import round_config
 
     cfg, link, simulated, sites, _ = federation
     grid = InProcessGrid(sites, simulated)
@@ -340,7 +340,7 @@ def test_shorter_rounds_and_kept_optimizers_reach_the_sites_through_the_federati
 def test_a_dp_federation_reports_no_loss_or_alignment_and_its_table_and_plots_cope(tmp_path, federation):
     """Under DP-SGD the sites send no loss, alignment or uniformity (exact statistics of their images):
     the round records, the table and the plots show them as missing."""
-    from server.metrics import format_table
+    from fedcl.server.metrics import format_table
 
     cfg, link, simulated, sites, _ = federation
     cfg = _with(_with(_with_rounds(cfg, 2), "privacy", dpsgd=True, noise_multiplier=1.5, release="public"),
@@ -364,7 +364,7 @@ def test_rows_a_queue_restart_lost_show_in_the_rounds_metrics(tmp_path, federati
     out = tmp_path / "out"
     first = run_federation(InProcessGrid(sites, simulated), config=_with_rounds(cfg, 1), out_dir=out, queue=link)
     assert (first.history[0]["queue_restarts"], first.history[0]["queue_rows_lost"]) == (0, 0)
-    from client.queue_client import QueueClient
+    from fedcl.wire.queue_client import QueueClient
 
     with QueueClient(link.address, site_id="site-0", token=simulated.site_tokens["site-0"]) as site:
         site.push(torch.nn.functional.normalize(torch.randn(7, 16), dim=1), round=2, model_version=2)  # acknowledged

@@ -13,7 +13,7 @@ import pytest
 from flwr.cli.config_utils import load_and_validate
 
 from fedcl.config import ConfigError, load_config
-from server.cli import (
+from fedcl.server.cli import (
     ServerCliError,
     _resolve_paths,
     check_supernode_keys,
@@ -30,8 +30,8 @@ REPO = Path(__file__).resolve().parents[2]
 def test_app_folder_is_a_valid_flower_app_pointing_at_the_installed_components(tmp_path):
     app_dir = write_app_dir(tmp_path / "app")
     config, _warnings = load_and_validate(app_dir / "pyproject.toml")
-    assert config["tool"]["flwr"]["app"]["components"] == {"serverapp": "server.app:app",
-                                                           "clientapp": "client.app:app"}
+    assert config["tool"]["flwr"]["app"]["components"] == {"serverapp": "fedcl.server.app:app",
+                                                           "clientapp": "fedcl.client.app:app"}
     assert set(config["tool"]["flwr"]["app"]["config"]) == {"config-path", "out-dir"}  # what fedcl-server sets
     assert [p.name for p in app_dir.iterdir()] == ["pyproject.toml"]  # no code travels to the sites
 
@@ -142,8 +142,8 @@ else:
 
 
 def test_queue_service_of_fedcl_server_refuses_revoked_sites(tmp_path):
-    from client.queue_client import QueueClient, QueueServiceError
-    from server.cli import _start_queue
+    from fedcl.wire.queue_client import QueueClient, QueueServiceError
+    from fedcl.server.cli import _start_queue
 
     tokens = {"site-a": "token-of-site-a-0123456789", "site-b": "token-of-site-b-0123456789"}
     cfg = load_config(None, ["server.insecure=true", "server.queue_port=0", f'server.out_dir="{tmp_path}"',

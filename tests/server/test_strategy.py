@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from flwr.serverapp.strategy import FedAvg, FedProx
 
-from server.strategy import StrategyError, available_strategies, build_strategy
+from fedcl.server.strategy import StrategyError, available_strategies, build_strategy
 
 SAMPLING = dict(fraction_train=0.5, min_train_nodes=3, min_available_nodes=4, fraction_evaluate=0.0)
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from fedcl.proto import queue_pb2, queue_pb2_grpc
+from fedcl.wire.proto import queue_pb2, queue_pb2_grpc
 
 __all__ = ["QueueClient", "QueueServiceError"]
 

@@ -18,7 +18,7 @@ def enforce(policy: SitePolicy, privacy: dict[str, Any]) -> dict[str, Any]:
 
     Returns the settings the site will apply. Their ``epsilon_budget`` is the smallest of the
     server's, the site's ``epsilon_budget`` and its ``max_target_epsilon``: the ledger's ε after
-    each round's planned steps and releases is held to it (``client.privacy.plan_round``),
+    each round's planned steps and releases is held to it (``fedcl.client.privacy.plan_round``),
     whatever noise multiplier or number of rounds the server sends. Raises PolicyViolation when
     the server asks for more, or sends settings that are not valid (one line naming them).
     """

@@ -5,11 +5,11 @@
 apps with no engine at all: ``send_and_receive`` calls the ClientApp on each message in turn, in
 this process, with the node's own persistent ``Context``, and hands back its reply, or the error
 reply Flower writes when a ClientApp raises. Nodes are configured as Flower's simulation
-configures them (``partition-id``, ``num-partitions``), so ``client.app.SimulatedSites`` turns
+configures them (``partition-id``, ``num-partitions``), so ``fedcl.client.app.SimulatedSites`` turns
 node i into site i with the same partition, token and state folder as under Ray.
 
 What differs from Ray, on purpose: sites run one after another (each with the torch threads it
-would have under Ray, ``server.simulate.site_threads``), node and run ids are small fixed numbers
+would have under Ray, ``fedcl.sim.simulate.site_threads``), node and run ids are small fixed numbers
 instead of random ones, and a reply that comes back after ``timeout`` is held back (pullable
 later) rather than the handler being interrupted.
 """
@@ -164,10 +164,10 @@ def run_apps(server_app: ServerApp, client_app: ClientApp, *, num_nodes: int,
 def run_federation_inprocess(config, *, out_dir: Path, num_sites: int | None = None, observer=None):
     """Run (or resume) the federation of ``config`` in this process: the shipped ServerApp loop and
     ClientApp handlers on an ``InProcessGrid``, the queue service on loopback as ``fedcl simulate``
-    starts it. Returns the ``server.app.FederationResult`` (``history``: the per-round records)."""
-    from client.app import make_client_app
-    from server.app import make_server_app
-    from server.simulate import loopback_federation, site_threads, with_num_sites
+    starts it. Returns the ``fedcl.server.app.FederationResult`` (``history``: the per-round records)."""
+    from fedcl.client.app import make_client_app
+    from fedcl.server.app import make_server_app
+    from fedcl.sim.simulate import loopback_federation, site_threads, with_num_sites
 
     cfg = with_num_sites(config, num_sites)
     out_dir = Path(out_dir).resolve()

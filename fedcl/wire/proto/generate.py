@@ -1,7 +1,7 @@
 """Generate (or check) the committed Python stubs of queue.proto.
 
-    python -m fedcl.proto.generate           # rewrite queue_pb2*.py(i) next to queue.proto
-    python -m fedcl.proto.generate --check   # exit 1 when the committed stubs are stale
+    python -m fedcl.wire.proto.generate           # rewrite queue_pb2*.py(i) next to queue.proto
+    python -m fedcl.wire.proto.generate --check   # exit 1 when the committed stubs are stale
 
 Needs grpcio-tools (a dev dependency). The import of queue_pb2 in the generated
 _grpc module is rewritten to a package-relative import, so the stubs work wherever
@@ -17,12 +17,12 @@ import tempfile
 from pathlib import Path
 
 PROTO_DIR = Path(__file__).resolve().parent
-PACKAGE_ROOT = PROTO_DIR.parent.parent  # the folder holding fedcl/
-PROTO_REL = "fedcl/proto/queue.proto"
+PACKAGE_ROOT = PROTO_DIR.parents[2]  # the folder holding fedcl/
+PROTO_REL = "fedcl/wire/proto/queue.proto"
 GENERATED = ("queue_pb2.py", "queue_pb2.pyi", "queue_pb2_grpc.py")
 
-# protoc writes "from fedcl.proto import queue_pb2 as fedcl_dot_proto_dot_queue__pb2"
-_ABSOLUTE_IMPORT = re.compile(r"^from fedcl\.proto import (queue_pb2 as \w+)$", re.MULTILINE)
+# protoc writes "from fedcl.wire.proto import queue_pb2 as fedcl_dot_wire_dot_proto_dot_queue__pb2"
+_ABSOLUTE_IMPORT = re.compile(r"^from fedcl\.wire\.proto import (queue_pb2 as \w+)$", re.MULTILINE)
 
 
 def generate_to(out_dir: Path) -> dict[str, bytes]:
@@ -48,7 +48,7 @@ def generate_to(out_dir: Path) -> dict[str, bytes]:
     status = protoc.main(args)
     if status != 0:
         raise SystemExit(f"protoc failed on {PROTO_REL} (exit {status})")
-    produced = out_dir / "fedcl" / "proto"
+    produced = out_dir / "fedcl" / "wire" / "proto"
     files: dict[str, bytes] = {}
     for name in GENERATED:
         text = (produced / name).read_text(encoding="utf-8")
@@ -61,7 +61,7 @@ def generate_to(out_dir: Path) -> dict[str, bytes]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedcl.proto.generate", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m fedcl.wire.proto.generate", description=__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true", help="compare with the committed stubs, write nothing")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         if stale:
             print(
-                f"stale generated stubs in {PROTO_DIR}: {', '.join(stale)}; run `python -m fedcl.proto.generate`",
+                f"stale generated stubs in {PROTO_DIR}: {', '.join(stale)}; run `python -m fedcl.wire.proto.generate`",
                 file=sys.stderr,
             )
             return 1

@@ -78,9 +78,9 @@ class RoundConfig:
     optimizer: str = "adam"  # "adam" | "sgd" (momentum applies to SGD only)
     # sites pushed in this round's release phase (a query message before train): train pushes nothing
     fresh_push: bool = False
-    # each round trains on 1/rounds_per_epoch of the site's images (client.app.round_share)
+    # each round trains on 1/rounds_per_epoch of the site's images (fedcl.client.app.round_share)
     rounds_per_epoch: int = 1
-    # the site's optimizer resumes its previous round's state (client.app, Context.state)
+    # the site's optimizer resumes its previous round's state (fedcl.client.app, Context.state)
     persist_optimizer: bool = False
 
     _JSON_FIELDS = ("model", "augment", "privacy", "partition")

@@ -52,10 +52,10 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.privacy import RoundPrivacy, dp_mode, plan_round, record_round, round_metrics
-from client.privacy import release as release_embeddings
-from client.privacy import release_prototype_sums
-from client.protocol import (
+from fedcl.client.privacy import RoundPrivacy, dp_mode, plan_round, record_round, round_metrics
+from fedcl.client.privacy import release as release_embeddings
+from fedcl.client.privacy import release_prototype_sums
+from fedcl.wire.protocol import (
     BUDGET_REFUSAL,
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -237,9 +237,9 @@ def _detect_format(path: Path) -> str:
 
 
 def load_site_images(site: SiteSettings, rc: RoundConfig, simulated: SimulatedSites | None) -> torch.Tensor:
-    """The site's training images, uint8 (N, C, H, W) (``client.site_data.load_site_data`` decides
+    """The site's training images, uint8 (N, C, H, W) (``fedcl.client.site_data.load_site_data`` decides
     which: the simulated partition, the demo set's partition, or the site's own data)."""
-    from client.site_data import load_site_data
+    from fedcl.client.site_data import load_site_data
 
     images = load_site_data(site, rc, simulated).images
     if images.shape[0] == 0:
@@ -251,8 +251,8 @@ def load_site_images(site: SiteSettings, rc: RoundConfig, simulated: SimulatedSi
 
 
 def site_privacy_settings(site: SiteSettings, rc: RoundConfig) -> dict[str, Any]:
-    """The server's privacy settings checked against this site's policy (client.policy)."""
-    from client.policy import PolicyViolation, enforce
+    """The server's privacy settings checked against this site's policy (fedcl.client.policy)."""
+    from fedcl.client.policy import PolicyViolation, enforce
     from fedcl.config import ConfigError, load_site_policy
 
     try:
@@ -341,7 +341,7 @@ def _build_model(rc: RoundConfig, msg: Message):
 
 
 def _queue_client(site: SiteSettings, rc: RoundConfig):
-    from client.queue_client import QueueClient
+    from fedcl.wire.queue_client import QueueClient
 
     certs = None
     if rc.queue_tls and not site.insecure:
@@ -394,7 +394,7 @@ def train_handler(msg: Message, context: Context, simulated: SimulatedSites | No
     from fedcl.config import AugmentSettings
     from fedcl.runtime import configure_threads, make_augment
     from fedcl.train import INSECURE_REPRODUCIBLE, RoundRecipe, local_round, resolve_device
-    from client.site_data import load_site_groups
+    from fedcl.client.site_data import load_site_groups
 
     t_start = time.perf_counter()
     site = _site(context, simulated)
@@ -498,7 +498,7 @@ def release_handler(msg: Message, context: Context, simulated: SimulatedSites | 
     site = _site(context, simulated)
     rc = RoundConfig.from_config_record(msg.content.config_records[CONFIG_KEY])
     configure_threads(site.threads or rc.threads)
-    from client.site_data import load_site_groups
+    from fedcl.client.site_data import load_site_groups
 
     images = load_site_images(site, rc, simulated)  # (N, C, H, W) uint8
     groups = load_site_groups(site, rc, simulated)  # patient ids or None: the same DP plan as training
@@ -589,7 +589,7 @@ def make_client_app(*, simulated: SimulatedSites | None = None) -> ClientApp:
     return client_app
 
 
-# What `flwr run` / flower-supernode load (pyproject: clientapp = "client.app:app").
+# What `flwr run` / flower-supernode load (pyproject: clientapp = "fedcl.client.app:app").
 app = make_client_app()
 
 __all__ = ["SiteSettings", "SimulatedSites", "SiteError", "app", "make_client_app", "load_site_images",

@@ -5,7 +5,7 @@ Flower's simulation engine (Ray) runs N virtual sites, each on its own partition
 configured data set (default: Fashion-MNIST, 5 sites, 2 classes each), and the ServerApp runs
 the rounds in a thread here. ``engine="inprocess"`` (``fedcl simulate --engine inprocess``) runs
 the same ServerApp and ClientApp without Ray, one site after another in this process
-(``server.inprocess``). Prints a progress bar, a round table and a one-line summary; writes
+(``fedcl.sim.inprocess``). Prints a progress bar, a round table and a one-line summary; writes
 metrics.jsonl, plots, checkpoints and encoder.pt (loadable by ``fedcl eval``) under ``out_dir``.
 """
 
@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
-from server.metrics import format_table
+from fedcl.server.metrics import format_table
 
 
 class _Progress:
@@ -119,11 +119,11 @@ def loopback_federation(cfg, *, out_dir: Path, threads: int | None):
 
     Yields ``(QueueLink or None, SimulatedSites)``; stops the queue service on the way out.
     """
-    from client.app import SimulatedSites
+    from fedcl.client.app import SimulatedSites
     from fedcl.queue import EmbeddingQueue
-    from server.app import QUEUE_SNAPSHOT_NAME, QueueLink
-    from server.checkpoint import find_checkpoint
-    from server.queue_service import start_queue_server
+    from fedcl.server.app import QUEUE_SNAPSHOT_NAME, QueueLink
+    from fedcl.server.checkpoint import find_checkpoint
+    from fedcl.server.queue_service import start_queue_server
 
     ckpt_dir = Path(cfg.server.checkpoint_dir) if cfg.server.checkpoint_dir else out_dir / "checkpoints"
     resuming = find_checkpoint(ckpt_dir) is not None
@@ -169,7 +169,7 @@ def run_simulation_main(
     """Run (or resume) the federation of ``config`` with ``num_sites`` simulated sites.
 
     ``engine``: "ray" (Flower's simulation engine, sites in parallel) or "inprocess"
-    (``server.inprocess.InProcessGrid``: the same apps, one site after another, no Ray).
+    (``fedcl.sim.inprocess.InProcessGrid``: the same apps, one site after another, no Ray).
     Returns the summary (also written to ``out_dir/summary.json``): rounds, final and random-init
     kNN accuracy, the encoder path, seconds, the round history.
     """
@@ -180,8 +180,8 @@ def run_simulation_main(
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silences a Ray FutureWarning
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC core notes about fork() under Ray
     # Flower (and with it gRPC, which reads GRPC_VERBOSITY once) is imported only from here on
-    from client.app import make_client_app
-    from server.app import ENCODER_NAME, make_server_app
+    from fedcl.client.app import make_client_app
+    from fedcl.server.app import ENCODER_NAME, make_server_app
 
     stream = stream or sys.stdout
     cfg = with_num_sites(config, num_sites)
@@ -208,7 +208,7 @@ def run_simulation_main(
                     _run_ray(server_app, client_app, n_sites=n_sites, parallel=parallel, verbose=verbose,
                              stream=stream)
                 else:
-                    from server.inprocess import run_apps
+                    from fedcl.sim.inprocess import run_apps
 
                     run_apps(server_app, client_app, num_nodes=n_sites)
         finally:

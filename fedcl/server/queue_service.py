@@ -36,7 +36,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from fedcl.proto import queue_pb2, queue_pb2_grpc
+from fedcl.wire.proto import queue_pb2, queue_pb2_grpc
 from fedcl.queue import EmbeddingQueue, QueueError
 
 __all__ = [
@@ -790,7 +790,7 @@ def start_queue_server(
     site in by its name alone. The coordinator always needs ``coordinator_token``. With a
     ``snapshot_path``, temp files of a snapshot killed mid-write are removed and a ``PushJournal``
     beside it counts the rows a crash would lose. Commands start the service through
-    ``server.queue_cli.serve_queue``, which validates the settings first."""
+    ``fedcl.server.queue_cli.serve_queue``, which validates the settings first."""
     if (tls_cert is None) != (tls_key is None):
         raise ValueError("give both tls_cert and tls_key, or neither")
     if client_ca is not None and tls_cert is None:

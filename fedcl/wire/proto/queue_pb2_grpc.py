@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from . import queue_pb2 as fedcl_dot_proto_dot_queue__pb2
+from . import queue_pb2 as fedcl_dot_wire_dot_proto_dot_queue__pb2
 
 GRPC_GENERATED_VERSION = '1.80.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in fedcl/proto/queue_pb2_grpc.py depends on'
+        + ' but the generated code in fedcl/wire/proto/queue_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,23 +36,23 @@ class EmbeddingQueueStub(object):
         """
         self.Push = channel.stream_unary(
                 '/fedcl.queue.v1.EmbeddingQueue/Push',
-                request_serializer=fedcl_dot_proto_dot_queue__pb2.PushChunk.SerializeToString,
-                response_deserializer=fedcl_dot_proto_dot_queue__pb2.PushReply.FromString,
+                request_serializer=fedcl_dot_wire_dot_proto_dot_queue__pb2.PushChunk.SerializeToString,
+                response_deserializer=fedcl_dot_wire_dot_proto_dot_queue__pb2.PushReply.FromString,
                 _registered_method=True)
         self.Sample = channel.unary_stream(
                 '/fedcl.queue.v1.EmbeddingQueue/Sample',
-                request_serializer=fedcl_dot_proto_dot_queue__pb2.SampleRequest.SerializeToString,
-                response_deserializer=fedcl_dot_proto_dot_queue__pb2.SampleChunk.FromString,
+                request_serializer=fedcl_dot_wire_dot_proto_dot_queue__pb2.SampleRequest.SerializeToString,
+                response_deserializer=fedcl_dot_wire_dot_proto_dot_queue__pb2.SampleChunk.FromString,
                 _registered_method=True)
         self.Advance = channel.unary_unary(
                 '/fedcl.queue.v1.EmbeddingQueue/Advance',
-                request_serializer=fedcl_dot_proto_dot_queue__pb2.AdvanceRequest.SerializeToString,
-                response_deserializer=fedcl_dot_proto_dot_queue__pb2.AdvanceReply.FromString,
+                request_serializer=fedcl_dot_wire_dot_proto_dot_queue__pb2.AdvanceRequest.SerializeToString,
+                response_deserializer=fedcl_dot_wire_dot_proto_dot_queue__pb2.AdvanceReply.FromString,
                 _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/fedcl.queue.v1.EmbeddingQueue/Stats',
-                request_serializer=fedcl_dot_proto_dot_queue__pb2.StatsRequest.SerializeToString,
-                response_deserializer=fedcl_dot_proto_dot_queue__pb2.StatsReply.FromString,
+                request_serializer=fedcl_dot_wire_dot_proto_dot_queue__pb2.StatsRequest.SerializeToString,
+                response_deserializer=fedcl_dot_wire_dot_proto_dot_queue__pb2.StatsReply.FromString,
                 _registered_method=True)
 
 
@@ -89,23 +89,23 @@ def add_EmbeddingQueueServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Push': grpc.stream_unary_rpc_method_handler(
                     servicer.Push,
-                    request_deserializer=fedcl_dot_proto_dot_queue__pb2.PushChunk.FromString,
-                    response_serializer=fedcl_dot_proto_dot_queue__pb2.PushReply.SerializeToString,
+                    request_deserializer=fedcl_dot_wire_dot_proto_dot_queue__pb2.PushChunk.FromString,
+                    response_serializer=fedcl_dot_wire_dot_proto_dot_queue__pb2.PushReply.SerializeToString,
             ),
             'Sample': grpc.unary_stream_rpc_method_handler(
                     servicer.Sample,
-                    request_deserializer=fedcl_dot_proto_dot_queue__pb2.SampleRequest.FromString,
-                    response_serializer=fedcl_dot_proto_dot_queue__pb2.SampleChunk.SerializeToString,
+                    request_deserializer=fedcl_dot_wire_dot_proto_dot_queue__pb2.SampleRequest.FromString,
+                    response_serializer=fedcl_dot_wire_dot_proto_dot_queue__pb2.SampleChunk.SerializeToString,
             ),
             'Advance': grpc.unary_unary_rpc_method_handler(
                     servicer.Advance,
-                    request_deserializer=fedcl_dot_proto_dot_queue__pb2.AdvanceRequest.FromString,
-                    response_serializer=fedcl_dot_proto_dot_queue__pb2.AdvanceReply.SerializeToString,
+                    request_deserializer=fedcl_dot_wire_dot_proto_dot_queue__pb2.AdvanceRequest.FromString,
+                    response_serializer=fedcl_dot_wire_dot_proto_dot_queue__pb2.AdvanceReply.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
-                    request_deserializer=fedcl_dot_proto_dot_queue__pb2.StatsRequest.FromString,
-                    response_serializer=fedcl_dot_proto_dot_queue__pb2.StatsReply.SerializeToString,
+                    request_deserializer=fedcl_dot_wire_dot_proto_dot_queue__pb2.StatsRequest.FromString,
+                    response_serializer=fedcl_dot_wire_dot_proto_dot_queue__pb2.StatsReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -133,8 +133,8 @@ class EmbeddingQueue(object):
             request_iterator,
             target,
             '/fedcl.queue.v1.EmbeddingQueue/Push',
-            fedcl_dot_proto_dot_queue__pb2.PushChunk.SerializeToString,
-            fedcl_dot_proto_dot_queue__pb2.PushReply.FromString,
+            fedcl_dot_wire_dot_proto_dot_queue__pb2.PushChunk.SerializeToString,
+            fedcl_dot_wire_dot_proto_dot_queue__pb2.PushReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -160,8 +160,8 @@ class EmbeddingQueue(object):
             request,
             target,
             '/fedcl.queue.v1.EmbeddingQueue/Sample',
-            fedcl_dot_proto_dot_queue__pb2.SampleRequest.SerializeToString,
-            fedcl_dot_proto_dot_queue__pb2.SampleChunk.FromString,
+            fedcl_dot_wire_dot_proto_dot_queue__pb2.SampleRequest.SerializeToString,
+            fedcl_dot_wire_dot_proto_dot_queue__pb2.SampleChunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -187,8 +187,8 @@ class EmbeddingQueue(object):
             request,
             target,
             '/fedcl.queue.v1.EmbeddingQueue/Advance',
-            fedcl_dot_proto_dot_queue__pb2.AdvanceRequest.SerializeToString,
-            fedcl_dot_proto_dot_queue__pb2.AdvanceReply.FromString,
+            fedcl_dot_wire_dot_proto_dot_queue__pb2.AdvanceRequest.SerializeToString,
+            fedcl_dot_wire_dot_proto_dot_queue__pb2.AdvanceReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -214,8 +214,8 @@ class EmbeddingQueue(object):
             request,
             target,
             '/fedcl.queue.v1.EmbeddingQueue/Stats',
-            fedcl_dot_proto_dot_queue__pb2.StatsRequest.SerializeToString,
-            fedcl_dot_proto_dot_queue__pb2.StatsReply.FromString,
+            fedcl_dot_wire_dot_proto_dot_queue__pb2.StatsRequest.SerializeToString,
+            fedcl_dot_wire_dot_proto_dot_queue__pb2.StatsReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,6 +1,6 @@
 """A site's training data: the one place that decides which images (and patient ids) a site uses.
 
-``client.app.load_site_images`` is ``load_site_data(...).images``, so the ids stay aligned with
+``fedcl.client.app.load_site_images`` is ``load_site_data(...).images``, so the ids stay aligned with
 the images; tests/client/test_site_data.py checks that both agree.
 """
 
@@ -11,15 +11,15 @@ from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:  # client.app imports this module's function lazily; no import cycle at runtime
-    from client.app import SimulatedSites, SiteSettings
-    from client.protocol import RoundConfig
+if TYPE_CHECKING:  # fedcl.client.app imports this module's function lazily; no import cycle at runtime
+    from fedcl.client.app import SimulatedSites, SiteSettings
+    from fedcl.wire.protocol import RoundConfig
     from fedcl.data import ImageSet
 
 
 def load_site_data(site: SiteSettings, rc: RoundConfig, simulated: SimulatedSites | None) -> ImageSet:
     """The site's training ImageSet: images (N, C, H, W) uint8 with their patient ids, if any."""
-    from client.app import SiteError, _cached, _detect_format
+    from fedcl.client.app import SiteError, _cached, _detect_format
     from fedcl.config import DataSettings
     from fedcl.data import DataError, load_dataset
     from fedcl.runtime import first_n, load_split, site_partition

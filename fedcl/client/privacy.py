@@ -12,7 +12,7 @@ Release modes (what the site pushes to the queue):
     prototypes  noisy per-prototype sums and counts against public prototypes. With fresh push
                 (the default) the site returns them in its release-phase reply and the server
                 merges every site's into the prototypes it pushes as negatives
-                (``release_prototype_sums``, ``server.app.release_phase``); without it the site
+                (``release_prototype_sums``, ``fedcl.server.app.release_phase``); without it the site
                 pushes the directions of its own noisy sums (post-processing, ``release``).
     public      nothing: the server encodes a public reference set instead. Zero epsilon.
 
@@ -38,11 +38,16 @@ import torch.nn.functional as F
 from fedcl.config import PrivacySettings
 from fedcl.privacy.dp import DPParams, noise_for_budget
 from fedcl.privacy.ledger import BudgetExceeded, PrivacyLedger
-from fedcl.privacy.release import PrototypeRelease, init_prototypes, release_gaussian, release_prototypes
+from fedcl.privacy.release import (
+    PROTOTYPE_SEED,
+    PrototypeRelease,
+    init_prototypes,
+    release_gaussian,
+    release_prototypes,
+)
 
 log = logging.getLogger("fedcl.client.privacy")
 
-PROTOTYPE_SEED = 1234  # public: the same random prototypes at every site
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 A round r (DESIGN.md, "A round"):
 1. tell the queue service the round (``Advance(r)``, coordinator token): stale entries go;
-2. send the global weights and the round's settings (``client.protocol.RoundConfig``) to the
+2. send the global weights and the round's settings (``fedcl.wire.protocol.RoundConfig``) to the
    sites the strategy samples; wait for their replies (``federation.round_timeout``), so a site
    that dies mid-round only drops out of this round;
 3. aggregate with the configured Flower strategy (FedAvg by default, any
@@ -29,7 +29,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from client.protocol import (
+from fedcl.wire.protocol import (
     ARRAYS_KEY,
     BUDGET_REFUSAL,
     CONFIG_KEY,
@@ -41,9 +41,9 @@ from client.protocol import (
     RoundConfig,
     parse_site_record,
 )
-from server.checkpoint import FederationCheckpoint, checkpoint_path, find_checkpoint, save_checkpoint
-from server.metrics import MetricsLog, write_plots
-from server.strategy import build_strategy
+from fedcl.server.checkpoint import FederationCheckpoint, checkpoint_path, find_checkpoint, save_checkpoint
+from fedcl.server.metrics import MetricsLog, write_plots
+from fedcl.server.strategy import build_strategy
 
 log = logging.getLogger("flwr.fedcl")  # a child of Flower's logger: shows up in `flwr log` and the console
 
@@ -68,7 +68,7 @@ class QueueLink:
 
     def client(self, site_id: str = "coordinator"):
         """A coordinator client; ``site_id`` names the entries it pushes (public set, prototypes)."""
-        from client.queue_client import QueueClient
+        from fedcl.wire.queue_client import QueueClient
 
         return QueueClient(self.address, site_id=site_id, token=self.coordinator_token,
                            root_certificates=self.root_certificates if self.tls else None, timeout=30.0)
@@ -234,7 +234,7 @@ def release_phase(grid: Grid, *, rnd: int, train_messages: list[Message], arrays
     content = {CONFIG_KEY: rc.to_config_record()}
     if mode == "prototypes":
         if state.prototypes is None:
-            from client.privacy import PROTOTYPE_SEED
+            from fedcl.privacy.release import PROTOTYPE_SEED
 
             state.prototypes = init_prototypes(num=cfg.privacy.num_prototypes, dim=int(model.spec["proj_dim"]),
                                                seed=PROTOTYPE_SEED)
@@ -355,7 +355,7 @@ def state_sha256(state: dict[str, torch.Tensor]) -> str:
 
 def queue_rows_lost(previous: dict[str, Any] | None, now: dict[str, Any]) -> dict[str, Any]:
     """The queue service's restarts so far and the acknowledged rows its restarts lost since the
-    previous round's stats (the service counts both, see server.queue_service.PushJournal)."""
+    previous round's stats (the service counts both, see fedcl.server.queue_service.PushJournal)."""
     before = int((previous or {}).get("rows_lost") or 0)
     lost = int(now.get("rows_lost") or 0)
     return {"queue_restarts": int(now.get("restarts") or 0), "queue_rows_lost": max(lost - before, 0)}
@@ -373,7 +373,7 @@ def audit_round(path: Path | None, *, rnd: int, sites: dict[str, dict[str, float
     """Coordinator audit: each site's reported epsilon this round, and every failed or refused site."""
     if path is None:
         return
-    from server.queue_service import AuditLog
+    from fedcl.server.queue_service import AuditLog
 
     audit = AuditLog(Path(path))  # O_APPEND lines; the queue service may write the same file
     try:

@@ -81,7 +81,7 @@ class QueueServiceSettings(BaseModel):
     # Sites get in by naming themselves, with no credential: for a throwaway demo on a closed network
     # only. Every start prints a warning. The coordinator still needs coordinator_token.
     demo_open_queue_no_auth: bool = False
-    # Limits no single site can exhaust (server.queue_service.CallLimits)
+    # Limits no single site can exhaust (fedcl.server.queue_service.CallLimits)
     max_workers: int = Field(96, ge=2, le=4096)
     coordinator_reserve: int = Field(8, ge=1)  # threads site calls never take: Advance and Stats get through
     per_site_calls: int = Field(4, ge=1)  # concurrent calls of one site; beyond: RESOURCE_EXHAUSTED
@@ -148,7 +148,7 @@ class QueueServiceSettings(BaseModel):
         return self
 
     def limits(self):
-        from server.queue_service import CallLimits
+        from fedcl.server.queue_service import CallLimits
 
         return CallLimits(max_workers=self.max_workers, coordinator_reserve=self.coordinator_reserve,
                           per_site_calls=self.per_site_calls, call_timeout=self.call_timeout,
@@ -286,7 +286,7 @@ def serve_queue(settings: QueueServiceSettings, *, warn=None):
 
     Raises QueueConfigError (bad files, snapshot) or OSError (the port is taken); ``warn(line)``
     receives the warnings (default: stderr), printed at every start."""
-    from server.queue_service import start_queue_server  # grpc only once the settings are fine
+    from fedcl.server.queue_service import start_queue_server  # grpc only once the settings are fine
 
     warn = warn or (lambda line: print(line, file=sys.stderr, flush=True))
     tls_cert = _read(settings.tls_cert, "tls_cert")
@@ -335,7 +335,7 @@ def queue_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = parser.parse_args(argv)
 
-    from server.queue_service import stop_on_signal  # grpc only once the arguments are fine
+    from fedcl.server.queue_service import stop_on_signal  # grpc only once the arguments are fine
 
     _steady_malloc()
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

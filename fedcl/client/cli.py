@@ -8,7 +8,7 @@
 Before it starts the SuperNode, fedcl-client checks the coordinator's TLS certificate against
 --root-certificates and stops with a clear message when that CA did not sign it.
 
-The site's settings travel to the ClientApp as Flower node config (``client.app`` lists the
+The site's settings travel to the ClientApp as Flower node config (``fedcl.client.app`` lists the
 keys). Images never leave the site; only weights, metrics and the embeddings the privacy
 settings allow do.
 """
@@ -26,6 +26,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+from fedcl.wire.flower import flower_environment
 
 DEFAULT_SUPERLINK_PORT = 8000
 _SITE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -257,17 +259,6 @@ def _store_token(token: str, state_dir: Path) -> Path:
         f.write(token.strip() + "\n")
     os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
     return path
-
-
-def flower_environment(*, flwr_home: Path) -> None:
-    """Environment for Flower processes: no telemetry or update checks, our interpreter's tools first."""
-    os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
-    os.environ["FLWR_DISABLE_UPDATE_CHECK"] = "1"
-    os.environ.setdefault("FLWR_HOME", str(flwr_home))
-    bindir = str(Path(sys.executable).parent)  # flower-superexec / flwr-clientapp of this installation
-    path = os.environ.get("PATH", "")
-    if bindir not in path.split(os.pathsep):
-        os.environ["PATH"] = bindir + os.pathsep + path if path else bindir
 
 
 def _die_with_parent() -> None:  # runs in the child before exec (Linux): no orphaned SuperNode

@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from client.cli import flower_environment
+from fedcl.wire.flower import flower_environment
 
 FEDERATION_NAME = "fedcl"
 APP_PYPROJECT = """\
@@ -49,8 +49,8 @@ description = "fedcl federation (the code is the fedcl package installed on each
 publisher = "fedcl"
 
 [tool.flwr.app.components]
-serverapp = "server.app:app"
-clientapp = "client.app:app"
+serverapp = "fedcl.server.app:app"
+clientapp = "fedcl.client.app:app"
 
 [tool.flwr.app.config]
 config-path = ""
@@ -320,9 +320,9 @@ def start_and_follow_run(cfg, *, superlink_address: str) -> int:
 
 def _start_queue(cfg, *, generate_coordinator_token: bool):
     """The queue service in this process, on the config's host and port, through the one start path
-    (server.queue_cli.serve_queue); returns (server, cfg with the queue's address and coordinator token)."""
-    from server.app import QUEUE_SNAPSHOT_NAME
-    from server.queue_cli import QueueConfigError, serve_queue, settings_from_fedcl_config
+    (fedcl.server.queue_cli.serve_queue); returns (server, cfg with the queue's address and coordinator token)."""
+    from fedcl.server.app import QUEUE_SNAPSHOT_NAME
+    from fedcl.server.queue_cli import QueueConfigError, serve_queue, settings_from_fedcl_config
 
     s = cfg.server
     coordinator = s.coordinator_token
@@ -431,7 +431,7 @@ def cmd_serve_queue(args) -> int:
         host, port = _host_port(args.listen)
         cfg = _with_server(cfg, queue_host=host, queue_port=port)
     Path(cfg.server.out_dir).mkdir(parents=True, exist_ok=True)
-    from server.queue_service import stop_on_signal
+    from fedcl.server.queue_service import stop_on_signal
 
     with stop_on_signal() as stop:  # installed before the start: a SIGTERM during it still stops cleanly
         server, cfg = _start_queue(cfg, generate_coordinator_token=False)  # the separate ServerApp needs it
@@ -503,7 +503,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "queue":
-        from server.queue_cli import queue_main
+        from fedcl.server.queue_cli import queue_main
 
         return queue_main(argv[1:])
     commands = {"run": cmd_run, "start-run": cmd_start_run, "superlink": cmd_superlink,

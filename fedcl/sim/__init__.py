@@ -1,0 +1,1 @@
+"""Simulation: the only layer that imports both the server and the client."""
