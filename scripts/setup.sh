@@ -3,7 +3,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
-if [ ! -x .venv/bin/python ]; then
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
+  # a venv cut short (no pip) is made again rather than used half-built
+  rm -rf .venv
   "$PY" -m venv .venv
 fi
 stamp=.venv/.fedcl-installed
