@@ -1,6 +1,6 @@
 """Representation quality of fedcl against its baselines on non-IID Fashion-MNIST.
 
-    python bench/quality.py --quick                       # smoke run, a minute
+    python bench/quality.py --quick                       # smoke run (fedcl_dp8: minutes)
     python bench/quality.py --splits pathological --seeds 0 --rounds 6 --images-per-site 1000 \
         --width 16 --methods random,fedsimclr,fedcl,fedcl_noqueue,central
 
