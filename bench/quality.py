@@ -83,8 +83,8 @@ METHODS: dict[str, FedMethod | str] = {
     "fedcl": FedMethod(queue=True, release="raw", key_encoder="global", fresh_push=True, max_staleness=0),
     "fedcl_noqueue": FedMethod(queue=False, key_encoder="global"),
     # DP-SGD has no in-batch negatives, so no warm-up: the release phase fills the queue in round 1
-    "fedcl_dp8": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0, in_batch_negatives=False,
-                           dp_epsilon=8.0, warmup_rounds=0),
+    "fedcl_dp8": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0,
+                           in_batch_negatives=False, dp_epsilon=8.0, warmup_rounds=0),
     "fedcl_prototypes": FedMethod(queue=True, release="prototypes"),
     "fedcl_public": FedMethod(queue=True, release="public"),
     "central": "central",
@@ -124,8 +124,9 @@ def federation_config(method: FedMethod, cfg: dict, *, split: str, seed: int, da
                "optimizer": "adam", "lr": cfg["lr"], "weight_decay": 1e-6, "temperature": cfg["temperature"],
                "in_batch_negatives": method.in_batch_negatives, "key_encoder": method.key_encoder,
                "num_push": cfg["num_push"], "device": "cpu", "threads": cfg.get("threads", 1), "seed": seed},
-        queue={"enabled": method.queue, "num_negatives": cfg["num_negatives"], "fresh_push": method.fresh_push,
-               "max_staleness": method.max_staleness, "warmup_rounds": method.warmup_rounds,
+        queue={"enabled": method.queue, "num_negatives": cfg["num_negatives"],
+               "fresh_push": method.fresh_push, "max_staleness": method.max_staleness,
+               "warmup_rounds": method.warmup_rounds,
                "public_images": cfg["public_images"], "dtype": "float32"},
         privacy={"dpsgd": dp, "target_epsilon": method.dp_epsilon or 8.0, "release": method.release,
                  **RELEASE},
@@ -145,18 +146,19 @@ class Data:
 
     def setup(self, *, split: str, seed: int, num_sites: int, images_per_site: int, test_images: int) -> dict:
         """The sites are the shipped partitions (``fedcl.runtime.site_partition``) of the config
-        ``federation_config`` writes, so the bank of labelled site images is what the federation trained on."""
+        ``federation_config`` writes: the bank of labelled site images is what the federation trained on."""
         from fedcl.config import DataSettings
 
-        d = DataSettings.model_validate(data_settings({"sites": num_sites, "images_per_site": images_per_site},
-                                                      split=split, seed=seed, data_root=self.root))
+        sizes = {"sites": num_sites, "images_per_site": images_per_site}
+        d = DataSettings.model_validate(data_settings(sizes, split=split, seed=seed, data_root=self.root))
         parts = [site_partition(d, self.train, site_index=i) for i in range(num_sites)]
         sites, site_labels = [p.images for p in parts], [p.labels for p in parts]
         bank_images, bank_labels = torch.cat(sites), torch.cat(site_labels)
         g = torch.Generator().manual_seed(10_000 + seed)
         test_idx = torch.randperm(len(self.test), generator=g)[:test_images]
         return {
-            "sites": sites, "site_labels": site_labels, "bank_images": bank_images, "bank_labels": bank_labels,
+            "sites": sites, "site_labels": site_labels,
+            "bank_images": bank_images, "bank_labels": bank_labels,
             "test_images": self.test.images[test_idx], "test_labels": self.test.labels[test_idx],
             "site_sizes": [int(s.shape[0]) for s in sites],
             "site_classes": [sorted(set(lab.tolist())) for lab in site_labels],
@@ -190,7 +192,8 @@ def run_local_only(*, sites: list[torch.Tensor], spec: dict, init_state: dict, c
     permutation drawn at the epoch's first round."""
     k = cfg.get("rounds_per_epoch", 1)
     recipe = RoundRecipe(epochs=cfg["local_epochs"], batch_size=cfg["batch_size"], lr=cfg["lr"],
-                         temperature=cfg["temperature"], key_encoder="online", in_batch_negatives=True, num_push=0)
+                         temperature=cfg["temperature"], key_encoder="online", in_batch_negatives=True,
+                         num_push=0)
     gen = torch.Generator().manual_seed(seed)
     models = []
     for i, site_images in enumerate(sites):
@@ -245,13 +248,14 @@ def run_federated(method: FedMethod, *, cfg: dict, split: str, seed: int, data_r
 
 def round_records(history: list[dict]) -> list[dict]:
     """The benchmark's per-round record of each round of the server's history."""
-    return [{"round": r["round"], "loss": r.get("loss"), "knn": r.get("knn"), "negatives": r.get("negatives_used"),
-             "queue_size": r.get("queue_size"), "epsilon": r.get("epsilon"), "seconds": r.get("seconds")}
+    return [{"round": r["round"], "loss": r.get("loss"), "knn": r.get("knn"),
+             "negatives": r.get("negatives_used"), "queue_size": r.get("queue_size"),
+             "epsilon": r.get("epsilon"), "seconds": r.get("seconds")}
             for r in history]
 
 
-def run_method(name: str, *, data: dict, cfg: dict, split: str, seed: int, data_root: Path, device: torch.device,
-               bar) -> dict:
+def run_method(name: str, *, data: dict, cfg: dict, split: str, seed: int, data_root: Path,
+               device: torch.device, bar) -> dict:
     """Train (if needed) and evaluate one method for one split and seed; returns a JSON-able dict."""
     spec = {"arch": "cnn", "in_channels": 1, "width": cfg["width"], "proj_dim": 128, "proj_hidden": 256}
     torch.manual_seed(seed)  # the initial weights the server draws for train.seed = seed
@@ -540,8 +544,8 @@ def main(argv: list[str] | None = None) -> int:
                 setups[(split, seed)] = data_src.setup(
                     split=split, seed=seed, num_sites=args.sites, images_per_site=args.images_per_site,
                     test_images=args.test_images)
-            run = run_method(name, data=setups[(split, seed)], cfg=cfg | {"threads": args.threads}, split=split,
-                             seed=seed, data_root=args.data, device=device, bar=bar)
+            run = run_method(name, data=setups[(split, seed)], cfg=cfg | {"threads": args.threads},
+                             split=split, seed=seed, data_root=args.data, device=device, bar=bar)
             run["site_sizes"] = setups[(split, seed)]["site_sizes"]
             run["site_classes"] = setups[(split, seed)]["site_classes"]
             path.write_text(json.dumps(run, indent=1))

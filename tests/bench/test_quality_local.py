@@ -40,7 +40,7 @@ def run(monkeypatch, **extra):
 def test_shorter_rounds_train_each_image_once_per_epoch(monkeypatch):
     sites, models, calls = run(monkeypatch, rounds_per_epoch=2)
     assert len(models) == 2 and len(calls) == 8  # site-major: 4 rounds of site 0, then of site 1
-    for site, per_site in zip(sites, (calls[:4], calls[4:])):
+    for site, per_site in zip(sites, (calls[:4], calls[4:]), strict=True):
         for epoch in (per_site[:2], per_site[2:]):
             seen = torch.cat([images for images, _, _ in epoch])
             assert seen.shape[0] == site.shape[0]
