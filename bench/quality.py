@@ -553,6 +553,10 @@ def main(argv: list[str] | None = None) -> int:
                    + f" ({run['seconds']:.0f} s)")
         runs.setdefault(split, {}).setdefault(name, []).append(run)
 
+    if not runs:  # --cached-only with nothing cached under this key: keep the tables that are there
+        print(f"no finished run in {cache} for configuration {key}: nothing to tabulate, {args.out} left "
+              "as it is; run without --cached-only to train them", file=sys.stderr)
+        return 2
     result = {
         "command": "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0]))] + (argv if argv is not None else sys.argv[1:])),
         "config": cfg | {"seeds": seeds, "splits": splits, "methods": methods, "config_key": key,

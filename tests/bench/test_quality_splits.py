@@ -58,3 +58,12 @@ def test_rounds_per_epoch_must_divide_the_epochs(capsys, tmp_path):
     assert not (tmp_path / "cache").exists()  # refused before anything was written
 
 
+
+
+def test_cached_only_with_an_empty_cache_writes_nothing(capsys, tmp_path):
+    """Rows cached by the former runner no longer match: tabulating them must not replace the tables."""
+    from bench.quality import main
+
+    assert main(MAIN_TABLE + ["--cached-only", "--out", str(tmp_path)]) == 2
+    assert "nothing to tabulate" in capsys.readouterr().err
+    assert not list(tmp_path.glob("quality*"))
