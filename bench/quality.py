@@ -1,6 +1,6 @@
 """Representation quality of fedcl against its baselines on non-IID Fashion-MNIST.
 
-    python bench/quality.py --quick                       # smoke run, a minute
+    python bench/quality.py --quick                       # smoke run (fedcl_dp8: minutes)
     python bench/quality.py --splits pathological --seeds 0 --rounds 6 --images-per-site 1000 \
         --width 16 --methods random,fedsimclr,fedcl,fedcl_noqueue,central
 
@@ -10,9 +10,18 @@ the union of the sites' images; with --rounds-per-epoch k each round trains on 1
 images and central trains rounds x local_epochs / k epochs). Encoders are judged frozen (DESIGN "Evaluation protocol"):
 kNN (k = 200, t = 0.1) with the union of the sites' labelled training images as feature bank,
 linear probe, few-label probe (10 per class) on the same bank, alignment and uniformity on a
-Fashion-MNIST test subset. A public reference set (for ``fedcl_public``) is held out of the
-TRAIN split, disjoint from the sites. Results per (split, method, seed) are cached under
-``<out>/cache`` keyed by the configuration, so reruns and added methods reuse finished work.
+Fashion-MNIST test subset.
+
+Every federated method runs on the shipped federation: ``federation_config`` turns the method and
+the recipe into a FedclConfig, and ``fedcl.sim.inprocess.run_federation_inprocess`` runs the ServerApp
+loop and ClientApp handlers in this process with the queue service on loopback (what
+``fedcl simulate --engine inprocess`` runs); the final global encoder is read from its encoder.pt.
+The sites are the shipped partitions of that config; ``fedcl_public`` uses the server's own
+reference set (``queue.public_images`` training images, not held out of the sites). The per-round
+kNN curve is the server's (its bank: a random subset of the training split). DP-SGD rows run with
+the sites' insecure_reproducible_dp switch (public noise seeds: the rows reproduce, the noise is
+not private). Results per (split, method, seed) are cached under ``<out>/cache`` keyed by the
+configuration, so reruns and added methods reuse finished work.
 
 Writes <out>/quality<tag>.json, quality<tag>.md, quality<tag>_rounds.png, quality<tag>_epsilon.png.
 """
@@ -22,11 +31,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import shlex
 import sys
+import tempfile
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -36,13 +48,29 @@ sys.path.insert(0, str(REPO))
 
 from tqdm.auto import tqdm  # noqa: E402
 
-from bench.fedsim import (  # noqa: E402
-    LATER_RECIPE_FIELDS, FedMethod, Recipe, model_from_state, run_federation, run_local_only)
 from fedcl.augment import TwoViewAugment  # noqa: E402
-from fedcl.data import load_fashion_mnist, partition  # noqa: E402
+from fedcl.config import FedclConfig  # noqa: E402
+from fedcl.data import load_fashion_mnist  # noqa: E402
 from fedcl.evaluate import evaluate_encoder, extract_features, knn_accuracy  # noqa: E402
-from fedcl.models import build_model, canonical_state_dict  # noqa: E402
-from fedcl.train import RoundRecipe, train_centralized  # noqa: E402
+from fedcl.models import build_model, canonical_state_dict, load_canonical_state_dict, load_encoder  # noqa: E402
+from fedcl.runtime import site_partition  # noqa: E402
+from fedcl.train import RoundRecipe, local_round, train_centralized  # noqa: E402
+
+
+@dataclass(frozen=True)
+class FedMethod:
+    """What differs between the federated methods of the benchmark; ``federation_config`` maps
+    each field to the shipped configuration key that sets it."""
+
+    queue: bool = False  # queue.enabled: negatives from other sites (how: ``release``)
+    release: Literal["raw", "prototypes", "public"] = "raw"  # privacy.release
+    key_encoder: Literal["global", "online"] = "global"  # train.key_encoder: frozen round model or online
+    in_batch_negatives: bool = True  # train.in_batch_negatives
+    warmup_rounds: int = 1  # queue.warmup_rounds: rounds trained without queue negatives
+    max_staleness: int = 2  # queue.max_staleness
+    fresh_push: bool = False  # queue.fresh_push: sites push from the received model before anyone trains
+    dp_epsilon: float | None = None  # privacy.dpsgd + privacy.target_epsilon over the whole run
+
 
 # The methods of the tables in docs/benchmarks.md. "random", "local" and "central" are not
 # federations. Probes that lost are described in research/ with the commit that still registers them.
@@ -50,54 +78,88 @@ METHODS: dict[str, FedMethod | str] = {
     "random": "random",
     "local": "local",
     "fedsimclr": FedMethod(queue=False, key_encoder="online", in_batch_negatives=True),
-    # fedcl as the Flower path runs it by default: fresh push (sites push embeddings of the global
+    # fedcl as the shipped config runs it by default: fresh push (sites push embeddings of the global
     # model they just received, before anyone trains), only this round's entries, one warm-up round
     "fedcl": FedMethod(queue=True, release="raw", key_encoder="global", fresh_push=True, max_staleness=0),
     "fedcl_noqueue": FedMethod(queue=False, key_encoder="global"),
     # DP-SGD has no in-batch negatives, so no warm-up: the release phase fills the queue in round 1
-    "fedcl_dp8": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0, in_batch_negatives=False,
-                           dp_epsilon=8.0, warmup_rounds=0),
+    "fedcl_dp8": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0,
+                           in_batch_negatives=False, dp_epsilon=8.0, warmup_rounds=0),
     "fedcl_prototypes": FedMethod(queue=True, release="prototypes"),
     "fedcl_public": FedMethod(queue=True, release="public"),
     "central": "central",
 }
 MAIN_METHODS = ["random", "local", "fedsimclr", "fedcl", "fedcl_noqueue", "fedcl_dp8", "fedcl_prototypes",
                 "fedcl_public", "central"]
-SPLITS = {"pathological": {"scheme": "pathological", "classes_per_site": 2},
-          "pathological1": {"scheme": "pathological", "classes_per_site": 1},
-          "dirichlet0.1": {"scheme": "dirichlet", "alpha": 0.1},
-          "dirichlet0.5": {"scheme": "dirichlet", "alpha": 0.5}, "iid": {"scheme": "iid"}}
+# each split is the shipped data config's (data.partition and its parameter): the sites of a
+# benchmark run are the partitions ``fedcl simulate`` gives its sites
+SPLITS = {"pathological": {"partition": "pathological", "classes_per_site": 2},
+          "pathological1": {"partition": "pathological", "classes_per_site": 1},
+          "dirichlet0.1": {"partition": "dirichlet", "alpha": 0.1},
+          "dirichlet0.5": {"partition": "dirichlet", "alpha": 0.5}, "iid": {"partition": "iid"}}
 METRICS = ["knn", "linear", "fewlabel", "alignment", "uniformity"]
+# settings of the release modes and DP-SGD shared by every method (part of the cache key)
+RELEASE = {"delta": 1e-5, "max_grad_norm": 1.0, "num_prototypes": 16, "release_noise_multiplier": 2.0,
+           "release_sample_rate": 0.5, "prototype_min_count": 5.0}
+RUNNER = "shipped-federation-inprocess/1"  # in the cache key: rows of the former bench/fedsim.py do not match
+
+
+def data_settings(cfg: dict, *, split: str, seed: int, data_root: Path) -> dict:
+    """The shipped ``[data]`` section of a run: the split, the sites and their image count."""
+    return {"name": "fashion-mnist", "path": str(data_root), "num_sites": cfg["sites"],
+            "max_images_per_site": cfg["images_per_site"], "seed": seed, **SPLITS[split]}
+
+
+def federation_config(method: FedMethod, cfg: dict, *, split: str, seed: int, data_root: Path) -> FedclConfig:
+    """The FedclConfig that runs ``method`` with the benchmark's recipe ``cfg`` (see run_config)."""
+    dp = method.dp_epsilon is not None
+    return FedclConfig(
+        data=data_settings(cfg, split=split, seed=seed, data_root=data_root)
+        # the server's per-round kNN curve: a bank the size of the sites' union, the bench's test count
+        | {"train_max_images": cfg["sites"] * cfg["images_per_site"], "eval_max_images": cfg["test_images"]},
+        model={"arch": "cnn", "in_channels": 1, "width": cfg["width"], "proj_dim": 128, "proj_hidden": 256},
+        augment={"crop_scale_min": cfg["crop_scale_min"]},
+        train={"epochs": cfg["local_epochs"], "rounds_per_epoch": cfg.get("rounds_per_epoch", 1),
+               "persist_optimizer": cfg.get("persist_optimizer", False), "batch_size": cfg["batch_size"],
+               "optimizer": "adam", "lr": cfg["lr"], "weight_decay": 1e-6, "temperature": cfg["temperature"],
+               "in_batch_negatives": method.in_batch_negatives, "key_encoder": method.key_encoder,
+               "num_push": cfg["num_push"], "device": "cpu", "threads": cfg.get("threads", 1), "seed": seed},
+        queue={"enabled": method.queue, "num_negatives": cfg["num_negatives"],
+               "fresh_push": method.fresh_push, "max_staleness": method.max_staleness,
+               "warmup_rounds": method.warmup_rounds,
+               "public_images": cfg["public_images"], "dtype": "float32"},
+        privacy={"dpsgd": dp, "target_epsilon": method.dp_epsilon or 8.0, "release": method.release,
+                 **RELEASE},
+        federation={"num_rounds": cfg["rounds"], "fraction_evaluate": 0.0},  # the bench evaluates itself
+    )
 
 
 # ------------------------------------------------------------------------------------- data
 
 class Data:
-    """Fashion-MNIST loaded once; per (split, seed) site partitions, bank, test and public sets."""
+    """Fashion-MNIST loaded once; per (split, seed) the sites' partitions, the bank and the test set."""
 
     def __init__(self, *, root: Path) -> None:
+        self.root = Path(root)
         self.train = load_fashion_mnist(root=root, split="train")
         self.test = load_fashion_mnist(root=root, split="test")
 
-    def setup(self, *, split: str, seed: int, num_sites: int, images_per_site: int, public_images: int,
-              test_images: int, probe_images: int) -> dict:
-        g = torch.Generator().manual_seed(10_000 + seed)
-        perm = torch.randperm(len(self.train), generator=g)
-        public_idx, pool = perm[:public_images], perm[public_images:]  # public: disjoint from every site
-        parts = partition(self.train.labels[pool].numpy(), num_sites=num_sites, seed=seed, **SPLITS[split])
-        sites, site_labels = [], []
-        for part in parts:
-            idx = pool[torch.from_numpy(part)]
-            idx = idx[torch.randperm(idx.shape[0], generator=g)[:images_per_site]]
-            sites.append(self.train.images[idx])
-            site_labels.append(self.train.labels[idx])
+    def setup(self, *, split: str, seed: int, num_sites: int, images_per_site: int, test_images: int) -> dict:
+        """The sites are the shipped partitions (``fedcl.runtime.site_partition``) of the config
+        ``federation_config`` writes: the bank of labelled site images is what the federation trained on."""
+        from fedcl.config import DataSettings
+
+        sizes = {"sites": num_sites, "images_per_site": images_per_site}
+        d = DataSettings.model_validate(data_settings(sizes, split=split, seed=seed, data_root=self.root))
+        parts = [site_partition(d, self.train, site_index=i) for i in range(num_sites)]
+        sites, site_labels = [p.images for p in parts], [p.labels for p in parts]
         bank_images, bank_labels = torch.cat(sites), torch.cat(site_labels)
+        g = torch.Generator().manual_seed(10_000 + seed)
         test_idx = torch.randperm(len(self.test), generator=g)[:test_images]
-        probe_idx = torch.randperm(bank_images.shape[0], generator=g)[:probe_images]
         return {
-            "sites": sites, "site_labels": site_labels, "bank_images": bank_images, "bank_labels": bank_labels,
+            "sites": sites, "site_labels": site_labels,
+            "bank_images": bank_images, "bank_labels": bank_labels,
             "test_images": self.test.images[test_idx], "test_labels": self.test.labels[test_idx],
-            "public_images": self.train.images[public_idx], "probe_images": bank_images[probe_idx],
             "site_sizes": [int(s.shape[0]) for s in sites],
             "site_classes": [sorted(set(lab.tolist())) for lab in site_labels],
         }
@@ -117,15 +179,89 @@ def full_eval(model, data: dict, *, augment: TwoViewAugment, device: torch.devic
                             augment=augment, few_label_per_class=10, seed=seed)
 
 
-def run_method(name: str, *, data: dict, cfg: dict, seed: int, device: torch.device, bar) -> dict:
+def model_from_state(spec: dict, state: dict[str, torch.Tensor]):
+    model = build_model(**spec)
+    load_canonical_state_dict(model, state)
+    return model
+
+
+def run_local_only(*, sites: list[torch.Tensor], spec: dict, init_state: dict, cfg: dict, seed: int,
+                   augment: TwoViewAugment, device: torch.device) -> list:
+    """Each site alone (not a federation): FedSimCLR's local recipe for the same rounds x local
+    epochs, never averaged; with rounds_per_epoch k each round trains on the next 1/k of a
+    permutation drawn at the epoch's first round."""
+    k = cfg.get("rounds_per_epoch", 1)
+    recipe = RoundRecipe(epochs=cfg["local_epochs"], batch_size=cfg["batch_size"], lr=cfg["lr"],
+                         temperature=cfg["temperature"], key_encoder="online", in_batch_negatives=True,
+                         num_push=0)
+    gen = torch.Generator().manual_seed(seed)
+    models = []
+    for i, site_images in enumerate(sites):
+        model = model_from_state(spec, init_state)
+        order, opt_state = None, None
+        for r in range(1, cfg["rounds"] + 1):
+            if k > 1 and (r - 1) % k == 0:
+                order = torch.randperm(site_images.shape[0], generator=gen)
+            images = site_images if k == 1 else site_images[order.tensor_split(k)[(r - 1) % k]]
+            res = local_round(model, images, None, recipe, augment=augment, optimizer_state=opt_state,
+                              seed=seed * 100_003 + r * 101 + i, device=device)
+            opt_state = res.optimizer_state if cfg.get("persist_optimizer", False) else None
+        models.append(model)
+    return models
+
+
+def run_federated(method: FedMethod, *, cfg: dict, split: str, seed: int, data_root: Path, out_dir: Path,
+                  bar=None):
+    """Run ``method`` on the shipped federation (ServerApp loop and ClientApp handlers, in process,
+    queue service on loopback); returns (the final global encoder, the server's FederationResult).
+    DP-SGD rows use the sites' insecure_reproducible_dp switch: public noise seeds, so the rows
+    reproduce; their noise is NOT private (the sites warn)."""
+    from fedcl.sim.inprocess import run_federation_inprocess
+
+    class Progress:
+        def on_start(self, **kw) -> None:
+            pass
+
+        def on_round(self, record: dict) -> None:
+            if bar is not None:
+                bar.set_postfix(round=record["round"], knn=f"{record.get('knn') or float('nan'):.3f}",
+                                loss=f"{record.get('loss') or float('nan'):.3f}")
+
+        def close(self) -> None:
+            pass
+
+    config = federation_config(method, cfg, split=split, seed=seed, data_root=data_root)
+    flwr_log = logging.getLogger("flwr")  # Flower logs every message at INFO; warnings still show
+    level = flwr_log.level
+    flwr_log.setLevel(max(level, logging.WARNING))
+    try:
+        result = run_federation_inprocess(config, out_dir=out_dir, observer=Progress(),
+                                          insecure_reproducible_dp=method.dp_epsilon is not None)
+    finally:
+        flwr_log.setLevel(level)
+    failed = [e for r in result.history for e in r.get("errors", [])]
+    if failed:
+        raise RuntimeError(f"{len(failed)} site replies failed in the federation; first: {failed[0]}")
+    model, _ = load_encoder(result.encoder_path)
+    return model, result
+
+
+def round_records(history: list[dict]) -> list[dict]:
+    """The benchmark's per-round record of each round of the server's history."""
+    return [{"round": r["round"], "loss": r.get("loss"), "knn": r.get("knn"),
+             "negatives": r.get("negatives_used"), "queue_size": r.get("queue_size"),
+             "epsilon": r.get("epsilon"), "seconds": r.get("seconds")}
+            for r in history]
+
+
+def run_method(name: str, *, data: dict, cfg: dict, split: str, seed: int, data_root: Path,
+               device: torch.device, bar) -> dict:
     """Train (if needed) and evaluate one method for one split and seed; returns a JSON-able dict."""
     spec = {"arch": "cnn", "in_channels": 1, "width": cfg["width"], "proj_dim": 128, "proj_hidden": 256}
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # the initial weights the server draws for train.seed = seed
     init_state = canonical_state_dict(build_model(**spec))
     augment = TwoViewAugment(crop_scale=(cfg.get("crop_scale_min", 0.3), 1.0))
-    recipe = Recipe(local_epochs=cfg["local_epochs"], batch_size=cfg["batch_size"], lr=cfg["lr"],
-                    temperature=cfg["temperature"], num_push=cfg["num_push"],
-                    rounds_per_epoch=cfg.get("rounds_per_epoch", 1), persist_optimizer=cfg.get("persist_optimizer", False))
+    rounds_per_epoch = cfg.get("rounds_per_epoch", 1)
     rounds = cfg["rounds"]
     t0 = time.perf_counter()
     out: dict = {"method": name, "seed": seed}
@@ -135,8 +271,8 @@ def run_method(name: str, *, data: dict, cfg: dict, seed: int, device: torch.dev
         out["metrics"] = full_eval(model, data, augment=augment, device=device, seed=seed)
         out["rounds"] = []
     elif kind == "local":
-        models = run_local_only(sites=data["sites"], model_spec=spec, init_state=init_state, recipe=recipe,
-                                rounds=rounds, seed=seed, augment=augment, device=device)
+        models = run_local_only(sites=data["sites"], spec=spec, init_state=init_state, cfg=cfg, seed=seed,
+                                augment=augment, device=device)
         per_site = [full_eval(m, data, augment=augment, device=device, seed=seed) for m in models]
         out["metrics"] = {k: float(np.mean([p[k] for p in per_site])) for k in per_site[0]}
         out["metrics"]["knn_worst"] = float(min(p["knn"] for p in per_site))
@@ -150,31 +286,27 @@ def run_method(name: str, *, data: dict, cfg: dict, seed: int, device: torch.dev
 
         def on_epoch(epoch: int, loss: float) -> None:
             if epoch % cfg["local_epochs"] == 0:
-                history.append({"round": epoch // cfg["local_epochs"] * recipe.rounds_per_epoch, "loss": loss,
+                history.append({"round": epoch // cfg["local_epochs"] * rounds_per_epoch, "loss": loss,
                                 "knn": knn_only(model, data, device)})
                 bar.set_postfix(epoch=epoch, knn=f"{history[-1]['knn']:.3f}")
 
         # central SimCLR always decays its learning rate (cosine over its epochs)
-        central = RoundRecipe(epochs=rounds * cfg["local_epochs"] // recipe.rounds_per_epoch,
+        central = RoundRecipe(epochs=rounds * cfg["local_epochs"] // rounds_per_epoch,
                               batch_size=cfg["batch_size"], lr=cfg["lr"], temperature=cfg["temperature"])
         train_centralized(model, union, central, augment=augment, device=device, seed=seed, on_epoch=on_epoch,
                           progress=False)
         out["metrics"] = full_eval(model, data, augment=augment, device=device, seed=seed)
         out["rounds"] = history
     else:
-        method = replace(kind, num_negatives=cfg["num_negatives"])
-
-        def on_round(r: int, model, record: dict) -> None:
-            record["knn"] = knn_only(model, data, device)
-            bar.set_postfix(round=r, knn=f"{record['knn']:.3f}", loss=f"{record['loss']:.3f}")
-
-        res = run_federation(sites=data["sites"], model_spec=spec, init_state=init_state, method=method, recipe=recipe,
-                             rounds=rounds, seed=seed, augment=augment, public_images=data["public_images"],
-                             probe_images=data["probe_images"], device=device, on_round=on_round)
-        out["metrics"] = full_eval(res.model, data, augment=augment, device=device, seed=seed)
-        out["rounds"] = res.rounds
-        out["privacy"] = res.ledgers[0]["channels"] | {"epsilon": res.ledgers[0]["epsilon"]}
-        out["method_settings"] = asdict(method)
+        with tempfile.TemporaryDirectory(prefix=f"quality_{name}_") as tmp:
+            model, res = run_federated(kind, cfg=cfg, split=split, seed=seed, data_root=data_root,
+                                       out_dir=Path(tmp), bar=bar)
+        out["metrics"] = full_eval(model, data, augment=augment, device=device, seed=seed)
+        out["rounds"] = round_records(res.history)
+        ledger = next(iter(res.ledgers.values()), None)
+        if ledger:
+            out["privacy"] = ledger["channels"] | {"epsilon": ledger["epsilon"]}
+        out["method_settings"] = asdict(kind)
     out["seconds"] = time.perf_counter() - t0
     return out
 
@@ -338,7 +470,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-push", type=int, default=512)
     p.add_argument("--test-images", type=int, default=2000)
     p.add_argument("--public-images", type=int, default=1000)
-    p.add_argument("--probe-images", type=int, default=256)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--data", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
@@ -350,7 +481,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.quick:
         a.rounds, a.images_per_site, a.width, a.test_images, a.public_images = 2, 64, 4, 200, 64
-        a.seeds, a.batch_size, a.num_push, a.probe_images, a.num_negatives = "0", 32, 32, 32, 128
+        a.seeds, a.batch_size, a.num_push, a.num_negatives = "0", 32, 32, 128
         a.out = a.out / "quick"
     return a
 
@@ -361,13 +492,10 @@ def run_config(args: argparse.Namespace) -> dict:
            "sites": args.sites, "width": args.width, "batch_size": args.batch_size, "lr": args.lr,
            "temperature": args.temperature, "num_negatives": args.num_negatives, "num_push": args.num_push,
            "crop_scale_min": args.crop_scale_min, "test_images": args.test_images, "public_images": args.public_images,
-           "probe_images": args.probe_images, "encoder": "cnn", "proj_dim": 128, "optimizer": "adam",
-           "knn": {"k": 200, "t": 0.1}, "fewlabel_per_class": 10,
-           "dp": {"epsilon": 8.0, "delta": 1e-5, "max_grad_norm": 1.0},
-           "release": {k: v for k, v in asdict(Recipe()).items() if k not in LATER_RECIPE_FIELDS}}
-    for name, value in (("rounds_per_epoch", args.rounds_per_epoch), ("persist_optimizer", args.persist_optimizer)):
-        if value != getattr(Recipe(), name):  # keys of runs cached before these fields existed stay valid
-            cfg[name] = value
+           "encoder": "cnn", "proj_dim": 128, "optimizer": "adam",
+           "knn": {"k": 200, "t": 0.1}, "fewlabel_per_class": 10, "dp": {"epsilon": 8.0}, "release": RELEASE,
+           "rounds_per_epoch": args.rounds_per_epoch, "persist_optimizer": args.persist_optimizer,
+           "runner": RUNNER}
     return cfg
 
 
@@ -415,8 +543,9 @@ def main(argv: list[str] | None = None) -> int:
             if (split, seed) not in setups:
                 setups[(split, seed)] = data_src.setup(
                     split=split, seed=seed, num_sites=args.sites, images_per_site=args.images_per_site,
-                    public_images=args.public_images, test_images=args.test_images, probe_images=args.probe_images)
-            run = run_method(name, data=setups[(split, seed)], cfg=cfg, seed=seed, device=device, bar=bar)
+                    test_images=args.test_images)
+            run = run_method(name, data=setups[(split, seed)], cfg=cfg | {"threads": args.threads},
+                             split=split, seed=seed, data_root=args.data, device=device, bar=bar)
             run["site_sizes"] = setups[(split, seed)]["site_sizes"]
             run["site_classes"] = setups[(split, seed)]["site_classes"]
             path.write_text(json.dumps(run, indent=1))
@@ -424,6 +553,10 @@ def main(argv: list[str] | None = None) -> int:
                    + f" ({run['seconds']:.0f} s)")
         runs.setdefault(split, {}).setdefault(name, []).append(run)
 
+    if not runs:  # --cached-only with nothing cached under this key: keep the tables that are there
+        print(f"no finished run in {cache} for configuration {key}: nothing to tabulate, {args.out} left "
+              "as it is; run without --cached-only to train them", file=sys.stderr)
+        return 2
     result = {
         "command": "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0]))] + (argv if argv is not None else sys.argv[1:])),
         "config": cfg | {"seeds": seeds, "splits": splits, "methods": methods, "config_key": key,

@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -161,10 +162,14 @@ def run_apps(server_app: ServerApp, client_app: ClientApp, *, num_nodes: int,
     return grid
 
 
-def run_federation_inprocess(config, *, out_dir: Path, num_sites: int | None = None, observer=None):
+def run_federation_inprocess(config, *, out_dir: Path, num_sites: int | None = None, observer=None,
+                             insecure_reproducible_dp: bool = False):
     """Run (or resume) the federation of ``config`` in this process: the shipped ServerApp loop and
     ClientApp handlers on an ``InProcessGrid``, the queue service on loopback as ``fedcl simulate``
-    starts it. Returns the ``fedcl.server.app.FederationResult`` (``history``: the per-round records)."""
+    starts it. Returns the ``fedcl.server.app.FederationResult`` (``history``: the per-round records).
+
+    ``insecure_reproducible_dp``: the sites draw their DP noise from public seeds (benchmarks
+    only: the runs reproduce, but the noise is NOT private; the client warns at every round)."""
     from fedcl.client.app import make_client_app
     from fedcl.server.app import make_server_app
     from fedcl.sim.simulate import loopback_federation, site_threads, with_num_sites
@@ -173,6 +178,8 @@ def run_federation_inprocess(config, *, out_dir: Path, num_sites: int | None = N
     out_dir = Path(out_dir).resolve()
     results: list = []
     with loopback_federation(cfg, out_dir=out_dir, threads=site_threads(cfg)) as (link, simulated):
+        if insecure_reproducible_dp:
+            simulated = replace(simulated, insecure_reproducible_dp=True)
         server_app = make_server_app(config=cfg, out_dir=out_dir, queue=link, observer=observer,
                                      results=results)
         run_apps(server_app, make_client_app(simulated=simulated), num_nodes=cfg.data.num_sites)

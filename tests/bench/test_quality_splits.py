@@ -16,6 +16,7 @@ from fedcl.data import make_synthetic  # noqa: E402
 @pytest.fixture(scope="module")
 def data():
     d = Data.__new__(Data)  # the Fashion-MNIST files are not needed to check the partition
+    d.root = Path("/nonexistent")  # named in the shipped data config; nothing is loaded from it
     d.train = make_synthetic(num_images=1200, num_classes=10, seed=0)
     d.test = make_synthetic(num_images=100, num_classes=10, seed=1)
     return d
@@ -23,8 +24,7 @@ def data():
 
 @pytest.mark.parametrize("split,sites,per_site", [("pathological", 5, 2), ("pathological1", 10, 1)])
 def test_pathological_splits_give_each_site_its_number_of_classes(data, split, sites, per_site):
-    out = data.setup(split=split, seed=0, num_sites=sites, images_per_site=50, public_images=100,
-                     test_images=50, probe_images=20)
+    out = data.setup(split=split, seed=0, num_sites=sites, images_per_site=50, test_images=50)
     assert [len(c) for c in out["site_classes"]] == [per_site] * sites
     held = sorted(c for classes in out["site_classes"] for c in classes)
     assert held == sorted(list(range(10)) * (sites * per_site // 10))  # every class, equally often
@@ -35,21 +35,19 @@ MAIN_TABLE = ("--splits pathological,dirichlet0.1 --seeds 0,1,2 --rounds 6 --loc
               "--width 16 --test-images 2000 --batch-size 64 --lr 3e-4 --threads 1").split()
 
 
-def test_cache_key_of_the_main_table_is_stable():
-    """docs/benchmarks.md and bench/results/cache name the main table's runs by key 055a4d29745c: options
-    added since (--rounds-per-epoch, --persist-optimizer) must not change it at their defaults, and do
-    change it when set. The 20-epoch table (603676aa2fb5) and its 40-epoch DP row (e58c9ea6ad8c) keep
-    their keys too (options removed since, such as --lr-schedule, entered the key only when set)."""
+def test_cache_key_names_the_shipped_runner_and_every_recipe_option():
+    """Rows of the former bench/fedsim.py runner (main table key 055a4d29745c, 20-epoch table
+    603676aa2fb5) are not evidence for the shipped federation: the new path must not reuse them. The
+    recipe options still change the key."""
     from bench.quality import config_key, parse_args, run_config
 
-    assert config_key(run_config(parse_args(MAIN_TABLE))) == "055a4d29745c"
+    main = config_key(run_config(parse_args(MAIN_TABLE)))
+    assert main not in ("055a4d29745c", "603676aa2fb5")
+    assert run_config(parse_args(MAIN_TABLE))["runner"] == "shipped-federation-inprocess/1"
     keys = {config_key(run_config(parse_args(MAIN_TABLE + extra)))
             for extra in (["--rounds-per-epoch", "2"], ["--persist-optimizer"], ["--rounds", "12"])}
-    assert len(keys) == 3 and "055a4d29745c" not in keys
-    e20 = MAIN_TABLE[:MAIN_TABLE.index("--rounds")] + MAIN_TABLE[MAIN_TABLE.index("--rounds") + 2:]
-    e20 += ["--rounds-per-epoch", "8", "--persist-optimizer"]
-    assert config_key(run_config(parse_args(e20 + ["--rounds", "160"]))) == "603676aa2fb5"
-    assert config_key(run_config(parse_args(e20 + ["--rounds", "320", "--methods", "fedcl_dp8"]))) == "e58c9ea6ad8c"
+    assert len(keys) == 3 and main not in keys
+    assert main == config_key(run_config(parse_args(MAIN_TABLE)))  # stable across calls
 
 
 def test_rounds_per_epoch_must_divide_the_epochs(capsys, tmp_path):
@@ -60,3 +58,12 @@ def test_rounds_per_epoch_must_divide_the_epochs(capsys, tmp_path):
     assert not (tmp_path / "cache").exists()  # refused before anything was written
 
 
+
+
+def test_cached_only_with_an_empty_cache_writes_nothing(capsys, tmp_path):
+    """Rows cached by the former runner no longer match: tabulating them must not replace the tables."""
+    from bench.quality import main
+
+    assert main(MAIN_TABLE + ["--cached-only", "--out", str(tmp_path)]) == 2
+    assert "nothing to tabulate" in capsys.readouterr().err
+    assert not list(tmp_path.glob("quality*"))

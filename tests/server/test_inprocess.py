@@ -145,6 +145,25 @@ def test_a_budget_refusal_reaches_the_loop_through_flowers_error_reply(tmp_path)
     assert all(0 < m["epsilon"] <= 6.0 for m in result.history[0]["sites"].values())
 
 
+def test_insecure_reproducible_dp_makes_a_dp_run_repeat_and_says_so_in_the_ledgers(tmp_path):
+    """bench/quality.py's DP rows: with the switch, two runs from the same global torch seed draw the same
+    DP-SGD noise (the same weights), and every site's ledger records that its randomness was not private."""
+    cfg = load_config(None, TINY + ["queue.enabled=false", "privacy.dpsgd=true",
+                                    "train.in_batch_negatives=false", "privacy.noise_multiplier=1.0"])
+    runs = []
+    for i in range(2):
+        torch.manual_seed(0)  # the switch draws noise from the global generator; bench/quality.py seeds it
+        runs.append(run_federation_inprocess(cfg, out_dir=tmp_path / f"run{i}",
+                                             insecure_reproducible_dp=True))
+    assert [r["knn"] for r in runs[0].history] == [r["knn"] for r in runs[1].history]
+    weights = [canonical_state_dict(load_encoder(r.encoder_path)[0]) for r in runs]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert set(runs[0].ledgers) == {"site-0", "site-1"}
+    assert all(ledger["insecure_randomness"] for ledger in runs[0].ledgers.values())
+    plain = run_federation_inprocess(cfg, out_dir=tmp_path / "plain")  # default: secret noise
+    assert not any(ledger["insecure_randomness"] for ledger in plain.ledgers.values())
+
+
 def _echo_app() -> ClientApp:
     app = ClientApp()
 
