@@ -95,8 +95,11 @@ def good_push(draw):
     return ("push", TOKENS[site], site, chunks)
 
 
+NEXT_ROUND = -200  # an advance round of NEXT_ROUND - d means "the queue's current round + d" (resolved when sent)
+
 requests = st.one_of(
     good_push(), good_push(),
+    st.tuples(st.just("advance"), st.just(COORD), st.integers(0, 2).map(lambda d: NEXT_ROUND - d)),
     st.tuples(st.just("push"), tokens, st.sampled_from([None, "site-a", "site-b", "site-z"]), push_chunks()),
     st.tuples(st.just("sample"), tokens, st.integers(0, 5000), st.one_of(st.none(), st.integers(0, 9)),
               st.sampled_from(["", "site-a", "x" * 300])),
@@ -134,6 +137,8 @@ def _call(stub, req, current_round):
         return list(stub.Sample(queue_pb2.SampleRequest(**kw), metadata=_metadata(token), timeout=5))
     if kind == "advance":
         _, token, rnd = req
+        if rnd <= NEXT_ROUND:  # a well-formed advance by the coordinator
+            rnd = current_round + (NEXT_ROUND - rnd)
         return stub.Advance(queue_pb2.AdvanceRequest(round=rnd), metadata=_metadata(token), timeout=5)
     if kind == "stats":
         return stub.Stats(queue_pb2.StatsRequest(), metadata=_metadata(req[1]), timeout=5)
