@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     refs = [m for m in a.reference.split(",") if m]
 
     split_text = f"split {splits[0]}" if len(set(splits)) == 1 else "splits " + ", ".join(
-        f"{label}: {sp}" for (label, _, _), sp in zip(variants, splits))
+        f"{label}: {sp}" for (label, _, _), sp in zip(variants, splits, strict=False))
     lines = [f"{a.metric} (%), {split_text}, mean ± std over seeds (n); per seed in brackets\n",
              "| method | " + " | ".join(label for label, _, _ in variants) + " |",
              "|---|" + "---|" * len(variants)]

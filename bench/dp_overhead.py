@@ -125,11 +125,11 @@ def main() -> None:
         med = {k: statistics.median(v) for k, v in times.items()}
         line = f"key_encoder={mode:6s}  sgd {1e3 * med['sgd']:7.1f} ms"
         for name in VARIANTS[1:]:
-            paired = sorted(d / s for d, s in zip(times[name], times["sgd"]))
+            paired = sorted(d / s for d, s in zip(times[name], times["sgd"], strict=False))
             q1, q3 = paired[len(paired) // 4], paired[(3 * len(paired)) // 4]
             line += (f" | {name} {1e3 * med[name]:7.1f} ms  ratio {statistics.median(paired):.2f}x"
                      f" (IQR {q1:.2f}-{q3:.2f})")
-        paired = sorted(d / s for d, s in zip(times["dp-secure"], times["dp-fedcl"]))
+        paired = sorted(d / s for d, s in zip(times["dp-secure"], times["dp-fedcl"], strict=False))
         line += f" | dp-secure / dp-fedcl {statistics.median(paired):.3f}x"
         print(line + "  (target <= 2x)")
         if args.profile:

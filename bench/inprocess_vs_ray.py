@@ -123,8 +123,8 @@ def main() -> None:
     for label, key in rows:
         a, b = median("inprocess", key), median("ray", key)
         lines.append(f"{label:34s} {a:10.1f} {b:8.1f} {b / a:17.2f}")
-    diffs = [abs(x - y) for r_in, r_ray in zip(runs["inprocess"], runs["ray"])
-             for x, y in zip(r_in["losses"], r_ray["losses"])]
+    diffs = [abs(x - y) for r_in, r_ray in zip(runs["inprocess"], runs["ray"], strict=False)
+             for x, y in zip(r_in["losses"], r_ray["losses"], strict=False)]
     lines += [
         "",
         f"final kNN accuracy: in-process {[round(100 * r['final_knn'], 2) for r in runs['inprocess']]} %, "

@@ -405,7 +405,7 @@ def write_plots(prefix: Path, result: dict) -> None:
     many = len(names) > 8
     fig, axes = plt.subplots(1, len(splits), figsize=((8 if many else 6) * len(splits), 4.5 if many else 4),
                              squeeze=False)
-    for ax, (split, methods) in zip(axes[0], splits.items()):
+    for ax, (split, methods) in zip(axes[0], splits.items(), strict=False):
         start = [(0, 100 * methods["random"]["knn"]["mean"])] if "random" in methods else []  # round 0 = init
         for name, agg in methods.items():
             if agg.get("rounds"):
@@ -415,7 +415,8 @@ def write_plots(prefix: Path, result: dict) -> None:
             elif name in FINAL_LINES:
                 linestyle, color = FINAL_LINES[name]
                 ax.axhline(100 * agg["knn"]["mean"], linestyle=linestyle, color=color, label=f"{name} (final)")
-        ax.set(title=f"{split}: kNN accuracy per round", xlabel="round (0 = initial weights)", ylabel="kNN accuracy (%)")
+        ax.set(title=f"{split}: kNN accuracy per round", xlabel="round (0 = initial weights)",
+               ylabel="kNN accuracy (%)")
         ax.xaxis.get_major_locator().set_params(integer=True)
         if many:  # outside the axes, so that it hides no curve
             ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
@@ -426,7 +427,7 @@ def write_plots(prefix: Path, result: dict) -> None:
     plt.close(fig)
 
     fig, axes = plt.subplots(1, len(splits), figsize=(6 * len(splits), 4), squeeze=False)
-    for ax, (split, methods) in zip(axes[0], splits.items()):
+    for ax, (split, methods) in zip(axes[0], splits.items(), strict=False):
         plotted = False
         for name, agg in methods.items():
             rs = agg.get("rounds") or []
@@ -558,11 +559,13 @@ def main(argv: list[str] | None = None) -> int:
               "as it is; run without --cached-only to train them", file=sys.stderr)
         return 2
     result = {
-        "command": "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0]))] + (argv if argv is not None else sys.argv[1:])),
+        "command": "python " + " ".join(
+            shlex.quote(a) for a in [str(Path(sys.argv[0]))] + (argv if argv is not None else sys.argv[1:])),
         "config": cfg | {"seeds": seeds, "splits": splits, "methods": methods, "config_key": key,
                          "threads": args.threads, "device": str(device)},
         "splits": {split: {name: aggregate(rs) for name, rs in by_method.items()} for split, by_method in runs.items()},
-        "site_classes": {split: next(iter(by_method.values()))[0].get("site_classes") for split, by_method in runs.items()},
+        "site_classes": {split: next(iter(by_method.values()))[0].get("site_classes")
+                         for split, by_method in runs.items()},
     }
     args.out.mkdir(parents=True, exist_ok=True)
     prefix = args.out / f"quality{args.tag}"

@@ -307,7 +307,8 @@ def run_scale(*, sites: list[int], rounds: int, images_per_site: int, data: str 
             row["overrides"] = settings[n]
             rows.append(row)
             if progress:
-                bar.write(f"{n:4d} sites: {row['seconds_per_round']:.1f} s/round (round 1: {row['cold_round_seconds']:.1f} s), "
+                bar.write(f"{n:4d} sites: {row['seconds_per_round']:.1f} s/round "
+                          f"(round 1: {row['cold_round_seconds']:.1f} s), "
                           f"server peak RSS {row['server_peak_rss_mib']:.0f} MiB, Ray workers "
                           f"{row['ray_workers_peak_rss_sum_mib']:.0f} MiB, load {row['loadavg_after'][0]:.1f}")
     if owned:
@@ -348,7 +349,8 @@ def table(result: dict[str, Any]) -> str:
         return "–" if value is None else format(value, fmt)
 
     head = ("| sites | s/round (rounds 2..R) | round 1 s (cold) | s per site-task | in train handlers "
-            "| server CPU s/round (Flower polling) | Ray workers CPU s/round | server peak RSS MiB | Ray workers RSS MiB (sum, procs) "
+            "| server CPU s/round (Flower polling) | Ray workers CPU s/round | server peak RSS MiB "
+            "| Ray workers RSS MiB (sum, procs) "
             "| Ray services RSS MiB | queue peak entries | load (1 min) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in result["rows"]:
@@ -357,7 +359,8 @@ def table(result: dict[str, Any]) -> str:
             f"{r['seconds_per_site_task']:.2f} | {100 * r['site_handler_share']:.0f}% | "
             f"{num(r['server_cpu_per_round'], '.1f')} ({num(r['flower_polling_cpu_per_round'], '.1f')}) | "
             f"{num(r['ray_workers_cpu_per_round'], '.1f')} | "
-            f"{r['server_peak_rss_mib']:.0f} | {r['ray_workers_peak_rss_sum_mib']:.0f} ({r['ray_workers_max_processes']}) | "
+            f"{r['server_peak_rss_mib']:.0f} | {r['ray_workers_peak_rss_sum_mib']:.0f} "
+            f"({r['ray_workers_max_processes']}) | "
             f"{r['ray_services_peak_rss_sum_mib']:.0f} | {r['queue_size']} | "
             f"{r['loadavg_before'][0]:.1f} → {r['loadavg_after'][0]:.1f} |")
     return "\n".join(lines)
@@ -378,7 +381,8 @@ def write_results(result: dict[str, Any], out_dir: Path, *, name: str = "scale")
           f"{result['rounds']} rounds, {result['images_per_site']} {result['data']} images per site (iid), CNN width "
           f"{result['width']}, batch {result['batch_size']}, {result['num_push']} pushes per site and round, "
           f"{result['cores']} cores, Ray actors = min(sites, cores). Measured at commit "
-          f"{result['code']['commit'][:10]}" + (f" with uncommitted changes to {', '.join(result['code']['modified_files'])}"
+          f"{result['code']['commit'][:10]}"
+          + (f" with uncommitted changes to {', '.join(result['code']['modified_files'])}"
                                                 if result["code"]["modified_files"] else "") + ".",
           "", table(result), ""]
     md += [f"* {line}" for line in growth_lines(result)]
@@ -396,8 +400,10 @@ def write_results(result: dict[str, Any], out_dir: Path, *, name: str = "scale")
     md += ["", "s per site-task = s/round x actors / sites. 'in train handlers' = the sites' train handler time "
            "(sum over sites / actors) as a share of the round; the rest is the release phase (when on), Flower, "
            "Ray and the ServerApp. CPU s/round: CPU seconds used between the end of round 1 and the end of the "
-           "last round, per round (read by the server process as it writes each round's record); 'Flower polling' is the thread of Flower's simulation "
-           "engine that scans the LinkState for every node's next message every 0.1 s (vce_api.add_messages_to_queue). RSS sums count shared pages once per process. "
+           "last round, per round (read by the server process as it writes each round's record); "
+           "'Flower polling' is the thread of Flower's simulation engine that scans the LinkState for every "
+           "node's next message every 0.1 s (vce_api.add_messages_to_queue). "
+           "RSS sums count shared pages once per process. "
            "Load: the 1-minute load average before and after each run (2 cores, shared with other jobs)."]
     paths[1].write_text("\n".join(md) + "\n")
 

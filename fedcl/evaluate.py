@@ -11,7 +11,9 @@ from fedcl.augment import TwoViewAugment
 
 
 @torch.no_grad()
-def extract_features(model: nn.Module, images: torch.Tensor, *, device: torch.device, batch_size: int = 1024) -> torch.Tensor:
+def extract_features(
+    model: nn.Module, images: torch.Tensor, *, device: torch.device, batch_size: int = 1024
+) -> torch.Tensor:
     """L2-normalised backbone features (N, feat_dim) of uint8 images (N, C, H, W)."""
     was_training = model.training
     model.eval().to(device)

@@ -136,7 +136,7 @@ def arrays_to_state(model: nn.Module, arrays: list[np.ndarray]) -> dict[str, tor
     if len(arrays) != len(keys):
         raise ValueError(f"expected {len(keys)} arrays for this model, got {len(arrays)}")
     out = {}
-    for k, a in zip(keys, arrays):
+    for k, a in zip(keys, arrays, strict=False):
         t = torch.from_numpy(np.ascontiguousarray(a))
         if tuple(t.shape) != tuple(ref[k].shape):
             raise ValueError(f"array for {k} has shape {tuple(t.shape)}, expected {tuple(ref[k].shape)}")

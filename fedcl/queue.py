@@ -216,7 +216,8 @@ class EmbeddingQueue:
         if embeddings.dtype not in (np.float16, np.float32, np.float64):
             raise QueueError("INVALID_ARGUMENT", f"embeddings must be float16/32/64, got {embeddings.dtype}")
         if embeddings.ndim != 2:
-            raise QueueError("INVALID_ARGUMENT", f"embeddings must be 2-D (N, {self.dim}), got shape {embeddings.shape}")
+            raise QueueError("INVALID_ARGUMENT",
+                             f"embeddings must be 2-D (N, {self.dim}), got shape {embeddings.shape}")
         n, dim = embeddings.shape
         if dim != self.dim:
             raise QueueError("INVALID_ARGUMENT", f"embeddings have dim {dim}, this queue holds dim {self.dim}")
@@ -360,7 +361,7 @@ class EmbeddingQueue:
                 "current_round": self._current_round,
                 "max_staleness": self.max_staleness,
                 "per_site_quota": self.per_site_quota,
-                "per_site": dict(zip(self._site_names, self._site_counts)),
+                "per_site": dict(zip(self._site_names, self._site_counts, strict=False)),
                 "pushed_total": self._pushed_total,
                 "evicted": dict(self._evicted),
                 "oldest_round": int(rounds.min()) if rounds.size else None,

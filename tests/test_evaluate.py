@@ -6,8 +6,13 @@ import torch.nn.functional as F
 
 from fedcl.augment import TwoViewAugment
 from fedcl.data import make_synthetic
-from fedcl.evaluate import (alignment_uniformity, evaluate_encoder, few_label_indices, knn_accuracy,
-                            linear_probe_accuracy)
+from fedcl.evaluate import (
+    alignment_uniformity,
+    evaluate_encoder,
+    few_label_indices,
+    knn_accuracy,
+    linear_probe_accuracy,
+)
 from fedcl.models import build_model
 
 
@@ -39,7 +44,7 @@ def test_knn_matches_manual_vote():
         sims = f @ q[i]
         top = sims.topk(k)
         votes = torch.zeros(3)
-        for s, j in zip(top.values, top.indices):
+        for s, j in zip(top.values, top.indices, strict=False):
             votes[y[j]] += math.exp(float(s) / t)
         correct += int(votes.argmax() == yq[i])
     assert knn_accuracy(f, y, q, yq, k=k, temperature=t) == pytest.approx(correct / q.shape[0])

@@ -9,7 +9,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(*args):
-    return subprocess.run([sys.executable, str(ROOT / "deploy" / "make_certs.py"), *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, str(ROOT / "deploy" / "make_certs.py"), *args],
+                          capture_output=True, text=True)
 
 
 def test_creates_a_verifiable_chain_and_private_keys(tmp_path):
@@ -72,4 +73,5 @@ def test_supernode_key_pairs_are_what_flower_loads(tmp_path):
     assert listed == {site: str(tmp_path / f"sites/{site}.node-key.pub") for site in ("site-a", "site-b")}
     assert _run("--out", str(tmp_path), "--site", "site-a", "--site", "site-c").returncode == 0
     assert (tmp_path / "sites/site-a.node-key.pub").read_bytes() == pairs["site-a"]
-    assert set(tomllib.loads((tmp_path / "tokens.toml").read_text())["supernode_keys"]) == {"site-a", "site-b", "site-c"}
+    keys = tomllib.loads((tmp_path / "tokens.toml").read_text())["supernode_keys"]
+    assert set(keys) == {"site-a", "site-b", "site-c"}

@@ -1,8 +1,15 @@
 import pytest
 import torch
 
-from fedcl.models import (arrays_to_state, build_model, canonical_state_dict, load_canonical_state_dict,
-                          load_encoder, save_encoder, state_to_arrays)
+from fedcl.models import (
+    arrays_to_state,
+    build_model,
+    canonical_state_dict,
+    load_canonical_state_dict,
+    load_encoder,
+    save_encoder,
+    state_to_arrays,
+)
 
 
 @pytest.mark.parametrize("arch,channels,size", [("cnn", 1, 28), ("cnn", 3, 32), ("resnet18", 3, 32)])

@@ -32,7 +32,8 @@ def make(**overrides) -> EmbeddingQueue:
 def everything(q: EmbeddingQueue) -> tuple[np.ndarray, list[str], np.ndarray]:
     """All entries, sorted by their bytes so two queues can be compared regardless of slot order."""
     s = q.sample(q.capacity, exclude_site=None, max_age=None, rng=np.random.default_rng(0), dtype=None)
-    keys = [row.tobytes() + site.encode() + bytes(str(r), "ascii") for row, site, r in zip(s.embeddings, s.site_ids, s.rounds)]
+    keys = [row.tobytes() + site.encode() + bytes(str(r), "ascii")
+            for row, site, r in zip(s.embeddings, s.site_ids, s.rounds, strict=True)]
     order = sorted(range(len(keys)), key=keys.__getitem__)
     return s.embeddings[order], [s.site_ids[i] for i in order], s.rounds[order]
 
@@ -450,7 +451,8 @@ def test_random_operations_match_the_list_model(ops, capacity, quota, staleness)
             round = max(0, model.round + offset)
             ok = model.push(site, n, round)
             try:
-                q.push(unit(n, dim=4) if n else np.zeros((0, 4), np.float32), site_id=site, round=round, model_version=0)
+                rows = unit(n, dim=4) if n else np.zeros((0, 4), np.float32)
+                q.push(rows, site_id=site, round=round, model_version=0)
                 assert ok
             except QueueError:
                 assert not ok
@@ -467,4 +469,4 @@ def test_random_operations_match_the_list_model(ops, capacity, quota, staleness)
             except QueueError:
                 assert not ok
         s = q.sample(capacity, exclude_site=None, max_age=None)
-        assert sorted(zip(s.site_ids, s.rounds.tolist())) == sorted(model.entries)
+        assert sorted(zip(s.site_ids, s.rounds.tolist(), strict=False)) == sorted(model.entries)

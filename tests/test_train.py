@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 from dataclasses import replace
 
 import pytest
@@ -140,7 +141,7 @@ def test_contrastive_loss_frozen_keys_is_symmetric_infonce_and_online_keys_witho
 def test_round_recipe_refuses_bad_settings(bad, match):
     with pytest.raises(ValueError, match=match):
         RoundRecipe(**bad)
-    with pytest.raises(Exception):  # frozen: a recipe is shared, never changed in place
+    with pytest.raises(dataclasses.FrozenInstanceError):  # frozen: a recipe is shared, never changed in place
         RECIPE.lr = 1.0
 
 
@@ -222,9 +223,9 @@ def _poisson_batches(data, monkeypatch, **kw) -> list[torch.Tensor]:
 def test_dp_batches_are_secret_unless_the_insecure_switch_says_otherwise(data, monkeypatch, caplog):
     first, second = _poisson_batches(data, monkeypatch), _poisson_batches(data, monkeypatch)
     assert len(first) == len(second) == 4
-    assert any(not torch.equal(a, b) for a, b in zip(first, second))  # the same seed does not replay them
+    assert any(not torch.equal(a, b) for a, b in zip(first, second, strict=False))  # the same seed does not replay them
     caplog.set_level("WARNING", logger="fedcl.privacy")
     replay = [_poisson_batches(data, monkeypatch, dp_generator=INSECURE_REPRODUCIBLE) for _ in range(2)]
-    assert all(torch.equal(a, b) for a, b in zip(*replay))
+    assert all(torch.equal(a, b) for a, b in zip(*replay, strict=False))
     warnings = [r.getMessage() for r in caplog.records if "insecure_reproducible_dp" in r.getMessage()]
     assert len(warnings) == 2 and all("NOT differentially private" in w for w in warnings)  # at every use

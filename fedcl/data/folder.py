@@ -138,7 +138,7 @@ def load_image_folder(
             px if px.shape[:2] == (h, w) else np.asarray(Image.fromarray(px).resize((w, h), Image.BILINEAR))
             for px in pixels
         ]
-    for (p, _), px in zip(files, pixels):
+    for (p, _), px in zip(files, pixels, strict=False):
         if px.shape[:2] != pixels[0].shape[:2]:
             raise DataError(
                 f"images under {root} differ in size ({files[0][0]}: {pixels[0].shape[:2]}, "

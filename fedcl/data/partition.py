@@ -81,7 +81,7 @@ def _pathological(
     sites: list[list[np.ndarray]] = [[] for _ in range(num_sites)]
     for c in sorted(holders):
         idx = rng.permutation(np.flatnonzero(labels == c))
-        for s, part in zip(holders[c], np.array_split(idx, len(holders[c]))):
+        for s, part in zip(holders[c], np.array_split(idx, len(holders[c])), strict=False):
             sites[s].append(part)
     parts = [np.concatenate(s) for s in sites]
     empty = [s for s, p in enumerate(parts) if len(p) == 0]

@@ -12,8 +12,8 @@ from fedcl.privacy.dp import (
     release_dp_training,
     sum_per_patient,
 )
-from fedcl.privacy.per_example import PerExampleModule
 from fedcl.privacy.ledger import BudgetExceeded, LedgerEvent, PrivacyLedger
+from fedcl.privacy.per_example import PerExampleModule
 from fedcl.privacy.release import (
     PrototypeRelease,
     init_prototypes,

@@ -149,7 +149,7 @@ class PerExampleModule(nn.Module):
             out = {p: p.new_zeros((0, *p.shape)) for p in m.parameters(recurse=False)}
         elif isinstance(m, nn.Conv2d):
             w = self.buffer(id(m.weight), (b, m.out_channels, m.weight[0].numel()), xs[0])  # (B, O, P)
-            for c, (x, g) in enumerate(zip(xs, gs)):
+            for c, (x, g) in enumerate(zip(xs, gs, strict=False)):
                 a = self._unfold(m, x)  # (B, P, L)
                 w.baddbmm_(g.reshape(b, m.out_channels, -1), a.transpose(1, 2), beta=float(c > 0), alpha=scale)
             out[m.weight] = w.view(b, *m.weight.shape)
@@ -157,7 +157,7 @@ class PerExampleModule(nn.Module):
                 out[m.bias] = sum(g.sum((2, 3)) for g in gs) * scale  # (B, O)
         elif isinstance(m, nn.Linear):
             w = self.buffer(id(m.weight), (b, m.out_features, m.in_features), xs[0])  # (B, O, I)
-            for c, (x, g) in enumerate(zip(xs, gs)):
+            for c, (x, g) in enumerate(zip(xs, gs, strict=False)):
                 # (B, O, T) @ (B, T, I); T = 1 for (B, I) inputs
                 w.baddbmm_(g.reshape(b, -1, m.out_features).transpose(1, 2), x.reshape(b, -1, m.in_features),
                            beta=float(c > 0), alpha=scale)
@@ -168,7 +168,8 @@ class PerExampleModule(nn.Module):
             xn = [F.group_norm(x, m.num_groups, eps=m.eps).reshape(b, m.num_channels, -1) for x in xs]
             gr = [g.reshape(b, m.num_channels, -1) for g in gs]
             if m.weight is not None:  # sum over positions without a (B, C, L) product
-                out[m.weight] = sum(torch.einsum("bcl,bcl->bc", x, g) for x, g in zip(xn, gr)) * scale  # (B, C)
+                # (B, C)
+                out[m.weight] = sum(torch.einsum("bcl,bcl->bc", x, g) for x, g in zip(xn, gr, strict=False)) * scale
             if m.bias is not None:
                 out[m.bias] = sum(g.sum(2) for g in gr) * scale  # (B, C)
         for p, gs_p in out.items():

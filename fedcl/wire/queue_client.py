@@ -139,7 +139,8 @@ class QueueClient:
             if filled + chunk.rows > out.shape[0] or chunk.dim != out.shape[1]:
                 raise self._malformed("sample chunks do not match the announced total")
             if chunk.rows:
-                values = np.frombuffer(bytearray(chunk.data), dtype=wire).reshape(chunk.rows, chunk.dim)  # writable copy
+                # a writable copy
+                values = np.frombuffer(bytearray(chunk.data), dtype=wire).reshape(chunk.rows, chunk.dim)
                 if sys.byteorder != "little":
                     values = values.astype(values.dtype.newbyteorder("="))
                 out[filled : filled + chunk.rows].copy_(torch.from_numpy(values))  # float16 -> float32 in torch: fast
@@ -154,7 +155,8 @@ class QueueClient:
     def advance(self, round: int) -> int:
         """Move the queue to ``round`` (coordinator token only); return how many entries were evicted."""
         request = queue_pb2.AdvanceRequest(round=round)
-        reply = self._call("Advance", lambda: self._stub.Advance(request, timeout=self.timeout, metadata=self._metadata))
+        reply = self._call("Advance",
+                           lambda: self._stub.Advance(request, timeout=self.timeout, metadata=self._metadata))
         return int(reply.evicted)
 
     def stats(self) -> dict:

@@ -30,7 +30,8 @@ def test_growth_factors_divide_by_the_smallest_site_count():
     assert g["queue_size"] == 2.0 and g["cpu_per_round_total"] == 4.0
     assert g["server_cpu_per_round"] is None  # no measurement, no factor
     assert scale.growth_lines({"growth": [g]})[0].startswith(
-        "10 -> 20 sites (x2): time/round x3.0, CPU/round (all processes) x4.0, server CPU/round n/a, server memory x1.1")
+        "10 -> 20 sites (x2): time/round x3.0, CPU/round (all processes) x4.0, server CPU/round n/a, "
+        "server memory x1.1")
 
 
 def test_a_failing_simulation_is_reported_with_its_log(tmp_path):

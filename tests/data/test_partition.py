@@ -22,8 +22,8 @@ def test_deterministic_nonempty_and_seed_dependent(scheme):
     c = partition(y, scheme=scheme, num_sites=7, alpha=0.3, classes_per_site=2, seed=6)
     assert len(a) == 7 and all(len(p) > 0 for p in a)
     assert all(p.dtype == np.int64 for p in a)
-    assert all(np.array_equal(p, q) for p, q in zip(a, b))
-    assert not all(np.array_equal(p, q) for p, q in zip(a, c))
+    assert all(np.array_equal(p, q) for p, q in zip(a, b, strict=False))
+    assert not all(np.array_equal(p, q) for p, q in zip(a, c, strict=False))
 
 
 @pytest.mark.parametrize("scheme", ["iid", "dirichlet"])

@@ -86,7 +86,7 @@ def test_two_forward_calls_give_b_rows_equal_to_true_per_example_gradients(engin
     loss.backward()
     check_per_example(gsm, batch_size=b)
     expected = _per_example_grads(reference, v1, v2, negs)
-    for p, ref in zip(model.parameters(), expected):
+    for p, ref in zip(model.parameters(), expected, strict=False):
         assert p.grad_sample.shape == (b, *p.shape)  # B rows, not 2B
         torch.testing.assert_close(p.grad_sample, ref, rtol=1e-4, atol=1e-6)
 
@@ -137,7 +137,7 @@ def test_clipping_bounds_each_example_gradient(engine):
     clipped = [g * factors.view(-1, *[1] * (g.dim() - 1)) for g in raw]
     assert (_norms(clipped) <= clip * (1 + 1e-5)).all()
     opt.pre_step()  # clip, add (zero) noise, scale by 1 / expected batch size
-    for p, c in zip(model.parameters(), clipped):
+    for p, c in zip(model.parameters(), clipped, strict=False):
         torch.testing.assert_close(p.grad * b, c.sum(0), rtol=1e-4, atol=1e-7)
 
 
@@ -177,7 +177,7 @@ def test_empty_batch_step_then_normal_step(engine):
         if b:
             assert next(gsm.parameters()).grad_sample.shape[0] == b
         opt.step()
-    changed = [not torch.equal(a, p) for a, p in zip(before, model.parameters())]
+    changed = [not torch.equal(a, p) for a, p in zip(before, model.parameters(), strict=False)]
     assert all(changed)  # noise moved every parameter
     release_dp_training(model, gsm)
     assert not any(hasattr(p, "grad_sample") for p in model.parameters())
@@ -185,14 +185,16 @@ def test_empty_batch_step_then_normal_step(engine):
 
 def test_poisson_batches_include_each_example_with_the_sample_rate():
     n, q = 200, 0.1
-    batches = list(dp_training_batches(num_examples=n, sample_rate=q, epochs=30, generator=torch.Generator().manual_seed(0)))
+    gen = torch.Generator().manual_seed(0)
+    batches = list(dp_training_batches(num_examples=n, sample_rate=q, epochs=30, generator=gen))
     assert len(batches) == round(30 / q)
     sizes = torch.tensor([b.numel() for b in batches], dtype=torch.float)
     assert sizes.mean().item() == pytest.approx(q * n, rel=0.03)
     assert sizes.var().item() == pytest.approx(n * q * (1 - q), rel=0.2)  # binomial, not fixed
     counts = torch.bincount(torch.cat(batches), minlength=n).float() / len(batches)
     assert counts.mean().item() == pytest.approx(q, rel=0.03)
-    tiny = list(dp_training_batches(num_examples=10, sample_rate=0.05, steps=200, generator=torch.Generator().manual_seed(1)))
+    gen = torch.Generator().manual_seed(1)
+    tiny = list(dp_training_batches(num_examples=10, sample_rate=0.05, steps=200, generator=gen))
     empty = sum(b.numel() == 0 for b in tiny)
     assert 0.5 * 200 < empty < 0.7 * 200  # P(empty) = 0.95^10 = 0.60
 

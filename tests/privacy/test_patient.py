@@ -129,7 +129,7 @@ def test_local_round_samples_and_clips_per_patient(monkeypatch):
         for p in GROUPS.unique():
             assert int((GROUPS[idx] == p).sum()) in (0, int((GROUPS == p).sum()))
     non_empty = [b for b in seen["batches"] if b.numel()]
-    assert len(sums) == len(non_empty) and all(torch.equal(s, GROUPS[b]) for s, b in zip(sums, non_empty))
+    assert len(sums) == len(non_empty) and all(torch.equal(s, GROUPS[b]) for s, b in zip(sums, non_empty, strict=False))
     assert res.metrics["dp_sample_rate"] == 0.5 and res.metrics["dp_patients"] == 5
 
 

@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         fresh = generate_to(Path(tmp))
-    stale = [name for name, data in fresh.items() if not (PROTO_DIR / name).is_file() or (PROTO_DIR / name).read_bytes() != data]
+    stale = [name for name, data in fresh.items()
+             if not (PROTO_DIR / name).is_file() or (PROTO_DIR / name).read_bytes() != data]
     if args.check:
         if stale:
             print(
