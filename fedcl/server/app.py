@@ -520,7 +520,6 @@ class _Federation:
     strategy: Any
     model: Any
     evaluator: CentralEvaluator | None
-    out_dir: Path
     ckpt_dir: Path
     round_timeout: float
     fraction_evaluate: float  # per-site, label-free check of the final model; 0 switches it off
@@ -672,7 +671,7 @@ def run_federation(
         queue = None
     evaluator, model = _global_model(cfg)
     fed = _Federation(
-        grid=grid, cfg=cfg, queue=queue, model=model, evaluator=evaluator, out_dir=out_dir, ckpt_dir=ckpt_dir,
+        grid=grid, cfg=cfg, queue=queue, model=model, evaluator=evaluator, ckpt_dir=ckpt_dir,
         round_timeout=float(getattr(cfg.federation, "round_timeout", DEFAULT_ROUND_TIMEOUT)),
         fraction_evaluate=float(getattr(cfg.federation, "fraction_evaluate", 1.0)),
         strategy=build_strategy(

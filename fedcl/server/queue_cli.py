@@ -286,7 +286,8 @@ def serve_queue(settings: QueueServiceSettings, *, warn=None):
 
     Raises QueueConfigError (bad files, snapshot) or OSError (the port is taken); ``warn(line)``
     receives the warnings (default: stderr), printed at every start."""
-    from fedcl.server.queue_service import ServeSettings, start_queue_server  # grpc only once the settings are fine
+    # grpc only once the settings are fine
+    from fedcl.server.queue_service import ServeSettings, start_queue_server
 
     warn = warn or (lambda line: print(line, file=sys.stderr, flush=True))
     tls_cert = _read(settings.tls_cert, "tls_cert")

@@ -31,7 +31,8 @@ ENV = dict(os.environ, PYTHONPATH=str(REPO), FLWR_TELEMETRY_ENABLED="0", GRPC_VE
 # command per refusal (``fedcl-server queue``); the same refusal through the other commands, the
 # demo-switch restarts (in process: test_queue_service's demo_open_queue test) and the kill drill
 # (in process: test_rounds' rows-lost test) run in the e2e tier.
-ALL_COMMANDS = ["queue", pytest.param("serve-queue", marks=pytest.mark.e2e), pytest.param("run", marks=pytest.mark.e2e)]
+ALL_COMMANDS = ["queue", pytest.param("serve-queue", marks=pytest.mark.e2e),
+                pytest.param("run", marks=pytest.mark.e2e)]
 
 
 def _toml_table(name: str, values: dict) -> str:
