@@ -35,9 +35,10 @@ pytestmark = pytest.mark.fuzz
 @pytest.fixture(scope="module")
 def served():
     q = EmbeddingQueue(dim=DIM, capacity=256, per_site_quota=96, max_staleness=2, dtype="float32")
-    settings = ServeSettings(host="127.0.0.1", port=0, site_tokens=TOKENS, coordinator_token=COORD,
-                             max_message_bytes=64 * 1024, limits=CallLimits(max_workers=4, coordinator_reserve=1))
-    server = start_queue_server(q, settings)
+    serve_settings = ServeSettings(host="127.0.0.1", port=0, site_tokens=TOKENS, coordinator_token=COORD,
+                                   max_message_bytes=64 * 1024,
+                                   limits=CallLimits(max_workers=4, coordinator_reserve=1))
+    server = start_queue_server(q, serve_settings)
     channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     yield q, queue_pb2_grpc.EmbeddingQueueStub(channel)
     channel.close()
