@@ -35,7 +35,7 @@ from fedcl.augment import TwoViewAugment  # noqa: E402
 from fedcl.models import build_model, load_canonical_state_dict, canonical_state_dict  # noqa: E402
 from fedcl.queue import EmbeddingQueue  # noqa: E402
 from fedcl.train import RoundRecipe, local_round  # noqa: E402
-from fedcl.server.queue_service import start_queue_server  # noqa: E402
+from fedcl.server.queue_service import ServeSettings, start_queue_server  # noqa: E402
 
 TOKENS = {"site-0": "overhead-site-0-token-0123456789", "site-1": "overhead-site-1-token-0123456789"}
 COORDINATOR = "overhead-coordinator-token-0123456789"
@@ -102,9 +102,8 @@ def main(argv: list[str] | None = None) -> int:
 
     queue = EmbeddingQueue(dim=128, capacity=65536, per_site_quota=16384, max_staleness=2, dtype="float16",
                            sites=set(TOKENS))
-    server = start_queue_server(queue=queue, host="127.0.0.1", port=0, site_tokens=TOKENS, coordinator_token=COORDINATOR,
-                                tls_cert=None, tls_key=None, client_ca=None, snapshot_path=None,
-                                max_message_bytes=4 << 20)
+    server = start_queue_server(queue, ServeSettings(host="127.0.0.1", port=0, site_tokens=TOKENS,
+                                                     coordinator_token=COORDINATOR, max_message_bytes=4 << 20))
     address = f"127.0.0.1:{server.port}"
     try:
         with QueueClient(address, site_id="coordinator", token=COORDINATOR) as coord:

@@ -390,6 +390,44 @@ def _secret_or(public: torch.Generator, site: SiteSettings, privacy: RoundPrivac
     return secret_generator()
 
 
+def _this_rounds_share(images: torch.Tensor, groups, rc: RoundConfig, site_id: str):
+    """The images (and their groups) a site trains on this round.
+
+    DP-SGD: every step Poisson-samples the whole data set (the rate the accountant is told), and
+    shorter rounds take fewer steps instead (plan_round); other rounds train on their share."""
+    share = None if rc.privacy.get("dpsgd") else round_share(int(images.shape[0]), rc, site_id)
+    if share is None:
+        return images, groups
+    images = images[share]
+    groups = None if groups is None else groups[share]
+    if images.shape[0] == 0:  # (load_site_images already refused a site with no images at all)
+        raise SiteError(f"site {site_id} has fewer images than rounds_per_epoch ({rc.rounds_per_epoch})")
+    return images, groups
+
+
+def _push_after_training(queue, privacy, embeddings: torch.Tensor, rc: RoundConfig, *, negatives, generator) -> int:
+    """Release and push the round's embeddings (n, d) as the privacy settings say; rows pushed."""
+    if embeddings.shape[0] == 0:
+        return 0
+    prototypes = None
+    if privacy.settings.release == "prototypes" and rc.use_queue_negatives and negatives is not None:
+        prototypes = negatives  # other sites' released (DP) prototype directions: public
+    to_push = release_embeddings(privacy, embeddings, round=rc.round, prototypes=prototypes, generator=generator)
+    if to_push.shape[0] == 0:
+        return 0
+    return queue.push(to_push, round=rc.round, model_version=rc.round)
+
+
+def _train_seconds(m: dict, *, total: float, sample: float, push: float) -> dict[str, float]:
+    """Where a train round's time went, from local_round's metrics and the handler's own clocks."""
+    return {
+        "seconds-total": total,
+        "seconds-sample": sample,
+        "seconds-train": float(m["seconds_augment"] + m["seconds_train"]),
+        "seconds-push": push + float(m["seconds_encode_push"]),
+    }
+
+
 def train_handler(msg: Message, context: Context, simulated: SimulatedSites | None = None) -> Message:
     from fedcl.config import AugmentSettings
     from fedcl.runtime import configure_threads, make_augment
@@ -402,14 +440,7 @@ def train_handler(msg: Message, context: Context, simulated: SimulatedSites | No
     configure_threads(site.threads or rc.threads)
     images = load_site_images(site, rc, simulated)  # (N, C, H, W) uint8
     groups = load_site_groups(site, rc, simulated)  # (N,) patient ids, or None when the data has none
-    # DP-SGD: every step Poisson-samples the whole data set (the rate the accountant is told), and
-    # shorter rounds take fewer steps instead (plan_round); other rounds train on their share
-    share = None if rc.privacy.get("dpsgd") else round_share(int(images.shape[0]), rc, site.site_id)
-    if share is not None:
-        images = images[share]
-        groups = None if groups is None else groups[share]
-        if images.shape[0] == 0:  # (load_site_images already refused a site with no images at all)
-            raise SiteError(f"site {site.site_id} has fewer images than rounds_per_epoch ({rc.rounds_per_epoch})")
+    images, groups = _this_rounds_share(images, groups, rc, site.site_id)
     model = _build_model(rc, msg)
     optimizer_state = load_optimizer_state(context, optimizer=rc.optimizer) if rc.persist_optimizer else None
     privacy = _plan(site, rc, images, groups)
@@ -445,15 +476,8 @@ def train_handler(msg: Message, context: Context, simulated: SimulatedSites | No
         if rc.persist_optimizer and result.optimizer_state is not None:
             save_optimizer_state(context, result.optimizer_state, optimizer=rc.optimizer)
         t0 = time.perf_counter()
-        pushed = 0
-        if queue is not None and result.embeddings.shape[0] > 0:
-            prototypes = None
-            if privacy.settings.release == "prototypes" and rc.use_queue_negatives and negatives is not None:
-                prototypes = negatives  # other sites' released (DP) prototype directions: public
-            to_push = release_embeddings(privacy, result.embeddings, round=rc.round, prototypes=prototypes,
-                                         generator=secret)
-            if to_push.shape[0] > 0:
-                pushed = queue.push(to_push, round=rc.round, model_version=rc.round)
+        pushed = 0 if queue is None else _push_after_training(queue, privacy, result.embeddings, rc,
+                                                             negatives=negatives, generator=secret)
         t_push = time.perf_counter() - t0
     finally:
         if queue is not None:
@@ -468,10 +492,7 @@ def train_handler(msg: Message, context: Context, simulated: SimulatedSites | No
         "negatives-used": float(m["negatives_used"]),
         "pushed": float(pushed),
         "optimizer-resumed": float(optimizer_state is not None),  # train.persist_optimizer found last round's
-        "seconds-total": time.perf_counter() - t_start,
-        "seconds-sample": t_sample,
-        "seconds-train": float(m["seconds_augment"] + m["seconds_train"]),
-        "seconds-push": t_push + float(m["seconds_encode_push"]),
+        **_train_seconds(m, total=time.perf_counter() - t_start, sample=t_sample, push=t_push),
         **round_metrics(privacy),
     }
     content = RecordDict({

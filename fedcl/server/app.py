@@ -388,28 +388,37 @@ def audit_round(path: Path | None, *, rnd: int, sites: dict[str, dict[str, float
         audit.close()
 
 
-def run_federation(
-    grid: Grid,
-    *,
-    config,
-    out_dir: Path,
-    queue: QueueLink | None,
-    observer: RoundObserver | None = None,
-) -> FederationResult:
-    """Run (or resume) the federation of ``config`` on ``grid``; outputs go to ``out_dir``."""
-    from fedcl.config import dump_config
-    from fedcl.models import canonical_state_dict, load_canonical_state_dict, save_encoder
-    from fedcl.runtime import configure_threads, make_model
+@dataclass
+class _Progress:
+    """What a run carries from round to round, and what a checkpoint gives back on resume."""
 
-    cfg = config
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_dir = Path(cfg.server.checkpoint_dir) if cfg.server.checkpoint_dir else out_dir / "checkpoints"
-    num_rounds = cfg.federation.num_rounds
-    round_timeout = float(getattr(cfg.federation, "round_timeout", DEFAULT_ROUND_TIMEOUT))
-    configure_threads(cfg.train.threads)
-    if not cfg.queue.enabled:
-        queue = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    ledgers: dict[str, dict] = field(default_factory=dict)
+    release: ReleaseState = field(default_factory=ReleaseState)
+    random_init_knn: float | None = None
+    start: int = 1  # the first round still to run
+
+
+@dataclass
+class _Trained:
+    """One round's training phase: the settings sent, the replies and what they said."""
+
+    rc: RoundConfig
+    replies: list[Message]
+    sites: dict[str, dict[str, float]]
+    ledgers: dict[str, dict]
+    errors: list[str]
+    release_info: dict[str, Any]
+    queue_at_start: dict[str, Any]
+    evicted: Any
+    weights_sha256: str
+    t0: float
+
+
+def _global_model(cfg):
+    """The central evaluator (None when the server has no labelled data) and the initial global
+    model, the same weights for the same ``train.seed``."""
+    from fedcl.runtime import make_model
 
     evaluator, why_not = CentralEvaluator.from_config(cfg)
     if evaluator is None:
@@ -422,48 +431,41 @@ def run_federation(
     with torch.random.fork_rng():
         torch.manual_seed(cfg.train.seed)  # the same initial weights for the same seed
         model = make_model(cfg.model, in_channels=int(in_channels))
-    spec = dict(model.spec)
+    return evaluator, model
 
-    # per-site, label-free check of the final model (alignment, uniformity); 0 switches it off
-    fraction_evaluate = float(getattr(cfg.federation, "fraction_evaluate", 1.0))
-    strategy = build_strategy(
-        cfg.federation.strategy,
-        fraction_train=cfg.federation.fraction_train,
-        min_train_nodes=cfg.federation.min_train_nodes,
-        min_available_nodes=cfg.federation.min_available_nodes,
-        fraction_evaluate=fraction_evaluate,
-        extra=getattr(cfg.federation, "strategy_kwargs", None),
-    )
 
-    random_init_knn = None
-    release_state = ReleaseState()
-    history: list[dict[str, Any]] = []
-    ledgers: dict[str, dict] = {}
-    start = 1
+def _resume_or_start(ckpt_dir: Path, *, model, evaluator: CentralEvaluator | None, queue: QueueLink | None,
+                     num_rounds: int) -> _Progress:
+    """Load the last checkpoint into ``model`` and return its progress, or start afresh (round 1,
+    with the random model's kNN as the baseline)."""
+    from fedcl.models import load_canonical_state_dict
+
     ckpt = find_checkpoint(ckpt_dir)
-    if ckpt is not None:
-        if ckpt.model_spec != spec:
-            raise FederationError(
-                f"checkpoint {checkpoint_path(ckpt_dir)} was written for model {ckpt.model_spec}, but the config "
-                f"builds {spec}; move the checkpoint folder away to start afresh")
-        load_canonical_state_dict(model, ckpt.state_dict)
-        history, ledgers, start = list(ckpt.history), dict(ckpt.ledgers), ckpt.round + 1
-        release_state = ReleaseState.from_checkpoint(ckpt.queue.get("release"))
-        if history and history[0].get("random_init_knn") is not None:
-            random_init_knn = history[0]["random_init_knn"]
-        log.info("resuming from %s: round %d of %d done", checkpoint_path(ckpt_dir), ckpt.round, num_rounds)
-        if queue is not None and ckpt.queue.get("stats"):
-            with queue.client() as qc:
-                now = _comparable_queue_stats(qc.stats())
-            saved = _comparable_queue_stats(ckpt.queue["stats"])
-            if now != saved:
-                log.warning("the queue service's state %s differs from the checkpoint's %s (was the queue "
-                            "restarted without its snapshot?); going on with the queue as it is", now, saved)
-    elif evaluator is not None:
-        random_init_knn = evaluator.knn(model)
+    if ckpt is None:
+        return _Progress(random_init_knn=evaluator.knn(model) if evaluator is not None else None)
+    spec = dict(model.spec)
+    if ckpt.model_spec != spec:
+        raise FederationError(
+            f"checkpoint {checkpoint_path(ckpt_dir)} was written for model {ckpt.model_spec}, but the config "
+            f"builds {spec}; move the checkpoint folder away to start afresh")
+    load_canonical_state_dict(model, ckpt.state_dict)
+    progress = _Progress(history=list(ckpt.history), ledgers=dict(ckpt.ledgers), start=ckpt.round + 1,
+                         release=ReleaseState.from_checkpoint(ckpt.queue.get("release")))
+    if progress.history and progress.history[0].get("random_init_knn") is not None:
+        progress.random_init_knn = progress.history[0]["random_init_knn"]
+    log.info("resuming from %s: round %d of %d done", checkpoint_path(ckpt_dir), ckpt.round, num_rounds)
+    if queue is not None and ckpt.queue.get("stats"):
+        with queue.client() as qc:
+            now = _comparable_queue_stats(qc.stats())
+        saved = _comparable_queue_stats(ckpt.queue["stats"])
+        if now != saved:
+            log.warning("the queue service's state %s differs from the checkpoint's %s (was the queue "
+                        "restarted without its snapshot?); going on with the queue as it is", now, saved)
+    return progress
 
-    if queue is not None and cfg.privacy.release == "public":
-        release_state.public_images = load_public_images(cfg)  # fail now, not after round 1
+
+def _log_plan(cfg, *, queue: QueueLink | None, out_dir: Path) -> None:
+    num_rounds = cfg.federation.num_rounds
     log.info("fedcl federation: %d rounds, strategy %s, queue %s; writing to %s", num_rounds,
              cfg.federation.strategy, queue.address if queue else "off", out_dir.resolve())
     if cfg.train.rounds_per_epoch > 1:  # easy to miss: the same num_rounds now trains k times less
@@ -472,137 +474,246 @@ def run_federation(
         log.info("train.rounds_per_epoch = %d: each round a site trains %s, so %d rounds are %g local epochs per "
                  "site", cfg.train.rounds_per_epoch, how, num_rounds,
                  num_rounds * cfg.train.epochs / cfg.train.rounds_per_epoch)
-    metrics_log = MetricsLog(out_dir, tensorboard=cfg.server.tensorboard)
-    metrics_log.reset(history)
-    if observer is not None:
-        observer.on_start(start_round=start, num_rounds=num_rounds, initial_knn=random_init_knn)
-    arrays = ArrayRecord(canonical_state_dict(model))
-    config_json = dump_config(cfg)
 
-    stopped_for_budget: int | None = None
-    capacity_warned = False
-    try:
-        for rnd in range(start, num_rounds + 1):
-            wait_for_sites(grid, cfg.federation.min_available_nodes)
-            t0 = time.time()
-            queue_at_start: dict[str, Any] = {}
-            if queue is not None:
-                with queue.client() as qc:
-                    evicted = qc.advance(rnd)
-                    queue_at_start = qc.stats()
-            weights_sha256 = _arrays_sha256(arrays)
-            rc = round_config(cfg, rnd=rnd, model_spec=spec, queue=queue)
-            messages = list(strategy.configure_train(rnd, arrays, rc.to_config_record(), grid))
-            if queue is not None and rc.num_push * len(messages) > cfg.queue.capacity and not capacity_warned:
-                capacity_warned = True  # the ring buffer would drop the first sites' pushes of a round
-                log.warning("%d sites x train.num_push %d exceed queue.capacity %d: negatives would come from the "
-                            "last sites to push only; raise queue.capacity", len(messages), rc.num_push,
-                            cfg.queue.capacity)
-            release_info: dict[str, Any] = {}
-            if queue is not None and rc.use_queue_negatives and (rc.release_phase or cfg.privacy.release == "public"):
-                release_info = release_phase(grid, rnd=rnd, train_messages=messages, arrays=arrays, rc=rc, cfg=cfg,
-                                             model=model, queue=queue, state=release_state, timeout=round_timeout)
-            replies = list(grid.send_and_receive(messages, timeout=round_timeout))
-            sites, new_ledgers, errors = _site_metrics(replies, messages)
-            errors += _unanswered(messages, replies, round_timeout)  # neither replied nor errored in time
-            for reason in errors:
-                log.warning("round %d: a site failed: %s", rnd, reason)
-            if not sites and errors and all(BUDGET_REFUSAL in e for e in errors):
-                log.warning("round %d: every site refused on its privacy budget; the run stops cleanly", rnd)
-                stopped_for_budget = rnd
-                break
-            if not sites:
-                raise FederationError(
-                    f"round {rnd}: no site completed training ({len(errors)} failed"
-                    f"{': ' + errors[0] if errors else ', none answered within ' + str(round_timeout) + ' s'})")
-            ledgers.update(new_ledgers)
-            new_arrays, _ = strategy.aggregate_train(rnd, replies)
-            if new_arrays is not None:
-                arrays = new_arrays
-            load_canonical_state_dict(model, arrays.to_torch_state_dict())
 
-            fed_eval: dict[str, Any] = {}
-            if rnd == num_rounds and fraction_evaluate > 0:
-                eval_msgs = strategy.configure_evaluate(rnd, arrays, rc.to_config_record(), grid)
-                eval_replies = list(grid.send_and_receive(eval_msgs, timeout=round_timeout))
-                eval_sites, _, eval_errors = _site_metrics(eval_replies)
-                fed_eval = {"sites": eval_sites, "failed": len(eval_errors)}
-                for key in ("alignment", "uniformity"):
-                    fed_eval[key] = _weighted(eval_sites, key)
-            knn = None
-            if evaluator is not None and (rnd % cfg.federation.eval_every == 0 or rnd == num_rounds):
-                knn = evaluator.knn(model)
+def _round_record(rnd: int, trained: _Trained, *, knn: float | None, random_init_knn: float | None,
+                  fed_eval: dict[str, Any], queue_info: dict[str, Any], queue_loss: dict[str, Any]) -> dict[str, Any]:
+    """The round's line in metrics.jsonl and the checkpoint's history."""
+    sites, errors, release_info = trained.sites, trained.errors, trained.release_info
+    # sites report their cumulative ε; a negative value means unbounded (a raw, non-DP release)
+    epsilons = [m["epsilon"] for m in sites.values() if "epsilon" in m]
+    finite_eps = [e for e in epsilons if 0 <= e < math.inf]
+    return {
+        "round": rnd,
+        "time": time.time(),
+        "seconds": time.time() - trained.t0,
+        "loss": _weighted(sites, "loss"),
+        "knn": knn,
+        "random_init_knn": random_init_knn if rnd == 1 else None,
+        "negatives_used": _weighted(sites, "negatives-used"),
+        "pushed": sum(m.get("pushed", 0.0) for m in sites.values()) + release_info.get("pushed", 0),
+        "release_phase": {k: v for k, v in release_info.items() if k != "errors"} | (
+            {"errors": release_info["errors"]} if release_info.get("errors") else {}),
+        "queue_size": queue_info.get("size_in_round"),  # during the round, after its pushes
+        "epsilon": max(finite_eps) if finite_eps else None,
+        "epsilon_unbounded": any(e < 0 or e == math.inf for e in epsilons),
+        "sites_ok": len(sites),
+        "sites_failed": len(errors),
+        "errors": errors,
+        "sites": sites,
+        "fed_eval": fed_eval,
+        "queue": queue_info.get("stats", {}),
+        "queue_at_start": trained.queue_at_start,
+        **queue_loss,  # queue_restarts, queue_rows_lost (since the previous round)
+        "weights_sha256": trained.weights_sha256,  # of the global weights sent out this round
+    }
 
-            queue_info: dict[str, Any] = {}
-            queue_loss: dict[str, Any] = {}
-            if queue is not None:
-                with queue.client() as qc:
-                    in_round = qc.stats()  # what the sites sampled from (max_staleness 0: gone after Advance)
-                    qc.advance(rnd + 1)  # the queue service snapshots on Advance
-                    stats = qc.stats()
-                queue_loss = queue_rows_lost(history[-1].get("queue") if history else None, stats)
-                if queue_loss["queue_rows_lost"]:
-                    log.warning("round %d: the queue service restarted without a snapshot and lost %d rows it had "
-                                "acknowledged (pushes after its last Advance); this round's negatives were fewer",
-                                rnd, queue_loss["queue_rows_lost"])
-                queue_info = {"stats": stats, "size_in_round": in_round.get("size"), "evicted_at_start": evicted, "release": release_state.to_checkpoint(),
-                              "snapshot_path": str(queue.snapshot_path) if queue.snapshot_path else None,
-                              "snapshot_sha256": _file_sha256(queue.snapshot_path)}
-            # sites report their cumulative ε; a negative value means unbounded (a raw, non-DP release)
-            epsilons = [m["epsilon"] for m in sites.values() if "epsilon" in m]
-            finite_eps = [e for e in epsilons if 0 <= e < math.inf]
-            record = {
-                "round": rnd,
-                "time": time.time(),
-                "seconds": time.time() - t0,
-                "loss": _weighted(sites, "loss"),
-                "knn": knn,
-                "random_init_knn": random_init_knn if rnd == 1 else None,
-                "negatives_used": _weighted(sites, "negatives-used"),
-                "pushed": sum(m.get("pushed", 0.0) for m in sites.values()) + release_info.get("pushed", 0),
-                "release_phase": {k: v for k, v in release_info.items() if k != "errors"} | (
-                    {"errors": release_info["errors"]} if release_info.get("errors") else {}),
-                "queue_size": queue_info.get("size_in_round"),  # during the round, after its pushes
-                "epsilon": max(finite_eps) if finite_eps else None,
-                "epsilon_unbounded": any(e < 0 or e == math.inf for e in epsilons),
-                "sites_ok": len(sites),
-                "sites_failed": len(errors),
-                "errors": errors,
-                "sites": sites,
-                "fed_eval": fed_eval,
-                "queue": queue_info.get("stats", {}),
-                "queue_at_start": queue_at_start,
-                **queue_loss,  # queue_restarts, queue_rows_lost (since the previous round)
-                "weights_sha256": weights_sha256,  # of the global weights sent out this round
-            }
-            history.append(record)
-            metrics_log.write(record)
-            audit_round(getattr(cfg.server, "audit_log", None), rnd=rnd, sites=sites, errors=errors)
-            save_checkpoint(checkpoint_path(ckpt_dir), FederationCheckpoint(
-                round=rnd, state_dict=canonical_state_dict(model), model_spec=spec, queue=queue_info,
-                ledgers=ledgers, history=history, config_json=config_json, strategy=cfg.federation.strategy))
-            log.info("round %d/%d: loss %s, kNN %s, %d sites ok, %d failed", rnd, num_rounds,
-                     record["loss"], knn, len(sites), len(errors))
-            if observer is not None:
-                observer.on_round(record)
-    finally:
-        metrics_log.close()
 
+@dataclass
+class _Federation:
+    """One run's fixed parts; each method is one step of a round (train, aggregate, evaluate,
+    advance the queue, checkpoint), in the order ``run_federation`` calls them."""
+
+    grid: Grid
+    cfg: Any
+    queue: QueueLink | None
+    strategy: Any
+    model: Any
+    evaluator: CentralEvaluator | None
+    ckpt_dir: Path
+    round_timeout: float
+    fraction_evaluate: float  # per-site, label-free check of the final model; 0 switches it off
+    capacity_warned: bool = False
+
+    def train(self, rnd: int, arrays: ArrayRecord, release_state: ReleaseState) -> _Trained | None:
+        """Send round ``rnd`` to the sampled sites (after the release phase, when there is one) and
+        collect their replies; None when every site refused on its privacy budget."""
+        cfg, queue, timeout = self.cfg, self.queue, self.round_timeout
+        wait_for_sites(self.grid, cfg.federation.min_available_nodes)
+        t0 = time.time()
+        queue_at_start: dict[str, Any] = {}
+        evicted = None
+        if queue is not None:
+            with queue.client() as qc:
+                evicted = qc.advance(rnd)
+                queue_at_start = qc.stats()
+        weights_sha256 = _arrays_sha256(arrays)
+        rc = round_config(cfg, rnd=rnd, model_spec=dict(self.model.spec), queue=queue)
+        messages = list(self.strategy.configure_train(rnd, arrays, rc.to_config_record(), self.grid))
+        if queue is not None and rc.num_push * len(messages) > cfg.queue.capacity and not self.capacity_warned:
+            self.capacity_warned = True  # the ring buffer would drop the first sites' pushes of a round
+            log.warning("%d sites x train.num_push %d exceed queue.capacity %d: negatives would come from the "
+                        "last sites to push only; raise queue.capacity", len(messages), rc.num_push,
+                        cfg.queue.capacity)
+        release_info: dict[str, Any] = {}
+        if queue is not None and rc.use_queue_negatives and (rc.release_phase or cfg.privacy.release == "public"):
+            release_info = release_phase(self.grid, rnd=rnd, train_messages=messages, arrays=arrays, rc=rc,
+                                         cfg=cfg, model=self.model, queue=queue, state=release_state,
+                                         timeout=timeout)
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        sites, ledgers, errors = _site_metrics(replies, messages)
+        errors += _unanswered(messages, replies, timeout)  # neither replied nor errored in time
+        for reason in errors:
+            log.warning("round %d: a site failed: %s", rnd, reason)
+        if not sites and errors and all(BUDGET_REFUSAL in e for e in errors):
+            log.warning("round %d: every site refused on its privacy budget; the run stops cleanly", rnd)
+            return None
+        if not sites:
+            raise FederationError(
+                f"round {rnd}: no site completed training ({len(errors)} failed"
+                f"{': ' + errors[0] if errors else ', none answered within ' + str(timeout) + ' s'})")
+        return _Trained(rc=rc, replies=replies, sites=sites, ledgers=ledgers, errors=errors,
+                        release_info=release_info, queue_at_start=queue_at_start, evicted=evicted,
+                        weights_sha256=weights_sha256, t0=t0)
+
+    def aggregate(self, rnd: int, arrays: ArrayRecord, replies: list[Message]) -> ArrayRecord:
+        """The strategy's new global weights (the old ones when it returns none), loaded into the model."""
+        from fedcl.models import load_canonical_state_dict
+
+        new_arrays, _ = self.strategy.aggregate_train(rnd, replies)
+        if new_arrays is not None:
+            arrays = new_arrays
+        load_canonical_state_dict(self.model, arrays.to_torch_state_dict())
+        return arrays
+
+    def evaluate(self, rnd: int, arrays: ArrayRecord, rc: RoundConfig) -> tuple[float | None, dict[str, Any]]:
+        """Central kNN (every ``eval_every`` rounds and the last) and, after the last round, the
+        sites' label-free check (alignment, uniformity)."""
+        num_rounds = self.cfg.federation.num_rounds
+        fed_eval: dict[str, Any] = {}
+        if rnd == num_rounds and self.fraction_evaluate > 0:
+            eval_msgs = self.strategy.configure_evaluate(rnd, arrays, rc.to_config_record(), self.grid)
+            eval_replies = list(self.grid.send_and_receive(eval_msgs, timeout=self.round_timeout))
+            eval_sites, _, eval_errors = _site_metrics(eval_replies)
+            fed_eval = {"sites": eval_sites, "failed": len(eval_errors)}
+            for key in ("alignment", "uniformity"):
+                fed_eval[key] = _weighted(eval_sites, key)
+        knn = None
+        if self.evaluator is not None and (rnd % self.cfg.federation.eval_every == 0 or rnd == num_rounds):
+            knn = self.evaluator.knn(self.model)
+        return knn, fed_eval
+
+    def advance_queue(self, rnd: int, trained: _Trained, progress: _Progress) -> tuple[dict, dict]:
+        """``Advance(rnd + 1)`` (the service snapshots then); the queue's part of the record and
+        checkpoint, and the rows a restart without snapshot lost."""
+        queue = self.queue
+        if queue is None:
+            return {}, {}
+        with queue.client() as qc:
+            in_round = qc.stats()  # what the sites sampled from (max_staleness 0: gone after Advance)
+            qc.advance(rnd + 1)  # the queue service snapshots on Advance
+            stats = qc.stats()
+        history = progress.history
+        queue_loss = queue_rows_lost(history[-1].get("queue") if history else None, stats)
+        if queue_loss["queue_rows_lost"]:
+            log.warning("round %d: the queue service restarted without a snapshot and lost %d rows it had "
+                        "acknowledged (pushes after its last Advance); this round's negatives were fewer",
+                        rnd, queue_loss["queue_rows_lost"])
+        queue_info = {"stats": stats, "size_in_round": in_round.get("size"), "evicted_at_start": trained.evicted,
+                      "release": progress.release.to_checkpoint(),
+                      "snapshot_path": str(queue.snapshot_path) if queue.snapshot_path else None,
+                      "snapshot_sha256": _file_sha256(queue.snapshot_path)}
+        return queue_info, queue_loss
+
+    def checkpoint(self, rnd: int, *, queue_info: dict[str, Any], progress: _Progress, config_json: str) -> None:
+        from fedcl.models import canonical_state_dict
+
+        cfg = self.cfg
+        save_checkpoint(checkpoint_path(self.ckpt_dir), FederationCheckpoint(
+            round=rnd, state_dict=canonical_state_dict(self.model), model_spec=dict(self.model.spec),
+            queue=queue_info, ledgers=progress.ledgers, history=progress.history, config_json=config_json,
+            strategy=cfg.federation.strategy))
+
+
+def _write_outputs(cfg, *, out_dir: Path, model, progress: _Progress, stopped_for_budget: int | None,
+                   ) -> FederationResult:
+    """The final encoder, the plots and summary.json, once the rounds are over."""
+    from fedcl.models import save_encoder
+
+    history, random_init_knn, start = progress.history, progress.random_init_knn, progress.start
     encoder_path = out_dir / ENCODER_NAME
     final_knn = next((r["knn"] for r in reversed(history) if r.get("knn") is not None), None)
     save_encoder(encoder_path, model=model, meta={
-        "trained": "federated", "rounds": num_rounds, "strategy": cfg.federation.strategy,
+        "trained": "federated", "rounds": cfg.federation.num_rounds, "strategy": cfg.federation.strategy,
         "data": cfg.data.name, "final_knn": final_knn, "random_init_knn": random_init_knn,
         "queue": cfg.queue.enabled,
     })
     plots = write_plots(history, out_dir, random_init_knn=random_init_knn)
     (out_dir / "summary.json").write_text(json.dumps({
         "rounds": len(history), "final_knn": final_knn, "random_init_knn": random_init_knn,
-        "encoder": str(encoder_path), "resumed_from": start - 1, "ledgers": ledgers,
+        "encoder": str(encoder_path), "resumed_from": start - 1, "ledgers": progress.ledgers,
         "stopped_for_privacy_budget_at_round": stopped_for_budget,
     }, indent=2, sort_keys=True))
     return FederationResult(history=history, random_init_knn=random_init_knn, final_knn=final_knn,
-                            encoder_path=encoder_path, resumed_from=start - 1, plots=plots, ledgers=ledgers)
+                            encoder_path=encoder_path, resumed_from=start - 1, plots=plots, ledgers=progress.ledgers)
+
+
+def run_federation(
+    grid: Grid,
+    *,
+    config,
+    out_dir: Path,
+    queue: QueueLink | None,
+    observer: RoundObserver | None = None,
+) -> FederationResult:
+    """Run (or resume) the federation of ``config`` on ``grid``; outputs go to ``out_dir``."""
+    from fedcl.config import dump_config
+    from fedcl.models import canonical_state_dict
+    from fedcl.runtime import configure_threads
+
+    cfg = config
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = Path(cfg.server.checkpoint_dir) if cfg.server.checkpoint_dir else out_dir / "checkpoints"
+    num_rounds = cfg.federation.num_rounds
+    configure_threads(cfg.train.threads)
+    if not cfg.queue.enabled:
+        queue = None
+    evaluator, model = _global_model(cfg)
+    fed = _Federation(
+        grid=grid, cfg=cfg, queue=queue, model=model, evaluator=evaluator, ckpt_dir=ckpt_dir,
+        round_timeout=float(getattr(cfg.federation, "round_timeout", DEFAULT_ROUND_TIMEOUT)),
+        fraction_evaluate=float(getattr(cfg.federation, "fraction_evaluate", 1.0)),
+        strategy=build_strategy(
+            cfg.federation.strategy, fraction_train=cfg.federation.fraction_train,
+            min_train_nodes=cfg.federation.min_train_nodes,
+            min_available_nodes=cfg.federation.min_available_nodes,
+            fraction_evaluate=float(getattr(cfg.federation, "fraction_evaluate", 1.0)),
+            extra=getattr(cfg.federation, "strategy_kwargs", None)))
+    progress = _resume_or_start(ckpt_dir, model=model, evaluator=evaluator, queue=queue, num_rounds=num_rounds)
+    if queue is not None and cfg.privacy.release == "public":
+        progress.release.public_images = load_public_images(cfg)  # fail now, not after round 1
+    _log_plan(cfg, queue=queue, out_dir=out_dir)
+    metrics_log = MetricsLog(out_dir, tensorboard=cfg.server.tensorboard)
+    metrics_log.reset(progress.history)
+    if observer is not None:
+        observer.on_start(start_round=progress.start, num_rounds=num_rounds, initial_knn=progress.random_init_knn)
+    arrays = ArrayRecord(canonical_state_dict(model))
+    config_json = dump_config(cfg)
+    stopped_for_budget: int | None = None
+    try:
+        for rnd in range(progress.start, num_rounds + 1):
+            trained = fed.train(rnd, arrays, progress.release)
+            if trained is None:
+                stopped_for_budget = rnd
+                break
+            progress.ledgers.update(trained.ledgers)
+            arrays = fed.aggregate(rnd, arrays, trained.replies)
+            knn, fed_eval = fed.evaluate(rnd, arrays, trained.rc)
+            queue_info, queue_loss = fed.advance_queue(rnd, trained, progress)
+            record = _round_record(rnd, trained, knn=knn, random_init_knn=progress.random_init_knn,
+                                   fed_eval=fed_eval, queue_info=queue_info, queue_loss=queue_loss)
+            progress.history.append(record)
+            metrics_log.write(record)
+            audit_round(getattr(cfg.server, "audit_log", None), rnd=rnd, sites=trained.sites, errors=trained.errors)
+            fed.checkpoint(rnd, queue_info=queue_info, progress=progress, config_json=config_json)
+            log.info("round %d/%d: loss %s, kNN %s, %d sites ok, %d failed", rnd, num_rounds,
+                     record["loss"], knn, len(trained.sites), len(trained.errors))
+            if observer is not None:
+                observer.on_round(record)
+    finally:
+        metrics_log.close()
+    return _write_outputs(cfg, out_dir=out_dir, model=model, progress=progress, stopped_for_budget=stopped_for_budget)
 
 
 # ------------------------------------------------------------------------------ the ServerApps

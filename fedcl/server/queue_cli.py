@@ -286,7 +286,8 @@ def serve_queue(settings: QueueServiceSettings, *, warn=None):
 
     Raises QueueConfigError (bad files, snapshot) or OSError (the port is taken); ``warn(line)``
     receives the warnings (default: stderr), printed at every start."""
-    from fedcl.server.queue_service import start_queue_server  # grpc only once the settings are fine
+    # grpc only once the settings are fine
+    from fedcl.server.queue_service import ServeSettings, start_queue_server
 
     warn = warn or (lambda line: print(line, file=sys.stderr, flush=True))
     tls_cert = _read(settings.tls_cert, "tls_cert")
@@ -294,8 +295,7 @@ def serve_queue(settings: QueueServiceSettings, *, warn=None):
     client_ca = _read(settings.client_ca, "client_ca")
     queue = _load_queue(settings)
     try:
-        server = start_queue_server(
-            queue=queue,
+        serve = ServeSettings(
             host=settings.host,
             port=settings.port,
             site_tokens=settings.site_tokens,
@@ -306,16 +306,18 @@ def serve_queue(settings: QueueServiceSettings, *, warn=None):
             snapshot_path=settings.snapshot_path,
             max_message_bytes=settings.max_message_bytes,
             audit_log=settings.audit_log,
-            revoked_sites=settings.revoked_sites,
+            revoked_sites=tuple(settings.revoked_sites),
             demo_open_queue=settings.demo_open_queue_no_auth,
             limits=settings.limits(),
             audit_max_bytes=settings.audit_max_bytes,
             audit_backups=settings.audit_backups,
         )
-    except QueueError as err:  # an unreadable push journal beside the snapshot
-        raise QueueConfigError(err.message) from None
     except ValueError as err:
         raise QueueConfigError(str(err)) from None
+    try:
+        server = start_queue_server(queue, serve)
+    except QueueError as err:  # an unreadable push journal beside the snapshot
+        raise QueueConfigError(err.message) from None
     # warnings once the service runs, at every start (a refusal stays one line)
     if settings.demo_open_queue_no_auth and not settings.site_tokens and settings.client_ca is None:
         warn("WARNING: DEMO OPEN QUEUE (demo_open_queue_no_auth = true): any caller that reaches "

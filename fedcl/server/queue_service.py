@@ -25,10 +25,10 @@ import signal
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent import futures
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -48,6 +48,7 @@ __all__ = [
     "Principal",
     "QueueHandlers",
     "QueueServer",
+    "ServeSettings",
     "start_queue_server",
     "stop_on_signal",
 ]
@@ -762,102 +763,121 @@ def stop_on_signal() -> Iterator[threading.Event]:
             signal.signal(sig, handler)
 
 
-def start_queue_server(
-    *,
-    queue: EmbeddingQueue,
-    host: str,
-    port: int,
-    site_tokens: dict[str, str],
-    coordinator_token: str | None,
-    tls_cert: bytes | None,
-    tls_key: bytes | None,
-    client_ca: bytes | None,
-    snapshot_path: Path | None,
-    max_message_bytes: int,
-    audit_log: Path | None = None,
-    revoked_sites: Iterable[str] = (),
-    demo_open_queue: bool = False,
-    limits: CallLimits = CallLimits(),
-    audit_max_bytes: int = 64 << 20,
-    audit_backups: int = 3,
-    rejection_interval: float = 10.0,
-) -> QueueServer:
-    """Serve ``queue`` on host:port (port 0 picks a free one). TLS when tls_cert/tls_key are given;
-    mutual TLS (client certificate CN = site id) when client_ca is given too. Calls with the token
-    or certificate of a site in ``revoked_sites`` are refused with PERMISSION_DENIED.
+@dataclass(frozen=True)
+class ServeSettings:
+    """How the queue service listens and whom it lets in; checked when built.
 
-    Sites authenticate with ``site_tokens`` or client certificates; only ``demo_open_queue`` lets a
-    site in by its name alone. The coordinator always needs ``coordinator_token``. With a
-    ``snapshot_path``, temp files of a snapshot killed mid-write are removed and a ``PushJournal``
-    beside it counts the rows a crash would lose. Commands start the service through
-    ``fedcl.server.queue_cli.serve_queue``, which validates the settings first."""
-    if (tls_cert is None) != (tls_key is None):
-        raise ValueError("give both tls_cert and tls_key, or neither")
-    if client_ca is not None and tls_cert is None:
-        raise ValueError("client_ca (mutual TLS) needs tls_cert and tls_key")
-    if not coordinator_token:
-        raise ValueError("coordinator_token is required: the coordinator (ServerApp) is never an anonymous caller")
-    if not site_tokens and client_ca is None and not demo_open_queue:
-        raise ValueError("no site credentials: give site_tokens or client_ca (an open queue needs demo_open_queue)")
-    tokens = list(site_tokens.values()) + [coordinator_token]
-    if len(set(tokens)) != len(tokens) or any(not t for t in tokens):
-        raise ValueError("every site token and the coordinator token must be non-empty and distinct")
-    revoked = sorted(set(revoked_sites))
-    if COORDINATOR in revoked or COORDINATOR_PUSH_SITE in revoked:
-        raise ValueError(f"revoked_sites may not name the coordinator ({COORDINATOR!r}, {COORDINATOR_PUSH_SITE!r})")
-    removed: list[Path] = []
-    journal = PushJournal(None)
-    if snapshot_path is not None:
-        removed = remove_stale_snapshot_temps(Path(snapshot_path))
-        journal = PushJournal(journal_path(Path(snapshot_path)))
-    handlers = QueueHandlers(queue=queue, max_message_bytes=max_message_bytes, snapshot_path=snapshot_path,
-                             journal=journal)
-    audit = AuditLog(audit_log, max_bytes=audit_max_bytes, backups=audit_backups,
-                     rejection_interval=rejection_interval)
-    authenticate = Authenticator(
-        site_tokens=dict(site_tokens), coordinator_token=coordinator_token, mutual_tls=client_ca is not None,
-        revoked_sites=revoked, demo_open_queue=demo_open_queue,
-    )
-    options = [
-        ("grpc.max_receive_message_length", int(max_message_bytes)),
-        ("grpc.max_send_message_length", int(max_message_bytes)),
-        ("grpc.so_reuseport", 0),
-    ]
-    admission = _Admission(limits)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=limits.max_workers, thread_name_prefix="queue"),
-                         options=options, maximum_concurrent_rpcs=limits.max_concurrent_rpcs)
-    queue_pb2_grpc.add_EmbeddingQueueServicer_to_server(_Servicer(handlers, authenticate, audit, admission), server)
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    TLS when ``tls_cert``/``tls_key`` (PEM bytes) are given; mutual TLS (client certificate CN =
+    site id) when ``client_ca`` is given too. Sites authenticate with ``site_tokens`` or client
+    certificates; only ``demo_open_queue`` lets a site in by its name alone. The coordinator always
+    needs ``coordinator_token``. Calls with the token or certificate of a site in ``revoked_sites``
+    are refused with PERMISSION_DENIED. Commands build these through
+    ``fedcl.server.queue_cli.serve_queue``, which validates the user's settings first."""
+
+    coordinator_token: str = field(repr=False)
+    site_tokens: Mapping[str, str] = field(default_factory=dict, repr=False)
+    host: str = "127.0.0.1"
+    port: int = 0  # 0 picks a free one
+    tls_cert: bytes | None = field(default=None, repr=False)
+    tls_key: bytes | None = field(default=None, repr=False)
+    client_ca: bytes | None = field(default=None, repr=False)
+    snapshot_path: Path | None = None
+    max_message_bytes: int = 4 << 20
+    audit_log: Path | None = None
+    revoked_sites: tuple[str, ...] = ()
+    demo_open_queue: bool = False
+    limits: CallLimits = CallLimits()
+    audit_max_bytes: int = 64 << 20
+    audit_backups: int = 3
+    rejection_interval: float = 10.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "site_tokens", dict(self.site_tokens))
+        object.__setattr__(self, "revoked_sites", tuple(sorted(set(self.revoked_sites))))
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("give both tls_cert and tls_key, or neither")
+        if self.client_ca is not None and self.tls_cert is None:
+            raise ValueError("client_ca (mutual TLS) needs tls_cert and tls_key")
+        if not self.coordinator_token:
+            raise ValueError("coordinator_token is required: the coordinator (ServerApp) is never an anonymous caller")
+        if not self.site_tokens and self.client_ca is None and not self.demo_open_queue:
+            raise ValueError("no site credentials: give site_tokens or client_ca (an open queue needs demo_open_queue)")
+        tokens = list(self.site_tokens.values()) + [self.coordinator_token]
+        if len(set(tokens)) != len(tokens) or any(not t for t in tokens):
+            raise ValueError("every site token and the coordinator token must be non-empty and distinct")
+        if COORDINATOR in self.revoked_sites or COORDINATOR_PUSH_SITE in self.revoked_sites:
+            raise ValueError(f"revoked_sites may not name the coordinator ({COORDINATOR!r}, {COORDINATOR_PUSH_SITE!r})")
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def _bind(server: grpc.Server, settings: ServeSettings) -> int:
+    """Add the listening port (TLS or not); the bound port number, or OSError when it is taken."""
+    address = settings.address
     try:
-        if tls_cert is not None:
+        if settings.tls_cert is not None:
             credentials = grpc.ssl_server_credentials(
-                [(tls_key, tls_cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+                [(settings.tls_key, settings.tls_cert)], root_certificates=settings.client_ca,
+                require_client_auth=settings.client_ca is not None,
             )
             bound = server.add_secure_port(address, credentials)
         else:
             bound = server.add_insecure_port(address)
     except RuntimeError as err:  # grpc raises RuntimeError when the port is taken
-        admission.close()
-        journal.close()
         raise OSError(f"queue service cannot listen on {address}: {err}") from err
     if not bound:
+        raise OSError(f"queue service cannot listen on {address}")
+    return bound
+
+
+def start_queue_server(queue: EmbeddingQueue, settings: ServeSettings) -> QueueServer:
+    """Serve ``queue`` as ``settings`` say. With a ``snapshot_path``, temp files of a snapshot
+    killed mid-write are removed and a ``PushJournal`` beside it counts the rows a crash would lose."""
+    s = settings
+    removed: list[Path] = []
+    journal = PushJournal(None)
+    if s.snapshot_path is not None:
+        removed = remove_stale_snapshot_temps(Path(s.snapshot_path))
+        journal = PushJournal(journal_path(Path(s.snapshot_path)))
+    handlers = QueueHandlers(queue=queue, max_message_bytes=s.max_message_bytes, snapshot_path=s.snapshot_path,
+                             journal=journal)
+    audit = AuditLog(s.audit_log, max_bytes=s.audit_max_bytes, backups=s.audit_backups,
+                     rejection_interval=s.rejection_interval)
+    authenticate = Authenticator(
+        site_tokens=dict(s.site_tokens), coordinator_token=s.coordinator_token, mutual_tls=s.client_ca is not None,
+        revoked_sites=list(s.revoked_sites), demo_open_queue=s.demo_open_queue,
+    )
+    options = [
+        ("grpc.max_receive_message_length", int(s.max_message_bytes)),
+        ("grpc.max_send_message_length", int(s.max_message_bytes)),
+        ("grpc.so_reuseport", 0),
+    ]
+    admission = _Admission(s.limits)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=s.limits.max_workers, thread_name_prefix="queue"),
+                         options=options, maximum_concurrent_rpcs=s.limits.max_concurrent_rpcs)
+    queue_pb2_grpc.add_EmbeddingQueueServicer_to_server(_Servicer(handlers, authenticate, audit, admission), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    try:
+        bound = _bind(server, s)
+    except OSError:
         admission.close()
         journal.close()
-        raise OSError(f"queue service cannot listen on {address}")
+        raise
     server.start()
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     audit.write(
         "start", port=bound, size=len(queue), round=queue.current_round,
-        tls=tls_cert is not None, mutual_tls=client_ca is not None, open=authenticate.open,
-        revoked_sites=revoked or None, restarts=journal.restarts, rows_lost=journal.lost_at_start or None,
-        stale_temp_files=[p.name for p in removed] or None,
+        tls=s.tls_cert is not None, mutual_tls=s.client_ca is not None, open=authenticate.open,
+        revoked_sites=list(s.revoked_sites) or None, restarts=journal.restarts,
+        rows_lost=journal.lost_at_start or None, stale_temp_files=[p.name for p in removed] or None,
     )
     if journal.lost_at_start:
         log.warning("queue service: the previous run ended without a snapshot; the %d rows acknowledged after "
                     "its last snapshot are lost", journal.lost_at_start)
-    log.info("queue service listening on %s (port %d)", host, bound)
+    log.info("queue service listening on %s (port %d)", s.host, bound)
     return QueueServer(server=server, port=bound, handlers=handlers, health_servicer=health_servicer, audit=audit,
                        admission=admission)

@@ -123,7 +123,7 @@ def loopback_federation(cfg, *, out_dir: Path, threads: int | None):
     from fedcl.queue import EmbeddingQueue
     from fedcl.server.app import QUEUE_SNAPSHOT_NAME, QueueLink
     from fedcl.server.checkpoint import find_checkpoint
-    from fedcl.server.queue_service import start_queue_server
+    from fedcl.server.queue_service import ServeSettings, start_queue_server
 
     ckpt_dir = Path(cfg.server.checkpoint_dir) if cfg.server.checkpoint_dir else out_dir / "checkpoints"
     resuming = find_checkpoint(ckpt_dir) is not None
@@ -139,10 +139,9 @@ def loopback_federation(cfg, *, out_dir: Path, threads: int | None):
         else:
             queue = EmbeddingQueue(dim=cfg.model.proj_dim, capacity=q.capacity, per_site_quota=q.per_site_quota,
                                    max_staleness=q.max_staleness, dtype=q.dtype)
-        queue_server = start_queue_server(
-            queue=queue, host="127.0.0.1", port=0, site_tokens=site_tokens, coordinator_token=coordinator_token,
-            tls_cert=None, tls_key=None, client_ca=None, snapshot_path=snapshot, max_message_bytes=4 << 20,
-            audit_log=out_dir / "queue-audit.jsonl")
+        queue_server = start_queue_server(queue, ServeSettings(
+            host="127.0.0.1", port=0, site_tokens=site_tokens, coordinator_token=coordinator_token,
+            snapshot_path=snapshot, max_message_bytes=4 << 20, audit_log=out_dir / "queue-audit.jsonl"))
         link = QueueLink(address=f"127.0.0.1:{queue_server.port}", tls=False, coordinator_token=coordinator_token,
                          snapshot_path=snapshot)
     simulated = SimulatedSites(config=cfg, site_tokens=site_tokens, state_root=out_dir / "sites", threads=threads)

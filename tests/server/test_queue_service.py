@@ -28,7 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from fedcl.wire.queue_client import QueueClient, QueueServiceError
 from fedcl.wire.proto import queue_pb2, queue_pb2_grpc
 from fedcl.queue import EmbeddingQueue
-from fedcl.server.queue_service import QueueHandlers, Principal, start_queue_server
+from fedcl.server.queue_service import QueueHandlers, Principal, ServeSettings, start_queue_server
 
 DIM = 16
 TOKENS = {"site-a": "token-a-0123456789abcdef", "site-b": "token-b-0123456789abcdef"}
@@ -58,7 +58,6 @@ def serve(tmp_path):
 
     def start(queue: EmbeddingQueue | None = None, **overrides):
         kwargs = dict(
-            queue=queue if queue is not None else make_queue(),
             host="127.0.0.1",
             port=0,
             site_tokens=TOKENS,
@@ -71,7 +70,7 @@ def serve(tmp_path):
             audit_log=tmp_path / "audit.jsonl",
         )
         kwargs.update(overrides)
-        server = start_queue_server(**kwargs)
+        server = start_queue_server(queue if queue is not None else make_queue(), ServeSettings(**kwargs))
         servers.append(server)
         return server
 

@@ -27,6 +27,12 @@ COORD = "coordinator-token-0123456789abcdef"
 TOKENS = {"site-a": "token-of-site-a-0123456789", "site-b": "token-of-site-b-0123456789"}
 START_TIMEOUT = 120  # seconds for a command to start or refuse; generous: the machine may be loaded
 ENV = dict(os.environ, PYTHONPATH=str(REPO), FLWR_TELEMETRY_ENABLED="0", GRPC_VERBOSITY="ERROR")
+# Every test here starts real processes (a few seconds each on 2 cores). The default tier keeps one
+# command per refusal (``fedcl-server queue``); the same refusal through the other commands, the
+# demo-switch restarts (in process: test_queue_service's demo_open_queue test) and the kill drill
+# (in process: test_rounds' rows-lost test) run in the e2e tier.
+ALL_COMMANDS = ["queue", pytest.param("serve-queue", marks=pytest.mark.e2e),
+                pytest.param("run", marks=pytest.mark.e2e)]
 
 
 def _toml_table(name: str, values: dict) -> str:
@@ -151,7 +157,7 @@ def certs(tmp_path_factory) -> Path:
 # ------------------------------------------------ item 1: no open queue by omission
 
 
-@pytest.mark.parametrize("kind", ["serve-queue", "run"])
+@pytest.mark.parametrize("kind", ["serve-queue", pytest.param("run", marks=pytest.mark.e2e)])
 def test_tls_without_site_tokens_is_refused_naming_the_setting(kind, tmp_path, certs):
     line = refusal(command(kind, tmp_path, tokens={}, certs=certs))
     assert "server.site_tokens" in line and "demo_open_queue_no_auth" in line
@@ -162,6 +168,7 @@ def test_queue_without_site_tokens_is_refused_naming_the_setting(tmp_path):
     assert "site_tokens" in line and "demo_open_queue_no_auth" in line
 
 
+@pytest.mark.e2e
 def test_the_demo_switch_warns_at_every_start_and_an_anonymous_caller_is_never_the_coordinator(tmp_path):
     argv = command("serve-queue", tmp_path, tokens={}, demo_open_queue_no_auth=True)
     for _ in range(2):  # every start warns, not only the first
@@ -186,7 +193,7 @@ def _write_snapshot(path: Path, *, dim: int) -> None:
     queue.snapshot(path)
 
 
-@pytest.mark.parametrize("kind", ["queue", "serve-queue", "run"])
+@pytest.mark.parametrize("kind", ALL_COMMANDS)
 def test_a_corrupt_snapshot_is_one_line_in_every_command(kind, tmp_path):
     argv = command(kind, tmp_path, **({"dim": 64, "capacity": 65536, "per_site_quota": 16384, "max_staleness": 0}
                                      if kind == "queue" else {}))
@@ -197,7 +204,7 @@ def test_a_corrupt_snapshot_is_one_line_in_every_command(kind, tmp_path):
     assert str(snapshot) in line and "not usable" in line and "delete it" in line
 
 
-@pytest.mark.parametrize("kind", ["queue", "serve-queue", "run"])
+@pytest.mark.parametrize("kind", ALL_COMMANDS)
 def test_a_snapshot_of_another_dim_is_refused_by_every_command(kind, tmp_path):
     argv = command(kind, tmp_path, **({"dim": 64, "capacity": 65536, "per_site_quota": 16384, "max_staleness": 0}
                                      if kind == "queue" else {"proj_dim": 64}))
@@ -206,7 +213,7 @@ def test_a_snapshot_of_another_dim_is_refused_by_every_command(kind, tmp_path):
     assert "dim = 128" in line and "64" in line and "move the snapshot away" in line
 
 
-@pytest.mark.parametrize("kind", ["queue", "serve-queue", "run"])
+@pytest.mark.parametrize("kind", ALL_COMMANDS)
 def test_short_and_duplicated_tokens_are_refused_by_every_command(kind, tmp_path):
     table = "site_tokens" if kind == "queue" else "server.site_tokens"
     line = refusal(command(kind, tmp_path, tokens={"site-a": "x", "site-b": TOKENS["site-b"]}))
@@ -274,6 +281,7 @@ def test_a_site_stalling_more_streams_than_threads_cannot_stall_the_coordinator(
 # ------------------------------------------------ item 4: acknowledged pushes lost at a kill -9 are counted
 
 
+@pytest.mark.e2e
 def test_rows_acknowledged_after_the_last_snapshot_are_reported_lost_after_a_kill(tmp_path):
     argv = command("queue", tmp_path, dim=128)
     served = Running(argv)

@@ -17,7 +17,7 @@ from fedcl.config import load_config
 from fedcl.queue import EmbeddingQueue
 from fedcl.server.app import FederationError, QueueLink, run_federation, state_sha256
 from fedcl.server.checkpoint import find_checkpoint
-from fedcl.server.queue_service import start_queue_server
+from fedcl.server.queue_service import ServeSettings, start_queue_server
 
 TINY = [
     "data.name=synthetic", "data.num_sites=2", "data.partition=iid", "data.synthetic_images=200",
@@ -89,9 +89,10 @@ def federation(tmp_path, task_identity):
     tokens = {f"site-{i}": secrets.token_urlsafe(16) for i in range(2)}
     coordinator = secrets.token_urlsafe(16)
     queue = EmbeddingQueue(dim=16, capacity=1000, per_site_quota=500, max_staleness=2, dtype="float32")
-    server = start_queue_server(queue=queue, host="127.0.0.1", port=0, site_tokens=tokens,
-                                coordinator_token=coordinator, tls_cert=None, tls_key=None, client_ca=None,
-                                snapshot_path=tmp_path / "queue-snapshot.npz", max_message_bytes=1 << 20)
+    server = start_queue_server(queue, ServeSettings(host="127.0.0.1", port=0, site_tokens=tokens,
+                                                     coordinator_token=coordinator,
+                                                     snapshot_path=tmp_path / "queue-snapshot.npz",
+                                                     max_message_bytes=1 << 20))
     link = QueueLink(address=f"127.0.0.1:{server.port}", coordinator_token=coordinator,
                      snapshot_path=tmp_path / "queue-snapshot.npz")
     simulated = SimulatedSites(config=cfg, site_tokens=tokens, threads=1)
@@ -373,10 +374,9 @@ def test_rows_a_queue_restart_lost_show_in_the_rounds_metrics(tmp_path, federati
     live._server.stop(0).wait()
     live.handlers.journal.close()
     snapshot = tmp_path / "queue-snapshot.npz"
-    restarted = start_queue_server(queue=EmbeddingQueue.restore(snapshot), host="127.0.0.1", port=0,
-                                   site_tokens=simulated.site_tokens, coordinator_token=link.coordinator_token,
-                                   tls_cert=None, tls_key=None, client_ca=None, snapshot_path=snapshot,
-                                   max_message_bytes=1 << 20)
+    restarted = start_queue_server(EmbeddingQueue.restore(snapshot), ServeSettings(
+        host="127.0.0.1", port=0, site_tokens=simulated.site_tokens, coordinator_token=link.coordinator_token,
+        snapshot_path=snapshot, max_message_bytes=1 << 20))
     try:
         link2 = QueueLink(address=f"127.0.0.1:{restarted.port}", coordinator_token=link.coordinator_token,
                           snapshot_path=snapshot)
