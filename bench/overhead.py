@@ -30,12 +30,12 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fedcl.wire.queue_client import QueueClient  # noqa: E402
 from fedcl.augment import TwoViewAugment  # noqa: E402
-from fedcl.models import build_model, load_canonical_state_dict, canonical_state_dict  # noqa: E402
+from fedcl.models import build_model, canonical_state_dict, load_canonical_state_dict  # noqa: E402
 from fedcl.queue import EmbeddingQueue  # noqa: E402
-from fedcl.train import RoundRecipe, local_round  # noqa: E402
 from fedcl.server.queue_service import ServeSettings, start_queue_server  # noqa: E402
+from fedcl.train import RoundRecipe, local_round  # noqa: E402
+from fedcl.wire.queue_client import QueueClient  # noqa: E402
 
 TOKENS = {"site-0": "overhead-site-0-token-0123456789", "site-1": "overhead-site-1-token-0123456789"}
 COORDINATOR = "overhead-coordinator-token-0123456789"
@@ -170,12 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'total':28s}{f_total:9.2f}s{p_total:9.2f}s")
     ratio = f_total / p_total
     io = med(fed, "sample") + med(fed, "push")
-    paired = statistics.median(f["total"] / q["total"] for f, q in zip(fed, plain))
+    paired = statistics.median(f["total"] / q["total"] for f, q in zip(fed, plain, strict=False))
     print(f"\nratio fedcl / plain = {ratio:.3f}x (ratio of medians); median of paired ratios {paired:.3f}x "
           f"(target <= 1.15x): {'PASS' if max(ratio, paired) <= 1.15 else 'FAIL'}")
     print(f"queue I/O {io:.3f} s = {100 * io / f_total:.1f}% of the fedcl round; "
           f"encoding the pushed embeddings {100 * med(fed, 'encode') / f_total:.1f}%")
-    print("per-repeat ratios: " + ", ".join(f"{f['total'] / q['total']:.3f}" for f, q in zip(fed, plain)))
+    print("per-repeat ratios: " + ", ".join(f"{f['total'] / q['total']:.3f}" for f, q in zip(fed, plain, strict=False)))
     return 0
 
 

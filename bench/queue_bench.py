@@ -29,8 +29,8 @@ from queue_load import COORDINATOR_TOKEN, start_queue_process, stop_queue_proces
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fedcl.wire.queue_client import QueueClient  # noqa: E402
 from fedcl.queue import EmbeddingQueue  # noqa: E402
+from fedcl.wire.queue_client import QueueClient  # noqa: E402
 
 DIM = 128
 K = 4096

@@ -47,7 +47,9 @@ def start_queue_process(settings: dict, *, workdir: Path) -> tuple[subprocess.Po
     lines = ["[queue_service]"]
     tokens = settings.pop("site_tokens", {})
     for key, value in settings.items():
-        lines.append(f"{key} = {value!r}".replace("'", '"') if not isinstance(value, bool) else f"{key} = {str(value).lower()}")
+        lines.append(
+            f"{key} = {value!r}".replace("'", '"') if not isinstance(value, bool) else f"{key} = {str(value).lower()}"
+        )
     lines.append("[queue_service.site_tokens]")
     lines += [f'"{site}" = "{token}"' for site, token in tokens.items()]
     config = workdir / "queue.toml"
@@ -164,7 +166,9 @@ def run_phase(args, *, stall: bool) -> dict:
 
         helpers = [threading.Thread(target=coordinator_loop, name="coordinator", daemon=True)]
         if stall:
-            helpers += [threading.Thread(target=stalling_stream, args=(i,), daemon=True) for i in range(args.stall_streams)]
+            helpers += [
+                threading.Thread(target=stalling_stream, args=(i,), daemon=True) for i in range(args.stall_streams)
+            ]
         try:
             for thread in helpers[1:]:
                 thread.start()
@@ -189,7 +193,9 @@ def run_phase(args, *, stall: bool) -> dict:
         "per-site counts = min(pushed, quota)": stats["per_site"] == predicted,
         "size = sum of per-site counts": stats["size"] == sum(predicted.values()),
         "pushed_total = accepted rows": stats["pushed_total"] == sum(pushed.values()),
-        "quota evictions = rows over quota": stats["evicted"]["quota"] == sum(n - predicted.get(s, 0) for s, n in pushed.items()),
+        "quota evictions = rows over quota": (
+            stats["evicted"]["quota"] == sum(n - predicted.get(s, 0) for s, n in pushed.items())
+        ),
         "no capacity or staleness evictions": stats["evicted"]["capacity"] == 0 and stats["evicted"]["staleness"] == 0,
         "every sampled row came from another site": result["own_or_unknown_rows"] == 0,
         "every sample returned at most k rows": result["oversized_samples"] == 0,
@@ -206,8 +212,12 @@ def run_phase(args, *, stall: bool) -> dict:
         "throughput_req_s": requests / result["wall"],
         "rows_pushed_s": sum(pushed.values()) / result["wall"],
         "wall_s": result["wall"],
-        "site_p50_ms": float(np.percentile(np.asarray(result["latency"]["push"] + result["latency"]["sample"]) * 1e3, 50)),
-        "site_p99_ms": float(np.percentile(np.asarray(result["latency"]["push"] + result["latency"]["sample"]) * 1e3, 99)),
+        "site_p50_ms": float(
+            np.percentile(np.asarray(result["latency"]["push"] + result["latency"]["sample"]) * 1e3, 50)
+        ),
+        "site_p99_ms": float(
+            np.percentile(np.asarray(result["latency"]["push"] + result["latency"]["sample"]) * 1e3, 99)
+        ),
         "coordinator_calls": len(coord_latency),
         "coordinator_errors": len(coord_errors),
         "coordinator_p50_ms": float(np.percentile(ms, 50)) if ms.size else None,

@@ -52,12 +52,13 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedcl.client.privacy import RoundPrivacy, dp_mode, plan_round, record_round, round_metrics
+from fedcl.client.privacy import RoundPrivacy, dp_mode, plan_round, record_round, release_prototype_sums, round_metrics
 from fedcl.client.privacy import release as release_embeddings
-from fedcl.client.privacy import release_prototype_sums
+from fedcl.config import PrivacySettings
+from fedcl.privacy.randomness import secret_generator, warn_insecure
 from fedcl.wire.protocol import (
-    BUDGET_REFUSAL,
     ARRAYS_KEY,
+    BUDGET_REFUSAL,
     CONFIG_KEY,
     METRICS_KEY,
     PROTOTYPES_KEY,
@@ -66,9 +67,6 @@ from fedcl.wire.protocol import (
     RoundConfig,
     site_record,
 )
-
-from fedcl.config import PrivacySettings
-from fedcl.privacy.randomness import secret_generator, warn_insecure
 
 log = logging.getLogger("fedcl.client")
 
@@ -429,10 +427,10 @@ def _train_seconds(m: dict, *, total: float, sample: float, push: float) -> dict
 
 
 def train_handler(msg: Message, context: Context, simulated: SimulatedSites | None = None) -> Message:
+    from fedcl.client.site_data import load_site_groups
     from fedcl.config import AugmentSettings
     from fedcl.runtime import configure_threads, make_augment
     from fedcl.train import INSECURE_REPRODUCIBLE, RoundRecipe, local_round, resolve_device
-    from fedcl.client.site_data import load_site_groups
 
     t_start = time.perf_counter()
     site = _site(context, simulated)

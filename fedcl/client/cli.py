@@ -38,10 +38,16 @@ class ClientCliError(ValueError):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedcl-client", description="Join a fedcl federation as a site (Flower SuperNode).")
+    p = argparse.ArgumentParser(
+        prog="fedcl-client", description="Join a fedcl federation as a site (Flower SuperNode)."
+    )
     p.add_argument("--server", required=True, help="the coordinator's SuperLink, HOST[:PORT] (port 8000 by default)")
-    p.add_argument("--data", type=Path, help="the site's images: MedMNIST .npz, Fashion-MNIST IDX folder or image folder")
-    p.add_argument("--data-format", default="auto", choices=["auto", "medmnist", "fashion-mnist", "folder", "synthetic"])
+    p.add_argument(
+        "--data", type=Path, help="the site's images: MedMNIST .npz, Fashion-MNIST IDX folder or image folder"
+    )
+    p.add_argument(
+        "--data-format", default="auto", choices=["auto", "medmnist", "fashion-mnist", "folder", "synthetic"]
+    )
     p.add_argument("--site-id", required=True, help="this site's name (as the queue service's site tokens know it)")
     p.add_argument("--root-certificates", type=Path, help="CA certificate (PEM) of the SuperLink and the queue service")
     p.add_argument("--token", help="the site's queue token (prefer --token-file or FEDCL_QUEUE_TOKEN: "

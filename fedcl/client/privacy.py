@@ -270,4 +270,14 @@ def round_metrics(rp: RoundPrivacy) -> dict[str, float]:
     }
 
 
-__all__ = ["dp_mode", "RoundPrivacy", "plan_round", "release", "release_prototype_sums", "record_round", "round_metrics", "ledger_path", "BudgetExceeded"]
+__all__ = [
+    "dp_mode",
+    "RoundPrivacy",
+    "plan_round",
+    "release",
+    "release_prototype_sums",
+    "record_round",
+    "round_metrics",
+    "ledger_path",
+    "BudgetExceeded",
+]

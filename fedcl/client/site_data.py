@@ -13,8 +13,8 @@ import torch
 
 if TYPE_CHECKING:  # fedcl.client.app imports this module's function lazily; no import cycle at runtime
     from fedcl.client.app import SimulatedSites, SiteSettings
-    from fedcl.wire.protocol import RoundConfig
     from fedcl.data import ImageSet
+    from fedcl.wire.protocol import RoundConfig
 
 
 def load_site_data(site: SiteSettings, rc: RoundConfig, simulated: SimulatedSites | None) -> ImageSet:
@@ -39,7 +39,9 @@ def load_site_data(site: SiteSettings, rc: RoundConfig, simulated: SimulatedSite
             return _cached(("demo-part", d.model_dump_json(), site.partition_id),
                            lambda: site_partition(d, full, site_index=int(site.partition_id)))
         if fmt == "synthetic":
-            seed = int(rc.partition.get("seed", 0)) if site.partition_id is not None else zlib.crc32(site.site_id.encode())
+            seed = (
+                int(rc.partition.get("seed", 0)) if site.partition_id is not None else zlib.crc32(site.site_id.encode())
+            )
             full = _cached(("synthetic", seed), lambda: load_dataset(name="synthetic", split="train", seed=seed))
         else:
             if site.data_path is None:

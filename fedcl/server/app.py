@@ -29,6 +29,9 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedcl.server.checkpoint import FederationCheckpoint, checkpoint_path, find_checkpoint, save_checkpoint
+from fedcl.server.metrics import MetricsLog, write_plots
+from fedcl.server.strategy import build_strategy
 from fedcl.wire.protocol import (
     ARRAYS_KEY,
     BUDGET_REFUSAL,
@@ -41,9 +44,6 @@ from fedcl.wire.protocol import (
     RoundConfig,
     parse_site_record,
 )
-from fedcl.server.checkpoint import FederationCheckpoint, checkpoint_path, find_checkpoint, save_checkpoint
-from fedcl.server.metrics import MetricsLog, write_plots
-from fedcl.server.strategy import build_strategy
 
 log = logging.getLogger("flwr.fedcl")  # a child of Flower's logger: shows up in `flwr log` and the console
 
@@ -219,6 +219,7 @@ def release_phase(grid: Grid, *, rnd: int, train_messages: list[Message], arrays
     site ``public`` (no message to the sites). Returns what happened, for the round record.
     """
     from flwr.app import MessageType
+
     from fedcl.privacy.release import PrototypeRelease, init_prototypes, merge_prototypes
     from fedcl.train import encode
 
@@ -721,8 +722,9 @@ def run_federation(
 
 def load_run_config(run_config: dict[str, Any]):
     """FedclConfig from the run config's ``config-path`` (TOML, or the JSON fedcl-server writes)."""
-    from fedcl.config import ConfigError, FedclConfig, format_validation_error, load_config
     from pydantic import ValidationError
+
+    from fedcl.config import ConfigError, FedclConfig, format_validation_error, load_config
 
     path = str(run_config.get("config-path", "") or "")
     if not path:

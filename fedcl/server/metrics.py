@@ -184,6 +184,6 @@ def format_table(history: list[dict[str, Any]]) -> str:
     """A plain-text round table (what ``fedcl simulate`` prints; rich renders the same rows)."""
     rows = [TABLE_COLUMNS, *table_rows(history)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_COLUMNS))]
-    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=False)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)

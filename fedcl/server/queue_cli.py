@@ -112,7 +112,9 @@ class QueueServiceSettings(BaseModel):
         if self.per_site_quota > self.capacity:
             raise ValueError(f"per_site_quota ({self.per_site_quota}) cannot exceed capacity ({self.capacity})")
         if self.max_message_bytes < self.dim * 4 + 1024:
-            raise ValueError(f"max_message_bytes ({self.max_message_bytes}) cannot hold one embedding of dim {self.dim}")
+            raise ValueError(
+                f"max_message_bytes ({self.max_message_bytes}) cannot hold one embedding of dim {self.dim}"
+            )
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError(f"set both {key('tls_cert')} and {key('tls_key')}, or neither")
         if self.client_ca is not None and self.tls_cert is None:
@@ -160,7 +162,9 @@ class _ConfigFile(BaseModel):
     queue_service: QueueServiceSettings
 
 
-def _format_validation(err: ValidationError, names: dict[str, str] | None = None, *, table: str = "queue_service") -> str:
+def _format_validation(
+    err: ValidationError, names: dict[str, str] | None = None, *, table: str = "queue_service"
+) -> str:
     lines = []
     for item in err.errors():
         loc = [str(part) for part in item["loc"]]

@@ -36,8 +36,8 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from fedcl.wire.proto import queue_pb2, queue_pb2_grpc
 from fedcl.queue import EmbeddingQueue, QueueError
+from fedcl.wire.proto import queue_pb2, queue_pb2_grpc
 
 __all__ = [
     "SERVICE_NAME",
@@ -137,7 +137,9 @@ class QueueHandlers:
                     "all chunks of one push must carry the same round, model_version, dim, dtype and request_id",
                 )
             if chunk.dim != self.queue.dim:
-                raise QueueError("INVALID_ARGUMENT", f"embeddings have dim {chunk.dim}, this queue holds dim {self.queue.dim}")
+                raise QueueError(
+                    "INVALID_ARGUMENT", f"embeddings have dim {chunk.dim}, this queue holds dim {self.queue.dim}"
+                )
             wire = _WIRE[chunk.dtype]
             if len(chunk.data) != chunk.rows * chunk.dim * wire.itemsize:
                 raise QueueError(
@@ -180,7 +182,8 @@ class QueueHandlers:
             exclude = request.exclude_site or None
         elif request.exclude_site and request.exclude_site != principal.site_id:
             raise AccessError(
-                "PERMISSION_DENIED", "a site's sample always leaves out its own entries; only the coordinator sets exclude_site"
+                "PERMISSION_DENIED",
+                "a site's sample always leaves out its own entries; only the coordinator sets exclude_site",
             )
         else:
             exclude = principal.site_id
@@ -442,7 +445,9 @@ class Authenticator:
         if header is not None:
             scheme, _, token = header.partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
-                raise AccessError("UNAUTHENTICATED", "malformed authorization header: send 'authorization: Bearer <token>'")
+                raise AccessError(
+                    "UNAUTHENTICATED", "malformed authorization header: send 'authorization: Bearer <token>'"
+                )
             presented = token.strip().encode()
             if self._coordinator is not None and hmac.compare_digest(presented, self._coordinator):
                 return Principal(site_id=claimed or COORDINATOR_PUSH_SITE, coordinator=True)
@@ -572,7 +577,8 @@ class _Admission:
                 for c in overdue:
                     c.cut = (f"{c.method} ran past the server's call_timeout of {limits.call_timeout:g} s"
                              if now - c.started > limits.call_timeout else
-                             f"{c.method} stream sent nothing for stream_idle_timeout = {limits.stream_idle_timeout:g} s")
+                             f"{c.method} stream sent nothing for stream_idle_timeout = "
+                             f"{limits.stream_idle_timeout:g} s")
             for c in overdue:
                 c.context.cancel()  # unblocks the handler's read or write with an RpcError
 
@@ -626,7 +632,10 @@ class _Servicer(queue_pb2_grpc.EmbeddingQueueServicer):
             code, message = "CANCELLED", "push stream broken before it completed; nothing stored"
         else:
             log.exception("queue service: %s failed", method, exc_info=err)
-            code, message = "INTERNAL", f"{method} failed inside the queue service ({type(err).__name__}); nothing stored"
+            code, message = (
+                "INTERNAL",
+                f"{method} failed inside the queue service ({type(err).__name__}); nothing stored",
+            )
         self._audit.rejection(method=method, peer=context.peer(), site=principal.site_id, round=round, code=code,
                               reason=message)
         context.abort(_status(code), message)

@@ -25,8 +25,8 @@ from flwr.supercore.task_identity import TaskIdentity
 import fedcl.privacy.sampling as sampling
 import fedcl.train
 from fedcl.client.app import BudgetRefusal, SiteError, evaluate_handler, release_handler, train_handler
-from fedcl.wire.protocol import RoundConfig
 from fedcl.models import build_model, canonical_state_dict
+from fedcl.wire.protocol import RoundConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
@@ -195,7 +195,9 @@ def test_only_the_sites_own_insecure_switch_makes_a_round_replayable_and_the_led
     caplog.set_level("WARNING")
     for name in ("a", "b"):
         batches: list[torch.Tensor] = []
-        monkeypatch.setattr(sampling, "poisson_sample", lambda **kw: batches.append(real_sample(**kw)) or batches[-1])
+        monkeypatch.setattr(
+            sampling, "poisson_sample", lambda batches=batches, **kw: batches.append(real_sample(**kw)) or batches[-1]
+        )
         ctx = _context(data, tmp_path / f"state-{name}", **{"insecure-reproducible-dp": "true"})
         train_handler(_message(_rc({"dpsgd": True, "noise_multiplier": 1.1, "release": "public"})), ctx, None)
         runs.append(_digest(batches))

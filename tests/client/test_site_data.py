@@ -11,10 +11,10 @@ from opacus.accountants import RDPAccountant
 
 from fedcl.client.app import SiteError, SiteSettings, load_site_images, train_handler
 from fedcl.client.privacy import plan_round, record_round, release
-from fedcl.wire.protocol import RoundConfig
 from fedcl.client.site_data import load_site_data, load_site_groups
 from fedcl.models import build_model, canonical_state_dict
 from fedcl.privacy.ledger import PrivacyLedger
+from fedcl.wire.protocol import RoundConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 

@@ -167,7 +167,7 @@ class Processes:
             proc.wait(timeout=10)
 
     def stop_all(self) -> None:
-        for name, proc in self.procs.items():
+        for _name, proc in self.procs.items():
             if proc.poll() is None:
                 try:
                     os.killpg(proc.pid, signal.SIGTERM)
@@ -196,7 +196,9 @@ class Processes:
                 return
             for name in alive:
                 if self.procs[name].poll() is not None:
-                    pytest.fail(f"{name} exited ({self.procs[name].returncode}) while waiting for {what}\n{self.logs()}")
+                    pytest.fail(
+                        f"{name} exited ({self.procs[name].returncode}) while waiting for {what}\n{self.logs()}"
+                    )
             time.sleep(interval)
         pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{self.logs()}")
 

@@ -139,7 +139,7 @@ def test_compose_services_run_as_local_processes(tmp_path, processes):
         for dep, cond in (service.get("depends_on") or {}).items():
             assert cond["condition"] == "service_healthy"
             if dep not in healthy:
-                processes.wait_for(f"{dep} to be healthy", lambda: is_healthy(dep), timeout=240, interval=1.0,
+                processes.wait_for(f"{dep} to be healthy", lambda dep=dep: is_healthy(dep), timeout=240, interval=1.0,
                                    alive=[dep])
                 healthy.add(dep)
         processes.start(name, local.argv(name, service["command"]), env=local.env(name, base))

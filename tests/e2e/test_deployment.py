@@ -8,6 +8,7 @@ import json
 import math
 
 from fedcl.models import load_encoder
+
 from .helpers import read_history, start_federation
 
 

@@ -8,6 +8,7 @@ import re
 from fedcl.config import FederationSettings
 from fedcl.server.app import _comparable_queue_stats, state_sha256
 from fedcl.server.checkpoint import find_checkpoint, load_checkpoint
+
 from .helpers import (
     checkpoint_round,
     client_argv,

@@ -35,7 +35,7 @@ from pathlib import Path
 import pytest
 
 from .helpers import REPO, Processes, checkpoint_round, process_env, read_history, tiny_config_text
-from .netns import Network, NetnsUnavailable, check_available, sweep_stale
+from .netns import NetnsUnavailable, Network, check_available, sweep_stale
 
 # Measured on this project's 2-core machine: 3 min 50 s at load average 2-3, 6-8.5 min while other
 # jobs kept it at 10-15 (each Flower message starts a fresh ClientApp process; contention slows that
@@ -175,8 +175,12 @@ def _run_scenario(net: Network, root: Path, processes: Processes) -> Drill:
 
     def start_server(name: str) -> None:
         env = process_env(root / "home" / "coord")
-        processes.start(name, net.exec_argv("coord", [sys.executable, "-m", "fedcl.server.cli", "run", "--config", str(cfg)]),
-                        env=env, cwd=REPO)
+        processes.start(
+            name,
+            net.exec_argv("coord", [sys.executable, "-m", "fedcl.server.cli", "run", "--config", str(cfg)]),
+            env=env,
+            cwd=REPO,
+        )
 
     def start_site(host: str, site: str, *, token_file: Path, ca: Path, node_key: Path | None,
                    runtime_port: int = 9094, extra: tuple[str, ...] = ()) -> None:

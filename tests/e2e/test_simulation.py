@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import subprocess
 import sys
-import math
 
 import pytest
 

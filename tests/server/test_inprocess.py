@@ -17,10 +17,10 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
+import fedcl.sim.inprocess
 from fedcl.client.app import SiteError, make_client_app
 from fedcl.config import load_config
 from fedcl.models import canonical_state_dict, load_encoder
-import fedcl.sim.inprocess
 from fedcl.server.app import make_server_app, state_sha256
 from fedcl.server.checkpoint import find_checkpoint
 from fedcl.sim.inprocess import (
@@ -240,7 +240,7 @@ def test_in_process_and_ray_give_the_same_metrics_at_the_same_seed(tmp_path):
 
     assert [r["round"] for r in local] == [r["round"] for r in ray_history] == [1, 2]
     assert local[0]["weights_sha256"] == ray_history[0]["weights_sha256"]  # the same initial weights
-    for mine, theirs in zip(local, ray_history):
+    for mine, theirs in zip(local, ray_history, strict=False):
         for key in ("sites_ok", "sites_failed", "negatives_used", "pushed", "queue_size", "release_phase",
                     "random_init_knn"):
             assert mine[key] == theirs[key], (mine["round"], key)

@@ -15,9 +15,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fedcl.wire.proto import queue_pb2, queue_pb2_grpc
 from fedcl.queue import EmbeddingQueue
 from fedcl.server.queue_service import CallLimits, ServeSettings, start_queue_server
+from fedcl.wire.proto import queue_pb2, queue_pb2_grpc
 
 DIM = 8
 TOKENS = {"site-a": "tok-a", "site-b": "tok-b"}

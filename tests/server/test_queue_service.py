@@ -25,10 +25,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from fedcl.wire.queue_client import QueueClient, QueueServiceError
-from fedcl.wire.proto import queue_pb2, queue_pb2_grpc
 from fedcl.queue import EmbeddingQueue
-from fedcl.server.queue_service import QueueHandlers, Principal, ServeSettings, start_queue_server
+from fedcl.server.queue_service import Principal, QueueHandlers, ServeSettings, start_queue_server
+from fedcl.wire.proto import queue_pb2, queue_pb2_grpc
+from fedcl.wire.queue_client import QueueClient, QueueServiceError
 
 DIM = 16
 TOKENS = {"site-a": "token-a-0123456789abcdef", "site-b": "token-b-0123456789abcdef"}
@@ -188,7 +188,9 @@ def test_snapshot_on_advance_and_stop_restores_after_restart(serve, clients, tmp
     b, coord2 = clients(restored, "site-b"), clients(restored, "coordinator")
     after = coord2.stats()
     # a clean stop loses nothing
-    assert (after.pop("restarts"), after.pop("rows_lost"), before.pop("restarts"), before.pop("rows_lost")) == (1, 0, 0, 0)
+    assert (
+        after.pop("restarts"), after.pop("rows_lost"), before.pop("restarts"), before.pop("rows_lost")
+    ) == (1, 0, 0, 0)
     assert after == before
     assert rows(b.sample(50)) == rows(x)
 
@@ -220,12 +222,15 @@ def _bad_inputs():
     inf[2, 3] = -np.inf
     big[0] *= 2.0
     return {
-        "wrong dim": (lambda c, s: c["site-a"].push(unit(4, dim=DIM + 2), round=1, model_version=0), "INVALID_ARGUMENT"),
+        "wrong dim": (
+            lambda c, s: c["site-a"].push(unit(4, dim=DIM + 2), round=1, model_version=0), "INVALID_ARGUMENT"),
         "nan": (lambda c, s: c["site-a"].push(torch.from_numpy(nan), round=1, model_version=0), "INVALID_ARGUMENT"),
         "inf": (lambda c, s: c["site-a"].push(torch.from_numpy(inf), round=1, model_version=0), "INVALID_ARGUMENT"),
-        "non-unit norm": (lambda c, s: c["site-a"].push(torch.from_numpy(big), round=1, model_version=0), "INVALID_ARGUMENT"),
+        "non-unit norm": (
+            lambda c, s: c["site-a"].push(torch.from_numpy(big), round=1, model_version=0), "INVALID_ARGUMENT"),
         "empty": (lambda c, s: c["site-a"].push(torch.zeros(0, DIM), round=1, model_version=0), "INVALID_ARGUMENT"),
-        "more rows than the quota": (lambda c, s: c["site-a"].push(unit(65), round=1, model_version=0), "RESOURCE_EXHAUSTED"),
+        "more rows than the quota": (
+            lambda c, s: c["site-a"].push(unit(65), round=1, model_version=0), "RESOURCE_EXHAUSTED"),
         "message over max_message_bytes": (
             lambda c, s: _raw_push(s, [_chunk(good[:1], round=1, data=bytes(100 << 10))]), "RESOURCE_EXHAUSTED"),
         "unknown site": (lambda c, s: c["site-c"].push(unit(4), round=1, model_version=0), "NOT_FOUND"),
@@ -237,12 +242,14 @@ def _bad_inputs():
             lambda c, s: _raw_push(s, [_chunk(good, round=1, dtype=queue_pb2.DTYPE_UNSPECIFIED)]), "INVALID_ARGUMENT"),
         "chunks disagree on round": (
             lambda c, s: _raw_push(s, [_chunk(good, round=1), _chunk(good, round=0)]), "INVALID_ARGUMENT"),
-        "bad second chunk": (lambda c, s: _raw_push(s, [_chunk(good, round=1), _chunk(nan, round=1)]), "INVALID_ARGUMENT"),
+        "bad second chunk": (
+            lambda c, s: _raw_push(s, [_chunk(good, round=1), _chunk(nan, round=1)]), "INVALID_ARGUMENT"),
         "no token": (lambda c, s: c["anonymous"].push(unit(4), round=1, model_version=0), "UNAUTHENTICATED"),
         "wrong token": (lambda c, s: c["wrong"].push(unit(4), round=1, model_version=0), "UNAUTHENTICATED"),
         "malformed authorization": (
             lambda c, s: _raw_push(s, [_chunk(good, round=1)], token="x y z"), "UNAUTHENTICATED"),
-        "site pushes as another site": (lambda c, s: c["a-as-b"].push(unit(4), round=1, model_version=0), "PERMISSION_DENIED"),
+        "site pushes as another site": (
+            lambda c, s: c["a-as-b"].push(unit(4), round=1, model_version=0), "PERMISSION_DENIED"),
         "site calls advance": (lambda c, s: c["site-a"].advance(3), "PERMISSION_DENIED"),
         "advance backwards": (lambda c, s: c["coordinator"].advance(0), "FAILED_PRECONDITION"),
         "site samples without token": (lambda c, s: c["anonymous"].sample(3), "UNAUTHENTICATED"),
@@ -457,7 +464,9 @@ def test_revoked_certificate_common_name_is_refused_under_mutual_tls(serve, clie
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = _cert(cn="fedcl test CA", key=ca_key, issuer_cn="fedcl test CA", issuer_key=ca_key, ca=True)
     server_key = ec.generate_private_key(ec.SECP256R1())
-    server_cert = _cert(cn="localhost", key=server_key, issuer_cn="fedcl test CA", issuer_key=ca_key, ca=False, server=True)
+    server_cert = _cert(
+        cn="localhost", key=server_key, issuer_cn="fedcl test CA", issuer_key=ca_key, ca=False, server=True
+    )
     site_key = ec.generate_private_key(ec.SECP256R1())
     site_cert = _cert(cn="site-c", key=site_key, issuer_cn="fedcl test CA", issuer_key=ca_key, ca=False, client=True)
     server = serve(tls_cert=server_cert, tls_key=_pem_key(server_key), client_ca=ca, revoked_sites=["site-c"])
@@ -484,7 +493,9 @@ def _name(cn: str) -> x509.Name:
 
 
 def _pem_key(key) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _cert(*, cn: str, key, issuer_cn: str, issuer_key, ca: bool, server: bool = False, client: bool = False):
@@ -534,7 +545,9 @@ def test_mutual_tls_certificate_names_the_site(serve, clients):
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = _cert(cn="fedcl test CA", key=ca_key, issuer_cn="fedcl test CA", issuer_key=ca_key, ca=True)
     server_key = ec.generate_private_key(ec.SECP256R1())
-    server_cert = _cert(cn="localhost", key=server_key, issuer_cn="fedcl test CA", issuer_key=ca_key, ca=False, server=True)
+    server_cert = _cert(
+        cn="localhost", key=server_key, issuer_cn="fedcl test CA", issuer_key=ca_key, ca=False, server=True
+    )
     site_key = ec.generate_private_key(ec.SECP256R1())
     site_cert = _cert(cn="site-a", key=site_key, issuer_cn="fedcl test CA", issuer_key=ca_key, ca=False, client=True)
     server = serve(tls_cert=server_cert, tls_key=_pem_key(server_key), client_ca=ca)
@@ -580,7 +593,8 @@ def _write_config(path: Path, body: str) -> Path:
         ("[queue_service]\n[queue_service.site_tokens]\nsite-a = 'token-a-0123456789abcdef'\n", "TLS is required"),
         ("[queue_service]\ninsecure = true\ncoordinator_token = 'short'\n", "coordinator_token"),
         ("[queue_service]\ninsecure = true\ntls_cert = 'missing.pem'\n", "tls_key"),
-        ("[queue_service]\ntls_cert = 'missing.pem'\ntls_key = 'missing.key'\ncoordinator_token = 'c-0123456789abcdef'\n"
+        ("[queue_service]\ntls_cert = 'missing.pem'\ntls_key = 'missing.key'\n"
+         "coordinator_token = 'c-0123456789abcdef'\n"
          "[queue_service.site_tokens]\nsite-a = 'token-a-0123456789abcdef'\n", "missing.pem"),
         ("[queue_service\n", "not valid TOML"),
         ("[queue_service]\ninsecure = true\ncoordinator_token = 'c-0123456789abcdef'\nrevoked_sites = ['site-z']\n"

@@ -19,8 +19,8 @@ import grpc
 import numpy as np
 import pytest
 
-from fedcl.wire.proto import queue_pb2, queue_pb2_grpc
 from fedcl.queue import EmbeddingQueue
+from fedcl.wire.proto import queue_pb2, queue_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[2]
 COORD = "coordinator-token-0123456789abcdef"

@@ -129,7 +129,8 @@ def test_rounds_checkpoint_and_resume(tmp_path, federation):
     query, train = grid.sent[2], grid.sent[4]
     assert query.content.array_records["arrays"].keys() == train.content.array_records["arrays"].keys()
     for key in query.content.array_records["arrays"].keys():  # the release encodes with the round's weights
-        assert (query.content.array_records["arrays"][key].numpy() == train.content.array_records["arrays"][key].numpy()).all()
+        q_arr = query.content.array_records["arrays"][key].numpy()
+        assert (q_arr == train.content.array_records["arrays"][key].numpy()).all()
     assert [m["negatives-used"] for m in first.history[1]["sites"].values()] == [20, 20]
     assert first.history[1]["release_phase"] == {"mode": "raw", "sites_ok": 2, "sites_failed": 0, "pushed": 40}
     ckpt = find_checkpoint(out / "checkpoints")
@@ -258,9 +259,11 @@ def test_a_checkpoint_of_another_model_is_not_resumed(tmp_path, federation):
 
 def test_weights_that_do_not_fit_are_refused_by_the_site(tmp_path, federation):
     cfg, link, simulated, sites, _ = federation
-    from fedcl.wire.protocol import ProtocolError
-    from flwr.app import ArrayRecord, RecordDict as RD
+    from flwr.app import ArrayRecord
+    from flwr.app import RecordDict as RD
+
     from fedcl.server.app import round_config
+    from fedcl.wire.protocol import ProtocolError
 
     rc = round_config(cfg, rnd=1, model_spec={"arch": "cnn", "in_channels": 1, "width": 4, "proj_dim": 16,
                                               "proj_hidden": 32}, queue=None)

@@ -142,8 +142,8 @@ else:
 
 
 def test_queue_service_of_fedcl_server_refuses_revoked_sites(tmp_path):
-    from fedcl.wire.queue_client import QueueClient, QueueServiceError
     from fedcl.server.cli import _start_queue
+    from fedcl.wire.queue_client import QueueClient, QueueServiceError
 
     tokens = {"site-a": "token-of-site-a-0123456789", "site-b": "token-of-site-b-0123456789"}
     cfg = load_config(None, ["server.insecure=true", "server.queue_port=0", f'server.out_dir="{tmp_path}"',
