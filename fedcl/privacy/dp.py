@@ -44,6 +44,7 @@ Empty Poisson batches are real steps: they add noise and are accounted like any 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -115,7 +116,15 @@ def noise_for_budget(
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
     if not (0 < sample_rate <= 1):
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
-    if not reserved:
+    fixed = tuple((float(s), float(q), int(n)) for s, q, n in reserved)
+    return _noise_for_budget(float(target_epsilon), float(target_delta), float(sample_rate), int(total_steps),
+                             accountant, fixed, float(epsilon_tolerance))
+
+
+@functools.lru_cache(maxsize=256)  # a pure search, repeated with the same plan every round of a site
+def _noise_for_budget(target_epsilon: float, target_delta: float, sample_rate: float, total_steps: int,
+                      accountant: str, fixed: tuple[tuple[float, float, int], ...], epsilon_tolerance: float) -> float:
+    if not fixed:
         return float(
             get_noise_multiplier(
                 target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=sample_rate,
@@ -123,8 +132,6 @@ def noise_for_budget(
             )
         )
     from fedcl.privacy.ledger import _epsilon  # one composition rule for planning and ledger
-
-    fixed = [(float(s), float(q), int(n)) for s, q, n in reserved]
 
     def eps(sigma: float) -> float:
         return _epsilon([(sigma, sample_rate, int(total_steps)), *fixed], delta=target_delta, mechanism=accountant)

@@ -272,3 +272,22 @@ def test_trainer_runs_a_round_and_reports_its_accounting():
     plain = trainer.detach()
     with torch.no_grad():
         assert plain is model and math.isfinite(float(model(images).sum()))
+
+
+def test_noise_for_budget_searches_once_per_plan(monkeypatch):
+    """A site plans the same run every round: the search (seconds per call) runs once per plan, and a
+    different plan or reserved release is searched anew, with the same answer as a fresh search."""
+    import fedcl.privacy.dp as dp
+
+    dp._noise_for_budget.cache_clear()
+    calls = []
+    real = dp.get_noise_multiplier
+    monkeypatch.setattr(dp, "get_noise_multiplier", lambda **kw: calls.append(kw) or real(**kw))
+    plan = dict(target_epsilon=4.0, target_delta=1e-5, sample_rate=0.02, total_steps=500)
+    first = noise_for_budget(**plan)
+    assert noise_for_budget(**plan) == first and len(calls) == 1
+    assert noise_for_budget(**{**plan, "total_steps": 600}) > first and len(calls) == 2
+    with_release = noise_for_budget(**plan, reserved=[(2.0, 0.1, 5)])
+    assert with_release > first and len(calls) == 2  # the reserved path composes in the ledger's accountant
+    dp._noise_for_budget.cache_clear()
+    assert noise_for_budget(**plan) == first and len(calls) == 3
