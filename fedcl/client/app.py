@@ -58,21 +58,18 @@ from fedcl.config import PrivacySettings
 from fedcl.privacy.randomness import secret_generator, warn_insecure
 from fedcl.wire.protocol import (
     ARRAYS_KEY,
-    BUDGET_REFUSAL,
     CONFIG_KEY,
     METRICS_KEY,
     PROTOTYPES_KEY,
     SITE_KEY,
     ProtocolError,
     RoundConfig,
+    budget_refusal_reply,
     site_record,
 )
 
 log = logging.getLogger("fedcl.client")
 
-
-class BudgetRefusal(RuntimeError):
-    """The site's ledger would pass its budget: it does not train or push this round."""
 
 DATA_FORMATS = ("auto", "medmnist", "fashion-mnist", "folder", "synthetic")
 
@@ -445,7 +442,7 @@ def train_handler(msg: Message, context: Context, simulated: SimulatedSites | No
     if privacy.refused:
         # say so in the reply: the ServerApp drops this site and stops when no site can go on
         record_round(privacy, round=rc.round, dp_steps=0, pushed=0)
-        raise BudgetRefusal(f"{BUDGET_REFUSAL} site {site.site_id}: {privacy.refused}")
+        return budget_refusal_reply(msg, f"site {site.site_id}: {privacy.refused}")
 
     private = dp_mode(privacy.settings)
     # the DP mechanisms' generator: secret (OS entropy) under a DP mode; the insecure benchmark
@@ -524,7 +521,7 @@ def release_handler(msg: Message, context: Context, simulated: SimulatedSites | 
     model = _build_model(rc, msg)
     privacy = _plan(site, rc, images, groups)
     if privacy.refused:
-        raise BudgetRefusal(f"{BUDGET_REFUSAL} site {site.site_id}: {privacy.refused}")
+        return budget_refusal_reply(msg, f"site {site.site_id}: {privacy.refused}")
     mode = privacy.settings.release
     public = torch.Generator().manual_seed(_round_seed(rc.seed, site.site_id, rc.round) + 17)  # augmentation
     gen = _secret_or(public, site, privacy, where="release phase")  # picks and noise
@@ -612,4 +609,4 @@ def make_client_app(*, simulated: SimulatedSites | None = None) -> ClientApp:
 app = make_client_app()
 
 __all__ = ["SiteSettings", "SimulatedSites", "SiteError", "app", "make_client_app", "load_site_images",
-           "site_privacy_settings", "BudgetRefusal", "BUDGET_REFUSAL"]
+           "site_privacy_settings"]

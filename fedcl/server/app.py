@@ -34,7 +34,6 @@ from fedcl.server.metrics import MetricsLog, write_plots
 from fedcl.server.strategy import build_strategy
 from fedcl.wire.protocol import (
     ARRAYS_KEY,
-    BUDGET_REFUSAL,
     CONFIG_KEY,
     METRICS_KEY,
     PROTOTYPE_SITE,
@@ -42,6 +41,7 @@ from fedcl.wire.protocol import (
     PUBLIC_SITE,
     SITE_KEY,
     RoundConfig,
+    is_budget_refusal,
     parse_site_record,
 )
 
@@ -556,7 +556,7 @@ class _Federation:
         errors += _unanswered(messages, replies, timeout)  # neither replied nor errored in time
         for reason in errors:
             log.warning("round %d: a site failed: %s", rnd, reason)
-        if not sites and errors and all(BUDGET_REFUSAL in e for e in errors):
+        if not sites and errors and sum(is_budget_refusal(r) for r in replies) == len(errors):
             log.warning("round %d: every site refused on its privacy budget; the run stops cleanly", rnd)
             return None
         if not sites:

@@ -15,7 +15,7 @@ import json
 from dataclasses import MISSING, asdict, dataclass, field
 from typing import Any
 
-from flwr.app import ConfigRecord
+from flwr.app import ConfigRecord, Error, Message
 
 # Keys of the records in train/evaluate messages and replies.
 ARRAYS_KEY = "arrays"
@@ -187,6 +187,17 @@ def parse_site_record(record: ConfigRecord | None) -> tuple[str | None, dict[str
         ledger = {}
     return (site_id if isinstance(site_id, str) else None), (ledger if isinstance(ledger, dict) else {})
 
-# Prefix of the error reason a site replies with when its privacy budget stops it; the ServerApp
-# stops the run cleanly when every site answers with it.
+# A site whose privacy budget stops it answers with an error reply of this code (Flower's own
+# ErrorCode values are small integers); the ServerApp drops the site for the round and stops the run
+# cleanly when every site answers so. The reason text is for people, never matched.
+BUDGET_REFUSED = 1001
 BUDGET_REFUSAL = "privacy budget exhausted:"
+
+
+def budget_refusal_reply(msg: Message, reason: str) -> Message:
+    """The reply of a site that refuses ``msg`` on its privacy budget (it did not train or push)."""
+    return Message(Error(code=BUDGET_REFUSED, reason=f"{BUDGET_REFUSAL} {reason}"), reply_to=msg)
+
+
+def is_budget_refusal(reply: Message) -> bool:
+    return reply.has_error() and reply.error.code == BUDGET_REFUSED

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 import fedcl.privacy.sampling as sampling
 import fedcl.train
-from fedcl.client.app import BudgetRefusal, SiteError, evaluate_handler, release_handler, train_handler
+from fedcl.client.app import SiteError, evaluate_handler, release_handler, train_handler
 from fedcl.models import build_model, canonical_state_dict
 from fedcl.wire.protocol import RoundConfig
 
@@ -261,14 +262,21 @@ def _no_training(monkeypatch) -> None:
     monkeypatch.setattr(fedcl.train, "local_round", refuse)
 
 
+def _assert_budget_refusal(reply, reason):
+    """A refusal is an error reply with fedcl's code (the server reads the code, never the text)."""
+    from fedcl.wire.protocol import BUDGET_REFUSED, is_budget_refusal
+
+    assert reply.has_error() and reply.error.code == BUDGET_REFUSED and is_budget_refusal(reply)
+    assert re.search(reason, reply.error.reason), reply.error.reason
+
+
 def test_a_small_noise_multiplier_past_the_policys_cap_is_refused_before_training(tmp_path, task_identity,
                                                                                    monkeypatch):
     data = _npz(tmp_path / "site.npz")
     ctx = _context(data, tmp_path / "state", **{"policy-file": str(_policy(tmp_path, max_target_epsilon=8.0))})
     _no_training(monkeypatch)
     rc = _rc({"dpsgd": True, "noise_multiplier": 0.3, "release": "public"})  # one round: ε in the hundreds
-    with pytest.raises(BudgetRefusal, match="epsilon .* > budget 8"):
-        train_handler(_message(rc), ctx, None)
+    _assert_budget_refusal(train_handler(_message(rc), ctx, None), "epsilon .* > budget 8")
 
 
 def test_a_server_sending_more_rounds_than_announced_is_refused_at_the_cap(tmp_path, task_identity):
@@ -280,8 +288,8 @@ def test_a_server_sending_more_rounds_than_announced_is_refused_at_the_cap(tmp_p
     real = fedcl.train.local_round
     fedcl.train.local_round = lambda *a, **kw: pytest.fail("trained past the cap")
     try:
-        with pytest.raises(BudgetRefusal, match="round 2 would take site h to epsilon"):
-            train_handler(_message(_rc(privacy, num_rounds=1, round=2)), ctx, None)
+        _assert_budget_refusal(train_handler(_message(_rc(privacy, num_rounds=1, round=2)), ctx, None),
+                               "round 2 would take site h to epsilon")
     finally:
         fedcl.train.local_round = real
 

@@ -132,8 +132,8 @@ def test_a_handler_that_raises_is_an_error_reply_and_the_round_goes_on(tmp_path)
 
 
 def test_a_budget_refusal_reaches_the_loop_through_flowers_error_reply(tmp_path):
-    """The shipped handler refuses on its privacy budget by raising; the grid turns that into the
-    error reply Flower would write, and the loop still recognises it and stops cleanly."""
+    """The shipped handler refuses on its privacy budget with an error reply of fedcl's own code
+    (BUDGET_REFUSED); the grid passes it on as Flower would, and the loop stops cleanly."""
     cfg = load_config(None, TINY + ["federation.num_rounds=3", "privacy.dpsgd=true",
                                     "train.in_batch_negatives=false", "privacy.release=gaussian",
                                     "privacy.epsilon_budget=6.0"])
