@@ -98,6 +98,7 @@ class FederationResult:
     resumed_from: int  # 0 when the run started afresh
     plots: list[Path]
     ledgers: dict[str, dict[str, Any]]
+    stopped_for_privacy_budget_at_round: int | None = None  # every site refused this round on its budget
 
 
 # ---------------------------------------------------------------------------------- evaluation
@@ -646,7 +647,8 @@ def _write_outputs(cfg, *, out_dir: Path, model, progress: _Progress, stopped_fo
         "stopped_for_privacy_budget_at_round": stopped_for_budget,
     }, indent=2, sort_keys=True))
     return FederationResult(history=history, random_init_knn=random_init_knn, final_knn=final_knn,
-                            encoder_path=encoder_path, resumed_from=start - 1, plots=plots, ledgers=progress.ledgers)
+                            encoder_path=encoder_path, resumed_from=start - 1, plots=plots, ledgers=progress.ledgers,
+                            stopped_for_privacy_budget_at_round=stopped_for_budget)
 
 
 def run_federation(

@@ -221,6 +221,9 @@ def run_simulation_main(
     print(format_table(result.history), file=stream)
     rand = "—" if result.random_init_knn is None else f"{100 * result.random_init_knn:.2f}%"
     final = "—" if result.final_knn is None else f"{100 * result.final_knn:.2f}%"
+    if result.stopped_for_privacy_budget_at_round is not None:
+        print(f"\nthe run stops at round {result.stopped_for_privacy_budget_at_round}: every site refused it on its "
+              "privacy budget (fedcl privacy shows each site's ledger)", file=stream)
     print(f"\nfedcl simulate: {len(result.history)} rounds in {seconds:.0f} s | kNN accuracy {final} "
           f"(random init {rand}) | encoder {out_dir / ENCODER_NAME} | plots {out_dir}", file=stream, flush=True)
     return {
