@@ -155,6 +155,21 @@ def loopback_federation(cfg, *, out_dir: Path, threads: int | None):
 ENGINES = ("ray", "inprocess")
 
 
+def _print_summary(result, *, seconds: float, out_dir: Path, stream: TextIO) -> None:
+    """The round table, a budget stop if there was one, and the one-line summary."""
+    from fedcl.server.app import ENCODER_NAME
+
+    print("", file=stream)
+    print(format_table(result.history), file=stream)
+    rand = "—" if result.random_init_knn is None else f"{100 * result.random_init_knn:.2f}%"
+    final = "—" if result.final_knn is None else f"{100 * result.final_knn:.2f}%"
+    if result.stopped_for_privacy_budget_at_round is not None:
+        print(f"\nthe run stops at round {result.stopped_for_privacy_budget_at_round}: every site refused it on its "
+              "privacy budget (fedcl privacy shows each site's ledger)", file=stream)
+    print(f"\nfedcl simulate: {len(result.history)} rounds in {seconds:.0f} s | kNN accuracy {final} "
+          f"(random init {rand}) | encoder {out_dir / ENCODER_NAME} | plots {out_dir}", file=stream, flush=True)
+
+
 def run_simulation_main(
     config,
     *,
@@ -180,7 +195,7 @@ def run_simulation_main(
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC core notes about fork() under Ray
     # Flower (and with it gRPC, which reads GRPC_VERBOSITY once) is imported only from here on
     from fedcl.client.app import make_client_app
-    from fedcl.server.app import ENCODER_NAME, make_server_app
+    from fedcl.server.app import make_server_app
 
     stream = stream or sys.stdout
     cfg = with_num_sites(config, num_sites)
@@ -217,15 +232,7 @@ def run_simulation_main(
         raise RuntimeError("the simulation ended without a result from the ServerApp (see the log above)")
     result = results[0]
 
-    print("", file=stream)
-    print(format_table(result.history), file=stream)
-    rand = "—" if result.random_init_knn is None else f"{100 * result.random_init_knn:.2f}%"
-    final = "—" if result.final_knn is None else f"{100 * result.final_knn:.2f}%"
-    if result.stopped_for_privacy_budget_at_round is not None:
-        print(f"\nthe run stops at round {result.stopped_for_privacy_budget_at_round}: every site refused it on its "
-              "privacy budget (fedcl privacy shows each site's ledger)", file=stream)
-    print(f"\nfedcl simulate: {len(result.history)} rounds in {seconds:.0f} s | kNN accuracy {final} "
-          f"(random init {rand}) | encoder {out_dir / ENCODER_NAME} | plots {out_dir}", file=stream, flush=True)
+    _print_summary(result, seconds=seconds, out_dir=out_dir, stream=stream)
     return {
         "rounds": len(result.history),
         "final_knn": result.final_knn,
