@@ -1,15 +1,18 @@
 """Every fedcl setting as a pydantic model, validated once at the edge.
 
 Sources, later ones win: defaults < TOML file < environment (``FEDCL_SECTION__KEY``) <
-command-line overrides (``section.key=value``). Library functions never receive these
-objects: the CLIs and Flower adapters unpack them into keyword arguments.
+command-line overrides (``section.key=value``); docs/configuration.md. Library functions never
+receive these objects: the CLIs and Flower adapters unpack them into keyword arguments.
 """
 
 from __future__ import annotations
 
+import copy
+import difflib
 import json
 import os
 import tomllib
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +22,27 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 class ConfigError(ValueError):
     """A configuration a user wrote is wrong; the message says where and how to fix it."""
+
+
+# FEDCL_ variables that are not settings: other parts of fedcl read them, so load_config leaves
+# them alone (every other FEDCL_ name must be a setting, or it is refused with a suggestion).
+NON_CONFIG_ENV = {
+    "FEDCL_QUEUE_TOKEN": "fedcl-client: the site's queue token (instead of --token-file)",
+    "FEDCL_FUZZ_EXAMPLES": "tests: examples the queue fuzz draws (scripts/test.sh sets 400)",
+    "FEDCL_E2E_PATIENCE": "tests: how many times longer the e2e tests wait (tests/e2e/helpers.py)",
+}
+POLICY_ENV_PREFIX = "FEDCL_POLICY_"  # the site policy's own settings (SitePolicy, below)
+PLACEHOLDER = "REPLACE"  # a template value (deploy/consortium.toml) that must be replaced before a run
+_PLACEHOLDER_HINTS = {  # key prefix -> what to put there
+    "server.coordinator_token": "paste the tokens.toml that deploy/make_certs.py writes over the template's "
+                                "credentials lines in [server]",
+    "server.site_tokens": "paste the tokens.toml that deploy/make_certs.py writes over the template's "
+                          "credentials lines in [server]",
+}
+
+
+class _PlaceholderLeft(ValueError):
+    """A template placeholder is still in the configuration (load_config makes it one line)."""
 
 
 class _Section(BaseModel):
@@ -153,7 +177,7 @@ class ServerSettings(_Section):
     # The queue service trusts every caller that names a site: a throwaway demo on a closed network
     # only (it warns at every start). Without it, a queue with no site tokens refuses to start.
     demo_open_queue_no_auth: bool = False
-    audit_log: Path | None = None
+    audit_log: Path | None = None  # None: out_dir / "queue-audit.jsonl" (fedcl-server), one per run folder
     tensorboard: bool = False
     # Sites shut out of the consortium: the queue service answers their token or certificate
     # PERMISSION_DENIED (audited) and, with supernode_auth, their SuperNode key is not registered.
@@ -214,6 +238,18 @@ class FedclConfig(BaseSettings):
             raise ValueError("queue.per_site_quota must not exceed queue.capacity")
         return self
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_placeholders(cls, data: Any) -> Any:
+        left = _placeholders(data) if isinstance(data, dict) else []
+        if left:
+            key, value = left[0]
+            hint = next((h for prefix, h in _PLACEHOLDER_HINTS.items() if key.startswith(prefix)),
+                        "put the real value there")
+            more = f" (and {len(left) - 1} more: {', '.join(k for k, _ in left[1:])})" if len(left) > 1 else ""
+            raise _PlaceholderLeft(f"{key} is still the template placeholder {value!r}: {hint}{more}")
+        return data
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -223,8 +259,73 @@ class FedclConfig(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # init (file merged with CLI overrides) wins over the environment; no .env files.
-        return (init_settings, env_settings)
+        # init (load_config's --set overrides) > environment > the TOML file; no .env files.
+        return (init_settings, env_settings, _TomlFileSource(settings_cls))
+
+
+_FILE_VALUES: ContextVar[dict[str, Any] | None] = ContextVar("fedcl_config_file_values", default=None)
+
+
+class _TomlFileSource(PydanticBaseSettingsSource):
+    """The TOML file load_config read: below the environment, above the defaults."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ gives the whole file at once
+
+    def __call__(self) -> dict[str, Any]:
+        return copy.deepcopy(_FILE_VALUES.get() or {})
+
+
+def _placeholders(data: dict, prefix: str = "") -> list[tuple[str, str]]:
+    found = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            found += _placeholders(value, f"{prefix}{key}.")
+        elif isinstance(value, str) and value.startswith(PLACEHOLDER):
+            found.append((f"{prefix}{key}", value))
+    return found
+
+
+def _env_names() -> dict[str, str | None]:
+    """Every FEDCL_ name a setting may have -> None, or the prefix of a table's own keys -> ''."""
+    names: dict[str, str | None] = {name: None for name in NON_CONFIG_ENV}
+    names.update({f"{POLICY_ENV_PREFIX}{key.upper()}": None for key in SitePolicy.model_fields})
+    for section, field in FedclConfig.model_fields.items():
+        names[f"FEDCL_{section.upper()}"] = None  # a whole section as JSON
+        for key, sub in field.annotation.model_fields.items():
+            name = f"FEDCL_{section.upper()}__{key.upper()}"
+            names[name] = None
+            if getattr(sub.annotation, "__origin__", None) is dict:  # a table: FEDCL_SERVER__SITE_TOKENS__A
+                names[name + "__"] = ""
+    return names
+
+
+def check_environment(environ: dict[str, str] | None = None) -> None:
+    """Refuse a FEDCL_ variable that is no setting (a misspelled one would be ignored) with a suggestion."""
+    names = _env_names()
+    for var in sorted(os.environ if environ is None else environ):
+        upper = var.upper()
+        if not upper.startswith("FEDCL_") or upper in names:
+            continue
+        if any(upper.startswith(p) and upper != p for p, kind in names.items() if kind == ""):
+            continue
+        close = difflib.get_close_matches(upper, [n for n, kind in names.items() if kind is None], n=1, cutoff=0.7)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise ConfigError(f"environment variable {var} is not a fedcl setting ({hint}settings are "
+                          "FEDCL_SECTION__KEY, docs/configuration.md lists the other FEDCL_ names): "
+                          "fix its name or unset it")
+
+
+def _did_you_mean(model: type[BaseModel], loc: tuple) -> str:
+    """' (did you mean section.key?)' for an unknown key at ``loc`` of ``model``, or ''."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field is not None else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return ""
+        model = annotation
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    return f" (did you mean {'.'.join([*map(str, loc[:-1]), close[0]])}?)" if close else ""
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
@@ -251,12 +352,13 @@ def _merge(base: dict, parts: list[str], value: Any) -> None:
     node[parts[-1]] = value
 
 
-def format_validation_error(err: ValidationError, *, source: str) -> str:
+def format_validation_error(err: ValidationError, *, source: str, model: type[BaseModel] | None = None) -> str:
     lines = [f"invalid configuration ({source}):"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(root)"
         if e["type"] == "extra_forbidden":
-            lines.append(f"  - {loc}: unknown key (check the spelling; see README for the settings)")
+            hint = _did_you_mean(model or FedclConfig, e["loc"]) or " (check the spelling; docs/configuration.md)"
+            lines.append(f"  - {loc}: unknown key{hint}")
         else:
             given = e.get("input")
             shown = "" if isinstance(given, dict) else f" (got {given!r})"
@@ -265,8 +367,9 @@ def format_validation_error(err: ValidationError, *, source: str) -> str:
 
 
 def load_config(path: Path | str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> FedclConfig:
-    """Build the configuration from an optional TOML file, the environment and overrides."""
-    data: dict[str, Any] = {}
+    """Build the configuration from an optional TOML file, the environment and overrides (later wins)."""
+    check_environment()
+    file_data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
         path = Path(path)
@@ -274,9 +377,10 @@ def load_config(path: Path | str | None = None, overrides: list[str] | tuple[str
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            data = tomllib.loads(path.read_text())
+            file_data = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    data: dict[str, Any] = {}
     for item in overrides:
         parts, value = _parse_override(item)
         _merge(data, parts, value)
@@ -284,10 +388,16 @@ def load_config(path: Path | str | None = None, overrides: list[str] | tuple[str
         source += " + overrides"
     if any(k.startswith("FEDCL_") for k in os.environ):
         source += " + FEDCL_* environment"
+    token = _FILE_VALUES.set(file_data)
     try:
         return FedclConfig(**data)
     except ValidationError as exc:
+        for e in exc.errors():
+            if isinstance(left := e.get("ctx", {}).get("error"), _PlaceholderLeft):
+                raise ConfigError(f"{source}: {left}") from None
         raise ConfigError(format_validation_error(exc, source=source)) from None
+    finally:
+        _FILE_VALUES.reset(token)
 
 
 def dump_config(cfg: FedclConfig) -> str:
@@ -311,8 +421,14 @@ class SitePolicy(BaseSettings):
         default_factory=lambda: ["raw", "prototypes", "public", "gaussian"])
     min_release_noise_multiplier: float = Field(0.0, ge=0)
 
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (env_settings, init_settings)  # as for FedclConfig: the environment beats the policy file
+
 
 def load_site_policy(path: Path | str | None) -> SitePolicy:
+    check_environment()
     if path is None:
         return SitePolicy()
     path = Path(path)
@@ -325,4 +441,4 @@ def load_site_policy(path: Path | str | None) -> SitePolicy:
     try:
         return SitePolicy(**data.get("policy", data))
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, source=str(path))) from None
+        raise ConfigError(format_validation_error(exc, source=str(path), model=SitePolicy)) from None
