@@ -69,9 +69,35 @@ def test_supernode_key_pairs_are_what_flower_loads(tmp_path):
         assert try_load_public_key(public_path)  # Flower's own check before it registers a node
         pairs[site] = public_path.read_bytes()
     assert pairs["site-a"] != pairs["site-b"]
-    listed = tomllib.loads((tmp_path / "tokens.toml").read_text())["supernode_keys"]
+    listed = tomllib.loads((tmp_path / "tokens.toml").read_text())["supernode_keys"]  # dotted keys: one table
     assert listed == {site: str(tmp_path / f"sites/{site}.node-key.pub") for site in ("site-a", "site-b")}
     assert _run("--out", str(tmp_path), "--site", "site-a", "--site", "site-c").returncode == 0
     assert (tmp_path / "sites/site-a.node-key.pub").read_bytes() == pairs["site-a"]
     keys = tomllib.loads((tmp_path / "tokens.toml").read_text())["supernode_keys"]
     assert set(keys) == {"site-a", "site-b", "site-c"}
+
+
+def test_tokens_toml_pasted_into_the_template_is_a_valid_coordinator_config(tmp_path):
+    """tokens.toml is the [server] table's credentials lines: pasted over the template's, the config
+    loads with the generated tokens and keys (pasted literally it used to give "site_tokens: unknown key")."""
+    import re
+    import tomllib
+
+    from fedcl.config import load_config
+
+    r = subprocess.run([sys.executable, str(ROOT / "deploy" / "make_certs.py"), "--out", "certs",
+                        "--site", "hospital-a", "--site", "hospital-b"], cwd=tmp_path, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    pasted = (tmp_path / "certs" / "tokens.toml").read_text()
+    template = (ROOT / "deploy" / "consortium.toml").read_text()
+    block = re.compile(r"^# ---- credentials.*?^# ---- end of credentials ----\n", re.M | re.S)
+    assert len(block.findall(template)) == 1, "deploy/consortium.toml marks its credentials lines once"
+    config = tmp_path / "consortium.toml"
+    config.write_text(block.sub(lambda _: pasted, template))
+    cfg = load_config(config)
+    issued = tomllib.loads(pasted)
+    assert cfg.server.coordinator_token == issued["coordinator_token"]
+    assert cfg.server.site_tokens == {site: (tmp_path / "certs" / "sites" / f"{site}.token").read_text().strip()
+                                      for site in ("hospital-a", "hospital-b")}
+    assert {site: str(path) for site, path in cfg.server.supernode_keys.items()} == {
+        site: f"certs/sites/{site}.node-key.pub" for site in ("hospital-a", "hospital-b")}

@@ -102,6 +102,8 @@ def _resolve_paths(cfg, *, out_dir: Path | None):
     """Absolute paths everywhere: the ServerApp runs in another process, from another folder."""
     s = cfg.server
     update = {"out_dir": (out_dir or s.out_dir).resolve()}
+    if s.audit_log is None:  # one audit log per run folder (the queue service's and the rounds')
+        update["audit_log"] = update["out_dir"] / "queue-audit.jsonl"
     for name in ("checkpoint_dir", "tls_cert", "tls_key", "tls_ca", "audit_log"):
         value = getattr(s, name)
         if value is not None:

@@ -58,6 +58,16 @@ def test_effective_config_is_private_and_absolute(tmp_path, monkeypatch):
     assert json.loads(path.read_text())["server"]["site_tokens"] == {"a": "x"}
 
 
+def test_the_template_keeps_one_audit_log_per_run_folder(tmp_path, monkeypatch):
+    """deploy/consortium.toml used to fix server.audit_log, so every run appended to one file."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(REPO / "deploy" / "consortium.toml", [
+        "server.coordinator_token='coordinator-token-0123456789'",
+        "server.site_tokens={hospital-a='token-a-0123456789abc', hospital-b='token-b-0123456789abc'}"])
+    logs = [_resolve_paths(cfg, out_dir=Path(run)).server.audit_log for run in ("runs/one", "runs/two")]
+    assert logs == [tmp_path / "runs" / run / "queue-audit.jsonl" for run in ("one", "two")]
+
+
 def test_health_and_config_errors_exit_non_zero(tmp_path, capsys):
     assert main(["health", "--grpc", "127.0.0.1:1", "--timeout", "0.5"]) == 1
     assert main(["health", "--http", "http://127.0.0.1:1/health", "--timeout", "0.5"]) == 1
