@@ -1,7 +1,9 @@
 """Run the queue service on its own: ``fedcl-server queue --config FILE``.
 
-The config file is TOML with a ``[queue_service]`` table (other tables are left to
-their own readers)::
+FILE is the fedcl config every command reads (then ``queue`` is ``serve-queue``: the queue
+settings come from server.*, queue.* and model.proj_dim, and ``--set``, ``--out-dir`` and
+``--listen`` apply), or a file with a ``[queue_service]`` table, for the settings the fedcl
+config does not have (client_ca for mutual TLS, the call limits; docs/configuration.md)::
 
     [queue_service]
     host = "0.0.0.0"
@@ -30,6 +32,7 @@ consortium config's keys). A queue without site credentials exists only with
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import re
 import sys
@@ -172,8 +175,20 @@ def _format_validation(
             loc[0] = names[loc[0]]
         where = ".".join(loc) or table
         message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden" and item["loc"]:  # only [queue_service] keys can be extra
+            close = difflib.get_close_matches(str(item["loc"][-1]), list(QueueServiceSettings.model_fields), n=1)
+            message = "unknown key" + (f" (did you mean {close[0]}?)" if close else "")
         lines.append(f"{where}: {message}")
     return "; ".join(lines)  # one line, however many settings are wrong
+
+
+def _has_queue_table(path: Path) -> bool:
+    """Whether ``path`` is a [queue_service] file; an unreadable one counts as one, so that
+    load_queue_settings says what is wrong with it."""
+    try:
+        return "queue_service" in tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return True
 
 
 def load_queue_settings(path: Path) -> QueueServiceSettings:
@@ -337,9 +352,16 @@ def serve_queue(settings: QueueServiceSettings, *, warn=None):
 def queue_main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (0 after a clean stop, 2 for a config error)."""
     parser = argparse.ArgumentParser(prog=PROG, description="Serve the global embedding queue over gRPC.")
-    parser.add_argument("--config", type=Path, required=True, help="TOML file with a [queue_service] table")
+    parser.add_argument("--config", type=Path, required=True,
+                        help="the fedcl config (as for serve-queue), or a file with a [queue_service] table")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if not _has_queue_table(args.config):  # the config every other command reads: serve-queue's path
+        from fedcl.server.cli import main
+
+        return main(["serve-queue", "--config", str(args.config), *rest])
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)} (they go with a fedcl config, not [queue_service])")
 
     from fedcl.server.queue_service import stop_on_signal  # grpc only once the arguments are fine
 

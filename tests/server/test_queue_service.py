@@ -599,10 +599,11 @@ def _write_config(path: Path, body: str) -> Path:
         ("[queue_service\n", "not valid TOML"),
         ("[queue_service]\ninsecure = true\ncoordinator_token = 'c-0123456789abcdef'\nrevoked_sites = ['site-z']\n"
          "[queue_service.site_tokens]\nsite-a = 'token-a-0123456789abcdef'\n", "site-z"),
-        ("[server]\nrounds = 3\n", "no [queue_service] table"),
+        ("[queue_service]\ninsecure = true\nsnapshot_pth = 'q.npz'\n", "snapshot_pth: unknown key (did you mean "
+         "snapshot_path?)"),
     ],
     ids=["unknown-key", "bad-port", "no-tls", "short-token", "cert-without-key", "missing-cert-file", "bad-toml",
-         "unknown-revoked-site", "no-table"],
+         "unknown-revoked-site", "unknown-key-did-you-mean"],
 )
 def test_cli_config_errors_exit_2_with_one_clear_message(tmp_path, capsys, body, message):
     from fedcl.server.queue_cli import queue_main

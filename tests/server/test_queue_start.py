@@ -184,6 +184,18 @@ def test_the_demo_switch_warns_at_every_start_and_an_anonymous_caller_is_never_t
         assert "WARNING: DEMO OPEN QUEUE" in stderr, stderr
 
 
+def test_queue_reads_the_fedcl_config_like_serve_queue(tmp_path):
+    """One config format for every queue command: ``fedcl-server queue`` used to refuse the fedcl
+    config ("has no [queue_service] table") that serve-queue and run read."""
+    served = Running([sys.executable, "-m", "fedcl.server.cli", "queue", "--config", str(consortium_toml(tmp_path)),
+                      "--listen", "127.0.0.1:0"])
+    channel, queue = stub(served.port)
+    with channel:
+        assert queue.Stats(queue_pb2.StatsRequest(), metadata=auth(COORD), timeout=30).current_round == 0
+    served.stop()
+    assert snapshot_path("serve-queue", tmp_path).exists()  # serve-queue's snapshot, in server.out_dir
+
+
 # ------------------------------------------------ item 3: one start path, one behaviour
 
 
