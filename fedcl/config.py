@@ -310,10 +310,9 @@ def check_environment(environ: dict[str, str] | None = None) -> None:
         if any(upper.startswith(p) and upper != p for p, kind in names.items() if kind == ""):
             continue
         close = difflib.get_close_matches(upper, [n for n, kind in names.items() if kind is None], n=1, cutoff=0.7)
-        hint = f"did you mean {close[0]}? " if close else ""
-        raise ConfigError(f"environment variable {var} is not a fedcl setting ({hint}settings are "
-                          "FEDCL_SECTION__KEY, docs/configuration.md lists the other FEDCL_ names): "
-                          "fix its name or unset it")
+        hint = f": did you mean {close[0]}?" if close else "."
+        raise ConfigError(f"environment variable {var} is not a fedcl setting{hint} Fix its name or unset it "
+                          "(settings are FEDCL_SECTION__KEY; docs/configuration.md lists the other FEDCL_ names)")
 
 
 def _did_you_mean(model: type[BaseModel], loc: tuple) -> str:

@@ -4,7 +4,7 @@
     fedcl-server superlink --config consortium.toml    # only Flower's SuperLink, with the config's TLS
     fedcl-server serve-queue --config consortium.toml  # only the queue service, from the same config
     fedcl-server start-run --config consortium.toml    # submit the run to a SuperLink that is up, follow it
-    fedcl-server queue --config queue.toml             # the queue service from a [queue_service] file
+    fedcl-server queue --config consortium.toml        # = serve-queue (or a [queue_service] file)
     fedcl-server health --http URL | --grpc HOST:PORT  # container health checks
 
 ``run`` starts the queue service in this process (restoring its snapshot when there is one),
@@ -498,7 +498,7 @@ def _parser() -> argparse.ArgumentParser:
     health.add_argument("--service", default="", help="gRPC service name ('' = the whole server)")
     health.add_argument("--ca", type=Path, help="CA certificate for TLS")
     health.add_argument("--timeout", type=float, default=3.0)
-    sub.add_parser("queue", help="only the queue service: fedcl-server queue --config queue.toml", add_help=False)
+    sub.add_parser("queue", help="= serve-queue; also takes a [queue_service] file", add_help=False)
     return p
 
 
