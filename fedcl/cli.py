@@ -8,13 +8,14 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 
 class CliError(Exception):
     """A problem the user can fix: printed as one line, exit status 2."""
 
 
-def _fail(message: str):
+def _fail(message: str) -> NoReturn:
     raise CliError(message)
 
 
