@@ -2,25 +2,24 @@
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
-
-import typer
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-
-_CONFIG = typer.Option(None, "--config", "-c", help="TOML config file")
-_SET = typer.Option([], "--set", "-s", help="override a setting: section.key=value (repeatable)")
+from typing import NoReturn
 
 
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
+class CliError(Exception):
+    """A problem the user can fix: printed as one line, exit status 2."""
 
 
-def _load(config: Optional[Path], overrides: list[str]):
+def _fail(message: str) -> NoReturn:
+    raise CliError(message)
+
+
+def _load(config: Path | None, overrides: list[str]):
     from fedcl.config import ConfigError, load_config
 
     try:
@@ -29,14 +28,9 @@ def _load(config: Optional[Path], overrides: list[str]):
         _fail(str(exc))
 
 
-@app.command()
-def train(
-    config: Optional[Path] = _CONFIG,
-    overrides: list[str] = _SET,
-    out: Path = typer.Option(Path("runs/central"), help="output folder"),
-) -> None:
+def train(args: argparse.Namespace) -> None:
     """Centralized SimCLR baseline: train, export the encoder, compare with random init."""
-    cfg = _load(config, overrides)
+    cfg = _load(args.config, args.overrides)
     import torch
 
     from fedcl.data import DataError
@@ -45,6 +39,7 @@ def train(
     from fedcl.runtime import JsonlLog, configure_threads, first_n, load_split, make_augment, make_model
     from fedcl.train import RoundRecipe, resolve_device, train_centralized
 
+    out: Path = args.out
     configure_threads(cfg.train.threads)
     try:
         device = resolve_device(cfg.train.device)
@@ -59,8 +54,8 @@ def train(
     random_model.load_state_dict(model.state_dict())
     augment = make_augment(cfg.augment)
     log = JsonlLog(out / "metrics.jsonl")
-    typer.echo(f"training {cfg.model.arch} on {train_set.images.shape[0]} {cfg.data.name} images for "
-               f"{cfg.train.epochs} epochs on {device}")
+    print(f"training {cfg.model.arch} on {train_set.images.shape[0]} {cfg.data.name} images for "
+          f"{cfg.train.epochs} epochs on {device}", flush=True)
     start = time.time()
     t = cfg.train
     recipe = RoundRecipe(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, temperature=t.temperature,
@@ -77,19 +72,13 @@ def train(
         trained = evaluate_encoder(model, **kw)["knn"]
         rand = evaluate_encoder(random_model, **kw)["knn"]
         log.write({"final_knn": trained, "random_init_knn": rand})
-        typer.echo(f"kNN accuracy: trained {trained:.4f} | random init {rand:.4f}")
-    typer.echo(f"encoder written to {out / 'encoder.pt'}")
+        print(f"kNN accuracy: trained {trained:.4f} | random init {rand:.4f}")
+    print(f"encoder written to {out / 'encoder.pt'}")
 
 
-@app.command("eval")
-def eval_cmd(
-    checkpoint: Path = typer.Argument(..., help="encoder checkpoint written by fedcl train/simulate"),
-    config: Optional[Path] = _CONFIG,
-    overrides: list[str] = _SET,
-    compare_random: bool = typer.Option(True, help="also evaluate a random-init encoder of the same shape"),
-) -> None:
+def eval_cmd(args: argparse.Namespace) -> None:
     """kNN, linear-probe and few-label accuracy of a frozen encoder on a labelled set."""
-    cfg = _load(config, overrides)
+    cfg = _load(args.config, args.overrides)
     import torch
 
     from fedcl.data import DataError
@@ -100,7 +89,7 @@ def eval_cmd(
 
     configure_threads(cfg.train.threads)
     try:
-        model, meta = load_encoder(checkpoint)
+        model, meta = load_encoder(args.checkpoint)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     try:
@@ -116,31 +105,24 @@ def eval_cmd(
     kw = dict(train_images=train_set.images, train_labels=train_set.labels, test_images=test_set.images,
               test_labels=test_set.labels, device=device, augment=make_augment(cfg.augment), seed=cfg.data.seed)
     rows = [("encoder", evaluate_encoder(model, **kw))]
-    if compare_random:
+    if args.compare_random:
         torch.manual_seed(cfg.train.seed)
         rows.append(("random init", evaluate_encoder(build_model(**model.spec), **kw)))
-    typer.echo(f"{'':12s} {'kNN':>7s} {'linear':>7s} {'10/class':>8s} {'align':>6s} {'unif':>6s}")
+    print(f"{'':12s} {'kNN':>7s} {'linear':>7s} {'10/class':>8s} {'align':>6s} {'unif':>6s}")
     for name, r in rows:
-        typer.echo(f"{name:12s} {r['knn']:7.4f} {r['linear']:7.4f} {r['fewlabel']:8.4f} "
-                   f"{r['alignment']:6.3f} {r['uniformity']:6.3f}")
+        print(f"{name:12s} {r['knn']:7.4f} {r['linear']:7.4f} {r['fewlabel']:8.4f} "
+              f"{r['alignment']:6.3f} {r['uniformity']:6.3f}")
 
 
-@app.command()
-def simulate(
-    config: Optional[Path] = _CONFIG,
-    overrides: list[str] = _SET,
-    out: Optional[Path] = typer.Option(None, help="output folder (default: server.out_dir)"),
-    engine: str = typer.Option("ray", help="ray: Flower's simulation engine, sites in parallel; inprocess: "
-                                           "the same apps in this process, one site after another"),
-) -> None:
+def simulate(args: argparse.Namespace) -> None:
     """The federation on one machine: Flower's simulation engine + the queue service on loopback."""
-    if engine not in ("ray", "inprocess"):
-        _fail(f"--engine {engine}: choose ray or inprocess")
-    cfg = _load(config, overrides)
+    if args.engine not in ("ray", "inprocess"):
+        _fail(f"--engine {args.engine}: choose ray or inprocess")
+    cfg = _load(args.config, args.overrides)
     from fedcl.sim.simulate import run_simulation_main  # Flower lives in server/, imported only here
 
     try:
-        run_simulation_main(cfg, out_dir=out or cfg.server.out_dir, engine=engine)
+        run_simulation_main(cfg, out_dir=args.out or cfg.server.out_dir, engine=args.engine)
     except Exception as exc:  # user-facing errors are raised with clear messages by the driver
         from fedcl.data import DataError
 
@@ -149,36 +131,116 @@ def simulate(
         raise
 
 
-@app.command()
-def privacy(
-    ledgers: list[Path] = typer.Argument(..., help="site ledger files (JSON) or a run folder"),
-) -> None:
-    """What is protected and what is not, per site and per channel, in plain words."""
-    from fedcl.privacy.ledger import EMBEDDINGS, MODEL_UPDATES, PrivacyLedger
+def _describe_ledger(ledger) -> str:
+    """The report of one site from its full ledger file (every event)."""
+    from fedcl.privacy.ledger import EMBEDDINGS, MODEL_UPDATES
     from fedcl.privacy.report import describe_privacy
 
-    def describe_ledger(ledger: PrivacyLedger) -> str:
-        updates = [e for e in ledger.events if e.channel == MODEL_UPDATES]
-        releases = [e for e in ledger.events if e.channel == EMBEDDINGS]
-        dp_enabled = bool(updates) and all(e.dp_protected for e in updates)
-        mode = releases[-1].mode if releases else "none"  # no release event: the queue was off (or unused)
-        return describe_privacy(dp_enabled=dp_enabled, release_mode=mode, ledger_summary=ledger.summary())
+    updates = [e for e in ledger.events if e.channel == MODEL_UPDATES]
+    releases = [e for e in ledger.events if e.channel == EMBEDDINGS]
+    dp_enabled = bool(updates) and all(e.dp_protected for e in updates)
+    mode = releases[-1].mode if releases else "none"  # no release event: the queue was off (or unused)
+    return describe_privacy(dp_enabled=dp_enabled, release_mode=mode, ledger_summary=ledger.summary())
 
-    files: list[Path] = []
-    for p in ledgers:
-        files += sorted(p.rglob("ledger*.json")) if p.is_dir() else [p]
-    if not files:
-        _fail("no ledger files found (they are written as ledger-<site>.json in the run's state folder)")
-    for f in files:
+
+# a summary lists the release modes a site used, not their order: name the least protected one
+_WEAKEST_FIRST = ("raw", "gaussian", "prototypes", "public")
+
+
+def _describe_summary(summary: dict) -> str:
+    """The report of one site from the ledger summary it sent the coordinator (``PrivacyLedger.summary()``)."""
+    from fedcl.privacy.ledger import EMBEDDINGS, MODEL_UPDATES
+    from fedcl.privacy.report import describe_privacy
+
+    channels = summary.get("channels", {})
+    updates, releases = channels.get(MODEL_UPDATES, {}), channels.get(EMBEDDINGS, {})
+    dp_enabled = updates.get("dp_protected") is True  # every update trained with DP-SGD (None: no update)
+    modes = set(releases.get("modes", []))
+    mode = next((m for m in _WEAKEST_FIRST if m in modes), "none")
+    return describe_privacy(dp_enabled=dp_enabled, release_mode=mode, ledger_summary=summary)
+
+
+def _summary_ledgers(run_dir: Path) -> list[dict]:
+    """The sites' ledger summaries a coordinator's summary.json holds ([] without one)."""
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return []
+    try:
+        ledgers = json.loads(path.read_text()).get("ledgers", {})
+    except (OSError, ValueError, AttributeError) as exc:
+        _fail(f"{path}: not a summary.json written by the coordinator ({exc})")
+    if not isinstance(ledgers, dict) or not all(isinstance(s, dict) for s in ledgers.values()):
+        _fail(f"{path}: its 'ledgers' is not a mapping of site id to ledger summary")
+    return [{"site_id": site, **s} for site, s in sorted(ledgers.items())]
+
+
+def privacy(args: argparse.Namespace) -> None:
+    """What is protected and what is not, per site and per channel, in plain words."""
+    from fedcl.privacy.ledger import PrivacyLedger
+
+    reports = []  # (where, what): a ledger file, or a site's summary in a run's summary.json
+    for p in args.ledgers:
+        files = sorted(p.rglob("ledger*.json")) if p.is_dir() else [p]
+        reports += [(f, None) for f in files]
+        if p.is_dir() and not files:
+            reports += [(p / "summary.json", s) for s in _summary_ledgers(p)]
+    if not reports:
+        _fail("no ledger files found (they are written as ledger-<site>.json in the run's state folder, and "
+              "the coordinator's run folder holds them in summary.json)")
+    for where, summary in reports:
         try:
-            typer.echo(describe_ledger(PrivacyLedger.load(f)))
-        except (OSError, ValueError) as exc:
-            _fail(f"{f}: {exc}")
-        typer.echo("")
+            print(_describe_summary(summary) if summary is not None else _describe_ledger(PrivacyLedger.load(where)))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            _fail(f"{where}: {exc}")
+        print("")
 
 
-def main() -> None:
-    app(prog_name="fedcl")
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedcl", description=__doc__)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name: str, func, *, config: bool = True) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=func.__doc__, description=func.__doc__)
+        sp.set_defaults(func=func)
+        if config:
+            sp.add_argument("--config", "-c", type=Path, help="TOML config file")
+            sp.add_argument("--set", "-s", dest="overrides", action="append", default=[],
+                            metavar="SECTION.KEY=VALUE", help="override a setting (repeatable)")
+        return sp
+
+    command("train", train).add_argument("--out", type=Path, default=Path("runs/central"),
+                                         help="output folder (default: runs/central)")
+    ev = command("eval", eval_cmd)
+    ev.add_argument("checkpoint", type=Path, help="encoder checkpoint written by fedcl train/simulate")
+    ev.add_argument("--compare-random", action=argparse.BooleanOptionalAction, default=True,
+                    help="also evaluate a random-init encoder of the same shape (default: on)")
+    sim = command("simulate", simulate)
+    sim.add_argument("--out", type=Path, help="output folder (default: server.out_dir)")
+    sim.add_argument("--engine", default="ray", help="ray: Flower's simulation engine, sites in parallel; "
+                                                     "inprocess: the same apps in this process, one site after "
+                                                     "another (default: ray)")
+    command("privacy", privacy, config=False).add_argument(
+        "ledgers", type=Path, nargs="+", metavar="LEDGER", help="site ledger files (JSON) or a run folder")
+    return p
+
+
+def _print_error(message: str) -> None:
+    red = sys.stderr.isatty() and "NO_COLOR" not in os.environ
+    print(f"\033[31merror: {message}\033[0m" if red else f"error: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        args.func(args)
+    except CliError as exc:
+        _print_error(str(exc))
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

@@ -158,17 +158,18 @@ def _dp_randomness(dp_generator, *, dp, public: torch.Generator,
     else the public ``public`` stream; a Generator: that secret source; INSECURE_REPRODUCIBLE: the
     public seed and torch's global generator, as before secret randomness (warns at every call).
     """
-    from fedcl.privacy.randomness import secret_generator, warn_insecure
+    from fedcl.privacy.randomness import mechanism_generator
 
-    if isinstance(dp_generator, str):
-        if dp_generator != INSECURE_REPRODUCIBLE:
-            raise ValueError(f"dp_generator must be a torch.Generator, None or {INSECURE_REPRODUCIBLE!r}, "
-                             f"got {dp_generator!r}")
-        warn_insecure("fedcl.train.local_round")
-        return public, None, False
-    if dp is None and dp_generator is None:
-        return public, None, False  # no DP mechanism runs here: reproducible from `seed`
-    secret = dp_generator if dp_generator is not None else secret_generator()
+    if isinstance(dp_generator, str) and dp_generator != INSECURE_REPRODUCIBLE:
+        raise ValueError(f"dp_generator must be a torch.Generator, None or {INSECURE_REPRODUCIBLE!r}, "
+                         f"got {dp_generator!r}")
+    if dp_generator is None or isinstance(dp_generator, str):
+        secret = mechanism_generator(public, private=dp is not None or dp_generator is not None,
+                                     insecure=dp_generator == INSECURE_REPRODUCIBLE, where="fedcl.train.local_round")
+    else:
+        secret = dp_generator
+    if secret is public:
+        return public, None, False  # no DP mechanism runs here, or insecure: reproducible from `seed`
     if device.type == "cpu":
         return secret, secret, True
     noise_seed = int(torch.randint(0, 2**62, (1,), generator=secret))  # the noise is drawn on the device

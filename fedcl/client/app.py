@@ -55,7 +55,7 @@ from flwr.clientapp import ClientApp
 from fedcl.client.privacy import RoundPrivacy, dp_mode, plan_round, record_round, release_prototype_sums, round_metrics
 from fedcl.client.privacy import release as release_embeddings
 from fedcl.config import PrivacySettings
-from fedcl.privacy.randomness import secret_generator, warn_insecure
+from fedcl.privacy.randomness import mechanism_generator
 from fedcl.wire.protocol import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -374,17 +374,6 @@ def _plan(site: SiteSettings, rc: RoundConfig, images: torch.Tensor, groups: tor
     return rp
 
 
-def _secret_or(public: torch.Generator, site: SiteSettings, privacy: RoundPrivacy, *, where: str) -> torch.Generator:
-    """The generator of this phase's DP mechanisms: a secret one under a DP mode, ``public`` when no
-    DP mechanism runs (raw / public, no DP-SGD) or the site runs insecure_reproducible_dp (warns)."""
-    if not dp_mode(privacy.settings):
-        return public
-    if site.insecure_reproducible_dp:
-        warn_insecure(f"site {site.site_id}, {where}")
-        return public
-    return secret_generator()
-
-
 def _this_rounds_share(images: torch.Tensor, groups, rc: RoundConfig, site_id: str):
     """The images (and their groups) a site trains on this round.
 
@@ -447,7 +436,8 @@ def train_handler(msg: Message, context: Context, simulated: SimulatedSites | No
     private = dp_mode(privacy.settings)
     # the DP mechanisms' generator: secret (OS entropy) under a DP mode; the insecure benchmark
     # switch keeps the public streams of local_round (seed) and of torch's global generator
-    secret = None if site.insecure_reproducible_dp or not private else secret_generator()
+    secret = mechanism_generator(None, private=private, insecure=site.insecure_reproducible_dp,
+                                 where=f"site {site.site_id}, train phase")
     queue = _queue_client(site, rc) if rc.queue_enabled else None
     negatives = None
     t0 = time.perf_counter()
@@ -465,7 +455,7 @@ def train_handler(msg: Message, context: Context, simulated: SimulatedSites | No
             model, images, negatives, recipe, augment=make_augment(AugmentSettings.model_validate(rc.augment)),
             dp=privacy.dp, dp_steps=privacy.steps_planned if privacy.dp is not None else None, groups=privacy.groups,
             optimizer_state=optimizer_state, seed=_round_seed(rc.seed, site.site_id, rc.round),
-            dp_generator=INSECURE_REPRODUCIBLE if site.insecure_reproducible_dp and private else secret,
+            dp_generator=INSECURE_REPRODUCIBLE if secret is None and private else secret,
             device=resolve_device("auto"),
         )
         if rc.persist_optimizer and result.optimizer_state is not None:
@@ -524,7 +514,8 @@ def release_handler(msg: Message, context: Context, simulated: SimulatedSites | 
         return budget_refusal_reply(msg, f"site {site.site_id}: {privacy.refused}")
     mode = privacy.settings.release
     public = torch.Generator().manual_seed(_round_seed(rc.seed, site.site_id, rc.round) + 17)  # augmentation
-    gen = _secret_or(public, site, privacy, where="release phase")  # picks and noise
+    gen = mechanism_generator(public, private=dp_mode(privacy.settings), insecure=site.insecure_reproducible_dp,
+                              where=f"site {site.site_id}, release phase")  # picks and noise
     n = int(images.shape[0])
     # prototypes: every image is a candidate record (the release Poisson-samples them)
     pick = torch.randperm(n, generator=gen)[: (n if mode == "prototypes" else rc.num_push)]

@@ -43,10 +43,26 @@ def warn_insecure(where: str) -> None:
     log.warning("%s (%s)", INSECURE_WARNING, where)
 
 
+def mechanism_generator(public: torch.Generator | None, *, private: bool, insecure: bool,
+                        where: str) -> torch.Generator | None:
+    """The generator of one phase's DP mechanisms (Poisson sampling, picks, noise).
+
+    private: a DP mechanism runs in this phase. Then a fresh secret generator, unless ``insecure``
+    (insecure_reproducible_dp): then ``public``, the phase's reproducible stream, with a warning
+    that names ``where``. Without a DP mechanism: ``public``.
+    """
+    if not private:
+        return public
+    if insecure:
+        warn_insecure(where)
+        return public
+    return secret_generator()
+
+
 def replayable_generator(seed: int, *, where: str, device: torch.device | str = "cpu") -> torch.Generator:
     """A generator seeded with a public ``seed``: NOT private; warns every time."""
     warn_insecure(where)
     return torch.Generator(device=device).manual_seed(int(seed))
 
 
-__all__ = ["INSECURE_WARNING", "replayable_generator", "secret_generator", "warn_insecure"]
+__all__ = ["INSECURE_WARNING", "mechanism_generator", "replayable_generator", "secret_generator", "warn_insecure"]

@@ -1,7 +1,6 @@
 import pytest
-from typer.testing import CliRunner
 
-from fedcl.cli import app
+from fedcl.cli import main
 from fedcl.privacy.ledger import PrivacyLedger
 from fedcl.privacy.report import THREAT_MODEL, describe_privacy
 
@@ -100,13 +99,13 @@ def test_no_ledger_and_unknown_modes():
         describe_privacy(dp_enabled=True, release_mode="blur", ledger_summary=None)
 
 
-def test_fedcl_privacy_reports_a_ledger_without_releases_as_none(tmp_path):
+def test_fedcl_privacy_reports_a_ledger_without_releases_as_none(tmp_path, capsys):
     ledger = _ledger(release=None)
     ledger.save(tmp_path / "ledger-clinic-3.json")
-    result = CliRunner().invoke(app, ["privacy", str(tmp_path)])
-    assert result.exit_code == 0, result.output
-    assert "- Shared embeddings (none)" in result.output and "(public)" not in result.output
-    assert "is below 1/N" in result.output  # num_records survives the ledger file
+    assert main(["privacy", str(tmp_path)]) == 0, capsys.readouterr().err
+    output = capsys.readouterr().out
+    assert "- Shared embeddings (none)" in output and "(public)" not in output
+    assert "is below 1/N" in output  # num_records survives the ledger file
 
 
 def test_a_site_that_ran_with_insecure_reproducible_dp_is_not_reported_as_protected(tmp_path):

@@ -1,23 +1,21 @@
-"""The ServerApp's round loop in one process: an in-process Grid hands each message to the
-ClientApp's handlers, the queue service runs on loopback. Rounds, failures, checkpoints, resume."""
+"""The ServerApp's round loop in one process: ``fedcl.sim.inprocess.InProcessGrid`` hands each message
+to the ClientApp's handlers, the queue service runs on loopback. Rounds, failures, checkpoints, resume."""
 
 from __future__ import annotations
 
 import secrets
-import uuid
 
 import pytest
 import torch
 from flwr.app import Context, Error, Message, RecordDict
-from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
 
-from fedcl.client.app import SimulatedSites, evaluate_handler, release_handler, train_handler
+from fedcl.client.app import SimulatedSites, make_client_app, train_handler
 from fedcl.config import load_config
 from fedcl.queue import EmbeddingQueue
 from fedcl.server.app import FederationError, QueueLink, run_federation, state_sha256
 from fedcl.server.checkpoint import find_checkpoint
 from fedcl.server.queue_service import ServeSettings, start_queue_server
+from fedcl.sim.inprocess import FIRST_NODE_ID, InProcessGrid, simulation_node_configs, task_identity
 
 TINY = [
     "data.name=synthetic", "data.num_sites=2", "data.partition=iid", "data.synthetic_images=200",
@@ -25,66 +23,31 @@ TINY = [
     "model.proj_dim=16", "train.batch_size=50", "train.num_push=20", "train.threads=1",
     "queue.num_negatives=64", "queue.warmup_rounds=1",
 ]
+NODES = simulation_node_configs(2)  # node FIRST_NODE_ID + i is site i, as under Flower's simulation
+SITE0, SITE1 = FIRST_NODE_ID, FIRST_NODE_ID + 1
 
 
-class InProcessGrid(Grid):
-    """Delivers each message to a handler in this process; a handler that raises is a failed site."""
+def _grid(simulated: SimulatedSites, *, broken: set[int] = frozenset(), unavailable: set[int] = frozenset(),
+          grid=InProcessGrid) -> InProcessGrid:
+    """The shipped ClientApp on two nodes. A node in ``broken`` crashes on every message; for a node in
+    ``unavailable`` the reply is what Flower answers when a node's heartbeat expires: an error reply
+    that Flower's own node (id 1) writes, not the site."""
+    client_app = make_client_app(simulated=simulated)
 
-    def __init__(self, sites: dict[int, dict], simulated: SimulatedSites, broken: set[int] = frozenset()) -> None:
-        self.sites, self.simulated, self.broken = sites, simulated, set(broken)
-        self.contexts = {node: Context(run_id=1, node_id=node, node_config=cfg, state=RecordDict(), run_config={})
-                         for node, cfg in sites.items()}
-        self.sent: list[Message] = []
+    def app(message: Message, context: Context) -> Message:
+        if context.node_id in broken:
+            raise RuntimeError(f"site on node {context.node_id} crashed")
+        if context.node_id in unavailable:
+            reply = Message(Error(code=3, reason="Node Unavailable"), reply_to=message)
+            reply.metadata.__dict__["_src_node_id"] = 1
+            return reply
+        return client_app(message=message, context=context)
 
-    def set_run(self, run) -> None:  # pragma: no cover - not used by the loop
-        raise NotImplementedError
-
-    @property
-    def run(self):  # pragma: no cover
-        raise NotImplementedError
-
-    def create_message(self, *args, **kwargs):  # pragma: no cover
-        raise NotImplementedError
-
-    def get_node_ids(self):
-        return list(self.sites)
-
-    def get_nodes(self):  # pragma: no cover
-        raise NotImplementedError
-
-    def push_messages(self, messages):  # pragma: no cover
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):  # pragma: no cover
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
-            self.sent.append(msg)
-            node = msg.metadata.dst_node_id
-            handler = {"train": train_handler, "query": release_handler}.get(msg.metadata.message_type,
-                                                                              evaluate_handler)
-            try:
-                if node in self.broken:
-                    raise RuntimeError(f"site on node {node} crashed")
-                replies.append(handler(msg, self.contexts[node], self.simulated))
-            except Exception as exc:  # what Flower turns a ClientApp exception into
-                replies.append(Message(Error(code=2, reason=str(exc)), reply_to=msg))
-        return replies
+    return grid(app, NODES)
 
 
 @pytest.fixture
-def task_identity():
-    old = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = old
-
-
-@pytest.fixture
-def federation(tmp_path, task_identity):
+def federation(tmp_path):
     cfg = load_config(None, TINY)
     tokens = {f"site-{i}": secrets.token_urlsafe(16) for i in range(2)}
     coordinator = secrets.token_urlsafe(16)
@@ -96,9 +59,9 @@ def federation(tmp_path, task_identity):
     link = QueueLink(address=f"127.0.0.1:{server.port}", coordinator_token=coordinator,
                      snapshot_path=tmp_path / "queue-snapshot.npz")
     simulated = SimulatedSites(config=cfg, site_tokens=tokens, threads=1)
-    sites = {101: {"partition-id": 0, "num-partitions": 2}, 202: {"partition-id": 1, "num-partitions": 2}}
     _running_servers.append(server)
-    yield cfg, link, simulated, sites, queue
+    with task_identity(run_id=1):  # who sends: Flower reads it for each message the ServerApp creates
+        yield cfg, link, simulated, queue
     _running_servers.remove(server)
     server.stop(grace=0.5)
 
@@ -115,9 +78,9 @@ def _with(cfg, section, **values):
 
 
 def test_rounds_checkpoint_and_resume(tmp_path, federation):
-    cfg, link, simulated, sites, queue = federation
+    cfg, link, simulated, queue = federation
     out = tmp_path / "out"
-    grid = InProcessGrid(sites, simulated)
+    grid = _grid(simulated)
     first = run_federation(grid, config=_with_rounds(cfg, 2), out_dir=out, queue=link)
     assert [r["round"] for r in first.history] == [1, 2]
     assert first.history[0]["negatives_used"] == 0 and first.history[0]["pushed"] == 0  # warm-up: no release
@@ -138,7 +101,7 @@ def test_rounds_checkpoint_and_resume(tmp_path, federation):
     assert ckpt.queue["snapshot_sha256"] is not None
     assert len(queue) == 40 and queue.stats()["newest_round"] == 2  # only the release phase pushed
 
-    resumed = run_federation(InProcessGrid(sites, simulated), config=_with_rounds(cfg, 3), out_dir=out, queue=link)
+    resumed = run_federation(_grid(simulated), config=_with_rounds(cfg, 3), out_dir=out, queue=link)
     assert resumed.resumed_from == 2
     assert [r["round"] for r in resumed.history] == [1, 2, 3]
     assert resumed.history[:2] == first.history
@@ -149,9 +112,9 @@ def test_rounds_checkpoint_and_resume(tmp_path, federation):
 
 
 def test_without_fresh_push_sites_push_after_training(tmp_path, federation):
-    cfg, link, simulated, sites, queue = federation
+    cfg, link, simulated, queue = federation
     cfg = _with(_with_rounds(cfg, 2), "queue", fresh_push=False, max_staleness=2)
-    grid = InProcessGrid(sites, simulated)
+    grid = _grid(simulated)
     result = run_federation(grid, config=cfg, out_dir=tmp_path / "out", queue=link)
     assert all(m.metadata.message_type != "query" for m in grid.sent)
     # round 2: the site sampled first draws the other's 20 round-1 embeddings; the second also sees the
@@ -161,10 +124,10 @@ def test_without_fresh_push_sites_push_after_training(tmp_path, federation):
 
 
 def test_fresh_push_is_entered_in_each_sites_ledger(tmp_path, federation):
-    cfg, link, simulated, sites, _ = federation
+    cfg, link, simulated, _ = federation
     simulated = SimulatedSites(config=simulated.config, site_tokens=simulated.site_tokens, threads=1,
                                state_root=tmp_path / "sites")
-    run_federation(InProcessGrid(sites, simulated), config=_with_rounds(cfg, 2), out_dir=tmp_path / "out", queue=link)
+    run_federation(_grid(simulated), config=_with_rounds(cfg, 2), out_dir=tmp_path / "out", queue=link)
     import json
 
     ledger = json.loads((tmp_path / "sites" / "site-0" / "ledger-site-0.json").read_text())
@@ -174,12 +137,12 @@ def test_fresh_push_is_entered_in_each_sites_ledger(tmp_path, federation):
 
 
 def test_prototypes_are_merged_by_the_server_from_noisy_sums(tmp_path, federation):
-    cfg, link, simulated, sites, queue = federation
+    cfg, link, simulated, queue = federation
     cfg = _with(_with_rounds(cfg, 2), "privacy", release="prototypes", num_prototypes=8, release_sample_rate=1.0,
                 release_noise_multiplier=0.5, prototype_min_count=1.0)
     simulated = SimulatedSites(config=simulated.config, site_tokens=simulated.site_tokens, threads=1,
                                state_root=tmp_path / "sites")  # ledgers persist between the phases
-    grid = InProcessGrid(sites, simulated)
+    grid = _grid(simulated)
     result = run_federation(grid, config=cfg, out_dir=tmp_path / "out", queue=link)
     queries = [m for m in grid.sent if m.metadata.message_type == "query"]
     assert len(queries) == 2 and queries[0].content.array_records["prototypes"]["prototypes"].numpy().shape == (8, 16)
@@ -196,9 +159,9 @@ def test_prototypes_are_merged_by_the_server_from_noisy_sums(tmp_path, federatio
 
 
 def test_public_mode_negatives_are_the_servers_reference_set(tmp_path, federation):
-    cfg, link, simulated, sites, queue = federation
+    cfg, link, simulated, queue = federation
     cfg = _with(_with(_with_rounds(cfg, 2), "privacy", release="public"), "queue", public_images=30)
-    grid = InProcessGrid(sites, simulated)
+    grid = _grid(simulated)
     result = run_federation(grid, config=cfg, out_dir=tmp_path / "out", queue=link)
     assert all(m.metadata.message_type != "query" for m in grid.sent)  # nothing asked of the sites
     assert result.history[1]["release_phase"]["pushed"] == 30
@@ -208,59 +171,41 @@ def test_public_mode_negatives_are_the_servers_reference_set(tmp_path, federatio
 
 
 def test_a_failed_site_drops_out_of_its_round_only(tmp_path, federation):
-    cfg, link, simulated, sites, _ = federation
-    result = run_federation(InProcessGrid(sites, simulated, broken={202}), config=_with_rounds(cfg, 1),
+    cfg, link, simulated, _ = federation
+    result = run_federation(_grid(simulated, broken={SITE1}), config=_with_rounds(cfg, 1),
                             out_dir=tmp_path / "out", queue=link)
     record = result.history[0]
     assert set(record["sites"]) == {"site-0"} and record["sites_failed"] == 1
     assert "crashed" in record["errors"][0]
 
 
-class FlowerErrorGrid(InProcessGrid):
-    """Answers node 202 the way Flower does when a node's heartbeat expires: an error reply that
-    Flower's own node (id 1) writes, not the site."""
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
-            if msg.metadata.dst_node_id == 202:
-                reply = Message(Error(code=3, reason="Node Unavailable"), reply_to=msg)
-                reply.metadata.__dict__["_src_node_id"] = 1
-                replies.append(reply)
-            else:
-                replies.extend(super().send_and_receive([msg], timeout=timeout))
-        return replies
-
-
 def test_a_site_flower_reports_unavailable_is_counted_once_under_its_node(tmp_path, federation):
-    cfg, link, simulated, sites, _ = federation
-    result = run_federation(FlowerErrorGrid(sites, simulated), config=_with_rounds(cfg, 1),
+    cfg, link, simulated, _ = federation
+    result = run_federation(_grid(simulated, unavailable={SITE1}), config=_with_rounds(cfg, 1),
                             out_dir=tmp_path / "out", queue=link)
     record = result.history[0]
-    assert record["sites_failed"] == 1 and record["errors"] == ["node 202: Node Unavailable"]
+    assert record["sites_failed"] == 1 and record["errors"] == [f"node {SITE1}: Node Unavailable"]
 
 
 def test_no_site_completing_a_round_stops_the_run(tmp_path, federation):
-    cfg, link, simulated, sites, _ = federation
+    cfg, link, simulated, _ = federation
     with pytest.raises(FederationError, match="no site completed"):
-        run_federation(InProcessGrid(sites, simulated, broken={101, 202}), config=_with_rounds(cfg, 1),
+        run_federation(_grid(simulated, broken={SITE0, SITE1}), config=_with_rounds(cfg, 1),
                        out_dir=tmp_path / "out", queue=link)
 
 
 def test_a_checkpoint_of_another_model_is_not_resumed(tmp_path, federation):
-    cfg, link, simulated, sites, _ = federation
+    cfg, link, simulated, _ = federation
     out = tmp_path / "out"
-    run_federation(InProcessGrid(sites, simulated), config=_with_rounds(cfg, 1), out_dir=out, queue=link)
+    run_federation(_grid(simulated), config=_with_rounds(cfg, 1), out_dir=out, queue=link)
     wider = cfg.model_copy(update={"model": cfg.model.model_copy(update={"width": 8})})
     with pytest.raises(FederationError, match="move the checkpoint folder away"):
-        run_federation(InProcessGrid(sites, simulated), config=_with_rounds(wider, 2), out_dir=out, queue=link)
+        run_federation(_grid(simulated), config=_with_rounds(wider, 2), out_dir=out, queue=link)
 
 
 def test_weights_that_do_not_fit_are_refused_by_the_site(tmp_path, federation):
-    cfg, link, simulated, sites, _ = federation
+    cfg, link, simulated, _ = federation
     from flwr.app import ArrayRecord
-    from flwr.app import RecordDict as RD
 
     from fedcl.server.app import round_config
     from fedcl.wire.protocol import ProtocolError
@@ -268,9 +213,10 @@ def test_weights_that_do_not_fit_are_refused_by_the_site(tmp_path, federation):
     rc = round_config(cfg, rnd=1, model_spec={"arch": "cnn", "in_channels": 1, "width": 4, "proj_dim": 16,
                                               "proj_hidden": 32}, queue=None)
     bad = ArrayRecord({"head.0.weight": torch.zeros(3, 3)})
-    msg = Message(content=RD({"arrays": bad, "config": rc.to_config_record()}), message_type="train", dst_node_id=101)
+    msg = Message(content=RecordDict({"arrays": bad, "config": rc.to_config_record()}), message_type="train",
+                  dst_node_id=SITE0)
     msg.metadata.__dict__["_message_id"] = "m1"
-    ctx = Context(run_id=1, node_id=101, node_config=sites[101], state=RD(), run_config={})
+    ctx = Context(run_id=1, node_id=SITE0, node_config=NODES[0], state=RecordDict(), run_config={})
     with pytest.raises(ProtocolError, match="do not fit"):
         train_handler(msg, ctx, simulated)
 
@@ -301,19 +247,19 @@ class ConnectingGrid(InProcessGrid):
 
     def get_node_ids(self):
         self.calls += 1
-        return list(self.sites)[: min(self.calls, len(self.sites))]
+        return list(self.contexts)[: min(self.calls, len(self.contexts))]
 
 
 def test_round_one_waits_for_min_available_nodes(tmp_path, federation, monkeypatch):
     """FedAvg sizes its sample from the nodes connected when asked; without the wait, round 1
     would train on the first site alone although min_available_nodes names both."""
-    cfg, link, simulated, sites, _ = federation
+    cfg, link, simulated, _ = federation
     monkeypatch.setattr("fedcl.server.app.time.sleep", lambda s: None)
     cfg = _with(_with_rounds(cfg, 1), "federation", min_available_nodes=2, min_train_nodes=1, fraction_train=1.0)
-    grid = ConnectingGrid(sites, simulated)
+    grid = _grid(simulated, grid=ConnectingGrid)
     result = run_federation(grid, config=cfg, out_dir=tmp_path / "out", queue=link)
     trained = sorted(m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == "train")
-    assert trained == [101, 202]
+    assert trained == [SITE0, SITE1]
     assert len(result.history[0]["sites"]) == 2
 
 
@@ -323,17 +269,17 @@ def test_shorter_rounds_and_kept_optimizers_reach_the_sites_through_the_federati
     from fedcl.client.app import OPTIMIZER_KEY, load_site_images
     from fedcl.server.app import round_config
 
-    cfg, link, simulated, sites, _ = federation
-    grid = InProcessGrid(sites, simulated)
+    cfg, link, simulated, _ = federation
+    grid = _grid(simulated)
     half = run_federation(grid, config=_with(_with_rounds(cfg, 2), "train", rounds_per_epoch=2,
                                              persist_optimizer=True),
                           out_dir=tmp_path / "b", queue=link)
-    assert all(OPTIMIZER_KEY in grid.contexts[node].state for node in sites)
+    assert len(grid.contexts) == 2 and all(OPTIMIZER_KEY in context.state for context in grid.contexts.values())
     assert "2 rounds are 1 local epochs per site" in caplog.text  # the user is told what k does to the budget
     assert {m.content.config_records["config"]["persist_optimizer"] for m in grid.sent
             if m.metadata.message_type == "train"} == {True}
     rc = round_config(cfg, rnd=1, model_spec={}, queue=None)
-    full = [int(load_site_images(simulated.site(node), rc, simulated).shape[0]) for node in sites.values()]
+    full = [int(load_site_images(simulated.site(node), rc, simulated).shape[0]) for node in NODES]
     assert all(n > 1 for n in full)
     for record in half.history:
         assert [m["num-examples"] for m in record["sites"].values()] == [n // 2 for n in full]
@@ -341,18 +287,18 @@ def test_shorter_rounds_and_kept_optimizers_reach_the_sites_through_the_federati
             if m.metadata.message_type == "train"} == {2}
 
 
-def test_a_dp_federation_reports_no_loss_or_alignment_and_its_table_and_plots_cope(tmp_path, federation):
+def test_a_dp_federation_reports_no_loss_or_alignment_and_its_table_and_plots_cope(tmp_path, federation, capsys):
     """Under DP-SGD the sites send no loss, alignment or uniformity (exact statistics of their images):
     the round records, the table and the plots show them as missing."""
     from fedcl.server.metrics import format_table
 
-    cfg, link, simulated, sites, _ = federation
+    cfg, link, simulated, _ = federation
     cfg = _with(_with(_with_rounds(cfg, 2), "privacy", dpsgd=True, noise_multiplier=1.5, release="public"),
                 "train", in_batch_negatives=False)
     cfg = _with(cfg, "queue", public_images=30)
     simulated = SimulatedSites(config=simulated.config, site_tokens=simulated.site_tokens, threads=1,
                                state_root=tmp_path / "sites")  # DP needs each site's ledger to persist
-    result = run_federation(InProcessGrid(sites, simulated), config=cfg, out_dir=tmp_path / "out", queue=link)
+    result = run_federation(_grid(simulated), config=cfg, out_dir=tmp_path / "out", queue=link)
     for record in result.history:
         assert record["sites_ok"] == 2 and record["loss"] is None
         assert all("loss" not in m and m["epsilon"] > 0 for m in record["sites"].values())
@@ -361,12 +307,21 @@ def test_a_dp_federation_reports_no_loss_or_alignment_and_its_table_and_plots_co
     rows = format_table(result.history).splitlines()[2:]
     assert len(rows) == 2 and all(row.split()[1] == "—" for row in rows)  # the loss column
     assert {p.name for p in result.plots} >= {"loss.png", "epsilon.png"}
+    # the coordinator's run folder holds no ledger file: fedcl privacy reads the sites' from summary.json
+    from fedcl.cli import main
+
+    assert not list((tmp_path / "out").rglob("ledger*.json"))
+    assert main(["privacy", str(tmp_path / "out")]) == 0
+    report = capsys.readouterr().out
+    assert [line for line in report.splitlines() if line.startswith("Privacy report")] == [
+        "Privacy report for site 'site-0'", "Privacy report for site 'site-1'"]
+    assert report.count("- Model updates -> ") == 2 and report.count(": DP-SGD, ε = ") == 2
 
 
 def test_rows_a_queue_restart_lost_show_in_the_rounds_metrics(tmp_path, federation):
-    cfg, link, simulated, sites, queue = federation
+    cfg, link, simulated, queue = federation
     out = tmp_path / "out"
-    first = run_federation(InProcessGrid(sites, simulated), config=_with_rounds(cfg, 1), out_dir=out, queue=link)
+    first = run_federation(_grid(simulated), config=_with_rounds(cfg, 1), out_dir=out, queue=link)
     assert (first.history[0]["queue_restarts"], first.history[0]["queue_rows_lost"]) == (0, 0)
     from fedcl.wire.queue_client import QueueClient
 
@@ -383,7 +338,7 @@ def test_rows_a_queue_restart_lost_show_in_the_rounds_metrics(tmp_path, federati
     try:
         link2 = QueueLink(address=f"127.0.0.1:{restarted.port}", coordinator_token=link.coordinator_token,
                           snapshot_path=snapshot)
-        resumed = run_federation(InProcessGrid(sites, simulated), config=_with_rounds(cfg, 2), out_dir=out,
+        resumed = run_federation(_grid(simulated), config=_with_rounds(cfg, 2), out_dir=out,
                                  queue=link2)
     finally:
         restarted.stop(grace=0.5)
