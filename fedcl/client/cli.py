@@ -380,7 +380,9 @@ def supervise(argv: list[str], *, rejoin: bool, min_delay: float = 1.0, max_dela
 
 
 def _say(check: str, found: str) -> None:
-    print(f"fedcl-client: check {check}: ok: {found}", flush=True)
+    """One pre-flight line: ``ok: what was found``, or ``not checked: why`` (a check that could not run)."""
+    status = "" if found.startswith("not checked: ") else "ok: "
+    print(f"fedcl-client: check {check}: {status}{found}", flush=True)
 
 
 def _queue_token(token: str | None, token_file: Path | None) -> str | None:

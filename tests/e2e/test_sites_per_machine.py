@@ -48,4 +48,5 @@ def test_two_sites_on_one_machine_pick_their_own_runtime_ports(tmp_path, process
     for site in tokens:
         log = processes.log(site, tail=10**6)
         assert "address already in use" not in log and "failed to start" not in log
-        assert "check queue token: ok:" in log  # accepted, or said not checked when the queue came up later
+        # accepted, or said not checked when the queue service came up after the site
+        assert "check queue token: ok: " in log or "check queue token: not checked: " in log
