@@ -5,8 +5,12 @@
         --root-certificates ca.pem --token-file /run/secrets/queue-token \\
         --node-key hospital-a.node-key      # when the coordinator has server.supernode_auth
 
-Before it starts the SuperNode, fedcl-client checks the coordinator's TLS certificate against
---root-certificates and stops with a clear message when that CA did not sign it.
+Before it starts the SuperNode, fedcl-client runs its pre-flight (``fedcl.client.preflight``): the
+state folder, the policy, the data, the node key, the coordinator's TLS certificate against
+--root-certificates, the queue token (one authenticated call) and a free runtime port, one line
+each; a failed check stops it with that line (exit status 2). The supervisor that restarts the
+SuperNode stops, with one line, on a local error that retrying cannot fix (a port taken, a bad
+key or certificate file).
 
 The site's settings travel to the ClientApp as Flower node config (``fedcl.client.app`` lists the
 keys). Images never leave the site; only weights, metrics and the embeddings the privacy
@@ -27,6 +31,8 @@ import threading
 import time
 from pathlib import Path
 
+from fedcl.client import preflight
+from fedcl.client.preflight import PreflightError
 from fedcl.wire.flower import flower_environment
 
 DEFAULT_SUPERLINK_PORT = 8000
@@ -69,8 +75,9 @@ def _parser() -> argparse.ArgumentParser:
                                               "round configs asking for more are refused")
     p.add_argument("--queue-address", help="reach the queue service here instead of where the server says")
     p.add_argument("--threads", type=int, help="torch threads for local training")
-    p.add_argument("--runtime-address", default="127.0.0.1:9094",
-                   help="local address of the SuperNode's runtime API (one per site on a machine)")
+    p.add_argument("--runtime-address",
+                   help="local address HOST[:PORT] of the SuperNode's runtime API, one per site on a machine "
+                        "(default: 127.0.0.1 and a free port derived from --site-id)")
     p.add_argument("--health-address", help="serve gRPC health checking here (HOST:PORT), for container health checks")
     p.add_argument("--max-retries", type=int, help="give up after this many failed connection attempts")
     p.add_argument("--max-wait-time", type=float, help="give up reconnecting after this many seconds")
@@ -106,14 +113,10 @@ def _toml_literal(key: str, value: str) -> str:
     return f"'{value}'"
 
 
-def build_supernode_argv(args: argparse.Namespace, *, token_file: Path | None) -> list[str]:
-    """flower-supernode's arguments for these fedcl-client arguments."""
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse arguments that do not fit together (ClientCliError), before anything is checked or started."""
     if not _SITE_ID.match(args.site_id):
         raise ClientCliError(f"--site-id {args.site_id!r}: use letters, digits, '_', '.', '-' (at most 64)")
-    if args.data is None and args.data_format != "synthetic":
-        raise ClientCliError("--data PATH is required (or --data-format synthetic for a smoke test)")
-    if args.data is not None and not args.data.exists():
-        raise ClientCliError(f"--data {args.data} does not exist")
     if (args.partition_id is None) != (args.num_partitions is None):
         raise ClientCliError("give both --partition-id and --num-partitions, or neither")
     if args.root_certificates is not None and not args.root_certificates.is_file():
@@ -122,10 +125,39 @@ def build_supernode_argv(args: argparse.Namespace, *, token_file: Path | None) -
         raise ClientCliError("--insecure and --root-certificates exclude each other")
     if not args.insecure and args.root_certificates is None:
         raise ClientCliError("TLS needs --root-certificates CA.pem (the consortium CA); --insecure for loopback tests")
+    if args.insecure and getattr(args, "node_key", None) is not None:
+        raise ClientCliError("--node-key needs TLS (Flower's SuperNode authentication refuses --insecure)")
     if args.patient_regex is not None:
         _check_patient_regex(args.patient_regex)
+    _split_host_port(args.server, default_port=DEFAULT_SUPERLINK_PORT)
+    runtime_host_port(args)
+
+
+def runtime_host_port(args: argparse.Namespace) -> tuple[str, int | None]:
+    """--runtime-address as (host, port); port None when not given (fedcl-client then picks one)."""
+    value = (getattr(args, "runtime_address", None) or "").strip()
+    if not value:
+        return "127.0.0.1", None
+    has_port = "]:" in value if value.startswith("[") else value.count(":") == 1
+    host, port = _split_host_port(value, default_port=1)
+    return host, port if has_port else None
+
+
+def build_supernode_argv(args: argparse.Namespace, *, token_file: Path | None,
+                         runtime_port: int | None = None) -> list[str]:
+    """flower-supernode's arguments for these fedcl-client arguments. ``runtime_port``: the port the
+    pre-flight chose for the runtime API (else --runtime-address's, else a free one now)."""
+    check_args(args)
+    if args.data is None and args.data_format != "synthetic":
+        raise ClientCliError("--data PATH is required (or --data-format synthetic for a smoke test)")
+    if args.data is not None and not args.data.exists():
+        raise ClientCliError(f"--data {args.data} does not exist")
     host, port = _split_host_port(args.server, default_port=DEFAULT_SUPERLINK_PORT)
-    rt_host, rt_port = _split_host_port(args.runtime_address, default_port=9094)
+    rt_host, rt_port = runtime_host_port(args)
+    if runtime_port is not None:
+        rt_port = runtime_port
+    elif rt_port is None:
+        rt_port, _ = preflight.pick_runtime_port(rt_host, None, site_id=args.site_id)
 
     node: dict[str, object] = {"site-id": args.site_id, "data-format": args.data_format,
                                "insecure": bool(args.insecure)}
@@ -172,8 +204,6 @@ def build_supernode_argv(args: argparse.Namespace, *, token_file: Path | None) -
     if args.max_wait_time is not None:
         argv += ["--max-wait-time", str(args.max_wait_time)]
     if getattr(args, "node_key", None) is not None:
-        if args.insecure:
-            raise ClientCliError("--node-key needs TLS (Flower's SuperNode authentication refuses --insecure)")
         check_node_key(args.node_key)
         argv += ["--auth-supernode-private-key", str(args.node_key.resolve())]
     return argv
@@ -181,18 +211,10 @@ def build_supernode_argv(args: argparse.Namespace, *, token_file: Path | None) -
 
 def check_node_key(path: Path) -> None:
     """Refuse now what flower-supernode would refuse later with 'Unable to parse the private key file'."""
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
-
     try:
-        key = load_ssh_private_key(path.read_bytes(), password=None)
-    except OSError as exc:
-        raise ClientCliError(f"--node-key {path}: {exc.strerror or exc}") from None
-    except (ValueError, TypeError) as exc:
-        raise ClientCliError(f"--node-key {path} is not an unencrypted OpenSSH private key ({exc}); use the "
-                             "sites/SITE.node-key that deploy/make_certs.py wrote") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise ClientCliError(f"--node-key {path} is not an EC key (Flower needs a NIST EC curve, e.g. P-384)")
+        preflight.check_node_key_file(path)
+    except PreflightError as exc:
+        raise ClientCliError(str(exc)) from None
 
 
 def check_server_certificate(host: str, port: int, root_certificates: Path, *, timeout: float = 5.0) -> str | None:
@@ -242,20 +264,6 @@ def wait_verified_server(args: argparse.Namespace, *, interval: float = 3.0) -> 
         time.sleep(interval)
 
 
-def check_state_dir(state_dir: Path) -> None:
-    """The site's state folder exists (made if need be) and takes a file: the privacy ledger lives
-    there, and without it no budget binds across rounds (every Flower message is a new process)."""
-    probe = state_dir / ".fedcl-write-test"
-    try:
-        state_dir.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise ClientCliError(f"cannot use the state folder {state_dir} ({exc.strerror or exc}): the site keeps its "
-                             "privacy ledger there, and under DP it must persist between rounds; give --state-dir "
-                             "a writable folder") from None
-
-
 def _store_token(token: str, state_dir: Path) -> Path:
     """Keep the token in a 0600 file in the state folder, so it never appears on a command line."""
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -281,8 +289,34 @@ NODE_REFUSED_HINT = ("the SuperLink refused this SuperNode's key: the coordinato
                      "(server.supernode_keys) or has revoked this site (server.revoked_sites); check --node-key")
 
 
-def _forward(stream, hints: dict[str, str]) -> None:
-    """Copy the SuperNode's output to ours, adding a hint after a line that contains a known pattern."""
+# Flower exit codes (flwr.supercore.exit.ExitCode) of local errors that a restart cannot fix.
+_PERMANENT_FLOWER_EXITS = {
+    302: "the node key could not be used", 303: "SuperNode authentication needs TLS",
+    304: "the trusted entities are not valid", 600: "an address is not valid", 602: "TLS is not supported",
+    603: "the root certificates do not fit", 604: "a path does not exist", 605: "the TLS certificates are not valid",
+}
+
+
+def permanent_errors(*, runtime_address: str, health_address: str | None) -> dict[str, str]:
+    """{text flower-supernode prints on a local error that retrying cannot fix: the line for the user}."""
+    out = {
+        "SuperNode Runtime HTTP API failed to start": (
+            f"the SuperNode could not serve its runtime API at {runtime_address} (the port was taken after "
+            "fedcl-client checked it, e.g. by another site on this machine): start the site again without "
+            "--runtime-address to get a free port, or give each site its own"),
+        "Port in server address": (
+            f"the health check address {health_address} is in use by another process: give --health-address a free "
+            "HOST:PORT"),
+    }
+    for code, what in _PERMANENT_FLOWER_EXITS.items():
+        out[f"Exit Code: {code}"] = (f"flower-supernode stopped on a local error that retrying cannot fix (Flower "
+                                     f"exit code {code}: {what}; its own message is above)")
+    return out
+
+
+def _forward(stream, hints: dict[str, str], fatal: dict[str, str], seen: list[str]) -> None:
+    """Copy the SuperNode's output to ours, adding a hint after a line that contains a known pattern;
+    ``seen`` collects the messages of the ``fatal`` patterns that appeared."""
     said: set[str] = set()
     for raw in iter(stream.readline, b""):
         sys.stdout.buffer.write(raw)
@@ -291,14 +325,17 @@ def _forward(stream, hints: dict[str, str]) -> None:
             if pattern in text and pattern not in said:
                 said.add(pattern)
                 sys.stdout.buffer.write(f"fedcl-client: {hint}\n".encode())
+        seen += [message for pattern, message in fatal.items() if pattern in text and message not in seen]
         sys.stdout.flush()
 
 
 def supervise(argv: list[str], *, rejoin: bool, min_delay: float = 1.0, max_delay: float = 30.0,
-              output_hints: dict[str, str] | None = None) -> int:
+              output_hints: dict[str, str] | None = None, fatal_output: dict[str, str] | None = None) -> int:
     """Run the SuperNode; when it exits on its own (a restarted SuperLink no longer knows this node
     and refuses it), start it again with backoff, so the site rejoins the resumed run.
-    ``output_hints``: {text the SuperNode may print: what to tell the user when it does}."""
+    ``output_hints``: {text the SuperNode may print: what to tell the user when it does}.
+    ``fatal_output``: {text of a permanent local error: the one line to stop with (status 2)}: after
+    the SuperNode printed such a text and exited, it is not restarted."""
     stop = threading.Event()
     child: subprocess.Popen | None = None
 
@@ -312,19 +349,23 @@ def supervise(argv: list[str], *, rejoin: bool, min_delay: float = 1.0, max_dela
     try:
         while True:
             started = time.time()
-            piped = subprocess.PIPE if output_hints else None
+            piped = subprocess.PIPE if output_hints or fatal_output else None
             child = subprocess.Popen(argv, preexec_fn=_die_with_parent if sys.platform == "linux" else None,
                                      stdout=piped, stderr=subprocess.STDOUT if piped else None,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            forwarder = None
-            if output_hints:  # a thread: the SuperNode's own children may hold the pipe open after it exits
-                forwarder = threading.Thread(target=_forward, args=(child.stdout, output_hints), daemon=True)
+            forwarder, fatal_seen = None, []
+            if piped:  # a thread: the SuperNode's own children may hold the pipe open after it exits
+                forwarder = threading.Thread(target=_forward, daemon=True, args=(
+                    child.stdout, output_hints or {}, fatal_output or {}, fatal_seen))
                 forwarder.start()
             code = child.wait()
             if forwarder is not None:
                 forwarder.join(timeout=2.0)  # what it printed before exiting comes out before what we print
             if stop.is_set():
                 return 0
+            if fatal_seen:
+                print(f"fedcl-client: error: {fatal_seen[0]}", file=sys.stderr, flush=True)
+                return 2
             if not rejoin:
                 return code
             if time.time() - started > 120:
@@ -338,22 +379,70 @@ def supervise(argv: list[str], *, rejoin: bool, min_delay: float = 1.0, max_dela
             signal.signal(sig, handler)
 
 
+def _say(check: str, found: str) -> None:
+    """One pre-flight line: ``ok: what was found``, or ``not checked: why`` (a check that could not run)."""
+    status = "" if found.startswith("not checked: ") else "ok: "
+    print(f"fedcl-client: check {check}: {status}{found}", flush=True)
+
+
+def _queue_token(token: str | None, token_file: Path | None) -> str | None:
+    """The queue token as the ClientApp will send it (from --token/FEDCL_QUEUE_TOKEN or --token-file)."""
+    if token and token_file:
+        raise ClientCliError("give the queue token once: --token/FEDCL_QUEUE_TOKEN or --token-file")
+    if token_file is None:
+        return token.strip() if token else None
+    try:
+        return token_file.read_text().strip() or None
+    except OSError as exc:
+        raise ClientCliError(f"--token-file {token_file} cannot be read ({exc.strerror or exc})") from None
+
+
+def _check_coordinator(args: argparse.Namespace, token: str | None) -> None:
+    """The checks that reach the coordinator: its TLS certificate, then the queue token."""
+    host, port = _split_host_port(args.server, default_port=DEFAULT_SUPERLINK_PORT)
+    certs = None
+    if args.insecure:
+        _say("CA", "not checked: --insecure, no TLS anywhere (loopback tests only)")
+    else:
+        try:
+            wait_verified_server(args)
+        except ClientCliError as exc:
+            raise PreflightError("CA", str(exc)) from None
+        _say("CA", f"the coordinator at {host}:{port} presented a certificate that {args.root_certificates} verifies")
+        certs = args.root_certificates.read_bytes()
+    from fedcl.config import ServerSettings
+
+    address = args.queue_address or f"{host}:{ServerSettings.model_fields['queue_port'].default}"
+    _say("queue token", preflight.check_queue_token(address, site_id=args.site_id, token=token,
+                                                    root_certificates=certs, explicit=bool(args.queue_address)))
+
+
+def run_preflight(args: argparse.Namespace, token: str | None) -> tuple[list[str], int]:
+    """Every pre-flight check, one line each (fedcl.client.preflight); the SuperNode's arguments and
+    runtime port. Raises PreflightError or ClientCliError with the one line to stop with."""
+    check_args(args)
+    token_value = _queue_token(token, args.token_file)
+    _say("state folder", preflight.check_state_folder(args.state_dir))
+    _say("policy", preflight.check_policy(args.policy))
+    _say("data", preflight.check_data(args.data, data_format=args.data_format, patient_regex=args.patient_regex,
+                                      max_images=args.max_images))
+    _say("node key", preflight.check_node_key_file(args.node_key))
+    token_file = _store_token(token, args.state_dir) if token else args.token_file
+    _check_coordinator(args, token_value)
+    rt_host, rt_port = runtime_host_port(args)
+    port, how = preflight.pick_runtime_port(rt_host, rt_port, site_id=args.site_id)
+    _say("runtime port", f"the SuperNode's runtime API will listen on {rt_host}:{port} ({how})")
+    return build_supernode_argv(args, token_file=token_file, runtime_port=port), port
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.state_dir is None:
         args.state_dir = Path.home() / ".fedcl" / "sites" / args.site_id
     token = args.token or os.environ.get("FEDCL_QUEUE_TOKEN")
     try:
-        if token and args.token_file:
-            raise ClientCliError("give the queue token once: --token/FEDCL_QUEUE_TOKEN or --token-file")
-        if args.token_file is not None and not args.token_file.is_file():
-            raise ClientCliError(f"--token-file {args.token_file} is not a file")
-        check_state_dir(args.state_dir)
-        token_file = _store_token(token, args.state_dir) if token else args.token_file
-        supernode_argv = build_supernode_argv(args, token_file=token_file)
-        if not args.insecure:
-            wait_verified_server(args)
-    except ClientCliError as exc:
+        supernode_argv, runtime_port = run_preflight(args, token)
+    except (ClientCliError, PreflightError) as exc:
         print(f"fedcl-client: error: {exc}", file=sys.stderr)
         return 2
     flower_environment(flwr_home=args.state_dir / "flwr-home")
@@ -361,7 +450,9 @@ def main(argv: list[str] | None = None) -> int:
           f"({'insecure' if args.insecure else 'TLS'})", flush=True)
 
     hints = {NODE_REFUSED: NODE_REFUSED_HINT} if args.node_key is not None else None
-    return supervise(supernode_argv, rejoin=not args.no_rejoin, output_hints=hints)
+    fatal = permanent_errors(runtime_address=f"{runtime_host_port(args)[0]}:{runtime_port}",
+                             health_address=args.health_address)
+    return supervise(supernode_argv, rejoin=not args.no_rejoin, output_hints=hints, fatal_output=fatal)
 
 
 if __name__ == "__main__":

@@ -59,12 +59,15 @@ def describe_privacy(
     lines.append("Channels (what leaves the site -> who receives it: what protects it):")
     mu = channels.get("model_updates", {})
     em = channels.get("embeddings", {})
-    lines.append(_model_updates_line(mu, dp_enabled=dp_enabled, insecure=insecure, at=at))
+    # a ledger with no model update: the site never trained (its rounds failed first, or none asked it yet)
+    never_trained = bool(s) and not dp_enabled and not mu.get("events")
+    lines.append(_model_updates_line(mu, dp_enabled=dp_enabled, insecure=insecure, at=at, never_trained=never_trained))
     lines.append(_embeddings_line(em, release_mode=release_mode, at=at))
     lines += _other_channel_lines(private=dp_enabled or release_mode in ("gaussian", "prototypes"))
     all_dp = (dp_enabled and not insecure and release_mode in ("gaussian", "prototypes", "public", "none")
               and mu.get("dp_protected") is not False and em.get("dp_protected") is not False)
-    lines += _total_lines(s, all_dp=all_dp, at=at, unit=unit)
+    nothing_left = never_trained and not em.get("events")
+    lines += _total_lines(s, all_dp=all_dp, at=at, unit=unit, nothing_left=nothing_left)
     return "\n".join(lines)
 
 
@@ -81,7 +84,8 @@ def _header_lines(s: dict[str, Any], *, delta, unit: str, insecure: bool) -> lis
     return lines
 
 
-def _model_updates_line(mu: dict[str, Any], *, dp_enabled: bool, insecure: bool, at: str) -> str:
+def _model_updates_line(mu: dict[str, Any], *, dp_enabled: bool, insecure: bool, at: str,
+                        never_trained: bool = False) -> str:
     recipients = ("the coordinator (this site's own update, in the clear to it), the other sites (inside the "
                   "aggregate model), the network (TLS)")
     if dp_enabled and mu.get("dp_protected") is False:
@@ -93,6 +97,8 @@ def _model_updates_line(mu: dict[str, Any], *, dp_enabled: bool, insecure: bool,
                 f"(Poisson batches and noise drawn from {source})")
     elif dp_enabled:
         text = "DP-SGD; no update released yet (ε = 0)"
+    elif never_trained:
+        text = "never trained: the ledger records no model update, so none has left the site yet"
     else:
         text = ("NOT protected: trained without DP-SGD; the weights can memorise and leak training images "
                 "(membership, reconstruction), and they reach every other site through the aggregate model")
@@ -138,13 +144,18 @@ def _other_channel_lines(*, private: bool) -> list[str]:
     return lines
 
 
-def _total_lines(s: dict[str, Any], *, all_dp: bool, at: str, unit: str) -> list[str]:
+def _total_lines(s: dict[str, Any], *, all_dp: bool, at: str, unit: str, nothing_left: bool = False) -> list[str]:
     lines = []
     what = "the content of each " + ("patient's images" if unit == "group" else "image")
     if s:
         budget = s.get("epsilon_budget")
         budget_text = (f" Budget ε = {budget:g}, remaining {_eps(s.get('remaining'))}." if budget is not None
                        else " No budget set.")
+        if nothing_left:
+            return [f"Total: this site never trained and released no embedding: no model update or embedding "
+                    f"has left it (ε = 0).{budget_text}",
+                    "Protected: raw images never leave the site. The channels above marked NOT protected apply "
+                    "from the first round the site trains in."]
         if all_dp:
             lines.append(f"Total: ε = {_eps(s.get('epsilon'))}{at} for the model updates and embedding releases "
                          f"together (all DP events composed in one accountant).{budget_text}")

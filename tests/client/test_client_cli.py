@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import stat
 import subprocess
@@ -205,7 +206,8 @@ def test_fedcl_client_with_the_wrong_ca_stops_with_one_clear_message(tmp_path, t
                            "--root-certificates", str(rogue / "ca.pem")],
                           capture_output=True, text=True, timeout=60, cwd=REPO)
     assert proc.returncode == 2
-    assert proc.stderr.startswith("fedcl-client: error: the server at 127.0.0.1:") and "does not verify" in proc.stderr
+    assert proc.stderr.startswith("fedcl-client: error: check CA: the server at 127.0.0.1:")
+    assert "does not verify" in proc.stderr and len(proc.stderr.splitlines()) == 1
     assert "Traceback" not in proc.stderr and "Starting Flower SuperNode" not in proc.stdout + proc.stderr
 
 
@@ -234,3 +236,32 @@ def test_supervisor_restarts_a_refused_supernode_whose_children_linger(tmp_path)
         " output_hints={NODE_REFUSED: NODE_REFUSED_HINT}))")], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert proc.returncode == 1 and time.monotonic() - t0 < 20
     assert "refused this SuperNode's key" in proc.stdout
+
+
+def test_supervisor_stops_on_a_permanent_local_error(tmp_path):
+    """A real flower-supernode whose runtime port another process holds fails to start; restarting it
+    cannot help, so the supervisor stops with one line (status 2) instead of retrying forever."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        supernode = [str(Path(sys.executable).parent / "flower-supernode"), "--insecure", "--superlink",
+                     f"127.0.0.1:{closed}", "--port", str(port), "--max-retries", "0"]
+        supervisor = (
+            "import sys; from fedcl.client.cli import supervise, permanent_errors;"
+            f"sys.exit(supervise({supernode!r}, rejoin=True, min_delay=0.1, fatal_output=permanent_errors("
+            f"runtime_address='127.0.0.1:{port}', health_address=None)))")
+        env = {**os.environ, "HOME": str(tmp_path), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+        env.pop("FLWR_HOME", None)
+        try:
+            proc = subprocess.run([sys.executable, "-c", supervisor], capture_output=True, text=True, timeout=300,
+                                  cwd=REPO, env=env)
+        except subprocess.TimeoutExpired as err:
+            raise AssertionError(f"awaited the supervisor's exit after the SuperNode failed to bind {port}; it kept "
+                                 f"going: {err.stdout!r}") from None
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Runtime HTTP API failed to start" in proc.stdout  # Flower's own words, passed on
+    assert "rejoining" not in proc.stdout
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        f"fedcl-client: error: the SuperNode could not serve its runtime API at 127.0.0.1:{port}")
