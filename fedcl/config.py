@@ -3,6 +3,10 @@
 Sources, later ones win: defaults < TOML file < environment (``FEDCL_SECTION__KEY``) <
 command-line overrides (``section.key=value``); docs/configuration.md. Library functions never
 receive these objects: the CLIs and Flower adapters unpack them into keyword arguments.
+
+A ``Site*Settings`` section holds the fields a site needs; every round's config carries it to the
+sites (``fedcl.wire.protocol.RoundConfig``), so a new site-side setting is one field there. Its
+subclass, the section a FedclConfig holds, adds the fields only the server or the CLI uses.
 """
 
 from __future__ import annotations
@@ -49,20 +53,25 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class DataSettings(_Section):
+class SiteDataSettings(_Section):
+    """How a shared data set is split into sites: what a site started with a partition id needs."""
+
     name: Literal["fashion-mnist", "medmnist", "folder", "synthetic"] = "fashion-mnist"
-    path: Path | None = None  # None: the data set's default location
     partition: Literal["iid", "dirichlet", "pathological"] = "pathological"
     num_sites: int = Field(5, ge=1)
     alpha: float = Field(0.5, gt=0)
     classes_per_site: int = Field(2, ge=1)
     max_images_per_site: int | None = Field(2000, ge=1)
-    eval_split: str = "test"
-    eval_max_images: int | None = Field(2000, ge=1)
-    train_max_images: int | None = Field(None, ge=1)  # centralized training subset
     synthetic_images: int = Field(2000, ge=10)
     synthetic_classes: int = Field(10, ge=2)
     seed: int = 0
+
+
+class DataSettings(SiteDataSettings):
+    path: Path | None = None  # None: the data set's default location
+    eval_split: str = "test"
+    eval_max_images: int | None = Field(2000, ge=1)
+    train_max_images: int | None = Field(None, ge=1)  # centralized training subset
 
 
 class ModelSettings(_Section):
@@ -82,7 +91,9 @@ class AugmentSettings(_Section):
     noise_std: float = Field(0.05, ge=0)
 
 
-class TrainSettings(_Section):
+class SiteTrainSettings(_Section):
+    """How a site trains each round (the server-only fields are in TrainSettings)."""
+
     epochs: int = Field(1, ge=1)  # local epochs per round (federated) or total (centralized)
     # federated: each round trains on 1/rounds_per_epoch of a site's images (disjoint shares, every
     # image once per epoch), so a round is epochs/rounds_per_epoch epochs. Shorter rounds at the same
@@ -104,16 +115,19 @@ class TrainSettings(_Section):
     in_batch_negatives: bool = True
     key_encoder: Literal["global", "online"] = "global"
     num_push: int = Field(512, ge=0)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1)  # torch intra-op threads; None: all cores
     seed: int = 0
 
 
-class QueueSettings(_Section):
+class TrainSettings(SiteTrainSettings):
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # centralized training (a site picks its own)
+
+
+class SiteQueueSettings(_Section):
+    """How a site uses the queue each round (the service's own fields are in QueueSettings)."""
+
     enabled: bool = True
     num_negatives: int = Field(4096, ge=0)
-    capacity: int = Field(65536, ge=1)
-    per_site_quota: int = Field(16384, ge=1)
     # Fresh push (DESIGN "Staleness"): at the start of each round after warm-up, every sampled site
     # pushes embeddings of the global model it has just received (a release phase), and only then do
     # the sites train; the negatives then come from the same model as the positive keys. Without
@@ -122,11 +136,18 @@ class QueueSettings(_Section):
     fresh_push: bool = True
     max_staleness: int = Field(0, ge=0)  # rounds; 0 with fresh_push: only this round's pushes
     warmup_rounds: int = Field(1, ge=0)
+
+
+class QueueSettings(SiteQueueSettings):
+    capacity: int = Field(65536, ge=1)
+    per_site_quota: int = Field(16384, ge=1)
     public_images: int = Field(2048, ge=1)  # privacy.release = "public": the server's reference set
     dtype: Literal["float16", "float32"] = "float16"
 
 
-class PrivacySettings(_Section):
+class SitePrivacySettings(_Section):
+    """What a site's DP-SGD, releases and ledger follow (checked against its policy first)."""
+
     dpsgd: bool = False
     target_epsilon: float = Field(8.0, gt=0)  # for DP-SGD over the whole planned run
     delta: float = Field(1e-5, gt=0, lt=1)
@@ -137,16 +158,19 @@ class PrivacySettings(_Section):
     release_noise_multiplier: float = Field(1.0, ge=0)
     release_sample_rate: float = Field(0.1, gt=0, le=1)
     num_prototypes: int = Field(64, ge=1)
-    prototype_min_count: float = Field(5.0, ge=0)  # server merge: a prototype moves only with this much noisy mass
     epsilon_budget: float | None = Field(None, gt=0)  # per site, all channels together
     accountant: Literal["rdp", "prv"] = "rdp"
 
     @model_validator(mode="after")
-    def _release_noise(self) -> "PrivacySettings":
+    def _release_noise(self) -> "SitePrivacySettings":
         if self.release in ("gaussian", "prototypes") and self.release_noise_multiplier <= 0:
             raise ValueError(f"release_noise_multiplier must be > 0 for release {self.release!r} (a DP release "
                              "needs noise); raise it, or use release 'raw' (not DP) or 'public'")
         return self
+
+
+class PrivacySettings(SitePrivacySettings):
+    prototype_min_count: float = Field(5.0, ge=0)  # server merge: a prototype moves only with this much noisy mass
 
 
 class FederationSettings(_Section):

@@ -54,7 +54,7 @@ from flwr.clientapp import ClientApp
 
 from fedcl.client.privacy import RoundPrivacy, dp_mode, plan_round, record_round, release_prototype_sums, round_metrics
 from fedcl.client.privacy import release as release_embeddings
-from fedcl.config import PrivacySettings
+from fedcl.config import SitePrivacySettings
 from fedcl.privacy.randomness import mechanism_generator
 from fedcl.wire.protocol import (
     ARRAYS_KEY,
@@ -255,7 +255,7 @@ def site_privacy_settings(site: SiteSettings, rc: RoundConfig) -> dict[str, Any]
     except ConfigError as exc:
         raise SiteError(str(exc)) from None
     try:
-        return enforce(policy, rc.privacy)
+        return enforce(policy, rc.privacy.model_dump())
     except PolicyViolation as exc:
         raise SiteError(f"site {site.site_id}: {exc}") from None
 
@@ -302,28 +302,31 @@ def load_optimizer_state(context: Context, *, optimizer: str) -> dict | None:
 
 
 def round_share(num_images: int, rc: RoundConfig, site_id: str) -> torch.Tensor | None:
-    """Indices of the images this round trains on when ``rc.rounds_per_epoch`` k > 1 (None: all).
+    """Indices of the images this round trains on when ``rc.train.rounds_per_epoch`` k > 1 (None: all).
 
     Rounds (e - 1) k + 1 ... e k make epoch e: one permutation of the site's images, drawn from
     (seed, site, epoch), split into k shares, round by round. The client process is new for every
     message, so the permutation is recomputed, never stored.
     """
-    k = rc.rounds_per_epoch
+    k = rc.train.rounds_per_epoch
     if k <= 1:
         return None
     epoch, part = divmod(rc.round - 1, k)
     # negative "rounds": rounds are >= 1, so this never reuses a round's seed
-    gen = torch.Generator().manual_seed(_round_seed(rc.seed, site_id, -1 - epoch))
+    gen = torch.Generator().manual_seed(_round_seed(rc.train.seed, site_id, -1 - epoch))
     return torch.randperm(num_images, generator=gen).tensor_split(k)[part]
 
 
 def _build_model(rc: RoundConfig, msg: Message):
     from fedcl.models import build_model, load_canonical_state_dict
 
+    spec = rc.model.model_dump()
+    if spec["in_channels"] is None:
+        raise ProtocolError("round config model spec has no in_channels; is the server running the same fedcl version?")
     try:
-        model = build_model(**rc.model)
+        model = build_model(**spec)
     except TypeError as exc:
-        raise ProtocolError(f"round config model spec {rc.model} does not build a model: {exc}") from None
+        raise ProtocolError(f"round config model spec {spec} does not build a model: {exc}") from None
     arrays = msg.content.array_records.get(ARRAYS_KEY)
     if arrays is None:
         raise ProtocolError("train message carries no 'arrays' record")
@@ -331,7 +334,7 @@ def _build_model(rc: RoundConfig, msg: Message):
     try:
         load_canonical_state_dict(model, state)
     except (ValueError, RuntimeError) as exc:
-        raise ProtocolError(f"global weights do not fit the model spec {rc.model}: {exc}") from None
+        raise ProtocolError(f"global weights do not fit the model spec {spec}: {exc}") from None
     return model
 
 
@@ -358,15 +361,16 @@ def _plan(site: SiteSettings, rc: RoundConfig, images: torch.Tensor, groups: tor
     start from zero every message, so no budget could bind across rounds) and settings the plan
     rejects (δ >= 1/N, DP-SGD with in-batch negatives)."""
     settings = site_privacy_settings(site, rc)
-    private = dp_mode(PrivacySettings.model_validate(settings))
+    private = dp_mode(SitePrivacySettings.model_validate(settings))
     if site.state_dir is None and private:
         raise SiteError(f"site {site.site_id} has no state folder (node config state-dir), and under DP its "
                         "privacy ledger must persist between rounds: start it with fedcl-client --state-dir DIR")
     try:
         rp = plan_round(privacy=settings, site_id=site.site_id, state_dir=site.state_dir,
-                        round=rc.round, num_rounds=rc.num_rounds, epochs=rc.epochs, batch_size=rc.batch_size,
-                        num_examples=int(images.shape[0]), in_batch_negatives=rc.in_batch_negatives, groups=groups,
-                        rounds_per_epoch=rc.rounds_per_epoch)
+                        round=rc.round, num_rounds=rc.num_rounds, epochs=rc.train.epochs,
+                        batch_size=rc.train.batch_size, num_examples=int(images.shape[0]),
+                        in_batch_negatives=rc.train.in_batch_negatives, groups=groups,
+                        rounds_per_epoch=rc.train.rounds_per_epoch)
     except ValueError as exc:
         raise SiteError(f"site {site.site_id}: {exc}") from None
     if private and site.insecure_reproducible_dp and rp.ledger is not None:
@@ -379,13 +383,13 @@ def _this_rounds_share(images: torch.Tensor, groups, rc: RoundConfig, site_id: s
 
     DP-SGD: every step Poisson-samples the whole data set (the rate the accountant is told), and
     shorter rounds take fewer steps instead (plan_round); other rounds train on their share."""
-    share = None if rc.privacy.get("dpsgd") else round_share(int(images.shape[0]), rc, site_id)
+    share = None if rc.privacy.dpsgd else round_share(int(images.shape[0]), rc, site_id)
     if share is None:
         return images, groups
     images = images[share]
     groups = None if groups is None else groups[share]
     if images.shape[0] == 0:  # (load_site_images already refused a site with no images at all)
-        raise SiteError(f"site {site_id} has fewer images than rounds_per_epoch ({rc.rounds_per_epoch})")
+        raise SiteError(f"site {site_id} has fewer images than rounds_per_epoch ({rc.train.rounds_per_epoch})")
     return images, groups
 
 
@@ -414,19 +418,19 @@ def _train_seconds(m: dict, *, total: float, sample: float, push: float) -> dict
 
 def train_handler(msg: Message, context: Context, simulated: SimulatedSites | None = None) -> Message:
     from fedcl.client.site_data import load_site_groups
-    from fedcl.config import AugmentSettings
     from fedcl.runtime import configure_threads, make_augment
     from fedcl.train import INSECURE_REPRODUCIBLE, RoundRecipe, local_round, resolve_device
 
     t_start = time.perf_counter()
     site = _site(context, simulated)
     rc = RoundConfig.from_config_record(msg.content.config_records[CONFIG_KEY])
-    configure_threads(site.threads or rc.threads)
+    configure_threads(site.threads or rc.train.threads)
     images = load_site_images(site, rc, simulated)  # (N, C, H, W) uint8
     groups = load_site_groups(site, rc, simulated)  # (N,) patient ids, or None when the data has none
     images, groups = _this_rounds_share(images, groups, rc, site.site_id)
     model = _build_model(rc, msg)
-    optimizer_state = load_optimizer_state(context, optimizer=rc.optimizer) if rc.persist_optimizer else None
+    t = rc.train
+    optimizer_state = load_optimizer_state(context, optimizer=t.optimizer) if t.persist_optimizer else None
     privacy = _plan(site, rc, images, groups)
     if privacy.refused:
         # say so in the reply: the ServerApp drops this site and stops when no site can go on
@@ -438,28 +442,28 @@ def train_handler(msg: Message, context: Context, simulated: SimulatedSites | No
     # switch keeps the public streams of local_round (seed) and of torch's global generator
     secret = mechanism_generator(None, private=private, insecure=site.insecure_reproducible_dp,
                                  where=f"site {site.site_id}, train phase")
-    queue = _queue_client(site, rc) if rc.queue_enabled else None
+    queue = _queue_client(site, rc) if rc.queue.enabled else None
     negatives = None
     t0 = time.perf_counter()
     try:
         if queue is not None and rc.use_queue_negatives:
-            negatives = queue.sample(rc.num_negatives, max_age=rc.max_staleness)  # (n, d), n <= K
+            negatives = queue.sample(rc.queue.num_negatives, max_age=rc.queue.max_staleness)  # (n, d), n <= K
         t_sample = time.perf_counter() - t0
-        push_after = queue is not None and not rc.fresh_push and privacy.settings.release != "public"
+        push_after = queue is not None and not rc.queue.fresh_push and privacy.settings.release != "public"
         recipe = RoundRecipe(
-            epochs=rc.epochs, batch_size=rc.batch_size, lr=rc.lr, temperature=rc.temperature,
-            key_encoder=rc.key_encoder, in_batch_negatives=rc.in_batch_negatives,
-            num_push=rc.num_push if push_after else 0, optimizer=rc.optimizer, momentum=rc.momentum,
-            weight_decay=rc.weight_decay)
+            epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, temperature=t.temperature,
+            key_encoder=t.key_encoder, in_batch_negatives=t.in_batch_negatives,
+            num_push=t.num_push if push_after else 0, optimizer=t.optimizer, momentum=t.momentum,
+            weight_decay=t.weight_decay)
         result = local_round(
-            model, images, negatives, recipe, augment=make_augment(AugmentSettings.model_validate(rc.augment)),
+            model, images, negatives, recipe, augment=make_augment(rc.augment),
             dp=privacy.dp, dp_steps=privacy.steps_planned if privacy.dp is not None else None, groups=privacy.groups,
-            optimizer_state=optimizer_state, seed=_round_seed(rc.seed, site.site_id, rc.round),
+            optimizer_state=optimizer_state, seed=_round_seed(t.seed, site.site_id, rc.round),
             dp_generator=INSECURE_REPRODUCIBLE if secret is None and private else secret,
             device=resolve_device("auto"),
         )
-        if rc.persist_optimizer and result.optimizer_state is not None:
-            save_optimizer_state(context, result.optimizer_state, optimizer=rc.optimizer)
+        if t.persist_optimizer and result.optimizer_state is not None:
+            save_optimizer_state(context, result.optimizer_state, optimizer=t.optimizer)
         t0 = time.perf_counter()
         pushed = 0 if queue is None else _push_after_training(queue, privacy, result.embeddings, rc,
                                                              negatives=negatives, generator=secret)
@@ -468,7 +472,7 @@ def train_handler(msg: Message, context: Context, simulated: SimulatedSites | No
         if queue is not None:
             queue.close()
     record_round(privacy, round=rc.round, dp_steps=int(result.metrics.get("dp_steps", 0)), pushed=pushed,
-                 queue_enabled=rc.queue_enabled)
+                 queue_enabled=rc.queue.enabled)
     m = result.metrics
     metrics = {
         "num-examples": int(m["num_examples"]),  # public (docs/privacy.md): FedAvg's weight
@@ -497,13 +501,12 @@ def release_handler(msg: Message, context: Context, simulated: SimulatedSites | 
     prototypes in the message (the server merges them). Entered in the site's ledger; refused
     when the release, plus this round's planned DP-SGD steps, would pass the site's budget.
     """
-    from fedcl.config import AugmentSettings
     from fedcl.runtime import configure_threads, make_augment
     from fedcl.train import encode
 
     site = _site(context, simulated)
     rc = RoundConfig.from_config_record(msg.content.config_records[CONFIG_KEY])
-    configure_threads(site.threads or rc.threads)
+    configure_threads(site.threads or rc.train.threads)
     from fedcl.client.site_data import load_site_groups
 
     images = load_site_images(site, rc, simulated)  # (N, C, H, W) uint8
@@ -513,13 +516,13 @@ def release_handler(msg: Message, context: Context, simulated: SimulatedSites | 
     if privacy.refused:
         return budget_refusal_reply(msg, f"site {site.site_id}: {privacy.refused}")
     mode = privacy.settings.release
-    public = torch.Generator().manual_seed(_round_seed(rc.seed, site.site_id, rc.round) + 17)  # augmentation
+    public = torch.Generator().manual_seed(_round_seed(rc.train.seed, site.site_id, rc.round) + 17)  # augmentation
     gen = mechanism_generator(public, private=dp_mode(privacy.settings), insecure=site.insecure_reproducible_dp,
                               where=f"site {site.site_id}, release phase")  # picks and noise
     n = int(images.shape[0])
     # prototypes: every image is a candidate record (the release Poisson-samples them)
-    pick = torch.randperm(n, generator=gen)[: (n if mode == "prototypes" else rc.num_push)]
-    augment = make_augment(AugmentSettings.model_validate(rc.augment))
+    pick = torch.randperm(n, generator=gen)[: (n if mode == "prototypes" else rc.train.num_push)]
+    augment = make_augment(rc.augment)
     embeddings = encode(model, images[pick], device=torch.device("cpu"), augment=augment, generator=public)
     records: dict[str, Any] = {}
     pushed = 0
@@ -548,27 +551,22 @@ def release_handler(msg: Message, context: Context, simulated: SimulatedSites | 
 
 def evaluate_handler(msg: Message, context: Context, simulated: SimulatedSites | None = None) -> Message:
     """Label-free check of the global model on the site's own images: alignment and uniformity."""
-    from fedcl.config import AugmentSettings
     from fedcl.evaluate import alignment_uniformity
     from fedcl.runtime import configure_threads, make_augment
 
     site = _site(context, simulated)
     rc = RoundConfig.from_config_record(msg.content.config_records[CONFIG_KEY])
-    configure_threads(site.threads or rc.threads)
+    configure_threads(site.threads or rc.train.threads)
     images = load_site_images(site, rc, simulated)
     model = _build_model(rc, msg)
     n = min(512, int(images.shape[0]))
     metrics: dict[str, float] = {"num-examples": n}
-    try:
-        private = dp_mode(PrivacySettings.model_validate(rc.privacy or {}))
-    except ValueError as exc:
-        raise SiteError(f"site {site.site_id}: round config privacy settings are not valid: {exc}") from None
-    if not private:  # under DP they would be exact, un-noised statistics of the site's images
+    if not dp_mode(rc.privacy):  # under DP they would be exact, un-noised statistics of the site's images
         if n < 2:
             raise SiteError(f"site {site.site_id} needs at least 2 images for uniformity, has {n}")
         align, uniform = alignment_uniformity(
-            model, images[:n], augment=make_augment(AugmentSettings.model_validate(rc.augment)),
-            device=torch.device("cpu"), seed=_round_seed(rc.seed, site.site_id, rc.round))
+            model, images[:n], augment=make_augment(rc.augment),
+            device=torch.device("cpu"), seed=_round_seed(rc.train.seed, site.site_id, rc.round))
         metrics |= {"alignment": align, "uniformity": uniform}
     content = RecordDict({
         METRICS_KEY: MetricRecord(metrics),

@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from fedcl.config import PrivacySettings, SitePolicy
+from fedcl.config import SitePolicy, SitePrivacySettings
 
 
 class PolicyViolation(RuntimeError):
@@ -23,7 +23,7 @@ def enforce(policy: SitePolicy, privacy: dict[str, Any]) -> dict[str, Any]:
     the server asks for more, or sends settings that are not valid (one line naming them).
     """
     try:
-        s = PrivacySettings.model_validate(privacy or {})
+        s = SitePrivacySettings.model_validate(privacy or {})
     except ValidationError as exc:
         wrong = "; ".join(f"privacy.{'.'.join(str(x) for x in e['loc']) or '(section)'}: {e['msg']}"
                           for e in exc.errors())

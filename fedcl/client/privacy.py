@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fedcl.config import PrivacySettings
+from fedcl.config import SitePrivacySettings
 from fedcl.privacy.dp import DPParams, noise_for_budget
 from fedcl.privacy.ledger import BudgetExceeded, PrivacyLedger
 from fedcl.privacy.release import (
@@ -54,7 +54,7 @@ log = logging.getLogger("fedcl.client.privacy")
 class RoundPrivacy:
     """What the privacy settings mean for this site's round."""
 
-    settings: PrivacySettings
+    settings: SitePrivacySettings
     ledger: PrivacyLedger | None = None
     ledger_path: Path | None = None
     dp: DPParams | None = None
@@ -73,13 +73,13 @@ def ledger_path(state_dir: Path | None, site_id: str) -> Path | None:
     return None if state_dir is None else Path(state_dir) / f"ledger-{site_id}.json"
 
 
-def _release_event(s: PrivacySettings) -> tuple[float, float, int] | None:
+def _release_event(s: SitePrivacySettings) -> tuple[float, float, int] | None:
     if s.release in ("gaussian", "prototypes"):
         return (s.release_noise_multiplier, s.release_sample_rate, 1)
     return None
 
 
-def dp_mode(s: PrivacySettings) -> bool:
+def dp_mode(s: SitePrivacySettings) -> bool:
     """Some DP mechanism runs on the site's data: DP-SGD, or a gaussian / prototypes release."""
     return bool(s.dpsgd) or s.release in ("gaussian", "prototypes")
 
@@ -99,7 +99,7 @@ def plan_round(
     rounds_per_epoch: k > 1 makes a round epochs / k epochs' worth of steps, each still a Poisson
     sample of the whole data set at rate q: round_half(epochs / (q k)) steps a round.
     """
-    s = PrivacySettings.model_validate(privacy or {})
+    s = SitePrivacySettings.model_validate(privacy or {})
     unit = "group" if s.unit == "patient" else "example"
     if groups is not None and groups.shape != (num_examples,):
         raise ValueError(f"site {site_id}: {tuple(groups.shape)} patient ids for {num_examples} images")

@@ -33,14 +33,13 @@ def load_site_data(site: SiteSettings, rc: RoundConfig, simulated: SimulatedSite
                            lambda: site_partition(d, full, site_index=int(site.partition_id)))
         fmt = site.data_format
         if fmt == "auto" and site.data_path is None and site.partition_id is not None:
-            settings = {k: v for k, v in rc.partition.items() if k in DataSettings.model_fields}
-            d = DataSettings.model_validate({**settings, "path": None, "num_sites": site.num_partitions})
+            d = DataSettings.model_validate({**rc.data.model_dump(), "num_sites": site.num_partitions})
             full = _cached(("demo", d.model_dump_json()), lambda: load_split(d, split="train"))
             return _cached(("demo-part", d.model_dump_json(), site.partition_id),
                            lambda: site_partition(d, full, site_index=int(site.partition_id)))
         if fmt == "synthetic":
             seed = (
-                int(rc.partition.get("seed", 0)) if site.partition_id is not None else zlib.crc32(site.site_id.encode())
+                rc.data.seed if site.partition_id is not None else zlib.crc32(site.site_id.encode())
             )
             full = _cached(("synthetic", seed), lambda: load_dataset(name="synthetic", split="train", seed=seed))
         else:
@@ -52,9 +51,8 @@ def load_site_data(site: SiteSettings, rc: RoundConfig, simulated: SimulatedSite
                            lambda: load_dataset(name=fmt, path=site.data_path, split="train",
                                                 group_regex=site.patient_regex))
         if site.partition_id is not None:
-            settings = {k: v for k, v in rc.partition.items() if k in DataSettings.model_fields}
-            settings.update(name=fmt if fmt != "auto" else "folder", path=None, num_sites=site.num_partitions)
-            d = DataSettings.model_validate(settings)
+            d = DataSettings.model_validate({**rc.data.model_dump(), "name": fmt if fmt != "auto" else "folder",
+                                             "num_sites": site.num_partitions})
             full = _cached(("part", fmt, str(site.data_path), d.model_dump_json(), site.partition_id),
                            lambda: site_partition(d, full, site_index=int(site.partition_id)))
         return first_n(full, site.max_images, seed=zlib.crc32(site.site_id.encode()))

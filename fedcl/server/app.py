@@ -39,6 +39,7 @@ from fedcl.wire.protocol import (
     PROTOTYPE_SITE,
     PROTOTYPES_KEY,
     PUBLIC_SITE,
+    SECTIONS,
     SITE_KEY,
     RoundConfig,
     is_budget_refusal,
@@ -142,36 +143,16 @@ class CentralEvaluator:
 
 
 def round_config(cfg, *, rnd: int, model_spec: dict[str, Any], queue: QueueLink | None) -> RoundConfig:
-    t, q = cfg.train, cfg.queue
-    return RoundConfig(
-        round=rnd,
-        num_rounds=cfg.federation.num_rounds,
-        model=dict(model_spec),
-        augment=cfg.augment.model_dump(mode="json"),
-        epochs=t.epochs,
-        batch_size=t.batch_size,
-        lr=t.lr,
-        momentum=t.momentum,
-        weight_decay=t.weight_decay,
-        temperature=t.temperature,
-        in_batch_negatives=t.in_batch_negatives,
-        key_encoder=t.key_encoder,
-        num_push=t.num_push,
-        seed=t.seed,
-        queue_enabled=q.enabled and queue is not None,
-        queue_address=queue.address if queue is not None else "",
-        queue_tls=queue.tls if queue is not None else False,
-        num_negatives=q.num_negatives,
-        max_staleness=q.max_staleness,
-        warmup_rounds=q.warmup_rounds,
-        privacy=cfg.privacy.model_dump(mode="json"),
-        partition=cfg.data.model_dump(mode="json", exclude={"path"}),
-        threads=t.threads,
-        optimizer=t.optimizer,
-        fresh_push=q.fresh_push and cfg.privacy.release in ("raw", "gaussian", "prototypes"),
-        rounds_per_epoch=t.rounds_per_epoch,
-        persist_optimizer=t.persist_optimizer,
-    )
+    """Round ``rnd``'s settings for the sites: every section of ``cfg`` that the round config carries
+    (RoundConfig narrows each to the fields a site needs), with the server's own decisions applied."""
+    sections = {name: getattr(cfg, name) for name in SECTIONS}
+    fresh_push = cfg.queue.fresh_push and cfg.privacy.release in ("raw", "gaussian", "prototypes")
+    sections["queue"] = cfg.queue.model_copy(update={"enabled": cfg.queue.enabled and queue is not None,
+                                                     "fresh_push": fresh_push})
+    sections["model"] = dict(model_spec)  # in_channels resolved from the data or the checkpoint
+    return RoundConfig(round=rnd, num_rounds=cfg.federation.num_rounds,
+                       queue_address=queue.address if queue is not None else "",
+                       queue_tls=queue.tls if queue is not None else False, **sections)
 
 
 # ------------------------------------------------------------------------------- release phase
@@ -542,10 +523,10 @@ class _Federation:
         weights_sha256 = _arrays_sha256(arrays)
         rc = round_config(cfg, rnd=rnd, model_spec=dict(self.model.spec), queue=queue)
         messages = list(self.strategy.configure_train(rnd, arrays, rc.to_config_record(), self.grid))
-        if queue is not None and rc.num_push * len(messages) > cfg.queue.capacity and not self.capacity_warned:
+        if queue is not None and rc.train.num_push * len(messages) > cfg.queue.capacity and not self.capacity_warned:
             self.capacity_warned = True  # the ring buffer would drop the first sites' pushes of a round
             log.warning("%d sites x train.num_push %d exceed queue.capacity %d: negatives would come from the "
-                        "last sites to push only; raise queue.capacity", len(messages), rc.num_push,
+                        "last sites to push only; raise queue.capacity", len(messages), rc.train.num_push,
                         cfg.queue.capacity)
         release_info: dict[str, Any] = {}
         if queue is not None and rc.use_queue_negatives and (rc.release_phase or cfg.privacy.release == "public"):

@@ -1,8 +1,9 @@
 """What the ServerApp sends a site each round, and what a site sends back.
 
-Flower's ConfigRecord holds flat scalars and lists only, so the settings sections travel as JSON
-strings (parsed with ``json.loads``, never unpickled) and are validated on arrival with the same
-pydantic models (``extra="forbid"``) the server built them from.
+Flower's ConfigRecord holds flat scalars and lists only, so each settings section of the round
+config travels as one JSON string (parsed by pydantic, never unpickled) and is validated on arrival
+with the ``fedcl.config`` model the server built it from (``extra="forbid"``); a wrong, missing or
+unknown setting is a one-line ProtocolError.
 
 Reply contract (what Flower's FedAvg accepts): one ArrayRecord ``arrays`` (the canonical state
 dict), one MetricRecord ``metrics`` with ``num-examples``, and a ConfigRecord ``site`` naming the
@@ -12,10 +13,19 @@ site and carrying its privacy-ledger summary as JSON. Every site reports the sam
 from __future__ import annotations
 
 import json
-from dataclasses import MISSING, asdict, dataclass, field
 from typing import Any
 
 from flwr.app import ConfigRecord, Error, Message
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+from fedcl.config import (
+    AugmentSettings,
+    ModelSettings,
+    SiteDataSettings,
+    SitePrivacySettings,
+    SiteQueueSettings,
+    SiteTrainSettings,
+)
 
 # Keys of the records in train/evaluate messages and replies.
 ARRAYS_KEY = "arrays"
@@ -45,45 +55,37 @@ class ProtocolError(ValueError):
     """A round message that this site cannot use (wrong or missing settings)."""
 
 
-@dataclass(frozen=True)
-class RoundConfig:
-    """Settings of one federated round, as the ServerApp decided them."""
+class RoundConfig(BaseModel):
+    """Settings of one federated round, as the ServerApp decided them.
 
-    round: int
-    num_rounds: int
-    # build_model(**model): arch, in_channels, width, proj_dim, proj_hidden
-    model: dict[str, Any]
-    augment: dict[str, Any]  # fedcl.config.AugmentSettings fields
-    epochs: int
-    batch_size: int
-    lr: float
-    momentum: float
-    weight_decay: float
-    temperature: float
-    in_batch_negatives: bool
-    key_encoder: str  # "global" | "online"
-    num_push: int
-    seed: int
-    queue_enabled: bool
-    queue_address: str
-    queue_tls: bool
-    num_negatives: int
-    max_staleness: int
-    warmup_rounds: int
-    # fedcl.config.PrivacySettings fields; the site builds DP-SGD and releases from them
-    privacy: dict[str, Any] = field(default_factory=dict)
-    # how a shared demo data set is split (sites started with a partition id use it)
-    partition: dict[str, Any] = field(default_factory=dict)
-    threads: int | None = None
-    optimizer: str = "adam"  # "adam" | "sgd" (momentum applies to SGD only)
-    # sites pushed in this round's release phase (a query message before train): train pushes nothing
-    fresh_push: bool = False
-    # each round trains on 1/rounds_per_epoch of the site's images (fedcl.client.app.round_share)
-    rounds_per_epoch: int = 1
-    # the site's optimizer resumes its previous round's state (fedcl.client.app, Context.state)
-    persist_optimizer: bool = False
+    The round's scalars, and one section per settings group: the ``fedcl.config`` model of the
+    fields a site needs (``SiteTrainSettings`` and so on). Built from a FedclConfig's sections,
+    each narrowed to its site part, so a site-side setting added to a section travels with no
+    change here, in the server or in the client.
+    """
 
-    _JSON_FIELDS = ("model", "augment", "privacy", "partition")
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    round: int = Field(ge=1, strict=True)
+    num_rounds: int = Field(ge=1, strict=True)
+    queue_address: str = Field("", strict=True)  # the queue service the sites dial ("": none this run)
+    queue_tls: bool = Field(False, strict=True)
+    train: SiteTrainSettings = Field(default_factory=SiteTrainSettings)
+    # queue.enabled: a queue service is linked; queue.fresh_push: a release phase in the release mode
+    queue: SiteQueueSettings = Field(default_factory=SiteQueueSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)  # the global model's spec: build_model(**model)
+    augment: AugmentSettings = Field(default_factory=AugmentSettings)
+    privacy: SitePrivacySettings = Field(default_factory=SitePrivacySettings)  # checked against the site policy
+    data: SiteDataSettings = Field(default_factory=SiteDataSettings)  # used by sites started with a partition id
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _site_part(cls, value: Any, info: ValidationInfo) -> Any:
+        """A FedclConfig section (a subclass with server-only fields) narrows to the site's fields."""
+        section = SECTIONS.get(info.field_name or "")
+        if section is not None and isinstance(value, BaseModel) and type(value) is not section:
+            return section.model_validate(value.model_dump(include=set(section.model_fields)))
+        return value
 
     @property
     def use_queue_negatives(self) -> bool:
@@ -93,81 +95,67 @@ class RoundConfig:
         loss, and under DP-SGD a budget spent on pure noise. Then the queue is used from round 1
         (with fresh push, the release phase fills it before anyone trains).
         """
-        warmup = self.warmup_rounds if self.in_batch_negatives else 0
-        return self.queue_enabled and self.num_negatives > 0 and self.round > warmup
+        warmup = self.queue.warmup_rounds if self.train.in_batch_negatives else 0
+        return self.queue.enabled and self.queue.num_negatives > 0 and self.round > warmup
 
     @property
     def release_phase(self) -> bool:
         """Sites push in a release phase before training (fresh push) this round."""
-        return self.fresh_push and self.use_queue_negatives
+        return self.queue.fresh_push and self.use_queue_negatives
 
     def to_config_record(self) -> ConfigRecord:
-        out: dict[str, Any] = {}
-        for name, value in asdict(self).items():
-            if name in self._JSON_FIELDS:
-                out[name] = json.dumps(value, sort_keys=True)
-            elif value is None:
-                continue  # ConfigRecord has no None; absence means None
-            else:
-                out[name] = value
-        return ConfigRecord(out)
+        """Scalars as they are, each section as one JSON string."""
+        return ConfigRecord({name: json.dumps(value.model_dump(mode="json"), sort_keys=True)
+                             if name in SECTIONS else value for name, value in self})
 
     @classmethod
     def from_config_record(cls, record: ConfigRecord) -> RoundConfig:
+        """Every key of a RoundConfig must be there; within a section a missing key takes the model's
+        default (an older server) and an unknown one is refused. Keys Flower adds itself (its
+        strategies set ``server-round``) are ignored."""
         raw = dict(record)
-        kwargs: dict[str, Any] = {}
-        for name, f in cls.__dataclass_fields__.items():
-            if name.startswith("_"):
-                continue
+        values: dict[str, Any] = {}
+        for name in cls.model_fields:
             if name not in raw:
-                # a field with a default is optional: an older server's config lacks it
-                if f.default is not MISSING:
-                    kwargs[name] = f.default
-                    continue
-                if f.default_factory is not MISSING:
-                    kwargs[name] = f.default_factory()
-                    continue
-                raise ProtocolError(f"round config has no {name!r}; is the server running the same fedcl version?")
-            value = raw[name]
-            if name in cls._JSON_FIELDS:
-                if not isinstance(value, str):
-                    raise ProtocolError(f"round config {name!r} must be a JSON string, got {type(value).__name__}")
-                try:
-                    value = json.loads(value)
-                except json.JSONDecodeError as exc:
-                    raise ProtocolError(f"round config {name!r} is not valid JSON: {exc}") from None
-                if not isinstance(value, dict):
-                    raise ProtocolError(f"round config {name!r} must be a JSON object")
-            kwargs[name] = value
-        cfg = cls(**kwargs)
-        cfg._check_types()
-        return cfg
+                raise ProtocolError(f"round config has no {name!r}{_SAME_VERSION}")
+            values[name] = _parse_section(name, raw[name]) if name in SECTIONS else raw[name]
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            raise ProtocolError(f"round config refused: {_describe(exc)}{_SAME_VERSION}") from None
 
-    def _check_types(self) -> None:
-        ints = ("round", "num_rounds", "epochs", "batch_size", "num_push", "seed", "num_negatives", "max_staleness",
-                "warmup_rounds")
-        for name in ints:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ProtocolError(f"round config {name!r} must be a non-negative integer, got {v!r}")
-        for name in ("lr", "momentum", "weight_decay", "temperature"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise ProtocolError(f"round config {name!r} must be a number, got {v!r}")
-        for name in ("in_batch_negatives", "queue_enabled", "queue_tls", "fresh_push", "persist_optimizer"):
-            if not isinstance(getattr(self, name), bool):
-                raise ProtocolError(f"round config {name!r} must be a boolean")
-        if self.optimizer not in ("adam", "sgd"):
-            raise ProtocolError(f"round config optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
-        if self.key_encoder not in ("global", "online"):
-            raise ProtocolError(f"round config key_encoder must be 'global' or 'online', got {self.key_encoder!r}")
-        if self.batch_size < 1 or self.epochs < 1:
-            raise ProtocolError("round config batch_size and epochs must be at least 1")
-        if isinstance(self.rounds_per_epoch, bool) or not isinstance(self.rounds_per_epoch, int) \
-                or self.rounds_per_epoch < 1:
-            raise ProtocolError(f"round config rounds_per_epoch must be an integer >= 1, got {self.rounds_per_epoch!r}")
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            raise ProtocolError(f"round config threads must be a positive integer, got {self.threads!r}")
+
+_SAME_VERSION = "; is the server running the same fedcl version as this site?"
+
+# name in the round config -> the fedcl.config model of that section (one JSON string each)
+SECTIONS: dict[str, type[BaseModel]] = {
+    name: f.annotation for name, f in RoundConfig.model_fields.items()
+    if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)
+}
+
+
+def _parse_section(name: str, raw: Any) -> BaseModel:
+    """One section from its JSON string, validated strictly (a JSON 1 is no boolean)."""
+    if not isinstance(raw, str):
+        raise ProtocolError(f"round config section {name!r} must be a JSON string, got {type(raw).__name__}")
+    try:
+        return SECTIONS[name].model_validate_json(raw, strict=True)
+    except ValidationError as exc:
+        raise ProtocolError(f"round config refused: {_describe(exc, name)}{_SAME_VERSION}") from None
+
+
+def _describe(exc: ValidationError, section: str = "") -> str:
+    """A pydantic error as one line: ``train.lr: Input should be greater than 0 (got -1)``."""
+    parts = []
+    for e in exc.errors():
+        loc = ".".join(str(p) for p in ((section,) if section else ()) + tuple(e["loc"])) or "(round config)"
+        if e["type"] == "extra_forbidden":
+            parts.append(f"{loc}: unknown key")
+            continue
+        given = repr(e.get("input"))
+        shown = f" (got {given})" if len(given) <= 60 and not isinstance(e.get("input"), (dict, list)) else ""
+        parts.append(f"{loc}: {e['msg']}{shown}")
+    return "; ".join(parts)
 
 
 def site_record(*, site_id: str, ledger: dict[str, Any] | None) -> ConfigRecord:

@@ -10,13 +10,8 @@ from fedcl.client.app import SiteError, SiteSettings, load_site_images, site_pri
 from fedcl.wire.protocol import RoundConfig
 
 
-def _rc(**partition) -> RoundConfig:
-    return RoundConfig(
-        round=1, num_rounds=2, model={}, augment={}, epochs=1, batch_size=8, lr=0.1, momentum=0.9, weight_decay=0.0,
-        temperature=0.2, in_batch_negatives=True, key_encoder="global", num_push=0, seed=0, queue_enabled=False,
-        queue_address="", queue_tls=False, num_negatives=0, max_staleness=1, warmup_rounds=0,
-        partition={"partition": "iid", "seed": 3, "max_images_per_site": None, **partition},
-    )
+def _rc(**data) -> RoundConfig:
+    return RoundConfig(round=1, num_rounds=2, data={"partition": "iid", "seed": 3, "max_images_per_site": None, **data})
 
 
 def _npz(path, n=30, classes=3):
@@ -67,11 +62,10 @@ def test_site_policy_refuses_a_weaker_round_config(tmp_path):
     policy = tmp_path / "site.toml"
     policy.write_text("[policy]\nepsilon_budget = 4.0\nallowed_release_modes = ['public', 'prototypes']\n")
     site = SiteSettings(site_id="a", policy_file=policy)
-    rc = _rc()
-    object.__setattr__(rc, "privacy", {"release": "raw"})
+    rc = RoundConfig(round=1, num_rounds=2, privacy={"release": "raw"})
     with pytest.raises(SiteError, match="release mode 'raw' is not allowed"):
         site_privacy_settings(site, rc)
-    object.__setattr__(rc, "privacy", {"release": "public", "epsilon_budget": 10.0})
+    rc = RoundConfig(round=1, num_rounds=2, privacy={"release": "public", "epsilon_budget": 10.0})
     assert site_privacy_settings(site, rc)["epsilon_budget"] == 4.0
     missing = SiteSettings(site_id="a", policy_file=tmp_path / "nope.toml")
     with pytest.raises(SiteError, match="does not exist"):

@@ -27,7 +27,7 @@ import fedcl.privacy.sampling as sampling
 import fedcl.train
 from fedcl.client.app import SiteError, evaluate_handler, release_handler, train_handler
 from fedcl.models import build_model, canonical_state_dict
-from fedcl.wire.protocol import RoundConfig
+from fedcl.wire.protocol import ProtocolError, RoundConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 
@@ -36,15 +36,13 @@ MODEL = {"arch": "cnn", "in_channels": 1, "width": 4, "proj_dim": 8, "proj_hidde
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _rc(privacy: dict, **over) -> RoundConfig:
-    values = dict(
-        round=1, num_rounds=3, model=MODEL, augment={}, epochs=1, batch_size=12, lr=1e-3, momentum=0.9,
-        weight_decay=0.0, temperature=0.2, in_batch_negatives=False, key_encoder="global", num_push=20, seed=0,
-        queue_enabled=False, queue_address="", queue_tls=False, num_negatives=0, max_staleness=1, warmup_rounds=0,
-        partition={"partition": "iid", "seed": 3, "max_images_per_site": None}, privacy=privacy, threads=1,
-    )
-    values.update(over)
-    return RoundConfig(**values)
+def _rc(privacy: dict, *, round: int = 1, num_rounds: int = 3, queue_enabled: bool = False, num_negatives: int = 0,
+        **train) -> RoundConfig:
+    train = dict(epochs=1, batch_size=12, lr=1e-3, momentum=0.9, weight_decay=0.0, temperature=0.2,
+                 in_batch_negatives=False, key_encoder="global", num_push=20, seed=0, threads=1) | train
+    queue = dict(enabled=queue_enabled, num_negatives=num_negatives, max_staleness=1, warmup_rounds=0, fresh_push=False)
+    return RoundConfig(round=round, num_rounds=num_rounds, train=train, queue=queue, model=MODEL, privacy=privacy,
+                       data={"partition": "iid", "seed": 3, "max_images_per_site": None})
 
 
 def _npz(path: Path, *, change_one: bool = False) -> Path:
@@ -57,7 +55,7 @@ def _npz(path: Path, *, change_one: bool = False) -> Path:
 
 def _message(rc: RoundConfig, kind: str = "train", prototypes: torch.Tensor | None = None) -> Message:
     torch.manual_seed(0)  # the global weights the coordinator sends: the same in every replay
-    records = {"arrays": ArrayRecord(canonical_state_dict(build_model(**rc.model))), "config": rc.to_config_record()}
+    records = {"arrays": ArrayRecord(canonical_state_dict(build_model(**MODEL))), "config": rc.to_config_record()}
     if prototypes is not None:
         records["prototypes"] = ArrayRecord({"prototypes": prototypes})
     msg = Message(content=RecordDict(records), message_type=kind, dst_node_id=1)
@@ -312,8 +310,10 @@ def test_zero_noise_and_a_delta_of_1_over_n_are_refused_before_training(tmp_path
                                                                         privacy, setting):
     data = _npz(tmp_path / "site.npz")
     _no_training(monkeypatch)
-    with pytest.raises(SiteError, match=setting) as err:
-        train_handler(_message(_rc(privacy)), _context(data, tmp_path / "state"), None)
+    msg = _message(_rc({}))
+    msg.content.config_records["config"]["privacy"] = json.dumps(privacy)  # what a server could send
+    with pytest.raises((SiteError, ProtocolError), match=setting) as err:
+        train_handler(msg, _context(data, tmp_path / "state"), None)
     assert "\n" not in str(err.value)
 
 

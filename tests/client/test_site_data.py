@@ -21,16 +21,14 @@ pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 N = 60
 
 
-def _rc(privacy=None, **over) -> RoundConfig:
-    values = dict(
-        round=1, num_rounds=3, model={"arch": "cnn", "in_channels": 1, "width": 4, "proj_dim": 8, "proj_hidden": 16},
-        augment={}, epochs=1, batch_size=12, lr=1e-3, momentum=0.9, weight_decay=0.0, temperature=0.2,
-        in_batch_negatives=False, key_encoder="global", num_push=0, seed=0, queue_enabled=False, queue_address="",
-        queue_tls=False, num_negatives=0, max_staleness=1, warmup_rounds=0,
-        partition={"partition": "iid", "seed": 3, "max_images_per_site": None}, privacy=privacy or {}, threads=1,
-    )
-    values.update(over)
-    return RoundConfig(**values)
+def _rc(privacy=None, *, round: int = 1, num_rounds: int = 3, **train) -> RoundConfig:
+    train = dict(epochs=1, batch_size=12, lr=1e-3, momentum=0.9, weight_decay=0.0, temperature=0.2,
+                 in_batch_negatives=False, key_encoder="global", num_push=0, seed=0, threads=1) | train
+    return RoundConfig(
+        round=round, num_rounds=num_rounds, train=train, privacy=privacy or {},
+        model={"arch": "cnn", "in_channels": 1, "width": 4, "proj_dim": 8, "proj_hidden": 16},
+        queue=dict(enabled=False, num_negatives=0, max_staleness=1, warmup_rounds=0, fresh_push=False),
+        data={"partition": "iid", "seed": 3, "max_images_per_site": None})
 
 
 def _npz(path, *, patients=True):
@@ -69,7 +67,7 @@ def task_identity():
 
 def _train_message(rc: RoundConfig) -> Message:
     torch.manual_seed(0)
-    weights = ArrayRecord(canonical_state_dict(build_model(**rc.model)))
+    weights = ArrayRecord(canonical_state_dict(build_model(**rc.model.model_dump())))
     msg = Message(content=RecordDict({"arrays": weights, "config": rc.to_config_record()}), message_type="train",
                   dst_node_id=1)
     msg.metadata.__dict__["_message_id"] = "m1"
@@ -85,8 +83,8 @@ def test_a_patient_level_round_through_the_client_app_spends_epsilon_per_patient
                                                       run_config={}), None)
     steps = int(reply.content.metric_records["metrics"]["steps"])
     num_patients = len(np.unique(expected))
-    q = (rc.batch_size * num_patients / N) / num_patients  # expected patients per batch / patients
-    assert steps == round(rc.epochs / q)
+    q = (rc.train.batch_size * num_patients / N) / num_patients  # expected patients per batch / patients
+    assert steps == round(rc.train.epochs / q)
     ledger = PrivacyLedger.load(tmp_path / "state" / "ledger-h.json")
     acct = RDPAccountant()
     acct.history = [(1.2, q, steps)]

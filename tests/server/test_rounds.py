@@ -268,6 +268,7 @@ def test_shorter_rounds_and_kept_optimizers_reach_the_sites_through_the_federati
     train.persist_optimizer: each site's Flower context holds its optimizer state after the run."""
     from fedcl.client.app import OPTIMIZER_KEY, load_site_images
     from fedcl.server.app import round_config
+    from fedcl.wire.protocol import RoundConfig
 
     cfg, link, simulated, _ = federation
     grid = _grid(simulated)
@@ -276,15 +277,15 @@ def test_shorter_rounds_and_kept_optimizers_reach_the_sites_through_the_federati
                           out_dir=tmp_path / "b", queue=link)
     assert len(grid.contexts) == 2 and all(OPTIMIZER_KEY in context.state for context in grid.contexts.values())
     assert "2 rounds are 1 local epochs per site" in caplog.text  # the user is told what k does to the budget
-    assert {m.content.config_records["config"]["persist_optimizer"] for m in grid.sent
-            if m.metadata.message_type == "train"} == {True}
+    sent = [RoundConfig.from_config_record(m.content.config_records["config"]).train for m in grid.sent
+            if m.metadata.message_type == "train"]
+    assert {t.persist_optimizer for t in sent} == {True}
     rc = round_config(cfg, rnd=1, model_spec={}, queue=None)
     full = [int(load_site_images(simulated.site(node), rc, simulated).shape[0]) for node in NODES]
     assert all(n > 1 for n in full)
     for record in half.history:
         assert [m["num-examples"] for m in record["sites"].values()] == [n // 2 for n in full]
-    assert {m.content.config_records["config"]["rounds_per_epoch"] for m in grid.sent
-            if m.metadata.message_type == "train"} == {2}
+    assert {t.rounds_per_epoch for t in sent} == {2}
 
 
 def test_a_dp_federation_reports_no_loss_or_alignment_and_its_table_and_plots_cope(tmp_path, federation, capsys):
