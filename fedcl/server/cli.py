@@ -442,12 +442,14 @@ def cmd_serve_queue(args) -> int:
 
 
 def cmd_health(args) -> int:
-    """Exit 0 when the service answers: HTTP 2xx (SuperLink /health) or gRPC SERVING."""
+    """Exit 0 when the service answers: HTTP 2xx (SuperLink /health) or gRPC SERVING; one status line either way."""
+    target = args.http or f"{args.grpc} (gRPC health{', service ' + repr(args.service) if args.service else ''})"
     try:
         if args.http:
             import httpx
 
-            ok = httpx.get(args.http, timeout=args.timeout, verify=str(args.ca) if args.ca else True).is_success
+            code = httpx.get(args.http, timeout=args.timeout, verify=str(args.ca) if args.ca else True).status_code
+            ok, status = 200 <= code < 300, f"HTTP {code}"
         else:
             import grpc
             from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -458,10 +460,15 @@ def cmd_health(args) -> int:
                 reply = health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
             ok = reply.status == health_pb2.HealthCheckResponse.SERVING
+            status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     except Exception as exc:  # any failure is "not healthy"; say why for `docker inspect`
-        print(f"unhealthy: {exc}", file=sys.stderr)
+        print(f"unhealthy: {target}: {exc}", file=sys.stderr)
         return 1
-    return 0 if ok else 1
+    if not ok:
+        print(f"unhealthy: {target}: {status}", file=sys.stderr)
+        return 1
+    print(f"healthy: {target}: {status}", flush=True)
+    return 0
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -65,6 +65,54 @@ def test_health_and_config_errors_exit_non_zero(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+@pytest.fixture
+def http_health():
+    """A /health endpoint on loopback answering with the status code the test puts in ``status[0]``."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    status = [200]
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            self.send_response(status[0])
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/health", status
+    server.shutdown()
+    server.server_close()
+
+
+def test_health_prints_its_status_line_when_healthy_and_when_not(http_health, capsys):
+    url, status = http_health
+    assert main(["health", "--http", url]) == 0
+    out = capsys.readouterr()
+    assert out.out == f"healthy: {url}: HTTP 200\n" and out.err == ""
+    status[0] = 503
+    assert main(["health", "--http", url]) == 1
+    assert capsys.readouterr().err == f"unhealthy: {url}: HTTP 503\n"
+
+
+def test_health_of_the_queue_service_over_grpc_says_serving(tmp_path, capsys):
+    from fedcl.queue import EmbeddingQueue
+    from fedcl.server.queue_service import ServeSettings, start_queue_server
+
+    server = start_queue_server(EmbeddingQueue(dim=4, capacity=8, per_site_quota=8, max_staleness=1, dtype="float32"),
+                                ServeSettings(host="127.0.0.1", port=0, coordinator_token="c" * 16,
+                                              site_tokens={"a": "t" * 16}))
+    try:
+        assert main(["health", "--grpc", f"127.0.0.1:{server.port}"]) == 0
+    finally:
+        server.stop(grace=0.5)
+    assert capsys.readouterr().out == f"healthy: 127.0.0.1:{server.port} (gRPC health): SERVING\n"
+
+
 # ------------------------------------------------------------- revocation, SuperNode authentication
 
 
