@@ -187,3 +187,24 @@ def format_table(history: list[dict[str, Any]]) -> str:
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=False)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def site_epsilons(record: dict[str, Any]) -> str:
+    """Each site's cumulative ε in the round, "site-0 1.23, site-1 ∞ (not DP)"; "—" when none reported one."""
+    parts = []
+    for site, metrics in sorted(record.get("sites", {}).items()):
+        eps = metrics.get("epsilon")
+        if eps is None:
+            continue
+        parts.append(f"{site} {'∞ (not DP)' if eps < 0 or math.isinf(eps) else format(eps, '.2f')}")
+    return ", ".join(parts) or "—"
+
+
+def format_round_line(record: dict[str, Any], *, num_rounds: int) -> str:
+    """The coordinator's log line for a round: the figures of ``format_table``'s row, rounded the same
+    way, and ε per site: "round 2/10 | loss 4.631 | kNN acc 71.20% | ... | ε 1.25 (site-0 1.23, site-1 1.25)"."""
+    cells = dict(zip(TABLE_COLUMNS, table_rows([record])[0], strict=True))
+    eps = cells["ε"] if cells["ε"] == "—" else f"{cells['ε']} ({site_epsilons(record)})"
+    return " | ".join((f"round {record['round']}/{num_rounds}", f"loss {cells['loss']}", f"kNN acc {cells['kNN acc']}",
+                       f"negatives {cells['negatives']}", f"queue size {cells['queue size']}", f"ε {eps}",
+                       f"sites {cells['sites']}", f"{cells['seconds']} s"))
