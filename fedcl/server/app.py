@@ -653,7 +653,8 @@ def _write_outputs(cfg, *, out_dir: Path, model, progress: _Progress, stopped_fo
         "data": cfg.data.name, "final_knn": final_knn, "random_init_knn": random_init_knn,
         "queue": cfg.queue.enabled,
     })
-    plots = write_plots(history, out_dir, random_init_knn=random_init_knn)
+    plots = write_plots(history, out_dir, random_init_knn=random_init_knn,
+                        epsilon_budget=cfg.privacy.epsilon_budget)
     (out_dir / "summary.json").write_text(json.dumps({
         "rounds": len(history), "final_knn": final_knn, "random_init_knn": random_init_knn,
         "encoder": str(encoder_path), "resumed_from": start - 1, "ledgers": progress.ledgers,
