@@ -107,27 +107,27 @@ class FederationResult:
 class CentralEvaluator:
     """kNN accuracy (k = 200, t = 0.1) of the frozen global encoder on the server's labelled set."""
 
-    def __init__(self, *, memory_images, memory_labels, test_images, test_labels) -> None:
+    def __init__(self, *, memory_images, memory_labels, test_images, test_labels, description: str = "") -> None:
         self.memory_images, self.memory_labels = memory_images, memory_labels
         self.test_images, self.test_labels = test_images, test_labels
         self.in_channels = int(memory_images.shape[1])
+        self.description = description  # which labelled set (fedcl.runtime.load_knn_sets)
 
     @classmethod
     def from_config(cls, cfg) -> tuple[CentralEvaluator | None, str]:
         """The evaluator, or None and the reason there is none."""
         from fedcl.data import DataError
-        from fedcl.runtime import first_n, load_split
+        from fedcl.runtime import load_knn_sets
 
         d = cfg.data
         try:
-            memory = first_n(load_split(d, split="train"), d.train_max_images or 10000, seed=d.seed)
-            test = first_n(load_split(d, split=d.eval_split), d.eval_max_images, seed=d.seed)
+            sets = load_knn_sets(d)  # the set fedcl train and fedcl eval use too
         except (DataError, OSError) as exc:
             return None, str(exc)
-        if memory.labels is None or test.labels is None:
+        if not sets.labelled:
             return None, f"data set {d.name!r} has no labels"
-        return cls(memory_images=memory.images, memory_labels=memory.labels, test_images=test.images,
-                   test_labels=test.labels), ""
+        return cls(memory_images=sets.bank.images, memory_labels=sets.bank.labels, test_images=sets.test.images,
+                   test_labels=sets.test.labels, description=sets.description), ""
 
     def knn(self, model) -> float:
         from fedcl.evaluate import extract_features, knn_accuracy
@@ -437,6 +437,8 @@ def _global_model(cfg):
     evaluator, why_not = CentralEvaluator.from_config(cfg)
     if evaluator is None:
         log.warning("no central evaluation: %s", why_not)
+    else:
+        log.info("central kNN evaluation: %s", evaluator.description)
     in_channels = getattr(cfg.model, "in_channels", None) or (evaluator.in_channels if evaluator else None)
     if in_channels is None:
         raise FederationError(
