@@ -207,3 +207,35 @@ def test_queue_service_of_fedcl_server_refuses_revoked_sites(tmp_path):
                 b.stats()
     finally:
         server.stop(grace=0)
+
+
+def test_sites_are_told_to_join_only_once_their_keys_are_registered(tmp_path, monkeypatch, capsys):
+    """A site that connected on the old cue (printed when the SuperLink came up, before the keys were
+    registered) was refused as if its key were wrong."""
+    import fedcl.server.cli as server_cli
+
+    calls = []
+    monkeypatch.setattr(server_cli, "check_supernode_keys", lambda cfg: {"site-a": tmp_path / "a.pub"})
+    monkeypatch.setattr(server_cli, "register_supernode_keys",
+                        lambda keys, env: calls.append("register") or {"site-a": 7})
+    monkeypatch.setattr(server_cli, "submit_run", lambda **kw: calls.append("submit") or (1, 0))
+    monkeypatch.setattr(server_cli, "run_status", lambda run_id, env: "finished:failed")
+    cfg = load_config(None, ["server.insecure=true", f'server.out_dir="{tmp_path}"'])
+    assert server_cli.start_and_follow_run(cfg, superlink_address="127.0.0.1:1", join_address="coord:9092") == 1
+    out = capsys.readouterr().out
+    assert calls == ["register", "submit"]
+    assert out.index("registered: site-a (node 7)") < out.index(
+        "sites join with fedcl-client --server coord:9092 (their SuperNode keys are registered now)")
+
+
+def test_a_restarted_coordinator_says_what_the_sites_will_log(tmp_path):
+    from fedcl.server.checkpoint import checkpoint_path
+    from fedcl.server.cli import restart_note
+
+    cfg = load_config(None, ["server.insecure=true", f'server.out_dir="{tmp_path}"'])
+    assert restart_note(cfg) is None  # a fresh run
+    path = checkpoint_path(tmp_path / "checkpoints")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    note = restart_note(cfg)
+    assert note is not None and "resumes" in note and "HTTP 401" in note and "rejoin" in note
