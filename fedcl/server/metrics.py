@@ -229,13 +229,14 @@ def format_table(history: list[dict[str, Any]]) -> str:
 
 
 def site_epsilons(record: dict[str, Any]) -> str:
-    """Each site's cumulative ε in the round, "site-0 1.23, site-1 ∞ (not DP)"; "—" when none reported one."""
+    """Each site's cumulative ε in the round, "site-0 1.23, site-1 ∞" (∞: no DP guarantee); "—" when none
+    reported one."""
     parts = []
     for site, metrics in sorted(record.get("sites", {}).items()):
         eps = metrics.get("epsilon")
         if eps is None:
             continue
-        parts.append(f"{site} {'∞ (not DP)' if eps < 0 or math.isinf(eps) else format(eps, '.2f')}")
+        parts.append(f"{site} {'∞' if eps < 0 or math.isinf(eps) else format(eps, '.2f')}")
     return ", ".join(parts) or "—"
 
 
@@ -243,7 +244,9 @@ def format_round_line(record: dict[str, Any], *, num_rounds: int) -> str:
     """The coordinator's log line for a round: the figures of ``format_table``'s row, rounded the same
     way, and ε per site: "round 2/10 | loss 4.631 | kNN acc 71.20% | ... | ε 1.25 (site-0 1.23, site-1 1.25)"."""
     cells = dict(zip(TABLE_COLUMNS, table_rows([record])[0], strict=True))
-    eps = cells["ε"] if cells["ε"] == "—" else f"{cells['ε']} ({site_epsilons(record)})"
+    per_site = site_epsilons(record)
+    every_site_unbounded = all(part.endswith(" ∞") for part in per_site.split(", "))
+    eps = cells["ε"] if cells["ε"] == "—" or every_site_unbounded else f"{cells['ε']} ({per_site})"
     return " | ".join((f"round {record['round']}/{num_rounds}", f"loss {cells['loss']}", f"kNN acc {cells['kNN acc']}",
                        f"negatives {cells['negatives']}", f"queue size {cells['queue size']}", f"ε {eps}",
                        f"sites {cells['sites']}", f"{cells['seconds']} s"))
