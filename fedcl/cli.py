@@ -36,7 +36,7 @@ def train(args: argparse.Namespace) -> None:
     from fedcl.data import DataError
     from fedcl.evaluate import evaluate_encoder
     from fedcl.models import save_encoder
-    from fedcl.runtime import JsonlLog, configure_threads, first_n, load_split, make_augment, make_model
+    from fedcl.runtime import JsonlLog, configure_threads, first_n, load_knn_sets, load_split, make_augment, make_model
     from fedcl.train import RoundRecipe, resolve_device, train_centralized
 
     out: Path = args.out
@@ -44,8 +44,7 @@ def train(args: argparse.Namespace) -> None:
     try:
         device = resolve_device(cfg.train.device)
         train_set = first_n(load_split(cfg.data, split="train"), cfg.data.train_max_images, seed=cfg.data.seed)
-        test_set = first_n(load_split(cfg.data, split=cfg.data.eval_split), cfg.data.eval_max_images,
-                           seed=cfg.data.seed)
+        knn_sets = load_knn_sets(cfg.data)  # the labelled set fedcl eval and the coordinator use
     except (DataError, RuntimeError) as exc:
         _fail(str(exc))
     torch.manual_seed(cfg.train.seed)
@@ -66,13 +65,12 @@ def train(args: argparse.Namespace) -> None:
     )
     save_encoder(out / "encoder.pt", model=model, meta={"trained": "centralized", "epochs": cfg.train.epochs,
                                                         "data": cfg.data.name})
-    if train_set.labels is not None and test_set.labels is not None:
-        kw = dict(train_images=train_set.images, train_labels=train_set.labels, test_images=test_set.images,
-                  test_labels=test_set.labels, device=device, linear=False)
+    if knn_sets.labelled:
+        kw = dict(**knn_sets.as_kwargs(), device=device, linear=False)
         trained = evaluate_encoder(model, **kw)["knn"]
         rand = evaluate_encoder(random_model, **kw)["knn"]
         log.write({"final_knn": trained, "random_init_knn": rand})
-        print(f"kNN accuracy: trained {trained:.4f} | random init {rand:.4f}")
+        print(f"kNN accuracy: trained {trained:.4f} | random init {rand:.4f} ({knn_sets.description})")
     print(f"encoder written to {out / 'encoder.pt'}")
 
 
@@ -84,7 +82,7 @@ def eval_cmd(args: argparse.Namespace) -> None:
     from fedcl.data import DataError
     from fedcl.evaluate import evaluate_encoder
     from fedcl.models import build_model, load_encoder
-    from fedcl.runtime import configure_threads, first_n, load_split, make_augment
+    from fedcl.runtime import configure_threads, load_knn_sets, make_augment
     from fedcl.train import resolve_device
 
     configure_threads(cfg.train.threads)
@@ -93,17 +91,14 @@ def eval_cmd(args: argparse.Namespace) -> None:
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     try:
-        train_set = first_n(load_split(cfg.data, split="train"), cfg.data.train_max_images or 10000,
-                            seed=cfg.data.seed)
-        test_set = first_n(load_split(cfg.data, split=cfg.data.eval_split), cfg.data.eval_max_images,
-                           seed=cfg.data.seed)
+        knn_sets = load_knn_sets(cfg.data)  # the labelled set fedcl train and the coordinator use
     except DataError as exc:
         _fail(str(exc))
-    if train_set.labels is None or test_set.labels is None:
+    if not knn_sets.labelled:
         _fail(f"evaluation needs labels; data set {cfg.data.name!r} has none")
     device = resolve_device(cfg.train.device)
-    kw = dict(train_images=train_set.images, train_labels=train_set.labels, test_images=test_set.images,
-              test_labels=test_set.labels, device=device, augment=make_augment(cfg.augment), seed=cfg.data.seed)
+    print(knn_sets.description)
+    kw = dict(**knn_sets.as_kwargs(), device=device, augment=make_augment(cfg.augment), seed=cfg.data.seed)
     rows = [("encoder", evaluate_encoder(model, **kw))]
     if args.compare_random:
         torch.manual_seed(cfg.train.seed)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -63,6 +64,41 @@ def first_n(ds: ImageSet, n: int | None, *, seed: int) -> ImageSet:
         return ds
     idx = torch.randperm(ds.images.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
     return subset(ds, idx.sort().values)
+
+
+KNN_BANK_DEFAULT = 10000  # train images in the kNN bank when data.train_max_images is unset
+
+
+@dataclass(frozen=True)
+class KnnSets:
+    """The labelled sets of a kNN figure: ``bank`` (labelled features that vote) and ``test``."""
+
+    bank: ImageSet
+    test: ImageSet
+    description: str  # "labelled set: fit on ... scored on ...", printed with the figure
+
+    @property
+    def labelled(self) -> bool:
+        return self.bank.labels is not None and self.test.labels is not None
+
+    def as_kwargs(self) -> dict[str, torch.Tensor | None]:
+        """``train_images``, ``train_labels``, ``test_images``, ``test_labels`` (fedcl.evaluate's names)."""
+        return {"train_images": self.bank.images, "train_labels": self.bank.labels,
+                "test_images": self.test.images, "test_labels": self.test.labels}
+
+
+def load_knn_sets(d: DataSettings) -> KnnSets:
+    """The one labelled set every kNN figure uses (``fedcl train``, ``fedcl eval`` and the coordinator):
+    a bank of ``data.train_max_images`` train images (10000 when unset) and ``data.eval_max_images``
+    images of ``data.eval_split``, each a fixed random subset drawn with ``data.seed``."""
+    train, test = load_split(d, split="train"), load_split(d, split=d.eval_split)
+    bank, held_out = first_n(train, d.train_max_images or KNN_BANK_DEFAULT, seed=d.seed), first_n(
+        test, d.eval_max_images, seed=d.seed)
+    source = d.name if d.path is None else f"{d.name} at {d.path}"
+    description = (f"labelled set: fit on {bank.images.shape[0]} of {train.images.shape[0]} 'train' images, "
+                   f"scored on {held_out.images.shape[0]} of {test.images.shape[0]} '{d.eval_split}' images of "
+                   f"{source} (random subsets, seed {d.seed})")
+    return KnnSets(bank=bank, test=held_out, description=description)
 
 
 def site_partition(d: DataSettings, ds: ImageSet, *, site_index: int) -> ImageSet:

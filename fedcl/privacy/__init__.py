@@ -1,5 +1,6 @@
 """DP-SGD (per-example or per-patient), embedding-release mechanisms and the per-site privacy ledger."""
 
+from fedcl.privacy import _opacus  # noqa: F401  (first: Opacus without its root log handler)
 from fedcl.privacy.dp import (
     DPParams,
     DPTrainer,

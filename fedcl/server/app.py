@@ -30,7 +30,7 @@ from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedcl.server.checkpoint import FederationCheckpoint, checkpoint_path, find_checkpoint, save_checkpoint
-from fedcl.server.metrics import MetricsLog, write_plots
+from fedcl.server.metrics import MetricsLog, format_round_line, write_plots
 from fedcl.server.strategy import build_strategy
 from fedcl.wire.protocol import (
     ARRAYS_KEY,
@@ -108,27 +108,27 @@ class FederationResult:
 class CentralEvaluator:
     """kNN accuracy (k = 200, t = 0.1) of the frozen global encoder on the server's labelled set."""
 
-    def __init__(self, *, memory_images, memory_labels, test_images, test_labels) -> None:
+    def __init__(self, *, memory_images, memory_labels, test_images, test_labels, description: str = "") -> None:
         self.memory_images, self.memory_labels = memory_images, memory_labels
         self.test_images, self.test_labels = test_images, test_labels
         self.in_channels = int(memory_images.shape[1])
+        self.description = description  # which labelled set (fedcl.runtime.load_knn_sets)
 
     @classmethod
     def from_config(cls, cfg) -> tuple[CentralEvaluator | None, str]:
         """The evaluator, or None and the reason there is none."""
         from fedcl.data import DataError
-        from fedcl.runtime import first_n, load_split
+        from fedcl.runtime import load_knn_sets
 
         d = cfg.data
         try:
-            memory = first_n(load_split(d, split="train"), d.train_max_images or 10000, seed=d.seed)
-            test = first_n(load_split(d, split=d.eval_split), d.eval_max_images, seed=d.seed)
+            sets = load_knn_sets(d)  # the set fedcl train and fedcl eval use too
         except (DataError, OSError) as exc:
             return None, str(exc)
-        if memory.labels is None or test.labels is None:
+        if not sets.labelled:
             return None, f"data set {d.name!r} has no labels"
-        return cls(memory_images=memory.images, memory_labels=memory.labels, test_images=test.images,
-                   test_labels=test.labels), ""
+        return cls(memory_images=sets.bank.images, memory_labels=sets.bank.labels, test_images=sets.test.images,
+                   test_labels=sets.test.labels, description=sets.description), ""
 
     def knn(self, model) -> float:
         from fedcl.evaluate import extract_features, knn_accuracy
@@ -272,23 +272,34 @@ def wait_for_sites(grid: Grid, minimum: int, *, poll_s: float = 1.0, log_every_s
     return connected
 
 
-def _site_metrics(replies: list[Message], sent: list[Message] | None = None,
+def _node_name(node: int, names: dict[int, str] | None) -> str:
+    """"site-1 (node 734...)" once the node has said which site it is, else "node 734..."."""
+    site = (names or {}).get(node)
+    return f"{site} (node {node})" if site else f"node {node}"
+
+
+def _site_metrics(replies: list[Message], sent: list[Message] | None = None, names: dict[int, str] | None = None,
                   ) -> tuple[dict[str, dict[str, float]], dict[str, dict], list[str]]:
     """Per-site metrics and ledger summaries of the good replies; reasons of the failed ones.
 
     ``sent``: the messages the replies answer. An error reply Flower writes itself (a node whose
     heartbeat expired) comes from Flower's node, not the site's; it is named by the message it answers.
+    ``names``: {node id: site id} of the nodes that replied before; good replies add to it, and a
+    failed node is named by its site id when it is known.
     """
     dst = {m.metadata.message_id: m.metadata.dst_node_id for m in sent or []}
+    names = {} if names is None else names
     sites: dict[str, dict[str, float]] = {}
     ledgers: dict[str, dict] = {}
     errors: list[str] = []
     for reply in replies:
         if reply.has_error():
             node = dst.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
-            errors.append(f"node {node}: {reply.error.reason}")
+            errors.append(f"{_node_name(node, names)}: {reply.error.reason}")
             continue
         site_id, ledger = parse_site_record(reply.content.config_records.get(SITE_KEY))
+        if site_id:
+            names[reply.metadata.src_node_id] = site_id
         site_id = site_id or f"node-{reply.metadata.src_node_id}"
         metrics = reply.content.metric_records.get(METRICS_KEY)
         sites[site_id] = {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
@@ -297,10 +308,11 @@ def _site_metrics(replies: list[Message], sent: list[Message] | None = None,
     return sites, ledgers, errors
 
 
-def _unanswered(sent: list[Message], replies: list[Message], timeout: float, what: str = "reply") -> list[str]:
+def _unanswered(sent: list[Message], replies: list[Message], timeout: float, what: str = "reply",
+                names: dict[int, str] | None = None) -> list[str]:
     """A reason for each message that got no reply at all (matched by message id, not by node)."""
     answered = {r.metadata.reply_to_message_id for r in replies}
-    return [f"node {m.metadata.dst_node_id}: no {what} within {timeout:g} s"
+    return [f"{_node_name(m.metadata.dst_node_id, names)}: no {what} within {timeout:g} s"
             for m in sent if m.metadata.message_id not in answered]
 
 
@@ -406,6 +418,8 @@ def _global_model(cfg):
     evaluator, why_not = CentralEvaluator.from_config(cfg)
     if evaluator is None:
         log.warning("no central evaluation: %s", why_not)
+    else:
+        log.info("central kNN evaluation: %s", evaluator.description)
     in_channels = getattr(cfg.model, "in_channels", None) or (evaluator.in_channels if evaluator else None)
     if in_channels is None:
         raise FederationError(
@@ -507,6 +521,7 @@ class _Federation:
     round_timeout: float
     fraction_evaluate: float  # per-site, label-free check of the final model; 0 switches it off
     capacity_warned: bool = False
+    site_names: dict[int, str] = field(default_factory=dict)  # node id -> site id, from the sites' replies
 
     def train(self, rnd: int, arrays: ArrayRecord, release_state: ReleaseState) -> _Trained | None:
         """Send round ``rnd`` to the sampled sites (after the release phase, when there is one) and
@@ -534,8 +549,8 @@ class _Federation:
                                          cfg=cfg, model=self.model, queue=queue, state=release_state,
                                          timeout=timeout)
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
-        sites, ledgers, errors = _site_metrics(replies, messages)
-        errors += _unanswered(messages, replies, timeout)  # neither replied nor errored in time
+        sites, ledgers, errors = _site_metrics(replies, messages, self.site_names)
+        errors += _unanswered(messages, replies, timeout, names=self.site_names)  # neither replied nor errored
         for reason in errors:
             log.warning("round %d: a site failed: %s", rnd, reason)
         if not sites and errors and sum(is_budget_refusal(r) for r in replies) == len(errors):
@@ -565,9 +580,9 @@ class _Federation:
         num_rounds = self.cfg.federation.num_rounds
         fed_eval: dict[str, Any] = {}
         if rnd == num_rounds and self.fraction_evaluate > 0:
-            eval_msgs = self.strategy.configure_evaluate(rnd, arrays, rc.to_config_record(), self.grid)
+            eval_msgs = list(self.strategy.configure_evaluate(rnd, arrays, rc.to_config_record(), self.grid))
             eval_replies = list(self.grid.send_and_receive(eval_msgs, timeout=self.round_timeout))
-            eval_sites, _, eval_errors = _site_metrics(eval_replies)
+            eval_sites, _, eval_errors = _site_metrics(eval_replies, eval_msgs, self.site_names)
             fed_eval = {"sites": eval_sites, "failed": len(eval_errors)}
             for key in ("alignment", "uniformity"):
                 fed_eval[key] = _weighted(eval_sites, key)
@@ -621,7 +636,8 @@ def _write_outputs(cfg, *, out_dir: Path, model, progress: _Progress, stopped_fo
         "data": cfg.data.name, "final_knn": final_knn, "random_init_knn": random_init_knn,
         "queue": cfg.queue.enabled,
     })
-    plots = write_plots(history, out_dir, random_init_knn=random_init_knn)
+    plots = write_plots(history, out_dir, random_init_knn=random_init_knn,
+                        epsilon_budget=cfg.privacy.epsilon_budget)
     (out_dir / "summary.json").write_text(json.dumps({
         "rounds": len(history), "final_knn": final_knn, "random_init_knn": random_init_knn,
         "encoder": str(encoder_path), "resumed_from": start - 1, "ledgers": progress.ledgers,
@@ -691,8 +707,7 @@ def run_federation(
             metrics_log.write(record)
             audit_round(getattr(cfg.server, "audit_log", None), rnd=rnd, sites=trained.sites, errors=trained.errors)
             fed.checkpoint(rnd, queue_info=queue_info, progress=progress, config_json=config_json)
-            log.info("round %d/%d: loss %s, kNN %s, %d sites ok, %d failed", rnd, num_rounds,
-                     record["loss"], knn, len(trained.sites), len(trained.errors))
+            log.info("%s", format_round_line(record, num_rounds=num_rounds))
             if observer is not None:
                 observer.on_round(record)
     finally:

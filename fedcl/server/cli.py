@@ -290,8 +290,9 @@ def _flower_env(flwr_home: Path) -> dict:
     return env
 
 
-def start_and_follow_run(cfg, *, superlink_address: str) -> int:
-    """Submit the run to the SuperLink at ``superlink_address``; 0 when it completed."""
+def start_and_follow_run(cfg, *, superlink_address: str, join_address: str | None = None) -> int:
+    """Submit the run to the SuperLink at ``superlink_address``; 0 when it completed. ``join_address``:
+    where sites join, announced once their keys are registered (a site that connects before that is refused)."""
     out_dir = Path(cfg.server.out_dir)
     env = _flower_env(out_dir / "flwr-home" / "cli")
     write_flwr_connection(Path(env["FLWR_HOME"]), address=superlink_address, insecure=cfg.server.insecure,
@@ -301,6 +302,9 @@ def start_and_follow_run(cfg, *, superlink_address: str) -> int:
         _log("SuperNode authentication on; registered: " + ", ".join(
             f"{site} (node {node})" if node is not None else f"{site} (already registered)"
             for site, node in registered.items()))
+    if join_address:
+        _log(f"sites join with fedcl-client --server {join_address}"
+             + (" (their SuperNode keys are registered now)" if keys else ""))
     if cfg.server.revoked_sites:
         _log(f"revoked sites (queue refuses them{', SuperNode keys not registered' if keys else ''}): "
              + ", ".join(sorted(cfg.server.revoked_sites)))
@@ -318,6 +322,19 @@ def start_and_follow_run(cfg, *, superlink_address: str) -> int:
              f"{'—' if knn is None else f'{100 * knn:.2f}%'}; encoder {s.get('encoder')}; metrics in {out_dir}")
         return 0
     return 1 if code == 0 else code
+
+
+def restart_note(cfg) -> str | None:
+    """What a restart of the coordinator does to the sites, when ``out_dir`` holds a checkpoint."""
+    from fedcl.server.checkpoint import checkpoint_path
+
+    s = cfg.server
+    ckpt_dir = Path(s.checkpoint_dir) if s.checkpoint_dir else Path(s.out_dir) / "checkpoints"
+    if not checkpoint_path(ckpt_dir).exists():
+        return None
+    return (f"a checkpoint is in {ckpt_dir}: the run resumes from it. Sites that were connected rejoin by "
+            "themselves: this new SuperLink does not know their old SuperNodes, so each site logs that refusal "
+            "(HTTP 401 from Flower) and fedcl-client starts a new one")
 
 
 def _start_queue(cfg, *, generate_coordinator_token: bool):
@@ -363,6 +380,8 @@ def cmd_run(args) -> int:
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         check_supernode_keys(cfg)  # a bad key file stops us before anything starts
+        if note := restart_note(cfg):
+            _log(note)
         if cfg.queue.enabled:
             queue_server, cfg = _start_queue(cfg, generate_coordinator_token=True)
             _log(f"queue service on {cfg.server.queue_host}:{cfg.server.queue_port}")
@@ -372,9 +391,9 @@ def cmd_run(args) -> int:
                                          env=env, stdout=log_file, stderr=subprocess.STDOUT)
         address = f"{_connect_host(cfg.server.superlink_host)}:{port}"
         wait_superlink(address, insecure=cfg.server.insecure, ca=cfg.server.tls_ca, timeout=120, proc=superlink)
-        _log(f"SuperLink on {cfg.server.superlink_host}:{port}; sites join with "
-             f"fedcl-client --server {socket.getfqdn() if cfg.server.superlink_host == '0.0.0.0' else address}")
-        return start_and_follow_run(cfg, superlink_address=address)
+        _log(f"SuperLink on {cfg.server.superlink_host}:{port}")
+        return start_and_follow_run(cfg, superlink_address=address, join_address=(
+            f"{socket.getfqdn()}:{port}" if cfg.server.superlink_host == "0.0.0.0" else address))
     except KeyboardInterrupt:
         _log(f"stopping ({'signal ' + str(stop['signal']) if stop['signal'] else 'interrupted'}); "
              "run fedcl-server again to resume from the last checkpoint")
@@ -444,12 +463,14 @@ def cmd_serve_queue(args) -> int:
 
 
 def cmd_health(args) -> int:
-    """Exit 0 when the service answers: HTTP 2xx (SuperLink /health) or gRPC SERVING."""
+    """Exit 0 when the service answers: HTTP 2xx (SuperLink /health) or gRPC SERVING; one status line either way."""
+    target = args.http or f"{args.grpc} (gRPC health{', service ' + repr(args.service) if args.service else ''})"
     try:
         if args.http:
             import httpx
 
-            ok = httpx.get(args.http, timeout=args.timeout, verify=str(args.ca) if args.ca else True).is_success
+            code = httpx.get(args.http, timeout=args.timeout, verify=str(args.ca) if args.ca else True).status_code
+            ok, status = 200 <= code < 300, f"HTTP {code}"
         else:
             import grpc
             from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -460,10 +481,15 @@ def cmd_health(args) -> int:
                 reply = health_pb2_grpc.HealthStub(channel).Check(
                     health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
             ok = reply.status == health_pb2.HealthCheckResponse.SERVING
+            status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     except Exception as exc:  # any failure is "not healthy"; say why for `docker inspect`
-        print(f"unhealthy: {exc}", file=sys.stderr)
+        print(f"unhealthy: {target}: {exc}", file=sys.stderr)
         return 1
-    return 0 if ok else 1
+    if not ok:
+        print(f"unhealthy: {target}: {status}", file=sys.stderr)
+        return 1
+    print(f"healthy: {target}: {status}", flush=True)
+    return 0
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -85,17 +85,90 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def write_plots(history: list[dict[str, Any]], out_dir: Path, *, random_init_knn: float | None = None) -> list[Path]:
-    """accuracy.png (kNN per round), loss.png (mean and per-site loss), epsilon.png (ε per site)."""
+def queue_start_round(history: list[dict[str, Any]]) -> int | None:
+    """The first round in which the sites trained with negatives from the queue (None: none did)."""
+    return next((r["round"] for r in history if (r.get("negatives_used") or 0) > 0), None)
+
+
+SITE_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def _pyplot():
+    """pyplot on the Agg backend (files only: coordinators and CI have no display)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def loss_figure(history: list[dict[str, Any]]):
+    """Mean and per-site loss; a vertical line where queue negatives start (the loss jumps there:
+    each positive then competes with many more negatives)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    sites = sorted({s for r in history for s in r.get("sites", {})})
+    for site in sites:
+        pts = [(r["round"], r["sites"][site].get("loss")) for r in history if site in r.get("sites", {})]
+        pts = [(x, y) for x, y in pts if y is not None and math.isfinite(y)]
+        if pts:
+            ax.plot([x for x, _ in pts], [y for _, y in pts], alpha=0.4, linewidth=1)
+    mean = [(r["round"], r["loss"]) for r in history if r.get("loss") is not None and math.isfinite(r["loss"])]
+    if mean:
+        ax.plot([x for x, _ in mean], [y for _, y in mean], color="black", marker="o", label="weighted mean")
+    start = queue_start_round(history)
+    if start is not None:
+        ax.axvline(start, color="tab:orange", linestyle=":", label=f"queue negatives from round {start}")
+    if mean or start is not None:
+        ax.legend(fontsize="small")
+    ax.set_xlabel("round")
+    ax.set_ylabel("InfoNCE loss")
+    ax.set_title("local training loss (thin: per site)")
+    return fig
+
+
+def epsilon_figure(history: list[dict[str, Any]], *, epsilon_budget: float | None = None):
+    """Each site's cumulative ε, with its own marker and a small sideways offset, so that sites with the
+    same ε stay visible; the budget as a horizontal line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    sites = sorted({s for r in history for s in r.get("sites", {})})
+    plotted = False
+    for i, site in enumerate(sites):
+        pts = [(r["round"], r["sites"][site].get("epsilon")) for r in history if site in r.get("sites", {})]
+        pts = [(x, y) for x, y in pts if y is not None and 0 <= y < math.inf]  # negative: unbounded
+        if pts:
+            offset = 0.3 * (i / max(1, len(sites) - 1) - 0.5) if len(sites) > 1 else 0.0  # within ±0.15 round
+            ax.plot([x + offset for x, _ in pts], [y for _, y in pts], marker=SITE_MARKERS[i % len(SITE_MARKERS)],
+                    markersize=4, linewidth=1, label=site)
+            plotted = True
+    if epsilon_budget is not None:
+        ax.axhline(epsilon_budget, color="tab:red", linestyle="--", label=f"budget ε = {epsilon_budget:g}")
+    if plotted or epsilon_budget is not None:
+        ax.legend(fontsize="small")
+    if not plotted:
+        ax.text(0.5, 0.5, "no site reported a finite ε\n(no DP accounting in this run)", ha="center",
+                va="center", transform=ax.transAxes)
+    ax.set_xlabel("round")
+    ax.set_ylabel("ε (cumulative)")
+    ax.set_title("privacy spent per site")
+    rounds = [r["round"] for r in history]
+    if rounds:
+        ax.set_xlim(min(rounds) - 0.5, max(rounds) + 0.5)
+    return fig
+
+
+def write_plots(history: list[dict[str, Any]], out_dir: Path, *, random_init_knn: float | None = None,
+                epsilon_budget: float | None = None) -> list[Path]:
+    """accuracy.png (kNN per round), loss.png (mean and per-site loss, the queue's start),
+    epsilon.png (ε per site, the budget)."""
     from matplotlib.ticker import MaxNLocator
+
+    plt = _pyplot()
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    rounds = [r["round"] for r in history]
     written = []
 
     def save(fig, name: str) -> None:
@@ -121,42 +194,8 @@ def write_plots(history: list[dict[str, Any]], out_dir: Path, *, random_init_knn
     if knn or random_init_knn is not None:
         ax.legend()
     save(fig, "accuracy.png")
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    sites = sorted({s for r in history for s in r.get("sites", {})})
-    for site in sites:
-        pts = [(r["round"], r["sites"][site].get("loss")) for r in history if site in r.get("sites", {})]
-        pts = [(x, y) for x, y in pts if y is not None and math.isfinite(y)]
-        if pts:
-            ax.plot([x for x, _ in pts], [y for _, y in pts], alpha=0.4, linewidth=1)
-    mean = [(r["round"], r["loss"]) for r in history if r.get("loss") is not None and math.isfinite(r["loss"])]
-    if mean:
-        ax.plot([x for x, _ in mean], [y for _, y in mean], color="black", marker="o", label="weighted mean")
-        ax.legend()
-    ax.set_xlabel("round")
-    ax.set_ylabel("InfoNCE loss")
-    ax.set_title("local training loss (thin: per site)")
-    save(fig, "loss.png")
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    plotted = False
-    for site in sites:
-        pts = [(r["round"], r["sites"][site].get("epsilon")) for r in history if site in r.get("sites", {})]
-        pts = [(x, y) for x, y in pts if y is not None and 0 <= y < math.inf]  # negative: unbounded
-        if pts:
-            ax.plot([x for x, _ in pts], [y for _, y in pts], marker=".", label=site)
-            plotted = True
-    if plotted:
-        ax.legend(fontsize="small")
-    else:
-        ax.text(0.5, 0.5, "no site reported a finite ε\n(no DP accounting in this run)", ha="center",
-                va="center", transform=ax.transAxes)
-    ax.set_xlabel("round")
-    ax.set_ylabel("ε (cumulative)")
-    ax.set_title("privacy spent per site")
-    if rounds:
-        ax.set_xlim(min(rounds) - 0.5, max(rounds) + 0.5)
-    save(fig, "epsilon.png")
+    save(loss_figure(history), "loss.png")
+    save(epsilon_figure(history, epsilon_budget=epsilon_budget), "epsilon.png")
     return written
 
 
@@ -187,3 +226,27 @@ def format_table(history: list[dict[str, Any]]) -> str:
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=False)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def site_epsilons(record: dict[str, Any]) -> str:
+    """Each site's cumulative ε in the round, "site-0 1.23, site-1 ∞" (∞: no DP guarantee); "—" when none
+    reported one."""
+    parts = []
+    for site, metrics in sorted(record.get("sites", {}).items()):
+        eps = metrics.get("epsilon")
+        if eps is None:
+            continue
+        parts.append(f"{site} {'∞' if eps < 0 or math.isinf(eps) else format(eps, '.2f')}")
+    return ", ".join(parts) or "—"
+
+
+def format_round_line(record: dict[str, Any], *, num_rounds: int) -> str:
+    """The coordinator's log line for a round: the figures of ``format_table``'s row, rounded the same
+    way, and ε per site: "round 2/10 | loss 4.631 | kNN acc 71.20% | ... | ε 1.25 (site-0 1.23, site-1 1.25)"."""
+    cells = dict(zip(TABLE_COLUMNS, table_rows([record])[0], strict=True))
+    per_site = site_epsilons(record)
+    every_site_unbounded = all(part.endswith(" ∞") for part in per_site.split(", "))
+    eps = cells["ε"] if cells["ε"] == "—" or every_site_unbounded else f"{cells['ε']} ({per_site})"
+    return " | ".join((f"round {record['round']}/{num_rounds}", f"loss {cells['loss']}", f"kNN acc {cells['kNN acc']}",
+                       f"negatives {cells['negatives']}", f"queue size {cells['queue size']}", f"ε {eps}",
+                       f"sites {cells['sites']}", f"{cells['seconds']} s"))

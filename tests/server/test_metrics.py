@@ -45,3 +45,44 @@ def test_table_and_plots(tmp_path):
     paths = write_plots(_history(), tmp_path, random_init_knn=0.5)
     assert sorted(p.name for p in paths) == ["accuracy.png", "epsilon.png", "loss.png"]
     assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
+
+
+def _dp_history(rounds: int = 4):
+    """Two sites with the same ε every round; queue negatives from round 3 (warm-up before)."""
+    return [{"round": r, "loss": 1.0 if r < 3 else 5.0, "negatives_used": 0.0 if r < 3 else 256.0,
+             "sites": {"a": {"loss": 1.0, "epsilon": 0.5 * r}, "b": {"loss": 1.0, "epsilon": 0.5 * r}}}
+            for r in range(1, rounds + 1)]
+
+
+def test_epsilon_plot_draws_the_budget_and_keeps_identical_sites_apart():
+    import matplotlib.pyplot as plt
+
+    from fedcl.server.metrics import epsilon_figure
+
+    fig = epsilon_figure(_dp_history(), epsilon_budget=3.0)
+    ax = fig.axes[0]
+    budget = [line for line in ax.lines if list(line.get_ydata()) == [3.0, 3.0]]
+    assert len(budget) == 1 and "budget" in budget[0].get_label()
+    a, b = (next(line for line in ax.lines if line.get_label() == site) for site in ("a", "b"))
+    assert list(a.get_ydata()) == list(b.get_ydata())  # the same ε ...
+    assert all(xa != xb for xa, xb in zip(a.get_xdata(), b.get_xdata(), strict=True))  # ... drawn side by side
+    assert all(abs(xa - xb) < 0.5 for xa, xb in zip(a.get_xdata(), b.get_xdata(), strict=True))  # same round
+    assert a.get_marker() != b.get_marker()
+    assert {t.get_text() for t in ax.get_legend().get_texts()} == {"a", "b", "budget ε = 3"}
+    plt.close(fig)
+
+
+def test_loss_plot_marks_the_round_where_queue_negatives_start():
+    import matplotlib.pyplot as plt
+
+    from fedcl.server.metrics import loss_figure, queue_start_round
+
+    assert queue_start_round(_dp_history()) == 3 and queue_start_round(_dp_history(2)) is None
+    fig = loss_figure(_dp_history())
+    vlines = [line for line in fig.axes[0].lines if list(line.get_xdata()) == [3, 3]]
+    assert len(vlines) == 1 and vlines[0].get_label() == "queue negatives from round 3"
+    assert "queue negatives from round 3" in {t.get_text() for t in fig.axes[0].get_legend().get_texts()}
+    plt.close(fig)
+    fig = loss_figure(_dp_history(2))  # no queue yet: no line
+    assert not [line for line in fig.axes[0].lines if "queue" in line.get_label()]
+    plt.close(fig)

@@ -75,6 +75,54 @@ def test_health_and_config_errors_exit_non_zero(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+@pytest.fixture
+def http_health():
+    """A /health endpoint on loopback answering with the status code the test puts in ``status[0]``."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    status = [200]
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            self.send_response(status[0])
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/health", status
+    server.shutdown()
+    server.server_close()
+
+
+def test_health_prints_its_status_line_when_healthy_and_when_not(http_health, capsys):
+    url, status = http_health
+    assert main(["health", "--http", url]) == 0
+    out = capsys.readouterr()
+    assert out.out == f"healthy: {url}: HTTP 200\n" and out.err == ""
+    status[0] = 503
+    assert main(["health", "--http", url]) == 1
+    assert capsys.readouterr().err == f"unhealthy: {url}: HTTP 503\n"
+
+
+def test_health_of_the_queue_service_over_grpc_says_serving(tmp_path, capsys):
+    from fedcl.queue import EmbeddingQueue
+    from fedcl.server.queue_service import ServeSettings, start_queue_server
+
+    server = start_queue_server(EmbeddingQueue(dim=4, capacity=8, per_site_quota=8, max_staleness=1, dtype="float32"),
+                                ServeSettings(host="127.0.0.1", port=0, coordinator_token="c" * 16,
+                                              site_tokens={"a": "t" * 16}))
+    try:
+        assert main(["health", "--grpc", f"127.0.0.1:{server.port}"]) == 0
+    finally:
+        server.stop(grace=0.5)
+    assert capsys.readouterr().out == f"healthy: 127.0.0.1:{server.port} (gRPC health): SERVING\n"
+
+
 # ------------------------------------------------------------- revocation, SuperNode authentication
 
 
@@ -169,3 +217,35 @@ def test_queue_service_of_fedcl_server_refuses_revoked_sites(tmp_path):
                 b.stats()
     finally:
         server.stop(grace=0)
+
+
+def test_sites_are_told_to_join_only_once_their_keys_are_registered(tmp_path, monkeypatch, capsys):
+    """A site that connected on the old cue (printed when the SuperLink came up, before the keys were
+    registered) was refused as if its key were wrong."""
+    import fedcl.server.cli as server_cli
+
+    calls = []
+    monkeypatch.setattr(server_cli, "check_supernode_keys", lambda cfg: {"site-a": tmp_path / "a.pub"})
+    monkeypatch.setattr(server_cli, "register_supernode_keys",
+                        lambda keys, env: calls.append("register") or {"site-a": 7})
+    monkeypatch.setattr(server_cli, "submit_run", lambda **kw: calls.append("submit") or (1, 0))
+    monkeypatch.setattr(server_cli, "run_status", lambda run_id, env: "finished:failed")
+    cfg = load_config(None, ["server.insecure=true", f'server.out_dir="{tmp_path}"'])
+    assert server_cli.start_and_follow_run(cfg, superlink_address="127.0.0.1:1", join_address="coord:9092") == 1
+    out = capsys.readouterr().out
+    assert calls == ["register", "submit"]
+    assert out.index("registered: site-a (node 7)") < out.index(
+        "sites join with fedcl-client --server coord:9092 (their SuperNode keys are registered now)")
+
+
+def test_a_restarted_coordinator_says_what_the_sites_will_log(tmp_path):
+    from fedcl.server.checkpoint import checkpoint_path
+    from fedcl.server.cli import restart_note
+
+    cfg = load_config(None, ["server.insecure=true", f'server.out_dir="{tmp_path}"'])
+    assert restart_note(cfg) is None  # a fresh run
+    path = checkpoint_path(tmp_path / "checkpoints")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    note = restart_note(cfg)
+    assert note is not None and "resumes" in note and "HTTP 401" in note and "rejoin" in note
