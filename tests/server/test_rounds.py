@@ -348,10 +348,9 @@ def test_rows_a_queue_restart_lost_show_in_the_rounds_metrics(tmp_path, federati
 
 
 def test_each_round_is_logged_once_with_the_tables_figures(tmp_path, federation, caplog):
-    cfg, link, simulated, sites, _ = federation
+    cfg, link, simulated, _ = federation
     caplog.set_level("INFO", logger="flwr")
-    result = run_federation(InProcessGrid(sites, simulated), config=_with_rounds(cfg, 2), out_dir=tmp_path / "out",
-                            queue=link)
+    result = run_federation(_grid(simulated), config=_with_rounds(cfg, 2), out_dir=tmp_path / "out", queue=link)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("round ")]
     assert [line.split(" | ")[0] for line in lines] == ["round 1/2", "round 2/2"]
     loss = result.history[1]["loss"]
@@ -359,19 +358,23 @@ def test_each_round_is_logged_once_with_the_tables_figures(tmp_path, federation,
     assert "| sites 2/2 |" in lines[1]
 
 
-class LateFlowerErrorGrid(FlowerErrorGrid):
-    """Node 202 trains in round 1, then Flower reports it unavailable (the site was killed)."""
-
-    def send_and_receive(self, messages, *, timeout=None):
-        first_round = not any(m.metadata.message_type == "train" for m in self.sent)
-        return (InProcessGrid.send_and_receive(self, messages, timeout=timeout) if first_round
-                else super().send_and_receive(messages, timeout=timeout))
-
-
 def test_a_killed_site_is_named_by_its_site_id_once_it_has_replied(tmp_path, federation, caplog):
-    cfg, link, simulated, sites, _ = federation
-    result = run_federation(LateFlowerErrorGrid(sites, simulated), config=_with_rounds(cfg, 2),
-                            out_dir=tmp_path / "out", queue=link)
+    cfg, link, simulated, _ = federation
+    client_app = make_client_app(simulated=simulated)
+    trained: list[int] = []
+
+    def app(message: Message, context: Context) -> Message:
+        """Site 1 trains in round 1; from round 2 on Flower answers for it that it is unavailable (killed)."""
+        if context.node_id == SITE1 and message.metadata.message_type == "train":
+            trained.append(context.node_id)
+            if len(trained) > 1:
+                reply = Message(Error(code=3, reason="Node Unavailable"), reply_to=message)
+                reply.metadata.__dict__["_src_node_id"] = 1
+                return reply
+        return client_app(message=message, context=context)
+
+    result = run_federation(InProcessGrid(app, NODES), config=_with_rounds(cfg, 2), out_dir=tmp_path / "out",
+                            queue=link)
     assert result.history[0]["sites_failed"] == 0
-    assert result.history[1]["errors"] == ["site-1 (node 202): Node Unavailable"]
-    assert "round 2: a site failed: site-1 (node 202): Node Unavailable" in caplog.text
+    assert result.history[1]["errors"] == [f"site-1 (node {SITE1}): Node Unavailable"]
+    assert f"round 2: a site failed: site-1 (node {SITE1}): Node Unavailable" in caplog.text
