@@ -133,19 +133,18 @@ def test_a_prototype_release_past_the_budget_is_refused(tmp_path):
                                generator=None)
 
 
-def test_the_report_of_a_site_that_never_trained_says_so(tmp_path):
+def test_the_report_of_a_site_that_never_trained_says_so(tmp_path, capsys):
     """A site whose rounds all failed before training (e.g. its queue token was refused) keeps a ledger
     with no event: ``fedcl privacy`` on its state folder says it never trained, not that it trained
     without DP-SGD."""
-    from typer.testing import CliRunner
-
-    from fedcl.cli import app
+    from fedcl.cli import main
 
     rp = _plan(tmp_path, 1, dpsgd=False, release="raw")
     record_round(rp, round=1, dp_steps=0, pushed=0, trained=False)  # the release phase, then the round failed
     assert PrivacyLedger.load(tmp_path / "ledger-site-a.json").events == []
-    result = CliRunner().invoke(app, ["privacy", str(tmp_path)])
-    assert result.exit_code == 0, result.output
-    assert "Model updates" in result.output and "never trained" in result.output
-    assert "trained without DP-SGD" not in result.output
-    assert "Total: this site never trained and released no embedding" in result.output
+    code = main(["privacy", str(tmp_path)])
+    output = capsys.readouterr().out
+    assert code == 0, output
+    assert "Model updates" in output and "never trained" in output
+    assert "trained without DP-SGD" not in output
+    assert "Total: this site never trained and released no embedding" in output
