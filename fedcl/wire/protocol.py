@@ -82,6 +82,9 @@ class RoundConfig:
     rounds_per_epoch: int = 1
     # the site's optimizer resumes its previous round's state (fedcl.client.app, Context.state)
     persist_optimizer: bool = False
+    # the run's own loopback queue (`flwr run .` with no queue service configured): the folder where
+    # the ServerApp left each simulated site its token, <site-id>.token (fedcl.server.loopback)
+    queue_token_dir: str = ""
 
     _JSON_FIELDS = ("model", "augment", "privacy", "partition")
 
