@@ -4,7 +4,8 @@ Flower 1.41 runs it on its managed local SuperLink (a local simulation). The Ser
 queue service in the run's config and serves one on loopback for the run; the sites find their
 tokens where it left them. Afterwards the copy's tracked files are unchanged (Flower had nothing to
 migrate in pyproject.toml) and nothing the command started is left but Flower's own managed
-SuperLink, which Flower keeps for the next `flwr run` by design (it is stopped here, by pid).
+SuperLink, which Flower keeps for the next `flwr run` by design (it is stopped here, by pid). The
+test starts that SuperLink just before `flwr run`, as `flwr run` itself would, only waiting longer.
 """
 
 from __future__ import annotations
@@ -108,6 +109,17 @@ def _wait_for_ours_to_end(marker: str, timeout: float) -> dict[int, str]:
         time.sleep(0.5)
 
 
+def _start_flowers_local_superlink(app: Path, env: dict[str, str]) -> None:
+    """What `flwr run` does first when its local SuperLink is down (Flower's own code, the same command),
+    with a longer wait: Flower gives it 15 s, which a loaded machine misses ("Failed to start local
+    SuperLink within 15s"); `flwr run` then finds it up and uses it."""
+    code = ("import sys; import flwr.cli.local_superlink as m; "
+            "m.LOCAL_SUPERLINK_STARTUP_TIMEOUT = float(sys.argv[1]); m._start_local_superlink()")
+    started = subprocess.run([str(BIN / "python"), "-c", code, str(120 * PATIENCE)], cwd=app, env=env,
+                             capture_output=True, text=True, timeout=300 * PATIENCE)
+    assert started.returncode == 0, f"Flower's local SuperLink did not start: {started.stdout}{started.stderr}"
+
+
 def _listening(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
@@ -129,6 +141,7 @@ def test_flwr_run_dot_runs_the_simulation_with_its_own_queue_and_leaves_nothing_
         FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()), FLWR_LOCAL_CONTROL_API_PORT=str(free_port()))
     flwr = [str(BIN / "flwr")]
     try:
+        _start_flowers_local_superlink(app, env)
         done = subprocess.run(
             [*flwr, "run", ".", "--stream", "--run-config", f"config-path='{config}' out-dir='{out}'"],
             cwd=app, env=env, capture_output=True, text=True, timeout=900 * PATIENCE)
