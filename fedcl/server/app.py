@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -784,6 +785,17 @@ def run_with_loopback_queue(grid: Grid, *, config, out_dir: Path) -> FederationR
         return run_federation(grid, config=config, out_dir=out_dir, queue=replace(link, site_token_dir=token_dir))
 
 
+def flower_runtime_env_note(environ: dict[str, str]) -> str | None:
+    """One line when Flower installed this app's dependencies into a per-run environment (its
+    default for a SuperLink it manages): the whole PyTorch stack again, for every run."""
+    venv = environ.get("VIRTUAL_ENV", "")
+    if f"{os.sep}runtime-envs{os.sep}" not in venv:
+        return None
+    return (f"Flower installed fedcl's dependencies into a per-run environment ({venv}) for this run; to run on "
+            "the packages already installed, stop Flower's local SuperLink and start the next `flwr run` with "
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 (docs/flower.md)")
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """What `flwr run` starts: settings from the run config's ``config-path`` (fedcl-server writes
@@ -792,6 +804,8 @@ def main(grid: Grid, context: Context) -> None:
     cfg = load_run_config(dict(context.run_config))
     out_dir = Path(str(context.run_config.get("out-dir", "") or cfg.server.out_dir))
     log.info("fedcl: %d rounds, %s data; output in %s", cfg.federation.num_rounds, cfg.data.name, out_dir.resolve())
+    if note := flower_runtime_env_note(dict(os.environ)):
+        log.warning("%s", note)
     if cfg.queue.enabled and cfg.server.coordinator_token is None:
         run_with_loopback_queue(grid, config=cfg, out_dir=out_dir)
         return
@@ -800,4 +814,4 @@ def main(grid: Grid, context: Context) -> None:
 
 
 __all__ = ["CentralEvaluator", "FederationError", "FederationResult", "QueueLink", "app", "load_run_config",
-           "make_server_app", "round_config", "run_federation", "run_with_loopback_queue"]
+           "flower_runtime_env_note", "make_server_app", "round_config", "run_federation", "run_with_loopback_queue"]

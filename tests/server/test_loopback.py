@@ -59,3 +59,12 @@ def test_the_shipped_serverapp_serves_a_queue_for_a_run_whose_config_names_none(
     assert audit[-1]["event"] == "stop"  # stopped with the run
     assert not (out / SITE_TOKEN_DIR_NAME).exists()  # the tokens went with the run
     assert json.loads((out / "summary.json").read_text())["rounds"] == 2
+
+
+def test_a_run_in_a_flower_per_run_environment_says_how_to_avoid_it():
+    from fedcl.server.app import flower_runtime_env_note
+
+    note = flower_runtime_env_note({"VIRTUAL_ENV": "/home/u/.flwr/runtime-envs/1234"})
+    assert note is not None and "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1" in note and "\n" not in note
+    assert flower_runtime_env_note({"VIRTUAL_ENV": "/home/u/fedcl/.venv"}) is None
+    assert flower_runtime_env_note({}) is None
