@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent setup: virtual environment with the pinned packages, and the default data set.
+# The developers' and the demo's set-up; a site machine installs less (deploy/README.md, "Installing a site").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}

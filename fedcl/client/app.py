@@ -350,8 +350,28 @@ def _queue_client(site: SiteSettings, rc: RoundConfig):
             certs = site.root_certificates.read_bytes()
         except OSError as exc:
             raise SiteError(f"cannot read root certificates {site.root_certificates}: {exc.strerror or exc}") from None
-    return QueueClient(site.queue_address or rc.queue_address, site_id=site.site_id, token=site.queue_token,
+    return QueueClient(site.queue_address or rc.queue_address, site_id=site.site_id, token=_queue_token(site, rc),
                        root_certificates=certs, timeout=30.0)
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+
+
+def _queue_token(site: SiteSettings, rc: RoundConfig) -> str | None:
+    """The site's own token; else, for a simulated site (a partition id) of a run that serves its own
+    queue on this machine (``flwr run .``), the token the ServerApp left it in ``rc.queue_token_dir``."""
+    if site.queue_token is not None or not rc.queue_token_dir or site.partition_id is None:
+        return site.queue_token
+    address = site.queue_address or rc.queue_address
+    if address.rpartition(":")[0] not in LOOPBACK_HOSTS:
+        return None  # a run's own queue is on loopback; never read a token file for another host
+    path = Path(rc.queue_token_dir) / f"{site.site_id}.token"
+    try:
+        return path.read_text().strip()
+    except OSError as exc:
+        raise SiteError(
+            f"site {site.site_id} has no token from this run's own queue service ({path}: {exc.strerror or exc}): "
+            "the run made tokens for data.num_sites sites; set data.num_sites to Flower's num-supernodes") from None
 
 
 def _plan(site: SiteSettings, rc: RoundConfig, images: torch.Tensor, groups: torch.Tensor | None) -> RoundPrivacy:

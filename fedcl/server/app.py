@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +67,7 @@ class QueueLink:
     root_certificates: bytes | None = field(default=None, repr=False)
     coordinator_token: str | None = field(default=None, repr=False)
     snapshot_path: Path | None = None  # readable from here: its digest goes into the checkpoint
+    site_token_dir: Path | None = None  # the run's own loopback queue: where its sites find their tokens
 
     def client(self, site_id: str = "coordinator"):
         """A coordinator client; ``site_id`` names the entries it pushes (public set, prototypes)."""
@@ -152,7 +154,9 @@ def round_config(cfg, *, rnd: int, model_spec: dict[str, Any], queue: QueueLink 
     sections["model"] = dict(model_spec)  # in_channels resolved from the data or the checkpoint
     return RoundConfig(round=rnd, num_rounds=cfg.federation.num_rounds,
                        queue_address=queue.address if queue is not None else "",
-                       queue_tls=queue.tls if queue is not None else False, **sections)
+                       queue_tls=queue.tls if queue is not None else False,
+                       queue_token_dir=str(queue.site_token_dir) if queue is not None and queue.site_token_dir else "",
+                       **sections)
 
 
 # ------------------------------------------------------------------------------- release phase
@@ -755,14 +759,56 @@ def make_server_app(*, config, out_dir: Path, queue: QueueLink | None,
 app = ServerApp()
 
 
+def run_with_loopback_queue(grid: Grid, *, config, out_dir: Path) -> FederationResult:
+    """The federation with a queue service of its own, on 127.0.0.1, started for the run and stopped
+    after it (``fedcl.server.loopback``): ``flwr run .`` when the run's config names no queue service.
+
+    Tokens go to sites ``site-0`` .. ``site-{n-1}`` (n: the connected SuperNodes, at least
+    ``data.num_sites``), each in its own owner-only file, removed with the run; the round config
+    says where (``RoundConfig.queue_token_dir``), and only a simulated site on this machine reads it.
+    """
+    from dataclasses import replace
+
+    from fedcl.server.loopback import loopback_queue, site_token_files
+
+    out_dir = Path(out_dir).resolve()  # the sites read their tokens from their own processes
+    connected = wait_for_sites(grid, config.federation.min_available_nodes)
+    site_ids = [f"site-{i}" for i in range(max(connected, config.data.num_sites))]
+    with loopback_queue(config, out_dir=out_dir, site_ids=site_ids) as (link, tokens), \
+            site_token_files(out_dir, tokens) as token_dir:
+        log.info("no queue service is configured for this run (server.coordinator_token is unset): serving one "
+                 "on %s for this run only; sites on other machines cannot reach it (a deployment starts its runs "
+                 "with fedcl-server)", link.address)
+        return run_federation(grid, config=config, out_dir=out_dir, queue=replace(link, site_token_dir=token_dir))
+
+
+def flower_runtime_env_note(environ: dict[str, str]) -> str | None:
+    """One line when Flower installed this app's dependencies into a per-run environment (its
+    default for a SuperLink it manages): the whole PyTorch stack again, for every run."""
+    venv = environ.get("VIRTUAL_ENV", "")
+    if f"{os.sep}runtime-envs{os.sep}" not in venv:
+        return None
+    return (f"Flower installed fedcl's dependencies into a per-run environment ({venv}) for this run; to run on "
+            "the packages already installed, stop Flower's local SuperLink and start the next `flwr run` with "
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 (docs/flower.md)")
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """What `flwr run` starts in deployment: settings from the run config's ``config-path``."""
+    """What `flwr run` starts: settings from the run config's ``config-path`` (fedcl-server writes
+    one for its runs); with no queue service configured (``flwr run .`` on Flower's local
+    simulation) the run serves its own on loopback."""
     cfg = load_run_config(dict(context.run_config))
     out_dir = Path(str(context.run_config.get("out-dir", "") or cfg.server.out_dir))
+    log.info("fedcl: %d rounds, %s data; output in %s", cfg.federation.num_rounds, cfg.data.name, out_dir.resolve())
+    if note := flower_runtime_env_note(dict(os.environ)):
+        log.warning("%s", note)
+    if cfg.queue.enabled and cfg.server.coordinator_token is None:
+        run_with_loopback_queue(grid, config=cfg, out_dir=out_dir)
+        return
     queue = QueueLink.from_config(cfg, out_dir=out_dir) if cfg.queue.enabled else None
     run_federation(grid, config=cfg, out_dir=out_dir, queue=queue)
 
 
 __all__ = ["CentralEvaluator", "FederationError", "FederationResult", "QueueLink", "app", "load_run_config",
-           "make_server_app", "round_config", "run_federation"]
+           "flower_runtime_env_note", "make_server_app", "round_config", "run_federation", "run_with_loopback_queue"]

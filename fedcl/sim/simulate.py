@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import sys
 import time
 from contextlib import contextmanager
@@ -114,42 +113,19 @@ def with_num_sites(config, num_sites: int | None):
 
 @contextmanager
 def loopback_federation(cfg, *, out_dir: Path, threads: int | None):
-    """What both engines of ``fedcl simulate`` share: the queue service on loopback (per-site tokens;
-    restored from its snapshot when the run resumes) and the simulated sites' settings.
+    """What both engines of ``fedcl simulate`` share: the queue service on loopback for the run
+    (``fedcl.server.loopback.loopback_queue``: per-site tokens; restored from its snapshot when the
+    run resumes) and the simulated sites' settings, with their tokens.
 
     Yields ``(QueueLink or None, SimulatedSites)``; stops the queue service on the way out.
     """
     from fedcl.client.app import SimulatedSites
-    from fedcl.queue import EmbeddingQueue
-    from fedcl.server.app import QUEUE_SNAPSHOT_NAME, QueueLink
-    from fedcl.server.checkpoint import find_checkpoint
-    from fedcl.server.queue_service import ServeSettings, start_queue_server
+    from fedcl.server.loopback import loopback_queue
 
-    ckpt_dir = Path(cfg.server.checkpoint_dir) if cfg.server.checkpoint_dir else out_dir / "checkpoints"
-    resuming = find_checkpoint(ckpt_dir) is not None
-    snapshot = out_dir / QUEUE_SNAPSHOT_NAME
-    queue_server = None
-    link = None
-    site_tokens = {f"site-{i}": secrets.token_urlsafe(24) for i in range(cfg.data.num_sites)}
-    coordinator_token = secrets.token_urlsafe(24)
-    if cfg.queue.enabled:
-        q = cfg.queue
-        if resuming and snapshot.exists():
-            queue = EmbeddingQueue.restore(snapshot)
-        else:
-            queue = EmbeddingQueue(dim=cfg.model.proj_dim, capacity=q.capacity, per_site_quota=q.per_site_quota,
-                                   max_staleness=q.max_staleness, dtype=q.dtype)
-        queue_server = start_queue_server(queue, ServeSettings(
-            host="127.0.0.1", port=0, site_tokens=site_tokens, coordinator_token=coordinator_token,
-            snapshot_path=snapshot, max_message_bytes=4 << 20, audit_log=out_dir / "queue-audit.jsonl"))
-        link = QueueLink(address=f"127.0.0.1:{queue_server.port}", tls=False, coordinator_token=coordinator_token,
-                         snapshot_path=snapshot)
-    simulated = SimulatedSites(config=cfg, site_tokens=site_tokens, state_root=out_dir / "sites", threads=threads)
-    try:
-        yield link, simulated
-    finally:
-        if queue_server is not None:
-            queue_server.stop(grace=2.0)
+    site_ids = [f"site-{i}" for i in range(cfg.data.num_sites)]
+    with loopback_queue(cfg, out_dir=out_dir, site_ids=site_ids) as (link, site_tokens):
+        yield link, SimulatedSites(config=cfg, site_tokens=site_tokens, state_root=out_dir / "sites",
+                                   threads=threads)
 
 
 ENGINES = ("ray", "inprocess")

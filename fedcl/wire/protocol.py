@@ -70,6 +70,9 @@ class RoundConfig(BaseModel):
     num_rounds: int = Field(ge=1, strict=True)
     queue_address: str = Field("", strict=True)  # the queue service the sites dial ("": none this run)
     queue_tls: bool = Field(False, strict=True)
+    # the run's own loopback queue (`flwr run .` with no queue service configured): the folder where
+    # the ServerApp left each simulated site its token, <site-id>.token (fedcl.server.loopback)
+    queue_token_dir: str = Field("", strict=True)
     train: SiteTrainSettings = Field(default_factory=SiteTrainSettings)
     # queue.enabled: a queue service is linked; queue.fresh_push: a release phase in the release mode
     queue: SiteQueueSettings = Field(default_factory=SiteQueueSettings)

@@ -1,0 +1,174 @@
+"""`flwr run .`, Flower's own command, on a copy of the project (issue 22, item 1).
+
+Flower 1.41 runs it on its managed local SuperLink (a local simulation). The ServerApp finds no
+queue service in the run's config and serves one on loopback for the run; the sites find their
+tokens where it left them. Afterwards the copy's tracked files are unchanged (Flower had nothing to
+migrate in pyproject.toml) and nothing the command started is left but Flower's own managed
+SuperLink, which Flower keeps for the next `flwr run` by design (it is stopped here, by pid). The
+test starts that SuperLink just before `flwr run`, as `flwr run` itself would, only waiting longer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+from fedcl.server.loopback import SITE_TOKEN_DIR_NAME
+
+from .helpers import BIN, PATIENCE, REPO, free_port, process_env
+
+MARK = "FEDCL_FLWR_RUN_TEST"
+FLOWERS_OWN = ("flower-superlink", "flower-superexec")  # Flower's managed local SuperLink and its executor
+
+TINY_TOML = """
+[data]
+name = "synthetic"
+num_sites = 2
+partition = "iid"
+synthetic_images = 200
+eval_max_images = 100
+train_max_images = 200
+[model]
+width = 4
+proj_hidden = 32
+proj_dim = 16
+[train]
+batch_size = 50
+num_push = 20
+threads = 1
+[queue]
+num_negatives = 64
+warmup_rounds = 1
+[federation]
+num_rounds = 2
+"""
+
+
+def _copy_tracked_files(dst: Path) -> None:
+    """The project's tracked files as they are in this checkout, committed in a fresh repository."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    for rel in filter(None, files.decode().split("\0")):
+        src = REPO / rel
+        if src.is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / rel)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.org"]
+    subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=dst, check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "copy"], cwd=dst, check=True)
+
+
+def _started_by(marker: str) -> dict[int, str]:
+    """pid -> command line of every live process whose environment carries the marker (a process
+    started by the command, however detached, inherits it)."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if f"{MARK}={marker}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+                found[int(proc.name)] = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+        except OSError:
+            continue  # gone, or not ours to read
+    return found
+
+
+def _stop_and_wait(marker: str, timeout: float) -> dict[int, str]:
+    """SIGTERM every marked process, wait until they are gone (SIGKILL at the end); what was left."""
+    for pid in _started_by(marker):
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    while (left := _started_by(marker)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return left
+
+
+def _wait_for_ours_to_end(marker: str, timeout: float) -> dict[int, str]:
+    """Wait until only Flower's own SuperLink processes carry the marker; the others still alive."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ours = {pid: cmd for pid, cmd in _started_by(marker).items() if not any(f in cmd for f in FLOWERS_OWN)}
+        if not ours or time.monotonic() > deadline:
+            return ours
+        time.sleep(0.5)
+
+
+def _start_flowers_local_superlink(app: Path, env: dict[str, str]) -> None:
+    """What `flwr run` does first when its local SuperLink is down (Flower's own code, the same command),
+    with a longer wait: Flower gives it 15 s, which a loaded machine misses ("Failed to start local
+    SuperLink within 15s"); `flwr run` then finds it up and uses it."""
+    code = ("import sys; import flwr.cli.local_superlink as m; "
+            "m.LOCAL_SUPERLINK_STARTUP_TIMEOUT = float(sys.argv[1]); m._start_local_superlink()")
+    started = subprocess.run([str(BIN / "python"), "-c", code, str(120 * PATIENCE)], cwd=app, env=env,
+                             capture_output=True, text=True, timeout=300 * PATIENCE)
+    assert started.returncode == 0, f"Flower's local SuperLink did not start: {started.stdout}{started.stderr}"
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_flwr_run_dot_runs_the_simulation_with_its_own_queue_and_leaves_nothing_behind(tmp_path):
+    app, home, out = tmp_path / "app", tmp_path / "home", tmp_path / "out"
+    app.mkdir()
+    home.mkdir()
+    _copy_tracked_files(app)
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY_TOML)
+    marker = uuid.uuid4().hex
+    env = process_env(
+        home, PYTHONPATH=str(app), **{MARK: marker},
+        # Flower's own switch: run on the installed packages, not a per-run environment built by `uv sync`
+        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+        # Flower's managed local SuperLink on ports of this test's own (another one may be up on the defaults)
+        FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()), FLWR_LOCAL_CONTROL_API_PORT=str(free_port()))
+    flwr = [str(BIN / "flwr")]
+    try:
+        _start_flowers_local_superlink(app, env)
+        done = subprocess.run(
+            [*flwr, "run", ".", "--stream", "--run-config", f"config-path='{config}' out-dir='{out}'"],
+            cwd=app, env=env, capture_output=True, text=True, timeout=900 * PATIENCE)
+        log = done.stdout + done.stderr
+        assert done.returncode == 0, log[-4000:]
+        run_id = re.search(r"started run (\d+)", log)
+        assert run_id, f"`flwr run` started no run:\n{log[-4000:]}"
+        listed = subprocess.run([*flwr, "list", "--run-id", run_id.group(1), "--format", "json"], cwd=app, env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert json.loads(listed.stdout)["runs"][0]["status"] == "finished:completed", listed.stdout + log[-4000:]
+
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["rounds"] == 2
+        history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [r["sites_ok"] for r in history] == [2, 2], history
+        assert history[1]["queue_size"] == 2 * 20  # both sites pushed to the run's queue with the tokens it gave
+        assert not (out / SITE_TOKEN_DIR_NAME).exists()  # the tokens went with the run
+        queue_port = re.search(r"serving one on 127\.0\.0\.1:(\d+) for this run only", log)
+        assert queue_port, log[-4000:]
+        assert not _listening(int(queue_port.group(1))), "the run's queue service still listens"
+
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=app, capture_output=True, text=True, check=True)
+        assert status.stdout == "", f"`flwr run .` changed the project:\n{status.stdout}"
+
+        ours = _wait_for_ours_to_end(marker, timeout=120 * PATIENCE)  # Flower's simulation exits after the run
+        assert not ours, f"left running after the run: {ours}"
+    finally:
+        left = _stop_and_wait(marker, timeout=60 * PATIENCE)  # Flower's managed local SuperLink (its design)
+    assert left == {}, f"still running after SIGTERM: {left}"
+    assert _started_by(marker) == {}
