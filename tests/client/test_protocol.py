@@ -26,7 +26,7 @@ def _round(*, round: int = 3, queue: dict | None = None, **train) -> RoundConfig
 def test_round_config_survives_a_config_record():
     rc = _round(threads=2, rounds_per_epoch=4, persist_optimizer=True)
     record = rc.to_config_record()
-    assert set(record) == {"round", "num_rounds", "queue_address", "queue_tls", *SECTIONS}
+    assert set(record) == {"round", "num_rounds", "queue_address", "queue_tls", "queue_token_dir", *SECTIONS}
     for name in SECTIONS:  # one JSON string per section
         assert json.loads(record[name]) == getattr(rc, name).model_dump(mode="json")
     back = RoundConfig.from_config_record(record)
