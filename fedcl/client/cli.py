@@ -285,8 +285,10 @@ def _die_with_parent() -> None:  # runs in the child before exec (Linux): no orp
 # What flower-supernode prints when a SuperLink with SuperNode authentication does not know its key
 # (Flower's ApiError 2004; the process then exits with status 1, like many other failures).
 NODE_REFUSED = "Failed to activate SuperNode"
-NODE_REFUSED_HINT = ("the SuperLink refused this SuperNode's key: the coordinator has not registered it "
-                     "(server.supernode_keys) or has revoked this site (server.revoked_sites); check --node-key")
+NODE_REFUSED_HINT = ("the SuperLink does not know this SuperNode's key (yet): the coordinator registers the keys "
+                     "of server.supernode_keys when its run starts, or has revoked this site (server.revoked_sites); "
+                     "the site retries with backoff and joins once the key is registered; if it never does, check "
+                     "--node-key against the coordinator's list")
 
 
 # Flower exit codes (flwr.supercore.exit.ExitCode) of local errors that a restart cannot fix.
@@ -370,7 +372,8 @@ def supervise(argv: list[str], *, rejoin: bool, min_delay: float = 1.0, max_dela
                 return code
             if time.time() - started > 120:
                 delay = min_delay
-            print(f"fedcl-client: the SuperNode exited (status {code}); rejoining in {delay:.0f} s", flush=True)
+            print(f"fedcl-client: the SuperNode exited (status {code}; after a coordinator restart Flower's "
+                  f"401/unauthenticated error above is expected); rejoining in {delay:.0f} s", flush=True)
             if stop.wait(delay):
                 return 0
             delay = min(2 * delay, max_delay)

@@ -221,21 +221,22 @@ def test_supervisor_explains_a_refused_supernode(tmp_path):
     assert proc.returncode == 1
     lines = proc.stdout.splitlines()
     assert lines[0] == "[code: 2004] Failed to activate SuperNode."  # Flower's own line, passed on
-    assert lines[1].startswith("fedcl-client: the SuperLink refused this SuperNode's key")
+    assert lines[1].startswith("fedcl-client: the SuperLink does not know this SuperNode's key (yet)")
+    assert "joins once the key is registered" in lines[1]  # not "your key is wrong": it may be registered later
 
 
 def test_supervisor_restarts_a_refused_supernode_whose_children_linger(tmp_path):
     """flower-supernode leaves its SuperExec running (holding the output pipe) when it exits: the
     supervisor must notice the exit itself, not wait for the end of the output."""
-    linger = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)'])"
+    linger = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])"
     child = f"{linger}; print('[code: 2004] Failed to activate SuperNode.'); sys.exit(1)"
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-c", (
         "import sys; from fedcl.client.cli import supervise, NODE_REFUSED, NODE_REFUSED_HINT;"
         f"sys.exit(supervise([sys.executable, '-c', {child!r}], rejoin=False,"
-        " output_hints={NODE_REFUSED: NODE_REFUSED_HINT}))")], capture_output=True, text=True, timeout=60, cwd=REPO)
-    assert proc.returncode == 1 and time.monotonic() - t0 < 20
-    assert "refused this SuperNode's key" in proc.stdout
+        " output_hints={NODE_REFUSED: NODE_REFUSED_HINT}))")], capture_output=True, text=True, timeout=200, cwd=REPO)
+    assert proc.returncode == 1 and time.monotonic() - t0 < 100  # well below the lingering child's 120 s
+    assert "does not know this SuperNode's key" in proc.stdout
 
 
 def test_supervisor_stops_on_a_permanent_local_error(tmp_path):
