@@ -601,6 +601,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cfg = run_config(args)
     key = config_key(cfg)
+    commit = git_commit()  # at the start: the code that runs, even if the checkout moves meanwhile
     device = torch.device("cpu")
     try:
         data_src = Data(root=args.data, dataset=cfg.get("dataset"))
@@ -648,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "command": "python " + " ".join(
             shlex.quote(a) for a in [str(Path(sys.argv[0]))] + (argv if argv is not None else sys.argv[1:])),
-        "commit": git_commit(),
+        "commit": commit,
         "cpu": cpu_summary(runs),
         "config": cfg | {"seeds": seeds, "splits": splits, "methods": methods, "config_key": key,
                          "threads": args.threads, "device": str(device)},
