@@ -3,6 +3,13 @@
     python bench/quality.py --quick                       # smoke run (fedcl_dp8: minutes)
     python bench/quality.py --splits pathological --seeds 0 --rounds 6 --images-per-site 1000 \
         --width 16 --methods random,fedsimclr,fedcl,fedcl_noqueue,central
+    python bench/quality.py --dataset fashion-mnist-cluttered --methods pixels,random,central ...
+
+--dataset fashion-mnist-cluttered runs every method in the clutter regime (fedcl/data/clutter.py;
+--canvas, --item-scale, --clutter-patches, --clutter-patch-size, --clutter-seed), the data set
+``data.name = "fashion-mnist-cluttered"`` of the shipped config. The ``pixels`` row is no encoder:
+its features are the raw pixels, flattened and centred per image (each image minus its own mean),
+judged by the very same probes as every other row.
 
 Every method starts from the same initial weights (per seed), uses the same encoder, recipe and
 total compute (rounds x local epochs x images: central trains rounds x local_epochs epochs on
@@ -24,6 +31,9 @@ not private). Results per (split, method, seed) are cached under ``<out>/cache``
 configuration, so reruns and added methods reuse finished work.
 
 Writes <out>/quality<tag>.json, quality<tag>.md, quality<tag>_rounds.png, quality<tag>_epsilon.png.
+The JSON records the command, the commit (``-dirty`` when tracked files differed) and the CPU time
+of every run (``time.process_time``, all threads; summed under ``cpu``; rows cached before this was
+recorded are counted in ``cpu.runs_without``).
 """
 
 from __future__ import annotations
@@ -46,14 +56,15 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pydantic import ValidationError  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from fedcl.augment import TwoViewAugment  # noqa: E402
-from fedcl.config import FedclConfig  # noqa: E402
-from fedcl.data import load_fashion_mnist  # noqa: E402
+from fedcl.config import FedclConfig, format_validation_error  # noqa: E402
+from fedcl.data import DataError  # noqa: E402
 from fedcl.evaluate import evaluate_encoder, extract_features, knn_accuracy  # noqa: E402
 from fedcl.models import build_model, canonical_state_dict, load_canonical_state_dict, load_encoder  # noqa: E402
-from fedcl.runtime import site_partition  # noqa: E402
+from fedcl.runtime import load_split, site_partition  # noqa: E402
 from fedcl.train import RoundRecipe, local_round, train_centralized  # noqa: E402
 
 
@@ -75,6 +86,7 @@ class FedMethod:
 # The methods of the tables in docs/benchmarks.md. "random", "local" and "central" are not
 # federations. Probes that lost are described in research/ with the commit that still registers them.
 METHODS: dict[str, FedMethod | str] = {
+    "pixels": "pixels",
     "random": "random",
     "local": "local",
     "fedsimclr": FedMethod(queue=False, key_encoder="online", in_batch_negatives=True),
@@ -85,12 +97,14 @@ METHODS: dict[str, FedMethod | str] = {
     # DP-SGD has no in-batch negatives, so no warm-up: the release phase fills the queue in round 1
     "fedcl_dp8": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0,
                            in_batch_negatives=False, dp_epsilon=8.0, warmup_rounds=0),
+    "fedcl_dp3": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0,
+                           in_batch_negatives=False, dp_epsilon=3.0, warmup_rounds=0),
     "fedcl_prototypes": FedMethod(queue=True, release="prototypes"),
     "fedcl_public": FedMethod(queue=True, release="public"),
     "central": "central",
 }
-MAIN_METHODS = ["random", "local", "fedsimclr", "fedcl", "fedcl_noqueue", "fedcl_dp8", "fedcl_prototypes",
-                "fedcl_public", "central"]
+MAIN_METHODS = ["pixels", "random", "local", "fedsimclr", "fedcl", "fedcl_noqueue", "fedcl_dp8", "fedcl_dp3",
+                "fedcl_prototypes", "fedcl_public", "central"]
 # each split is the shipped data config's (data.partition and its parameter): the sites of a
 # benchmark run are the partitions ``fedcl simulate`` gives its sites
 SPLITS = {"pathological": {"partition": "pathological", "classes_per_site": 2},
@@ -105,9 +119,10 @@ RUNNER = "shipped-federation-inprocess/1"  # in the cache key: rows of the forme
 
 
 def data_settings(cfg: dict, *, split: str, seed: int, data_root: Path) -> dict:
-    """The shipped ``[data]`` section of a run: the split, the sites and their image count."""
+    """The shipped ``[data]`` section of a run: the data set, the split, the sites and their image count.
+    ``cfg["dataset"]`` (absent: plain Fashion-MNIST) names the data set and its ``[data.clutter]``."""
     return {"name": "fashion-mnist", "path": str(data_root), "num_sites": cfg["sites"],
-            "max_images_per_site": cfg["images_per_site"], "seed": seed, **SPLITS[split]}
+            "max_images_per_site": cfg["images_per_site"], "seed": seed, **SPLITS[split], **cfg.get("dataset", {})}
 
 
 def federation_config(method: FedMethod, cfg: dict, *, split: str, seed: int, data_root: Path) -> FedclConfig:
@@ -137,19 +152,28 @@ def federation_config(method: FedMethod, cfg: dict, *, split: str, seed: int, da
 # ------------------------------------------------------------------------------------- data
 
 class Data:
-    """Fashion-MNIST loaded once; per (split, seed) the sites' partitions, the bank and the test set."""
+    """The data set loaded once; per (split, seed) the sites' partitions, the bank and the test set.
 
-    def __init__(self, *, root: Path) -> None:
-        self.root = Path(root)
-        self.train = load_fashion_mnist(root=root, split="train")
-        self.test = load_fashion_mnist(root=root, split="test")
+    dataset: ``run_config(...)["dataset"]`` (None: plain Fashion-MNIST), loaded as the shipped config
+    loads it (``fedcl.runtime.load_split``), so the bank holds the very images the sites trained on."""
+
+    dataset: dict | None = None
+
+    def __init__(self, *, root: Path, dataset: dict | None = None) -> None:
+        from fedcl.config import DataSettings
+
+        self.root, self.dataset = Path(root), dataset
+        d = DataSettings.model_validate({"path": str(root), **(dataset or {})})
+        self.train = load_split(d, split="train")
+        self.test = load_split(d, split="test")
 
     def setup(self, *, split: str, seed: int, num_sites: int, images_per_site: int, test_images: int) -> dict:
         """The sites are the shipped partitions (``fedcl.runtime.site_partition``) of the config
         ``federation_config`` writes: the bank of labelled site images is what the federation trained on."""
         from fedcl.config import DataSettings
 
-        sizes = {"sites": num_sites, "images_per_site": images_per_site}
+        sizes = {"sites": num_sites, "images_per_site": images_per_site} | ({"dataset": self.dataset}
+                                                                            if self.dataset else {})
         d = DataSettings.model_validate(data_settings(sizes, split=split, seed=seed, data_root=self.root))
         parts = [site_partition(d, self.train, site_index=i) for i in range(num_sites)]
         sites, site_labels = [p.images for p in parts], [p.labels for p in parts]
@@ -177,6 +201,19 @@ def full_eval(model, data: dict, *, augment: TwoViewAugment, device: torch.devic
     return evaluate_encoder(model, train_images=data["bank_images"], train_labels=data["bank_labels"],
                             test_images=data["test_images"], test_labels=data["test_labels"], device=device,
                             augment=augment, few_label_per_class=10, seed=seed)
+
+
+class PixelFeatures(torch.nn.Module):
+    """Raw pixels as a representation: each image flattened and centred on its own mean (so that
+    cosine similarity is the pixels' correlation); ``forward`` L2-normalises them, as the encoders'
+    projections are, for alignment and uniformity."""
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.flatten(1)  # (B, C*H*W)
+        return flat - flat.mean(dim=1, keepdim=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(self.features(x), dim=1)
 
 
 def model_from_state(spec: dict, state: dict[str, torch.Tensor]):
@@ -263,10 +300,13 @@ def run_method(name: str, *, data: dict, cfg: dict, split: str, seed: int, data_
     augment = TwoViewAugment(crop_scale=(cfg.get("crop_scale_min", 0.3), 1.0))
     rounds_per_epoch = cfg.get("rounds_per_epoch", 1)
     rounds = cfg["rounds"]
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     out: dict = {"method": name, "seed": seed}
     kind = METHODS[name]
-    if kind == "random":
+    if kind == "pixels":
+        out["metrics"] = full_eval(PixelFeatures(), data, augment=augment, device=device, seed=seed)
+        out["rounds"] = []
+    elif kind == "random":
         model = model_from_state(spec, init_state)
         out["metrics"] = full_eval(model, data, augment=augment, device=device, seed=seed)
         out["rounds"] = []
@@ -308,6 +348,7 @@ def run_method(name: str, *, data: dict, cfg: dict, split: str, seed: int, data_
             out["privacy"] = ledger["channels"] | {"epsilon": ledger["epsilon"]}
         out["method_settings"] = asdict(kind)
     out["seconds"] = time.perf_counter() - t0
+    out["cpu_seconds"] = time.process_time() - cpu0  # every thread of this process, the federation's included
     return out
 
 
@@ -332,6 +373,8 @@ def aggregate(runs: list[dict]) -> dict:
     if "privacy" in runs[0]:
         out["privacy"] = runs[0]["privacy"]
     out["seconds"] = stat([r["seconds"] for r in runs])
+    if all("cpu_seconds" in r for r in runs):  # rows cached before CPU time was recorded lack it
+        out["cpu_seconds"] = stat([r["cpu_seconds"] for r in runs])
     return out
 
 
@@ -361,7 +404,11 @@ def write_markdown(path: Path, result: dict) -> None:
     """The final table per split (method x metric, mean ± std over seeds). Per-round curves are
     not tabulated: they are in the JSON beside it and in its _rounds plot."""
     stem = path.with_suffix("").name
+    cpu = result.get("cpu", {})
     lines = ["# Quality benchmark\n", f"Command: `{result['command']}`\n",
+             f"Data set: {result.get('config', {}).get('dataset', {'name': 'fashion-mnist'})}. Commit: "
+             f"{result.get('commit', 'unknown')}. CPU: {cpu.get('hours', float('nan')):.2f} h over the "
+             f"{cpu.get('runs', 0)} runs that recorded it ({cpu.get('runs_without', 0)} cached runs did not).\n",
              "Accuracies in %, mean ± std over seeds (std 0 with one seed). Lower is better for "
              "alignment and uniformity. ε at δ = 1e-5 per site; 'not DP' = channel not protected.\n",
              f"Per-round kNN, loss, drift and ε of every federated method: `{stem}.json` "
@@ -418,7 +465,9 @@ def write_plots(prefix: Path, result: dict) -> None:
         ax.set(title=f"{split}: kNN accuracy per round", xlabel="round (0 = initial weights)",
                ylabel="kNN accuracy (%)")
         ax.xaxis.get_major_locator().set_params(integer=True)
-        if many:  # outside the axes, so that it hides no curve
+        if not ax.get_legend_handles_labels()[0]:
+            pass  # nothing drawn (e.g. only the pixels row): no legend
+        elif many:  # outside the axes, so that it hides no curve
             ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         else:
             ax.legend(fontsize=7)
@@ -472,7 +521,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--test-images", type=int, default=2000)
     p.add_argument("--public-images", type=int, default=1000)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--data", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
+    p.add_argument("--data", type=Path, default=Path("/usr/share/datasets/fashion-mnist"),
+                   help="the folder of the Fashion-MNIST IDX files")
+    p.add_argument("--dataset", choices=["fashion-mnist", "fashion-mnist-cluttered"], default="fashion-mnist",
+                   help="data.name of every run; the clutter options apply to fashion-mnist-cluttered only")
+    p.add_argument("--canvas", type=int, default=40, help="clutter: canvas side, px")
+    p.add_argument("--item-scale", type=float, default=1.0, help="clutter: item side / 28 px")
+    p.add_argument("--clutter-patches", type=int, default=3, help="clutter: patches per image")
+    p.add_argument("--clutter-patch-size", type=int, default=10, help="clutter: patch side, px")
+    p.add_argument("--clutter-seed", type=int, default=0, help="clutter: the regime's draw")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     p.add_argument("--tag", default="", help="suffix of the output files, e.g. _t05 for a recipe variant")
     p.add_argument("--no-cache", action="store_true")
@@ -497,7 +554,29 @@ def run_config(args: argparse.Namespace) -> dict:
            "knn": {"k": 200, "t": 0.1}, "fewlabel_per_class": 10, "dp": {"epsilon": 8.0}, "release": RELEASE,
            "rounds_per_epoch": args.rounds_per_epoch, "persist_optimizer": args.persist_optimizer,
            "runner": RUNNER}
+    if args.dataset != "fashion-mnist":  # absent for plain Fashion-MNIST: its cached rows keep their key
+        cfg["dataset"] = {"name": args.dataset, "clutter": {
+            "canvas": args.canvas, "scale": args.item_scale, "patches": args.clutter_patches,
+            "patch_size": args.clutter_patch_size, "seed": args.clutter_seed}}
     return cfg
+
+
+def git_commit() -> str:
+    """HEAD of the checkout that ran, with '-dirty' when tracked files differ from it."""
+    import subprocess
+
+    def git(*a: str) -> str:
+        return subprocess.run(["git", "-C", str(REPO), *a], capture_output=True, text=True).stdout.strip()
+    head = git("rev-parse", "HEAD") or "unknown"
+    return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
+def cpu_summary(runs: dict[str, dict[str, list[dict]]]) -> dict:
+    """CPU time of the table: the sum over its runs (cached ones included) that recorded it."""
+    every = [r for by_method in runs.values() for rs in by_method.values() for r in rs]
+    seconds = [r["cpu_seconds"] for r in every if "cpu_seconds" in r]
+    return {"seconds": float(sum(seconds)), "hours": float(sum(seconds)) / 3600, "runs": len(seconds),
+            "runs_without": len(every) - len(seconds)}
 
 
 def config_key(cfg: dict) -> str:
@@ -522,10 +601,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cfg = run_config(args)
     key = config_key(cfg)
+    commit = git_commit()  # at the start: the code that runs, even if the checkout moves meanwhile
+    device = torch.device("cpu")
+    try:
+        data_src = Data(root=args.data, dataset=cfg.get("dataset"))
+    except ValidationError as exc:  # a clutter option out of range: the config's own one-line reason
+        reason = format_validation_error(exc, source="bench/quality.py data options").splitlines()[1].strip(" -")
+        print(f"data.{reason}", file=sys.stderr)  # e.g. data.clutter: ... (the shipped config's key)
+        return 2
+    except DataError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     cache = args.out / "cache"
     cache.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cpu")
-    data_src = Data(root=args.data)
 
     runs: dict[str, dict[str, list[dict]]] = {}
     # seed-major: an interrupted run still has every split and method at the first seeds
@@ -561,6 +649,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "command": "python " + " ".join(
             shlex.quote(a) for a in [str(Path(sys.argv[0]))] + (argv if argv is not None else sys.argv[1:])),
+        "commit": commit,
+        "cpu": cpu_summary(runs),
         "config": cfg | {"seeds": seeds, "splits": splits, "methods": methods, "config_key": key,
                          "threads": args.threads, "device": str(device)},
         "splits": {split: {name: aggregate(rs) for name, rs in by_method.items()} for split, by_method in runs.items()},

@@ -53,10 +53,32 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class ClutterSettings(_Section):
+    """data.name = "fashion-mnist-cluttered": each item at a seeded random place on a larger canvas,
+    among patches cut from other items (fedcl.data.clutter; docs/benchmarks.md)."""
+
+    canvas: int = Field(40, ge=1)  # output side, px
+    scale: float = Field(1.0, gt=0)  # item side / 28 px
+    patches: int = Field(3, ge=0)  # clutter patches per image
+    patch_size: int = Field(10, ge=1)  # their side, px (at most 28 and at most the canvas)
+    seed: int = 0  # the regime's draw; data.seed still draws the partition
+
+    @model_validator(mode="after")
+    def _fits(self) -> "ClutterSettings":
+        side = round(28 * self.scale)  # Fashion-MNIST items are 28 px
+        if not 1 <= side <= self.canvas:
+            raise ValueError(f"a 28-px item at scale {self.scale} is {side} px and does not fit the "
+                             f"{self.canvas}-px canvas; lower scale or raise canvas to at least {side}")
+        if self.patch_size > min(28, self.canvas):
+            raise ValueError(f"patch_size {self.patch_size} exceeds the 28-px source images or the "
+                             f"{self.canvas}-px canvas; use at most {min(28, self.canvas)}")
+        return self
+
+
 class SiteDataSettings(_Section):
     """How a shared data set is split into sites: what a site started with a partition id needs."""
 
-    name: Literal["fashion-mnist", "medmnist", "folder", "synthetic"] = "fashion-mnist"
+    name: Literal["fashion-mnist", "fashion-mnist-cluttered", "medmnist", "folder", "synthetic"] = "fashion-mnist"
     partition: Literal["iid", "dirichlet", "pathological"] = "pathological"
     num_sites: int = Field(5, ge=1)
     alpha: float = Field(0.5, gt=0)
@@ -64,6 +86,7 @@ class SiteDataSettings(_Section):
     max_images_per_site: int | None = Field(2000, ge=1)
     synthetic_images: int = Field(2000, ge=10)
     synthetic_classes: int = Field(10, ge=2)
+    clutter: ClutterSettings = Field(default_factory=ClutterSettings)  # fashion-mnist-cluttered only
     seed: int = 0
 
 

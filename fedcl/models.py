@@ -24,7 +24,8 @@ def _norm(channels: int) -> nn.GroupNorm:
 
 
 class SmallCNN(nn.Module):
-    """Four conv blocks, 28-32 px in, global average pool out: feat_dim = 4 * width."""
+    """Four conv blocks, any input size (28 px Fashion-MNIST, 40 px cluttered), global average pool
+    out: feat_dim = 4 * width."""
 
     def __init__(self, *, in_channels: int, width: int) -> None:
         super().__init__()

@@ -46,6 +46,10 @@ def load_split(d: DataSettings, *, split: str) -> ImageSet:
         offset = 0 if split == "train" else 1
         n = d.synthetic_images if split == "train" else max(d.synthetic_images // 4, d.synthetic_classes * 4)
         return make_synthetic(num_images=n, num_classes=d.synthetic_classes, seed=d.seed + offset)
+    if d.name == "fashion-mnist-cluttered":
+        from fedcl.data import Clutter
+
+        return load_dataset(name=d.name, path=d.path, split=split, clutter=Clutter(**d.clutter.model_dump()))
     return load_dataset(name=d.name, path=d.path, split=split)
 
 

@@ -1,5 +1,6 @@
 """Data sets held in memory as uint8 tensors, and partitioners that split them across sites."""
 
+from fedcl.data.clutter import Clutter, load_fashion_mnist_cluttered, make_cluttered
 from fedcl.data.folder import load_image_folder
 from fedcl.data.idx import DEFAULT_FASHION_MNIST_ROOT, FASHION_MNIST_CLASSES, load_fashion_mnist, read_idx
 from fedcl.data.load import DATASET_NAMES, load_dataset
@@ -9,6 +10,7 @@ from fedcl.data.synthetic import make_synthetic
 from fedcl.data.types import DataError, ImageSet
 
 __all__ = [
+    "Clutter",
     "DATASET_NAMES",
     "DEFAULT_FASHION_MNIST_ROOT",
     "FASHION_MNIST_CLASSES",
@@ -16,8 +18,10 @@ __all__ = [
     "ImageSet",
     "load_dataset",
     "load_fashion_mnist",
+    "load_fashion_mnist_cluttered",
     "load_image_folder",
     "load_medmnist_npz",
+    "make_cluttered",
     "make_synthetic",
     "partition",
     "read_idx",

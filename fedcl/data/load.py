@@ -5,13 +5,14 @@ from __future__ import annotations
 import zlib
 from pathlib import Path
 
+from fedcl.data.clutter import Clutter, load_fashion_mnist_cluttered
 from fedcl.data.folder import load_image_folder
 from fedcl.data.idx import DEFAULT_FASHION_MNIST_ROOT, load_fashion_mnist
 from fedcl.data.medmnist import load_medmnist_npz
 from fedcl.data.synthetic import make_synthetic
 from fedcl.data.types import DataError, ImageSet
 
-DATASET_NAMES = ("fashion-mnist", "medmnist", "folder", "synthetic")
+DATASET_NAMES = ("fashion-mnist", "fashion-mnist-cluttered", "medmnist", "folder", "synthetic")
 
 
 def load_dataset(
@@ -25,10 +26,12 @@ def load_dataset(
     image_size: int | None = None,
     channels: int | None = None,
     group_regex: str | None = None,
+    clutter: Clutter | None = None,
 ) -> ImageSet:
     """Load ``split`` of data set ``name``.
 
     fashion-mnist: IDX files under ``path`` (default /usr/share/datasets/fashion-mnist).
+    fashion-mnist-cluttered: the same files in the clutter regime ``clutter`` (default Clutter()).
     medmnist: the ``.npz`` file at ``path``; splits train/val/test.
     folder: the image folder at ``path``; ``path/<split>`` is used when that folder exists.
     group_regex (folder only): the patient id of each file, from its name (see load_image_folder).
@@ -40,6 +43,9 @@ def load_dataset(
                         "(a MedMNIST .npz names patients in a train_patients array)")
     if name == "fashion-mnist":
         return load_fashion_mnist(root=path if path is not None else DEFAULT_FASHION_MNIST_ROOT, split=split)
+    if name == "fashion-mnist-cluttered":
+        return load_fashion_mnist_cluttered(root=path if path is not None else DEFAULT_FASHION_MNIST_ROOT,
+                                            split=split, clutter=clutter)
     if name == "medmnist":
         if path is None:
             raise DataError("data set 'medmnist' needs a path to its .npz file (e.g. data.path=pathmnist.npz)")
