@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Literal, get_args, get_origin
 
+from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
 from fedcl.config import FedclConfig
@@ -19,6 +20,8 @@ def _other_value(f: FieldInfo):
     if get_origin(f.annotation) is Literal:
         return next(choice for choice in get_args(f.annotation) if choice != default)
     kind = next(t for t in (get_args(f.annotation) or (f.annotation,)) if t is not type(None))
+    if isinstance(kind, type) and issubclass(kind, BaseModel):  # a nested section: every field changed
+        return {name: _other_value(sub) for name, sub in kind.model_fields.items()}
     if kind is bool:
         return not default
     if kind is int:
