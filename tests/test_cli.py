@@ -114,11 +114,13 @@ def test_train_then_eval_a_tiny_encoder(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("training cnn on 120 synthetic images for 1 epochs on cpu")
     assert lines[1].startswith("kNN accuracy: trained ") and "| random init " in lines[1]
+    assert "labelled set: fit on" in lines[1]  # says which set it scored on, the one fedcl eval uses
     assert lines[2] == f"encoder written to {out / 'encoder.pt'}"
     assert (out / "metrics.jsonl").is_file()
 
     assert main(["eval", str(out / "encoder.pt"), *_sets(TINY), "--no-compare-random"]) == 0
-    table = capsys.readouterr().out.splitlines()
+    said, *table = capsys.readouterr().out.splitlines()
+    assert said.startswith("labelled set: fit on") and said in lines[1]  # the same named set as fedcl train
     assert table[0].split() == ["kNN", "linear", "10/class", "align", "unif"]
     assert [row.split()[0] for row in table[1:]] == ["encoder"]  # no random-init row
     assert main(["eval", str(tmp_path / "missing.pt"), *_sets(TINY)]) == 2
