@@ -22,34 +22,13 @@ import uuid
 from pathlib import Path
 
 from fedcl.server.loopback import SITE_TOKEN_DIR_NAME
+from tests.server.test_loopback import TINY_TOML  # the same tiny 2-round federation, run in-process there
 
 from .helpers import BIN, PATIENCE, REPO, free_port, process_env
 
 MARK = "FEDCL_FLWR_RUN_TEST"
 FLOWERS_OWN = ("flower-superlink", "flower-superexec")  # Flower's managed local SuperLink and its executor
 
-TINY_TOML = """
-[data]
-name = "synthetic"
-num_sites = 2
-partition = "iid"
-synthetic_images = 200
-eval_max_images = 100
-train_max_images = 200
-[model]
-width = 4
-proj_hidden = 32
-proj_dim = 16
-[train]
-batch_size = 50
-num_push = 20
-threads = 1
-[queue]
-num_negatives = 64
-warmup_rounds = 1
-[federation]
-num_rounds = 2
-"""
 
 
 def _copy_tracked_files(dst: Path) -> None:
