@@ -153,7 +153,10 @@ def save_encoder(path, *, model: ContrastiveModel, meta: dict[str, Any] | None =
         torch.save(payload, f)
 
 
-def load_encoder(path) -> tuple[ContrastiveModel, dict[str, Any]]:
+def read_torch_payload(path, *, fmt: str, kind: str, fix: str = "") -> dict[str, Any]:
+    """The dict a fedcl ``torch.save`` wrote at ``path`` (tensors only: ``weights_only``), checked to
+    carry ``format == fmt``. FileNotFoundError when absent, ValueError when unreadable or of another
+    kind; ``fix`` (e.g. "; move it away to start afresh") ends the unreadable message."""
     from pathlib import Path
 
     path = Path(path)
@@ -161,10 +164,15 @@ def load_encoder(path) -> tuple[ContrastiveModel, dict[str, Any]]:
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt or foreign file
-        raise ValueError(f"{path} is not a readable fedcl checkpoint: {exc}") from None
-    if not isinstance(payload, dict) or payload.get("format") != "fedcl-encoder/1":
-        raise ValueError(f"{path} is not a fedcl encoder checkpoint (missing format 'fedcl-encoder/1')")
+    except Exception as exc:  # truncated, corrupt or foreign file
+        raise ValueError(f"checkpoint {path} is not readable ({exc}){fix}") from None
+    if not isinstance(payload, dict) or payload.get("format") != fmt:
+        raise ValueError(f"{path} is not a fedcl {kind} checkpoint (format {fmt!r})")
+    return payload
+
+
+def load_encoder(path) -> tuple[ContrastiveModel, dict[str, Any]]:
+    payload = read_torch_payload(path, fmt="fedcl-encoder/1", kind="encoder")
     model = build_model(**payload["spec"])
     load_canonical_state_dict(model, payload["state_dict"])
     return model, payload.get("meta", {})

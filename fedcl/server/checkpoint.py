@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from fedcl.fileio import atomic_file
+from fedcl.models import read_torch_payload
 
 CHECKPOINT_FORMAT = "fedcl-federation/1"
 CHECKPOINT_NAME = "federation.pt"
@@ -75,15 +76,11 @@ def save_checkpoint(path: Path, checkpoint: FederationCheckpoint) -> Path:
 
 
 def load_checkpoint(path: Path) -> FederationCheckpoint:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated or foreign file
-        raise CheckpointError(f"checkpoint {path} is not readable ({exc}); move it away to start afresh") from None
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not a fedcl federation checkpoint (format {CHECKPOINT_FORMAT!r})")
+        payload = read_torch_payload(path, fmt=CHECKPOINT_FORMAT, kind="federation",
+                                     fix="; move it away to start afresh")
+    except (FileNotFoundError, ValueError) as exc:
+        raise CheckpointError(str(exc)) from None
     try:
         return FederationCheckpoint(
             round=int(payload["round"]),
