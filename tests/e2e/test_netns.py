@@ -4,8 +4,9 @@
                              authentication, ServerApp)
     10.77.0.2  site-a        fedcl-client --server 10.77.0.1 ...
     10.77.0.3  site-b        fedcl-client --server 10.77.0.1 ...
-    10.77.0.4  intruders     site-x (registered SuperNode key, wrong queue token), site-r (revoked),
-                             site-u (SuperNode key never registered), site-c (another CA's certificate)
+    10.77.0.4  intruders     site-x (registered SuperNode key, wrong queue token: stopped by its
+                             pre-flight), site-r (revoked), site-u (SuperNode key never registered),
+                             site-c (another CA's certificate)
 
 One federation of 4 rounds carries every drill, so the file stays within a few minutes on 2 cores:
 round 1 runs with both sites while the intruders are refused; in round 2 site-b's cable is pulled
@@ -46,6 +47,7 @@ HOSTS = {"coord": "10.77.0.1", "a": "10.77.0.2", "b": "10.77.0.3", "x": "10.77.0
 COORD = HOSTS["coord"]
 SUPERLINK_PORT = 8000
 QUEUE_PORT = 50051
+UNANSWERED_PORT = 50999  # nothing listens there on the coordinator
 NUM_ROUNDS = 4
 CUT_ROUND = 2  # site-b's cable is out during this round
 KILL_AFTER = 3  # the coordinator is SIGKILLed once this round's checkpoint is written
@@ -107,6 +109,7 @@ class Drill:
     ledgers_final: dict[str, dict] = field(default_factory=dict)
     revoked_probe: dict = field(default_factory=dict)
     wrong_ca_exit: int | None = None
+    wrong_token_exit: int | None = None
     cut_seconds: float = 0.0  # how long site-b's cable was out
     round_timeout: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
@@ -159,9 +162,9 @@ def _run_scenario(net: Network, root: Path, processes: Processes) -> Drill:
     cfg = root / "consortium.toml"
     cfg.write_text(tiny_config_text(
         out_dir=out_dir, superlink_port=SUPERLINK_PORT, queue_port=QUEUE_PORT, num_rounds=NUM_ROUNDS,
-        # a, b and x, every round: a round waits until all three are connected, so site-b is back in
-        # the round after its cable is (and the wrong-token site is asked every time)
-        min_nodes=3,
+        # a and b, every round: a round waits until both are connected, so site-b is back in the
+        # round after its cable is (the wrong-token site is refused at its pre-flight and never joins)
+        min_nodes=2,
         tokens=issued["site_tokens"], coordinator_token=issued["coordinator_token"], certs=certs,
         extra=f"round_timeout = {round_timeout}\nfraction_evaluate = 0.0",
         train_extra="in_batch_negatives = false",
@@ -198,24 +201,32 @@ def _run_scenario(net: Network, root: Path, processes: Processes) -> Drill:
     for host, site in (("a", "site-a"), ("b", "site-b")):
         start_site(host, site, token_file=certs / "sites" / f"{site}.token", ca=certs / "ca.pem",
                    node_key=certs / "sites" / f"{site}.node-key")
-    bad_token = root / "site-x.wrong-token"
-    bad_token.write_text(WRONG_TOKEN + "\n")
-    start_site("x", "site-x", token_file=bad_token, ca=certs / "ca.pem",
-               node_key=certs / "sites" / "site-x.node-key", runtime_port=9094)
+    # the revoked and the unregistered site get past the queue-token pre-flight (no queue service
+    # answers at the address they are given, so the token is "not checked"): the SuperLink must refuse them
+    no_queue = ("--queue-address", f"{COORD}:{UNANSWERED_PORT}")
     start_site("x", "site-r", token_file=certs / "sites" / "site-r.token", ca=certs / "ca.pem",
-               node_key=certs / "sites" / "site-r.node-key", runtime_port=9095, extra=("--no-rejoin",))
+               node_key=certs / "sites" / "site-r.node-key", runtime_port=9095, extra=("--no-rejoin", *no_queue))
     start_site("x", "site-u", token_file=certs / "sites" / "site-r.token", ca=certs / "ca.pem",
-               node_key=rogue / "sites" / "site-u.node-key", runtime_port=9096, extra=("--no-rejoin",))
+               node_key=rogue / "sites" / "site-u.node-key", runtime_port=9096, extra=("--no-rejoin", *no_queue))
     start_site("x", "site-c", token_file=certs / "sites" / "site-r.token", ca=rogue / "ca.pem",
                node_key=None, runtime_port=9097)
     drill = Drill(root=root, out_dir=out_dir, audit_log=audit_log, processes=processes, round_timeout=round_timeout,
                   seconds=seconds)
-    alive = ["server", "site-a", "site-b", "site-x"]
+    alive = ["server", "site-a", "site-b"]
 
     # the revoked site's own credentials, straight at the queue service from its host
     processes.wait_for("the queue service", lambda: net.reachable("x", "coord", QUEUE_PORT, timeout=2), timeout=300,
                        alive=alive)
     drill.seconds["queue service up"] = time.time() - t_start
+    # a site with a wrong queue token, started once the queue service answers: its pre-flight refuses it
+    bad_token = root / "site-x.wrong-token"
+    bad_token.write_text(WRONG_TOKEN + "\n")
+    start_site("x", "site-x", token_file=bad_token, ca=certs / "ca.pem",
+               node_key=certs / "sites" / "site-x.node-key", runtime_port=9094)
+    wrong_token = processes.procs["site-x"]
+    processes.wait_for("the wrong-token site to stop at its pre-flight", lambda: wrong_token.poll() is not None,
+                       timeout=300, alive=alive)
+    drill.wrong_token_exit = wrong_token.returncode
     probe = net.run("x", [sys.executable, "-c", QUEUE_PROBE, f"{COORD}:{QUEUE_PORT}", str(certs / "ca.pem"), "site-r",
                           (certs / "sites" / "site-r.token").read_text().strip()], cwd=REPO)
     assert probe.returncode == 0, probe.stderr
@@ -281,7 +292,7 @@ def test_full_run_over_tls_between_hosts(drill):
 def test_wrong_ca_site_is_refused_with_a_clear_error(drill):
     assert drill.wrong_ca_exit == 2
     log = drill.log("site-c")
-    assert "fedcl-client: error: the server at 10.77.0.1:8000 presented a certificate that" in log, log
+    assert "fedcl-client: error: check CA: the server at 10.77.0.1:8000 presented a certificate that" in log, log
     assert "rogue/ca.pem does not verify" in log
     assert "Starting Flower SuperNode" not in log  # it never got as far as Flower
 
@@ -293,11 +304,14 @@ def test_wrong_queue_token_is_refused_and_the_run_goes_on(drill):
                and e.get("peer", "").startswith(f"ipv4:{HOSTS['x']}:")]
     assert refused and {e["code"] for e in refused} == {"UNAUTHENTICATED"}, refused
     assert all("unknown token" in e["reason"] for e in refused)
-    # site-x never got into a round's results; its failure is named in the round's errors
-    for record in drill.history:
+    # site-x stopped at its pre-flight, one line naming the check and the fix, before joining Flower
+    assert drill.wrong_token_exit == 2
+    log = drill.log("site-x")
+    assert "fedcl-client: error: check queue token: the queue service at" in log, log
+    assert "refused site 'site-x'" in log and "--token-file" in log
+    assert "Starting Flower SuperNode" not in log
+    for record in drill.history:  # and the run went on without it
         assert "site-x" not in record["sites"]
-    errors = [e for r in drill.history for e in r["errors"]]
-    assert any("UNAUTHENTICATED" in e for e in errors), errors
     assert all(r["sites_ok"] >= 1 for r in drill.history)
 
 
@@ -314,7 +328,7 @@ def test_revoked_site_is_refused_by_the_queue_and_the_superlink(drill):
     assert drill.processes.procs["site-r"].poll() is not None
     log = drill.log("site-r")
     assert "Failed to activate SuperNode" in log and "SuperNode ID" not in log, log
-    assert "fedcl-client: the SuperLink refused this SuperNode's key" in log
+    assert "fedcl-client: the SuperLink does not know this SuperNode's key (yet)" in log
     assert all("site-r" not in r["sites"] for r in drill.history)
 
 
@@ -323,7 +337,7 @@ def test_unregistered_supernode_is_refused(drill):
     assert drill.processes.procs["site-u"].poll() is not None
     log = drill.log("site-u")
     assert "Failed to activate SuperNode" in log and "SuperNode ID" not in log, log
-    assert "fedcl-client: the SuperLink refused this SuperNode's key" in log
+    assert "fedcl-client: the SuperLink does not know this SuperNode's key (yet)" in log
 
 
 def _registered(server_log: str) -> str:
