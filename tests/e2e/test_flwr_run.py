@@ -26,7 +26,7 @@ from tests.server.test_loopback import TINY_TOML  # the same tiny 2-round federa
 
 from .helpers import BIN, PATIENCE, REPO, free_port, process_env
 
-MARK = "FEDCL_FLWR_RUN_TEST"
+MARK = "E2E_FLWR_RUN_MARK"  # not FEDCL_: fedcl refuses FEDCL_ variables that are no setting
 FLOWERS_OWN = ("flower-superlink", "flower-superexec")  # Flower's managed local SuperLink and its executor
 
 
