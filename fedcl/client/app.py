@@ -228,6 +228,9 @@ def _detect_format(path: Path) -> str:
         return "fashion-mnist"
     if path.is_dir():
         return "folder"
+    if path.exists():
+        raise SiteError(f"site data {path} is neither a .npz file nor a folder: give a MedMNIST-style .npz, a "
+                        "Fashion-MNIST IDX folder or an image folder (or --data-format to say which)")
     raise SiteError(f"site data {path} does not exist (give fedcl-client --data a .npz file or an image folder)")
 
 

@@ -63,20 +63,10 @@ def check_policy(path: Path | None) -> str:
     return f"{path}: " + "; ".join(parts)
 
 
-def _data_format(path: Path, data_format: str) -> str:
-    if data_format != "auto":
-        return data_format
-    if path.is_file() and path.suffix == ".npz":
-        return "medmnist"
-    if path.is_dir():
-        return "fashion-mnist" if any(path.glob("train-images-idx3-ubyte*")) else "folder"
-    raise PreflightError("data", f"--data {path} is neither a .npz file nor a folder: give a MedMNIST-style .npz, "
-                         "a Fashion-MNIST IDX folder or an image folder (or --data-format to say which)")
-
-
 def check_data(data: Path | None, *, data_format: str, patient_regex: str | None = None,
                max_images: int | None = None) -> str:
     """Load the site's training images as the ClientApp will, and check they are usable."""
+    from fedcl.client.app import SiteError, _detect_format
     from fedcl.data import DataError, load_dataset
 
     if data_format == "synthetic" and data is None:
@@ -85,7 +75,10 @@ def check_data(data: Path | None, *, data_format: str, patient_regex: str | None
         raise PreflightError("data", "no --data PATH given (or --data-format synthetic for a smoke test)")
     if not data.exists():
         raise PreflightError("data", f"--data {data} does not exist: give the path of the site's images")
-    fmt = _data_format(data, data_format)
+    try:
+        fmt = data_format if data_format != "auto" else _detect_format(data)  # as the ClientApp detects it
+    except SiteError as exc:
+        raise PreflightError("data", str(exc)) from None
     try:
         images = load_dataset(name=fmt, path=data, split="train", group_regex=patient_regex)
     except DataError as exc:
