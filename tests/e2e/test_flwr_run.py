@@ -1,11 +1,15 @@
-"""`flwr run .`, Flower's own command, on a copy of the project (issue 22, item 1).
+"""Flower's own `flwr run` on a copy of the project (issue 22, item 1).
 
-Flower 1.41 runs it on its managed local SuperLink (a local simulation). The ServerApp finds no
-queue service in the run's config and serves one on loopback for the run; the sites find their
+`flwr run .`: Flower 1.41 runs it on its managed local SuperLink (a local simulation). The ServerApp
+finds no queue service in the run's config and serves one on loopback for the run; the sites find their
 tokens where it left them. Afterwards the copy's tracked files are unchanged (Flower had nothing to
 migrate in pyproject.toml) and nothing the command started is left but Flower's own managed
-SuperLink, which Flower keeps for the next `flwr run` by design (it is stopped here, by pid). The
-test starts that SuperLink just before `flwr run`, as `flwr run` itself would, only waiting longer.
+SuperLink, which Flower keeps for the next `flwr run` by design and has no way to stop; `fedcl
+stop-local-superlink` stops it (the test kills nothing unless an assertion failed). The test starts
+that SuperLink just before `flwr run`, as `flwr run` itself would, only waiting longer.
+
+`flwr run . fedcl`: a deployment's SuperLink (`fedcl-server superlink`) and queue service (`fedcl-server
+queue`), two fedcl-client sites, and the connection and `flwr run` line the SuperLink printed.
 """
 
 from __future__ import annotations
@@ -160,10 +164,19 @@ def test_flwr_run_dot_runs_the_simulation_with_its_own_queue_and_leaves_nothing_
 
         ours = _wait_for_ours_to_end(marker, timeout=120 * PATIENCE)  # Flower's simulation exits after the run
         assert not ours, f"left running after the run: {ours}"
+        kept = _started_by(marker)  # Flower's managed local SuperLink and its SuperExec: kept by Flower's design
+        assert kept and all(any(f in cmd for f in FLOWERS_OWN) for cmd in kept.values()), kept
+        stopped = subprocess.run([str(BIN / "python"), "-m", "fedcl.cli", "stop-local-superlink"], cwd=app, env=env,
+                                 capture_output=True, text=True, timeout=300 * PATIENCE)
+        assert stopped.returncode == 0 and "stopped Flower's local SuperLink" in stopped.stdout, (
+            stopped.stdout + stopped.stderr)
+        deadline = time.monotonic() + 60 * PATIENCE
+        while _started_by(marker) and time.monotonic() < deadline:  # its processes' last exits
+            time.sleep(0.2)
+        assert _started_by(marker) == {}, "left after `fedcl stop-local-superlink`"
     finally:
-        left = _stop_and_wait(marker, timeout=60 * PATIENCE)  # Flower's managed local SuperLink (its design)
+        left = _stop_and_wait(marker, timeout=60 * PATIENCE)  # only what a failed assertion above left
     assert left == {}, f"still running after SIGTERM: {left}"
-    assert _started_by(marker) == {}
 
 
 def _superlink_instructions(log: str) -> tuple[str, str, str]:
