@@ -512,10 +512,15 @@ def cmd_superlink(args) -> int:
             queue_cmd = ["fedcl-server", "queue", *(["--config", str(args.config.resolve())] if args.config else []),
                          *[a for o in args.set for a in ("--set", o)],
                          *(["--out-dir", str(out_dir)] if args.out_dir else [])]
-            write_app_dir(out_dir / "flwr-app")
             _log(f"SuperLink up on {address}")
-            print(flwr_run_instructions(cfg, address=shown, config_json=write_effective_config(cfg, out_dir),
-                                        queue_command=queue_cmd), end="", flush=True)
+            try:
+                write_app_dir(out_dir / "flwr-app")
+                config_json = write_effective_config(cfg, out_dir)
+            except OSError as exc:  # the SuperLink serves on; only the instructions are missing
+                _log(f"cannot write the run's config into {out_dir} ({exc}); no `flwr run` instructions")
+            else:
+                print(flwr_run_instructions(cfg, address=shown, config_json=config_json, queue_command=queue_cmd),
+                      end="", flush=True)
         return proc.wait()
     finally:
         for sig, handler in previous.items():
