@@ -1,4 +1,5 @@
-"""The ``fedcl`` command: train (centralized baseline), eval, simulate (the federation), privacy."""
+"""The ``fedcl`` command: train (centralized baseline), eval, simulate (the federation), privacy,
+stop-local-superlink (Flower's managed local SuperLink, left by `flwr run .`)."""
 
 from __future__ import annotations
 
@@ -190,6 +191,17 @@ def privacy(args: argparse.Namespace) -> None:
         print("")
 
 
+def stop_local_superlink(args: argparse.Namespace) -> None:
+    """Stop the local SuperLink `flwr run .` started and keeps, if it has no unfinished run (docs/flower.md)."""
+    from fedcl.sim.flower_local import LocalSuperLinkError, local_superlink_port
+    from fedcl.sim.flower_local import stop_local_superlink as stop
+
+    try:
+        print(stop(args.port if args.port is not None else local_superlink_port()), flush=True)
+    except LocalSuperLinkError as exc:
+        _fail(str(exc))
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedcl", description=__doc__)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -214,6 +226,8 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--engine", default="ray", help="ray: Flower's simulation engine, sites in parallel; "
                                                      "inprocess: the same apps in this process, one site after "
                                                      "another (default: ray)")
+    command("stop-local-superlink", stop_local_superlink, config=False).add_argument(
+        "--port", type=int, help="its port (default: Flower's, FLWR_LOCAL_SUPERLINK_HTTP_API_PORT or 39091)")
     command("privacy", privacy, config=False).add_argument(
         "ledgers", type=Path, nargs="+", metavar="LEDGER", help="site ledger files (JSON) or a run folder")
     return p

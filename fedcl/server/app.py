@@ -803,6 +803,14 @@ def main(grid: Grid, context: Context) -> None:
     log.info("fedcl: %d rounds, %s data; output in %s", cfg.federation.num_rounds, cfg.data.name, out_dir.resolve())
     if note := flower_runtime_env_note(dict(os.environ)):
         log.warning("%s", note)
+    if cfg.queue.enabled and cfg.server.coordinator_token is None and cfg.server.site_tokens:
+        # sites with tokens of their own (fedcl-client) cannot use a queue this run would serve with new ones
+        reason = ("this config lists server.site_tokens (sites holding their own queue tokens) but no "
+                  "server.coordinator_token, so the run cannot drive their queue service: set "
+                  "server.coordinator_token (deploy/make_certs.py writes one) and start the queue with "
+                  "`fedcl-server queue --config FILE`, or run the whole federation with `fedcl-server --config FILE`")
+        log.error("%s", reason)
+        raise FederationError(reason)
     if cfg.queue.enabled and cfg.server.coordinator_token is None:
         run_with_loopback_queue(grid, config=cfg, out_dir=out_dir)
         return

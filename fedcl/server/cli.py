@@ -1,7 +1,8 @@
 """``fedcl-server``: the coordinator's side of a federation, from one config file.
 
     fedcl-server --config consortium.toml              # = fedcl-server run: queue + SuperLink + the run
-    fedcl-server superlink --config consortium.toml    # only Flower's SuperLink, with the config's TLS
+    fedcl-server superlink --config consortium.toml    # only Flower's SuperLink, with the config's TLS;
+                                                       # once up it prints what `flwr run` needs (docs/flower.md)
     fedcl-server serve-queue --config consortium.toml  # only the queue service, from the same config
     fedcl-server start-run --config consortium.toml    # submit the run to a SuperLink that is up, follow it
     fedcl-server queue --config consortium.toml        # = serve-queue (or a [queue_service] file)
@@ -21,10 +22,12 @@ queue service (PERMISSION_DENIED, audited).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import re
 import secrets
+import shlex
 import signal
 import socket
 import subprocess
@@ -141,18 +144,23 @@ def write_app_dir(directory: Path) -> Path:
     return directory
 
 
-def write_flwr_connection(flwr_home: Path, *, address: str, insecure: bool, root_certificates: Path | None) -> None:
-    """The `flwr` CLI's connection to our SuperLink (config.toml in FLWR_HOME)."""
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    lines = ["[superlink]", f'default = "{FEDERATION_NAME}"', "", f"[superlink.{FEDERATION_NAME}]",
-             f'address = "{address}"']
+def flwr_connection_block(*, address: str, insecure: bool, root_certificates: Path | None) -> str:
+    """The `[superlink.fedcl]` table of a Flower config.toml: the `flwr` CLI's connection to our SuperLink."""
+    lines = [f"[superlink.{FEDERATION_NAME}]", f"address = {json.dumps(address)}"]
     if insecure:
         lines.append("insecure = true")
     else:
         if root_certificates is None:
             raise ServerCliError("TLS to the SuperLink needs server.tls_ca (the CA that signed its certificate)")
         lines.append(f"root-certificates = {json.dumps(str(root_certificates))}")
-    (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
+
+
+def write_flwr_connection(flwr_home: Path, *, address: str, insecure: bool, root_certificates: Path | None) -> None:
+    """The `flwr` CLI's connection to our SuperLink (config.toml in FLWR_HOME), the default one."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    block = flwr_connection_block(address=address, insecure=insecure, root_certificates=root_certificates)
+    (flwr_home / "config.toml").write_text(f'[superlink]\ndefault = "{FEDERATION_NAME}"\n\n{block}')
 
 
 def _tls_args(cfg) -> list[str]:
@@ -429,20 +437,94 @@ def cmd_start_run(args) -> int:
         return 2
 
 
+def flwr_run_instructions(cfg, *, address: str, config_json: Path, queue_command: list[str]) -> str:
+    """What a Flower user runs to submit a run to this SuperLink with `flwr run` (printed once it is up)."""
+    s = cfg.server
+    if cfg.queue.enabled and s.coordinator_token is None:
+        return ("fedcl-server: this config names no server.coordinator_token, so a run submitted here cannot drive a "
+                "queue service of its own; set one (deploy/make_certs.py writes it) to submit runs with `flwr run`\n")
+    block = flwr_connection_block(address=address, insecure=s.insecure, root_certificates=s.tls_ca)
+    register = "".join(f"flwr supernode register {shlex.quote(str(path))} {FEDERATION_NAME} --name {site}\n"
+                       for site, path in check_supernode_keys(cfg).items())
+    run_config = f"config-path={json.dumps(str(config_json))}"
+    steps = [
+        "fedcl-server: to submit a run with Flower's own `flwr run`, add this connection to ~/.flwr/config.toml "
+        "(or $FLWR_HOME/config.toml):", "", block.rstrip("\n"), ""]
+    if register:
+        steps += ["fedcl-server: register the sites' SuperNode keys once (start-run does it itself):", "",
+                  register.rstrip("\n"), ""]
+    if cfg.queue.enabled:
+        steps += ["fedcl-server: start the queue service:", "", shlex.join(queue_command), ""]
+    steps += [f"fedcl-server: then, in the fedcl project folder (or {config_json.parent / 'flwr-app'}, an app "
+              "folder with no code: the sites then run their installed fedcl):", "",
+              f"flwr run . {FEDERATION_NAME} --stream --run-config {shlex.quote(run_config)}", "",
+              f"fedcl-server: {config_json} holds this config's settings as of now (the queue tokens too); "
+              "fedcl-server start-run does all of the above itself"]
+    return "\n".join(steps) + "\n"
+
+
+def _forward_signals(proc: subprocess.Popen) -> dict:
+    """SIGTERM, SIGINT and SIGHUP to this process go on to ``proc``; the previous handlers."""
+    def forward(signum, _frame):
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    return {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+
+
+def _die_with_parent() -> None:  # in the SuperLink's process before exec (Linux): not orphaned
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def cmd_superlink(args) -> int:
+    """Flower's SuperLink with the config's TLS, in a child process (signals are passed on); once it
+    is up, the Flower connection and the `flwr run` line that submit a run to it."""
     cfg = _resolve_paths(_load(args.config, args.set), out_dir=args.out_dir)
     try:
         if args.listen:
             host, port = _host_port(args.listen)
             cfg = _with_server(cfg, superlink_host=host, superlink_port=port)
+        if args.queue:
+            host, port = _host_port(args.queue)
+            cfg = _with_server(cfg, queue_host=host, queue_port=port)
         cmd = superlink_command(cfg, port=cfg.server.superlink_port, health_address=args.health_address)
+        check_supernode_keys(cfg)
     except ServerCliError as exc:
         print(f"fedcl-server: error: {exc}", file=sys.stderr)
         return 2
-    env = _flower_env(Path(cfg.server.out_dir) / "flwr-home" / "superlink")
+    out_dir = Path(cfg.server.out_dir)
+    env = _flower_env(out_dir / "flwr-home" / "superlink")
     _log(" ".join(cmd))
-    os.execvpe(cmd[0], cmd, env)  # replaces this process: signals go straight to the SuperLink
-    return 0  # not reached
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
+    previous = _forward_signals(proc)
+    try:
+        s = cfg.server
+        address = f"{_connect_host(s.superlink_host)}:{s.superlink_port}"
+        try:
+            wait_superlink(address, insecure=s.insecure, ca=s.tls_ca, timeout=300, proc=proc)
+        except ServerCliError as exc:
+            _log(f"{exc}; no `flwr run` instructions")
+        else:
+            shown = f"{socket.getfqdn()}:{s.superlink_port}" if s.superlink_host in ("0.0.0.0", "::") else address
+            queue_cmd = ["fedcl-server", "queue", *(["--config", str(args.config.resolve())] if args.config else []),
+                         *[a for o in args.set for a in ("--set", o)],
+                         *(["--out-dir", str(out_dir)] if args.out_dir else [])]
+            _log(f"SuperLink up on {address}")
+            try:
+                write_app_dir(out_dir / "flwr-app")
+                config_json = write_effective_config(cfg, out_dir)
+            except OSError as exc:  # the SuperLink serves on; only the instructions are missing
+                _log(f"cannot write the run's config into {out_dir} ({exc}); no `flwr run` instructions")
+            else:
+                print(flwr_run_instructions(cfg, address=shown, config_json=config_json, queue_command=queue_cmd),
+                      end="", flush=True)
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def cmd_serve_queue(args) -> int:
@@ -514,6 +596,8 @@ def _parser() -> argparse.ArgumentParser:
     common(link)
     link.add_argument("--listen", help="HOST:PORT (default: server.superlink_host:superlink_port)")
     link.add_argument("--health-address", help="gRPC health service address (HOST:PORT)")
+    link.add_argument("--queue", help="HOST:PORT where the ServerApp and the sites reach the queue service "
+                                      "(default: server.queue_host:queue_port), for the printed `flwr run` line")
     serve = sub.add_parser("serve-queue", help="only the queue service, from the fedcl config")
     common(serve)
     serve.add_argument("--listen", help="HOST:PORT (default: server.queue_host:queue_port)")

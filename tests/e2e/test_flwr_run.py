@@ -1,11 +1,15 @@
-"""`flwr run .`, Flower's own command, on a copy of the project (issue 22, item 1).
+"""Flower's own `flwr run` on a copy of the project (issue 22, item 1).
 
-Flower 1.41 runs it on its managed local SuperLink (a local simulation). The ServerApp finds no
-queue service in the run's config and serves one on loopback for the run; the sites find their
+`flwr run .`: Flower 1.41 runs it on its managed local SuperLink (a local simulation). The ServerApp
+finds no queue service in the run's config and serves one on loopback for the run; the sites find their
 tokens where it left them. Afterwards the copy's tracked files are unchanged (Flower had nothing to
 migrate in pyproject.toml) and nothing the command started is left but Flower's own managed
-SuperLink, which Flower keeps for the next `flwr run` by design (it is stopped here, by pid). The
-test starts that SuperLink just before `flwr run`, as `flwr run` itself would, only waiting longer.
+SuperLink, which Flower keeps for the next `flwr run` by design and has no way to stop; `fedcl
+stop-local-superlink` stops it (the test kills nothing unless an assertion failed). The test starts
+that SuperLink just before `flwr run`, as `flwr run` itself would, only waiting longer.
+
+`flwr run . fedcl`: a deployment's SuperLink (`fedcl-server superlink`) and queue service (`fedcl-server
+queue`), two fedcl-client sites, and the connection and `flwr run` line the SuperLink printed.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -24,7 +29,19 @@ from pathlib import Path
 from fedcl.server.loopback import SITE_TOKEN_DIR_NAME
 from tests.server.test_loopback import TINY_TOML  # the same tiny 2-round federation, run in-process there
 
-from .helpers import BIN, PATIENCE, REPO, free_port, process_env
+from .helpers import (
+    BIN,
+    PATIENCE,
+    REPO,
+    client_argv,
+    free_port,
+    process_env,
+    read_history,
+    server_argv,
+    site_tokens,
+    tiny_config_text,
+    write_site_data,
+)
 
 MARK = "E2E_FLWR_RUN_MARK"  # not FEDCL_: fedcl refuses FEDCL_ variables that are no setting
 FLOWERS_OWN = ("flower-superlink", "flower-superexec")  # Flower's managed local SuperLink and its executor
@@ -147,7 +164,84 @@ def test_flwr_run_dot_runs_the_simulation_with_its_own_queue_and_leaves_nothing_
 
         ours = _wait_for_ours_to_end(marker, timeout=120 * PATIENCE)  # Flower's simulation exits after the run
         assert not ours, f"left running after the run: {ours}"
+        kept = _started_by(marker)  # Flower's managed local SuperLink and its SuperExec: kept by Flower's design
+        assert kept and all(any(f in cmd for f in FLOWERS_OWN) for cmd in kept.values()), kept
+        stopped = subprocess.run([str(BIN / "python"), "-m", "fedcl.cli", "stop-local-superlink"], cwd=app, env=env,
+                                 capture_output=True, text=True, timeout=300 * PATIENCE)
+        assert stopped.returncode == 0 and "stopped Flower's local SuperLink" in stopped.stdout, (
+            stopped.stdout + stopped.stderr)
+        deadline = time.monotonic() + 60 * PATIENCE
+        while _started_by(marker) and time.monotonic() < deadline:  # its processes' last exits
+            time.sleep(0.2)
+        assert _started_by(marker) == {}, "left after `fedcl stop-local-superlink`"
     finally:
-        left = _stop_and_wait(marker, timeout=60 * PATIENCE)  # Flower's managed local SuperLink (its design)
+        left = _stop_and_wait(marker, timeout=60 * PATIENCE)  # only what a failed assertion above left
     assert left == {}, f"still running after SIGTERM: {left}"
-    assert _started_by(marker) == {}
+
+
+def _superlink_instructions(log: str) -> tuple[str, str, str]:
+    """(Flower connection block, queue command, `flwr run` line) as `fedcl-server superlink` printed them."""
+    lines = log.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("[superlink."))
+    block = "\n".join(lines[start:lines.index("", start)]) + "\n"
+    queue = next(line for line in lines if line.startswith("fedcl-server queue "))
+    return block, queue, next(line for line in lines if line.startswith("flwr run "))
+
+
+def test_flwr_run_with_a_connection_to_fedcl_servers_superlink_uses_the_queue_service(tmp_path, processes):
+    """A deployment, as a Flower user drives it: `fedcl-server superlink` prints the connection and the
+    `flwr run` line; the queue service (`fedcl-server queue`) and two fedcl-client sites are up; the
+    user pastes the connection into their Flower config and runs the printed line, in a fresh copy."""
+    app, user_home = tmp_path / "app", tmp_path / "user-home"
+    app.mkdir()
+    user_home.mkdir()
+    _copy_tracked_files(app)
+    port, queue_port, out_dir = free_port(), free_port(), tmp_path / "run"
+    tokens = site_tokens(2)
+    cfg = tmp_path / "fedcl.toml"
+    cfg.write_text(tiny_config_text(out_dir=out_dir, superlink_port=port, queue_port=queue_port, num_rounds=2,
+                                    tokens=tokens, coordinator_token="test-coordinator-token-of-flwr-run"))
+    data = write_site_data(cfg, tmp_path)
+    env = process_env(tmp_path / "home", PYTHONPATH=str(app))
+    processes.start("superlink", server_argv("superlink", "--config", str(cfg)), env=env)
+    processes.wait_for("the SuperLink's `flwr run` line", lambda: "\nflwr run " in processes.log("superlink", 100_000),
+                       timeout=120, alive=["superlink"])
+    block, queue_line, run_line = _superlink_instructions(processes.log("superlink", 100_000))
+    assert queue_line == f"fedcl-server queue --config {cfg}"
+    processes.start("queue", server_argv(*shlex.split(queue_line)[1:]), env=env)
+    for i, site in enumerate(tokens):
+        (tmp_path / f"{site}.token").write_text(tokens[site])
+        processes.start(site, client_argv(port=port, data=data[i], site_id=site, token_file=tmp_path / f"{site}.token",
+                                          state_dir=tmp_path / "sites" / site, runtime_port=free_port()), env=env)
+    processes.wait_for("both sites to connect", lambda: len(re.findall(
+        r"Activated node_id", processes.log("superlink", 1_000_000))) >= 2,
+                       timeout=180, alive=["superlink", "queue", "site-0", "site-1"])
+
+    user = process_env(user_home, PYTHONPATH=str(app))
+    flwr = [str(BIN / "flwr")]
+    subprocess.run([*flwr, "config", "list"], cwd=app, env=user, capture_output=True, check=True, timeout=120)
+    flower_config = user_home / ".flwr" / "config.toml"  # written by flwr on first use, with its `local`
+    flower_config.write_text(flower_config.read_text() + "\n" + block)
+    argv = shlex.split(run_line)
+    assert argv[:4] == ["flwr", "run", ".", "fedcl"], run_line
+    done = subprocess.run([*flwr, *argv[1:]], cwd=app, env=user, capture_output=True, text=True,
+                          timeout=900 * PATIENCE)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-4000:] + processes.logs()
+    run_id = re.search(r"started run (\d+)", log)
+    assert run_id, f"`flwr run` started no run:\n{log[-4000:]}"
+    listed = subprocess.run([*flwr, "list", "fedcl", "--run-id", run_id.group(1), "--format", "json"], cwd=app,
+                            env=user, capture_output=True, text=True, timeout=120)
+    assert json.loads(listed.stdout)["runs"][0]["status"] == "finished:completed", listed.stdout + log[-4000:]
+
+    assert json.loads((out_dir / "summary.json").read_text())["rounds"] == 2
+    history = read_history(out_dir)
+    assert [r["sites_ok"] for r in history] == [2, 2], history
+    assert history[1]["queue_size"] == 128  # round 2 sampled what both sites pushed (64 each)
+    assert "for this run only" not in log  # no queue of the run's own: the configured one
+    audit = [json.loads(line) for line in (out_dir / "queue-audit.jsonl").read_text().splitlines()]
+    assert {e["site"] for e in audit if e["event"] == "push"} >= {"site-0", "site-1"}, audit[-5:]
+    assert [e["round"] for e in audit if e["event"] == "advance"][-1] == 3, audit[-5:]  # the ServerApp drove it
+    assert processes.procs["queue"].poll() is None  # the deployment's queue outlives the run
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=app, capture_output=True, text=True, check=True)
+    assert status.stdout == "", f"`flwr run . fedcl` changed the project:\n{status.stdout}"

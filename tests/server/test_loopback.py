@@ -68,3 +68,17 @@ def test_a_run_in_a_flower_per_run_environment_says_how_to_avoid_it():
     assert note is not None and "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1" in note and "\n" not in note
     assert flower_runtime_env_note({"VIRTUAL_ENV": "/home/u/fedcl/.venv"}) is None
     assert flower_runtime_env_note({}) is None
+
+
+def test_a_config_whose_sites_hold_their_own_tokens_but_names_no_coordinator_token_is_refused_at_once(tmp_path):
+    """`flwr run . <connection>` against a deployment's SuperLink with such a config: the run's own
+    loopback queue would hand out new tokens the sites (fedcl-client, their own tokens) never use."""
+    import pytest
+
+    from fedcl.server.app import FederationError
+
+    config, out = tmp_path / "deploy.toml", tmp_path / "out"
+    config.write_text(TINY_TOML + '[server]\nsite_tokens = {site-0 = "token-of-site-0-xxxxxxxx"}\n')
+    with pytest.raises(FederationError, match=r"server\.site_tokens .* no server\.coordinator_token.*fedcl-server"):
+        _run_shipped_apps({"config-path": str(config), "out-dir": str(out)})
+    assert not out.exists()  # refused before any round, queue or file

@@ -249,3 +249,54 @@ def test_a_restarted_coordinator_says_what_the_sites_will_log(tmp_path):
     path.write_bytes(b"")
     note = restart_note(cfg)
     assert note is not None and "resumes" in note and "HTTP 401" in note and "rejoin" in note
+
+
+def _flwr_parts(text: str) -> tuple[dict, list[str]]:
+    """The connection table and the `flwr run` argv that fedcl-server superlink's instructions give."""
+    import shlex
+    import tomllib
+
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("[superlink."))
+    end = lines.index("", start)
+    run_line = next(line for line in lines if line.startswith("flwr run "))
+    return tomllib.loads("\n".join(lines[start:end])), shlex.split(run_line)
+
+
+def test_superlink_prints_the_flower_connection_and_the_exact_flwr_run_line(tmp_path):
+    """What `fedcl-server superlink` prints once the SuperLink is up: what Flower's own parsers accept."""
+    from flwr.cli.flower_config import parse_superlink_connection
+    from flwr.common.config import parse_config_args
+
+    from fedcl.server.cli import flwr_run_instructions
+
+    config_json = tmp_path / "run dir" / "fedcl-config.json"  # a space: the line must still paste
+    cfg = load_config(None, ["server.insecure=true", 'server.coordinator_token="c"', 'server.site_tokens={a="x"}'])
+    text = flwr_run_instructions(cfg, address="127.0.0.1:9093", config_json=config_json,
+                                 queue_command=["fedcl-server", "queue", "--config", "/etc/my fedcl.toml"])
+    table, argv = _flwr_parts(text)
+    conn = parse_superlink_connection(table["superlink"]["fedcl"], "fedcl")
+    assert (conn.address, conn.insecure, conn.root_certificates) == ("127.0.0.1:9093", True, None)
+    assert argv[:5] == ["flwr", "run", ".", "fedcl", "--stream"] and argv[5] == "--run-config"
+    assert parse_config_args([argv[6]]) == {"config-path": str(config_json)}
+    assert "fedcl-server queue --config '/etc/my fedcl.toml'\n" in text  # the queue the run drives
+
+    tls = load_config(None, [f'server.tls_cert="{tmp_path}/s.pem"', f'server.tls_key="{tmp_path}/s.key"',
+                             f'server.tls_ca="{tmp_path}/ca.pem"', 'server.coordinator_token="c"'])
+    table, _ = _flwr_parts(flwr_run_instructions(tls, address="coord.example.org:9093", config_json=config_json,
+                                                 queue_command=["fedcl-server", "queue"]))
+    conn = parse_superlink_connection(table["superlink"]["fedcl"], "fedcl")
+    assert (conn.insecure, conn.root_certificates) == (False, f"{tmp_path}/ca.pem")
+
+
+def test_superlink_instructions_register_node_keys_and_need_a_coordinator_token(tmp_path):
+    from fedcl.server.cli import flwr_run_instructions
+
+    keys = _node_keys(tmp_path, "site-a", "site-b")
+    cfg = _auth_config(tmp_path, keys, 'server.revoked_sites=["site-b"]', 'server.coordinator_token="c"')
+    text = flwr_run_instructions(cfg, address="h:1", config_json=tmp_path / "c.json", queue_command=["q"])
+    assert f"flwr supernode register {keys['site-a']} fedcl --name site-a\n" in text
+    assert "site-b" not in text  # revoked: not registered
+    no_token = flwr_run_instructions(load_config(None, ["server.insecure=true"]), address="h:1",
+                                     config_json=tmp_path / "c.json", queue_command=["q"])
+    assert "flwr run ." not in no_token and "server.coordinator_token" in no_token and no_token.count("\n") == 1

@@ -1,0 +1,104 @@
+"""`fedcl stop-local-superlink` (fedcl.sim.flower_local): it stops Flower's managed local SuperLink only
+when that is what listens on the port and it has no unfinished run. A stand-in process plays the
+SuperLink here (a script named flower-superlink with the command line `flwr` gives it, and a child like
+its SuperExec); tests/e2e/test_flwr_run.py stops the real one after a real `flwr run .`."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from fedcl.cli import main
+from fedcl.sim.flower_local import LocalSuperLinkError, is_managed_superlink, listening_pids, stop_local_superlink
+
+FAKE = textwrap.dedent("""\
+    import signal, socket, subprocess, sys
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    def stop(*_):
+        child.terminate(); child.wait(); sys.exit(0)
+    signal.signal(signal.SIGTERM, stop)
+    port = int(sys.argv[sys.argv.index("--port") + 1]) if "--port" in sys.argv else 0
+    s = socket.socket(); s.bind(("127.0.0.1", port)); s.listen()
+    print(s.getsockname()[1], child.pid, flush=True)
+    signal.pause()
+""")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def fake_superlink(tmp_path):
+    """Start a stand-in with these flags; (process, the port it listens on, its child's pid)."""
+    started = []
+
+    def start(*flags: str, name: str = "flower-superlink"):
+        script = tmp_path / name
+        script.write_text(FAKE)
+        proc = subprocess.Popen([sys.executable, str(script), *flags], stdout=subprocess.PIPE, text=True)
+        started.append(proc)
+        port, child = (int(v) for v in proc.stdout.readline().split())  # it listens now
+        return proc, port, child
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _managed(fake_superlink):
+    """A stand-in with the command line `flwr` starts its local SuperLink with."""
+    port = _free_port()
+    return fake_superlink("--insecure", "--simulation", "--isolation", "subprocess", "--host", "127.0.0.1",
+                          "--port", str(port))
+
+
+def test_the_managed_superlinks_command_line_is_recognised():
+    flwr_started = ["/venv/bin/python", "/venv/bin/flower-superlink", "--insecure", "--simulation", "--isolation",
+                    "subprocess", "--host", "127.0.0.1", "--port", "39091", "--database", "/h/.flwr/state.db"]
+    assert is_managed_superlink(flwr_started, 39091)
+    assert not is_managed_superlink(flwr_started, 39092)  # another port's
+    deployment = [a for a in flwr_started if a != "--simulation"]  # e.g. fedcl-server superlink's
+    assert not is_managed_superlink(deployment, 39091)
+
+
+def test_an_idle_managed_superlink_is_stopped_with_its_child(fake_superlink):
+    proc, port, child = _managed(fake_superlink)
+    assert listening_pids(port) == [proc.pid]
+    said = stop_local_superlink(port, runs=lambda p: [])
+    assert proc.wait(timeout=30) == 0 and not _running(child)
+    assert said.startswith(f"stopped Flower's local SuperLink on 127.0.0.1:{port} (pid {proc.pid}) and its 1 child")
+    assert "not running" in stop_local_superlink(port, runs=lambda p: [])  # nothing listens now
+
+
+def test_a_busy_managed_superlink_is_not_stopped(fake_superlink):
+    proc, port, child = _managed(fake_superlink)
+    with pytest.raises(LocalSuperLinkError, match=r"runs that are not finished: 7 \(running\); not stopped"):
+        stop_local_superlink(port, runs=lambda p: [("7", "running")])
+    assert proc.poll() is None and _running(child)
+
+
+def test_another_process_on_the_port_is_not_stopped(fake_superlink, capsys):
+    proc, port, child = fake_superlink("--insecure", "--simulation")  # no --port: not the one flwr starts
+    with pytest.raises(LocalSuperLinkError, match=rf"listening on 127\.0\.0\.1:{port} \(pid {proc.pid}: .*not the "):
+        stop_local_superlink(port, runs=lambda p: [])
+    other, other_port, _ = fake_superlink("--port", str(_free_port()), name="some-server")
+    assert main(["stop-local-superlink", "--port", str(other_port)]) == 2
+    assert "not the SuperLink `flwr run` manages: not stopped" in capsys.readouterr().err
+    assert proc.poll() is None and other.poll() is None and _running(child)
