@@ -57,7 +57,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads for both")
-    parser.add_argument("--device", default="cpu", help="device for fedcl's augment (torchvision runs on CPU)")
+    parser.add_argument("--device", default="cpu",
+                        help="device for fedcl's augment (torchvision runs on CPU)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)

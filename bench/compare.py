@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             seeds = per_seed(results[m], a.metric)
             extra = f" ({' / '.join(f'{100 * v:.2f}' for v in seeds)})" if seeds else ""
-            cells.append(f"{100 * cell['mean']:.1f} ± {100 * cell['std']:.1f} (n={cell.get('n', '?')}){extra}")
+            cells.append(
+                f"{100 * cell['mean']:.1f} ± {100 * cell['std']:.1f} (n={cell.get('n', '?')}){extra}")
             row.append((cell["mean"], cell["std"], seeds))
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
         bars[m] = row
@@ -119,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     if values:
         ax.set_ylim(min(values) - 2, max(values) + 1.5)
     ax.set_ylabel(f"{a.metric} (%)")
-    ax.set_title(f"{splits[0] if len(set(splits)) == 1 else 'per variant'}: {a.metric} by variant (dots: seeds)")
+    ax.set_title(
+        f"{splits[0] if len(set(splits)) == 1 else 'per variant'}: {a.metric} by variant (dots: seeds)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: bars fill the axes
     fig.tight_layout()
     fig.savefig(a.out.with_suffix(".png"), dpi=120)

@@ -52,15 +52,17 @@ def measure(arch: str, width: int, channels: int, side: int, *, repeats: int) ->
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=int, default=3, help="serializations per encoder (the fastest is printed)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="serializations per encoder (the fastest is printed)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "context_state.txt")
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error(f"--repeats must be at least 1, got {args.repeats}")
     torch.set_num_threads(args.threads)
-    lines = ["Context.state with train.persist_optimizer: one Adam state, serialized with flwr's context_to_proto",
-             f"{'encoder':<16}{'parameters':>12}{'serialized MiB':>16}{'x 2 moments fp32':>18}{'serialize s':>13}"]
+    lines = [
+        "Context.state with train.persist_optimizer: one Adam state, serialized with flwr's context_to_proto",
+        f"{'encoder':<16}{'parameters':>12}{'serialized MiB':>16}{'x 2 moments fp32':>18}{'serialize s':>13}"]
     for arch, width, channels, side in ENCODERS:
         m = measure(arch, width, channels, side, repeats=args.repeats)
         lines.append(f"{arch + ' w' + str(width):<16}{m['params'] / 1e6:>11.2f}M{m['bytes'] / 2**20:>16.1f}"

@@ -112,8 +112,11 @@ def main() -> None:
         return time.perf_counter() - t0
 
     modes = ["online", "global"] if args.key_encoder == "both" else [args.key_encoder]
-    print(f"device={device} threads={torch.get_num_threads()} batch={b} negatives={args.negatives} "
-          f"encoder=cnn(width={args.width}, {n_params / 1e6:.2f}M params) steps={args.steps} torch={torch.__version__}")
+    print(
+        f"device={device} threads={torch.get_num_threads()} batch={b} negatives={args.negatives} "
+        f"encoder=cnn(width={args.width}, {n_params / 1e6:.2f}M params) steps={args.steps} "
+        f"torch={torch.__version__}"
+    )
     print(f"start: {_load()} (cpus: {os.cpu_count()})")
     for mode in modes:
         times: dict[str, list[float]] = {v: [] for v in VARIANTS}

@@ -102,8 +102,11 @@ def main(argv: list[str] | None = None) -> int:
 
     queue = EmbeddingQueue(dim=128, capacity=65536, per_site_quota=16384, max_staleness=2, dtype="float16",
                            sites=set(TOKENS))
-    server = start_queue_server(queue, ServeSettings(host="127.0.0.1", port=0, site_tokens=TOKENS,
-                                                     coordinator_token=COORDINATOR, max_message_bytes=4 << 20))
+    server = start_queue_server(
+        queue,
+        ServeSettings(host="127.0.0.1", port=0, site_tokens=TOKENS, coordinator_token=COORDINATOR,
+                      max_message_bytes=4 << 20),
+    )
     address = f"127.0.0.1:{server.port}"
     try:
         with QueueClient(address, site_id="coordinator", token=COORDINATOR) as coord:
@@ -149,20 +152,25 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 plain.append(run_plain(warm["negatives"]))
                 fed.append(run_fedcl())
-            print(f"repeat {rep + 1}: fedcl {fed[-1]['total']:.2f} s, plain {plain[-1]['total']:.2f} s", flush=True)
+            print(f"repeat {rep + 1}: fedcl {fed[-1]['total']:.2f} s, plain {plain[-1]['total']:.2f} s",
+                  flush=True)
         client.close()
     finally:
         server.stop(0)
 
     med = lambda rows, key: statistics.median(r[key] for r in rows)  # noqa: E731
     f_total, p_total = med(fed, "total"), med(plain, "total")
-    print(f"\none site round: {args.images} Fashion-MNIST images, CNN width {args.width}, batch {args.batch_size}, "
-          f"1 local epoch, K = {args.negatives} negatives, {args.num_push} pushed, {args.threads} thread(s), "
-          f"median of {args.repeats}")
+    print(
+        f"\none site round: {args.images} Fashion-MNIST images, CNN width {args.width}, "
+        f"batch {args.batch_size}, 1 local epoch, K = {args.negatives} negatives, {args.num_push} pushed, "
+        f"{args.threads} thread(s), median of {args.repeats}"
+    )
     print(f"queue: real gRPC service on loopback ({address}), float16 storage, float32 wire")
-    print(f"mean loss, same batches and draws: fedcl {fed[0]['loss']:.6f}  plain {plain[0]['loss']:.6f} (repeat 1)")
+    print(f"mean loss, same batches and draws: fedcl {fed[0]['loss']:.6f}  "
+          f"plain {plain[0]['loss']:.6f} (repeat 1)")
     print(f"\n{'':28s}{'fedcl':>10s}{'plain':>10s}")
-    for label, fk, pk in [("augmentation", "augment", "augment"), ("forward/backward/step", "train", "train")]:
+    for label, fk, pk in [("augmentation", "augment", "augment"),
+                          ("forward/backward/step", "train", "train")]:
         print(f"{label:28s}{med(fed, fk):9.2f}s{med(plain, pk):9.2f}s")
     print(f"{'queue fetch (gRPC Sample)':28s}{med(fed, 'sample'):9.2f}s{'–':>10s}")
     print(f"{'encode embeddings to push':28s}{med(fed, 'encode'):9.2f}s{'–':>10s}")
@@ -175,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
           f"(target <= 1.15x): {'PASS' if max(ratio, paired) <= 1.15 else 'FAIL'}")
     print(f"queue I/O {io:.3f} s = {100 * io / f_total:.1f}% of the fedcl round; "
           f"encoding the pushed embeddings {100 * med(fed, 'encode') / f_total:.1f}%")
-    print("per-repeat ratios: " + ", ".join(f"{f['total'] / q['total']:.3f}" for f, q in zip(fed, plain, strict=False)))
+    print(
+        "per-repeat ratios: "
+        + ", ".join(f"{f['total'] / q['total']:.3f}" for f, q in zip(fed, plain, strict=False)))
     return 0
 
 

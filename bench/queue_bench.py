@@ -84,7 +84,8 @@ def serve(rows: int, workdir: Path):
 
 
 def fill(address: str, rows: int, *, seed: int) -> None:
-    with QueueClient(address, site_id="filler", token=TOKENS["filler"], wire_dtype="float16", timeout=60.0) as client:
+    with QueueClient(address, site_id="filler", token=TOKENS["filler"], wire_dtype="float16",
+                     timeout=60.0) as client:
         for x in batches(rows, seed=seed):
             client.push(x, round=0, model_version=0)
 
@@ -102,7 +103,8 @@ def bench_sample(*, queue_rows: int, repeats: int) -> None:
         finally:
             stop_queue_process(proc)
 
-    local = EmbeddingQueue(dim=DIM, capacity=queue_rows, per_site_quota=queue_rows, max_staleness=5, dtype="float16")
+    local = EmbeddingQueue(dim=DIM, capacity=queue_rows, per_site_quota=queue_rows, max_staleness=5,
+                           dtype="float16")
     for x in batches(queue_rows, seed=0):
         local.push(x.numpy(), site_id="filler", round=0, model_version=0)
     rng = np.random.default_rng(0)
@@ -132,7 +134,8 @@ def bench_rss(*, rows: int) -> None:
             start = time.perf_counter()
             fill(f"127.0.0.1:{port}", rows, seed=1)
             fill_s = time.perf_counter() - start
-            with QueueClient(f"127.0.0.1:{port}", site_id="coordinator", token=COORDINATOR_TOKEN) as coordinator:
+            with QueueClient(f"127.0.0.1:{port}", site_id="coordinator",
+                             token=COORDINATOR_TOKEN) as coordinator:
                 size = coordinator.stats()["size"]  # a site's Stats shows only its own rows
             with QueueClient(f"127.0.0.1:{port}", site_id="reader", token=TOKENS["reader"]) as reader:
                 sample_s = median_seconds(lambda: reader.sample(K), repeats=10)
@@ -145,15 +148,18 @@ def bench_rss(*, rows: int) -> None:
     print(f"  RSS empty               {empty_rss * mb:8.1f} MiB (interpreter, numpy, gRPC)")
     print(f"  RSS full                {rss * mb:8.1f} MiB   RSS / raw = {rss / raw:5.3f}x (target <= 1.3x) "
           f"{'OK' if rss / raw <= 1.3 else 'MISSED'}")
-    print(f"  RSS full - empty        {(rss - empty_rss) * mb:8.1f} MiB   / raw = {(rss - empty_rss) / raw:5.3f}x")
+    print(f"  RSS full - empty        {(rss - empty_rss) * mb:8.1f} MiB   "
+          f"/ raw = {(rss - empty_rss) / raw:5.3f}x")
     print(f"  peak RSS (VmHWM)        {peak * mb:8.1f} MiB   / raw = {peak / raw:5.3f}x")
     print(f"  Sample {K} from it over gRPC: {sample_s * 1e3:.2f} ms (median of 10)")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", type=int, default=1_000_000, help="rows held by the server for the RSS figure")
-    parser.add_argument("--sample-queue-rows", type=int, default=65536, help="queue size for the Sample timing")
+    parser.add_argument("--rows", type=int, default=1_000_000,
+                        help="rows held by the server for the RSS figure")
+    parser.add_argument("--sample-queue-rows", type=int, default=65536,
+                        help="queue size for the Sample timing")
     parser.add_argument("--repeats", type=int, default=50)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

@@ -48,8 +48,9 @@ def start_queue_process(settings: dict, *, workdir: Path) -> tuple[subprocess.Po
     tokens = settings.pop("site_tokens", {})
     for key, value in settings.items():
         lines.append(
-            f"{key} = {value!r}".replace("'", '"') if not isinstance(value, bool) else f"{key} = {str(value).lower()}"
-        )
+            f"{key} = {value!r}".replace("'", '"')
+            if not isinstance(value, bool)
+            else f"{key} = {str(value).lower()}")
     lines.append("[queue_service.site_tokens]")
     lines += [f'"{site}" = "{token}"' for site, token in tokens.items()]
     config = workdir / "queue.toml"
@@ -84,8 +85,11 @@ def percentiles(values: list[float]) -> str:
 
 def _certs(workdir: Path) -> Path:
     out = workdir / "certs"
-    subprocess.run([sys.executable, str(REPO / "deploy" / "make_certs.py"), "--out", str(out), "--server-name",
-                    "localhost", "--server-ip", "127.0.0.1"], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(REPO / "deploy" / "make_certs.py"), "--out", str(out), "--server-name",
+         "localhost", "--server-ip", "127.0.0.1"],
+        check=True, capture_output=True,
+    )
     return out
 
 
@@ -140,10 +144,12 @@ def run_phase(args, *, stall: bool) -> dict:
             channel = (grpc.secure_channel(address, grpc.ssl_channel_credentials(ca)) if ca
                        else grpc.insecure_channel(address))
             stub = queue_pb2_grpc.EmbeddingQueueStub(channel)
-            metadata = (("authorization", f"Bearer {tokens['stalling-site']}"), ("x-fedcl-site", "stalling-site"))
+            metadata = (("authorization", f"Bearer {tokens['stalling-site']}"),
+                        ("x-fedcl-site", "stalling-site"))
             x = torch.nn.functional.normalize(torch.randn(1, args.dim), dim=1).numpy().astype("<f2")
-            chunk = queue_pb2.PushChunk(round=1, model_version=1, rows=1, dim=args.dim, dtype=queue_pb2.DTYPE_FLOAT16,
-                                        data=x.tobytes(), total_rows=2)  # announces 2 rows, sends 1
+            chunk = queue_pb2.PushChunk(round=1, model_version=1, rows=1, dim=args.dim,
+                                        dtype=queue_pb2.DTYPE_FLOAT16, data=x.tobytes(),
+                                        total_rows=2)  # announces 2 rows, sends 1
 
             def one_chunk_then_silence():
                 yield chunk
@@ -157,9 +163,14 @@ def run_phase(args, *, stall: bool) -> dict:
                         stalled["other"] += 1
                     except grpc.RpcError as err:
                         code = err.code()
-                        key = ("refused" if code == grpc.StatusCode.RESOURCE_EXHAUSTED else
-                               "cut" if code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED) else
-                               "closed_at_end" if code == grpc.StatusCode.ABORTED and done.is_set() else "other")
+                        key = (
+                            "refused"
+                            if code == grpc.StatusCode.RESOURCE_EXHAUSTED
+                            else "cut"
+                            if code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED)
+                            else "closed_at_end"
+                            if code == grpc.StatusCode.ABORTED and done.is_set()
+                            else "other")
                         stalled[key] += 1
                         if key == "refused":
                             done.wait(0.5)  # the attacker retries, without a busy loop on this machine
@@ -167,21 +178,23 @@ def run_phase(args, *, stall: bool) -> dict:
         helpers = [threading.Thread(target=coordinator_loop, name="coordinator", daemon=True)]
         if stall:
             helpers += [
-                threading.Thread(target=stalling_stream, args=(i,), daemon=True) for i in range(args.stall_streams)
-            ]
+                threading.Thread(target=stalling_stream, args=(i,), daemon=True)
+                for i in range(args.stall_streams)]
         try:
             for thread in helpers[1:]:
                 thread.start()
             if stall:
                 time.sleep(1.0)  # the stalled streams are open before the honest sites start
             helpers[0].start()
-            with QueueClient(address, site_id="coordinator", token=COORDINATOR_TOKEN, root_certificates=ca) as c:
+            with QueueClient(address, site_id="coordinator", token=COORDINATOR_TOKEN,
+                             root_certificates=ca) as c:
                 c.advance(1)
             result = run_load(address, sites, args, root_certificates=ca)
             done.set()
             for thread in helpers:
                 thread.join(timeout=60)
-            with QueueClient(address, site_id="coordinator", token=COORDINATOR_TOKEN, root_certificates=ca) as c:
+            with QueueClient(address, site_id="coordinator", token=COORDINATOR_TOKEN,
+                             root_certificates=ca) as c:
                 stats = c.stats()
         finally:
             done.set()
@@ -196,7 +209,8 @@ def run_phase(args, *, stall: bool) -> dict:
         "quota evictions = rows over quota": (
             stats["evicted"]["quota"] == sum(n - predicted.get(s, 0) for s, n in pushed.items())
         ),
-        "no capacity or staleness evictions": stats["evicted"]["capacity"] == 0 and stats["evicted"]["staleness"] == 0,
+        "no capacity or staleness evictions": (stats["evicted"]["capacity"] == 0
+                                               and stats["evicted"]["staleness"] == 0),
         "every sampled row came from another site": result["own_or_unknown_rows"] == 0,
         "every sample returned at most k rows": result["oversized_samples"] == 0,
         "nothing of the stalling site stored": "stalling-site" not in stats["per_site"],
@@ -231,15 +245,18 @@ def run_phase(args, *, stall: bool) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sites", type=int, default=64, help="concurrent honest sites (one client thread each)")
+    parser.add_argument("--sites", type=int, default=64,
+                        help="concurrent honest sites (one client thread each)")
     parser.add_argument("--seconds", type=float, default=30.0, help="how long each phase's sites run")
     parser.add_argument("--requests", type=int, default=None, help="instead of --seconds: requests per site")
     parser.add_argument("--stall-streams", type=int, default=40, help="Push streams the stalling site holds")
-    parser.add_argument("--tls", action="store_true", help="serve over TLS (certificates from deploy/make_certs.py)")
+    parser.add_argument("--tls", action="store_true",
+                        help="serve over TLS (certificates from deploy/make_certs.py)")
     parser.add_argument("--rows", type=int, default=64, help="embeddings per push")
     parser.add_argument("--k", type=int, default=512, help="negatives per sample")
     parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--quota", type=int, default=1000, help="per-site quota (below rows * pushes to exercise it)")
+    parser.add_argument("--quota", type=int, default=1000,
+                        help="per-site quota (below rows * pushes to exercise it)")
     parser.add_argument("--stream-idle-timeout", type=float, default=10.0,
                         help="the service's stream_idle_timeout (default of the service: 30 s)")
     parser.add_argument("--out", type=Path, help="write the results to OUT.json and OUT.md")
@@ -248,11 +265,14 @@ def main(argv: list[str] | None = None) -> int:
 
     load = os.getloadavg()
     phases = [run_phase(args, stall=False), run_phase(args, stall=True)]
-    what = (f"{args.sites} concurrent {'TLS' if args.tls else 'insecure'} sites for "
-            f"{f'{args.requests} requests' if args.requests else f'{args.seconds:g} s'} each phase on loopback, "
-            f"{args.rows} rows/push, k={args.k}; stalling site: {args.stall_streams} Push streams, one chunk each "
-            f"then silent (reopened when ended; the service's stream_idle_timeout {args.stream_idle_timeout:g} s); "
-            f"load average at start {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}")
+    what = (
+        f"{args.sites} concurrent {'TLS' if args.tls else 'insecure'} sites for "
+        f"{f'{args.requests} requests' if args.requests else f'{args.seconds:g} s'} "
+        f"each phase on loopback, {args.rows} rows/push, k={args.k}; "
+        f"stalling site: {args.stall_streams} Push streams, one chunk each then silent "
+        f"(reopened when ended; the service's stream_idle_timeout {args.stream_idle_timeout:g} s); "
+        f"load average at start {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}"
+    )
     rows = [
         ("honest sites' errors", "errors", "{:d}"),
         ("rows lost", "rows_lost", "{:d}"),
@@ -262,8 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         ("site latency p50 / p99, ms", ("site_p50_ms", "site_p99_ms"), "{:.1f} / {:.1f}"),
         ("coordinator Stats+Advance calls", "coordinator_calls", "{:d}"),
         ("coordinator errors", "coordinator_errors", "{:d}"),
-        ("coordinator p50 / p99 / max, ms", ("coordinator_p50_ms", "coordinator_p99_ms", "coordinator_max_ms"),
-         "{:.1f} / {:.1f} / {:.1f}"),
+        ("coordinator p50 / p99 / max, ms",
+         ("coordinator_p50_ms", "coordinator_p99_ms", "coordinator_max_ms"), "{:.1f} / {:.1f} / {:.1f}"),
     ]
     table = ["| | without stalling site | with stalling site |", "| --- | ---: | ---: |"]
     for label, keys, fmt in rows:
@@ -286,11 +306,17 @@ def main(argv: list[str] | None = None) -> int:
     print("consistency", "OK" if ok else "FAILED")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps(
-            {"what": what, "argv": sys.argv[1:], "load_average": load, "phases": phases}, indent=1, default=str) + "\n")
+        args.out.with_suffix(".json").write_text(
+            json.dumps({"what": what, "argv": sys.argv[1:], "load_average": load, "phases": phases}, indent=1,
+                       default=str)
+            + "\n"
+        )
         args.out.with_suffix(".md").write_text(
-            f"# Queue service under load\n\n`python bench/queue_load.py {' '.join(sys.argv[1:])}`\n\n{what}.\n\n"
-            + "\n".join(table) + f"\n\nAll consistency checks: {'passed' if ok else 'FAILED'}.\n")
+            f"# Queue service under load\n\n`python bench/queue_load.py {' '.join(sys.argv[1:])}`\n\n"
+            f"{what}.\n\n"
+            + "\n".join(table)
+            + f"\n\nAll consistency checks: {'passed' if ok else 'FAILED'}.\n"
+        )
     return 0 if ok else 1
 
 
@@ -323,7 +349,8 @@ def run_load(address: str, sites: list[str], args, *, root_certificates: bytes |
                     break
                 try:
                     if i % 2 == 0:
-                        x = torch.nn.functional.normalize(torch.randn(args.rows, args.dim, generator=generator), dim=1)
+                        x = torch.nn.functional.normalize(
+                            torch.randn(args.rows, args.dim, generator=generator), dim=1)
                         keys = [row.tobytes() for row in x.half().numpy()]
                         with lock:
                             pushed_rows.update(dict.fromkeys(keys, site))

@@ -66,8 +66,10 @@ def bench_overrides(*, sites: int, rounds: int, images_per_site: int, data: str,
         "data.train_max_images=500", "data.eval_max_images=200",  # central kNN: 500 memory, 200 test images
         f"model.width={width}", f"train.batch_size={batch_size}", f"train.num_push={num_push}",
         f"federation.num_rounds={rounds}", "federation.eval_every=1000000",  # kNN after the last round only
-        "federation.fraction_evaluate=0",  # no per-site evaluation round: N more messages, not what we measure
-        f"federation.min_available_nodes={sites}", f"federation.min_train_nodes={sites}",  # every site, every round
+        # no per-site evaluation round: N more messages, not what we measure
+        "federation.fraction_evaluate=0",
+        # every site, every round
+        f"federation.min_available_nodes={sites}", f"federation.min_train_nodes={sites}",
         *extra,
     ]
 
@@ -125,13 +127,15 @@ def _child(result_path: Path, out_dir: Path, overrides: list[str]) -> int:
 
 def _round_row(r: dict[str, Any]) -> dict[str, Any]:
     site_seconds = [m["seconds-total"] for m in r["sites"].values() if "seconds-total" in m]
-    end, start = r.get("queue") or {}, r.get("queue_at_start") or {}  # queue stats after Advance(r + 1), Advance(r)
+    # queue stats after Advance(r + 1), Advance(r)
+    end, start = r.get("queue") or {}, r.get("queue_at_start") or {}
     # the queue's largest size in the round: its size after the closing Advance(r + 1) plus what that
     # Advance evicted as stale (with max_staleness 0 it empties the queue: the size alone says 0)
     stale_at_end = end.get("evicted", {}).get("staleness", 0) - start.get("evicted", {}).get("staleness", 0)
     return {
-        "round": r["round"], "seconds": r["seconds"], "sites_ok": r["sites_ok"], "sites_failed": r["sites_failed"],
-        "errors": r["errors"][:3], "queue_size_after_advance": end.get("size"),
+        "round": r["round"], "seconds": r["seconds"], "sites_ok": r["sites_ok"],
+        "sites_failed": r["sites_failed"], "errors": r["errors"][:3],
+        "queue_size_after_advance": end.get("size"),
         "queue_peak_size": None if end.get("size") is None else end["size"] + stale_at_end,
         "queue_evicted": end.get("evicted"), "pushed": r["pushed"], "release_phase": r.get("release_phase"),
         "negatives_used": r["negatives_used"], "site_seconds_sum": sum(site_seconds),
@@ -160,8 +164,8 @@ def run_one(*, sites: int, overrides: list[str], work_dir: Path, timeout: float,
     """
     for attempt in range(ray_start_retries + 1):
         try:
-            row = _run_one(sites=sites, overrides=overrides, work_dir=work_dir / f"attempt{attempt}", timeout=timeout,
-                           bar=bar)
+            row = _run_one(sites=sites, overrides=overrides, work_dir=work_dir / f"attempt{attempt}",
+                           timeout=timeout, bar=bar)
         except RuntimeError as exc:
             if not _ray_did_not_start(str(exc)) or attempt == ray_start_retries:
                 raise
@@ -210,8 +214,10 @@ def _run_one(*, sites: int, overrides: list[str], work_dir: Path, timeout: float
         tail = log_text[-3000:]
         if _ray_did_not_start(log_text) and not _ray_did_not_start(tail):
             cause = next(t for t in RAY_START_TIMEOUTS if t in log_text)
-            tail = f"... Ray did not start: ray.init( ... {cause} ...\n{tail}"  # keep the cause in the message
-        raise RuntimeError(f"{sites} sites: the simulation failed (exit {proc.returncode}); log {log_path}:\n{tail}")
+            # keep the cause in the message
+            tail = f"... Ray did not start: ray.init( ... {cause} ...\n{tail}"
+        raise RuntimeError(
+            f"{sites} sites: the simulation failed (exit {proc.returncode}); log {log_path}:\n{tail}")
     res = json.loads(result_path.read_text())
     rounds = res["rounds"]
     failed = [r for r in rounds if r["sites_ok"] != sites or r["sites_failed"]]
@@ -248,9 +254,11 @@ def _run_one(*, sites: int, overrides: list[str], work_dir: Path, timeout: float
         "memory_samples": sampler.samples,
         "server_max_open_fds": sampler.server_max_fds,
         "server_max_threads": sampler.server_max_threads,
-        "cpu_seconds_per_round": cpu_per_round,  # read as each round ended: "wall" is the same span's wall time
+        # read as each round ended: "wall" is the same span's wall time
+        "cpu_seconds_per_round": cpu_per_round,
         "server_cpu_per_round": cpu_per_round["server"] if cpu_per_round else None,
-        "cpu_per_round_total": sum(v for k, v in cpu_per_round.items() if k != "wall") if cpu_per_round else None,
+        "cpu_per_round_total": (sum(v for k, v in cpu_per_round.items() if k != "wall")
+                                if cpu_per_round else None),
         "server_cpu_by_thread_per_round": res["server_cpu_by_thread_per_round"],
         # Flower's simulation engine: one thread polls the LinkState for every node's next message
         "flower_polling_cpu_per_round": (res["server_cpu_by_thread_per_round"] or {}).get(FLOWER_POLLING),
@@ -278,14 +286,16 @@ def growth_factors(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if row is base:
             continue
         factors = {k: row[k] / base[k] if base[k] and row[k] is not None else None for k in GROWTH_KEYS}
-        out.append({"from_sites": base["sites"], "to_sites": row["sites"], "sites_factor": row["sites"] / base["sites"],
-                    **factors})
+        out.append(
+            {"from_sites": base["sites"], "to_sites": row["sites"],
+             "sites_factor": row["sites"] / base["sites"], **factors}
+        )
     return out
 
 
-def run_scale(*, sites: list[int], rounds: int, images_per_site: int, data: str = "fashion-mnist", width: int = 8,
-              batch_size: int = 32, num_push: int = 64, extra: list[str] = (), work_dir: Path | None = None,
-              timeout: float = 1800.0, progress: bool = True) -> dict[str, Any]:
+def run_scale(*, sites: list[int], rounds: int, images_per_site: int, data: str = "fashion-mnist",
+              width: int = 8, batch_size: int = 32, num_push: int = 64, extra: list[str] = (),
+              work_dir: Path | None = None, timeout: float = 1800.0, progress: bool = True) -> dict[str, Any]:
     """Measure one federation per site count; returns the rows, growth factors and settings."""
     from tqdm.auto import tqdm
 
@@ -296,29 +306,34 @@ def run_scale(*, sites: list[int], rounds: int, images_per_site: int, data: str 
     work = Path(tempfile.mkdtemp(prefix="fedcl-scale-")) if owned else Path(work_dir)
     from fedcl.config import load_config
 
-    settings = {n: bench_overrides(sites=n, rounds=rounds, images_per_site=images_per_site, data=data, width=width,
-                                   batch_size=batch_size, num_push=num_push, extra=list(extra)) for n in sites}
+    settings = {
+        n: bench_overrides(sites=n, rounds=rounds, images_per_site=images_per_site, data=data, width=width,
+                           batch_size=batch_size, num_push=num_push, extra=list(extra))
+        for n in sites
+    }
     for overrides in settings.values():
         load_config(None, overrides)  # a bad setting fails here, before any federation starts
     rows = []
-    with tqdm(total=len(sites) * rounds, desc="rounds", unit="round", disable=not progress, dynamic_ncols=True) as bar:
+    with tqdm(total=len(sites) * rounds, desc="rounds", unit="round", disable=not progress,
+              dynamic_ncols=True) as bar:
         for n in sites:
             row = run_one(sites=n, overrides=settings[n], work_dir=work, timeout=timeout, bar=bar)
             row["overrides"] = settings[n]
             rows.append(row)
             if progress:
-                bar.write(f"{n:4d} sites: {row['seconds_per_round']:.1f} s/round "
-                          f"(round 1: {row['cold_round_seconds']:.1f} s), "
-                          f"server peak RSS {row['server_peak_rss_mib']:.0f} MiB, Ray workers "
-                          f"{row['ray_workers_peak_rss_sum_mib']:.0f} MiB, load {row['loadavg_after'][0]:.1f}")
+                bar.write(
+                    f"{n:4d} sites: {row['seconds_per_round']:.1f} s/round "
+                    f"(round 1: {row['cold_round_seconds']:.1f} s), "
+                    f"server peak RSS {row['server_peak_rss_mib']:.0f} MiB, Ray workers "
+                    f"{row['ray_workers_peak_rss_sum_mib']:.0f} MiB, load {row['loadavg_after'][0]:.1f}")
     if owned:
         import shutil
 
         shutil.rmtree(work, ignore_errors=True)
-    return {"rows": rows, "growth": growth_factors(rows), "rounds": rounds, "images_per_site": images_per_site,
-            "data": data, "width": width, "batch_size": batch_size, "num_push": num_push,
-            "cores": len(os.sched_getaffinity(0)), "loadavg_end": list(os.getloadavg()), "code": _code_state(),
-            "open_files_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0]}
+    return {"rows": rows, "growth": growth_factors(rows), "rounds": rounds,
+            "images_per_site": images_per_site, "data": data, "width": width, "batch_size": batch_size,
+            "num_push": num_push, "cores": len(os.sched_getaffinity(0)), "loadavg_end": list(os.getloadavg()),
+            "code": _code_state(), "open_files_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0]}
 
 
 def _code_state() -> dict[str, Any]:
@@ -339,8 +354,11 @@ def _code_state() -> dict[str, Any]:
 def growth_lines(result: dict[str, Any]) -> list[str]:
     lines = []
     for g in result["growth"]:
-        parts = [f"{GROWTH_KEYS[k]} x{g[k]:.1f}" if g[k] is not None else f"{GROWTH_KEYS[k]} n/a" for k in GROWTH_KEYS]
-        lines.append(f"{g['from_sites']} -> {g['to_sites']} sites (x{g['sites_factor']:g}): " + ", ".join(parts))
+        parts = [
+            f"{GROWTH_KEYS[k]} x{g[k]:.1f}" if g[k] is not None else f"{GROWTH_KEYS[k]} n/a"
+            for k in GROWTH_KEYS]
+        lines.append(
+            f"{g['from_sites']} -> {g['to_sites']} sites (x{g['sites_factor']:g}): " + ", ".join(parts))
     return lines
 
 
@@ -376,20 +394,26 @@ def write_results(result: dict[str, Any], out_dir: Path, *, name: str = "scale")
     paths = [out_dir / f"{name}.json", out_dir / f"{name}.md", out_dir / f"{name}.png"]
     paths[0].write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     rows = result["rows"]
-    md = [f"# Scale: `fedcl simulate` with {', '.join(str(r['sites']) for r in rows)} sites", "",
-          f"Command: `{result.get('command', '')}`", "",
-          f"{result['rounds']} rounds, {result['images_per_site']} {result['data']} images per site (iid), CNN width "
-          f"{result['width']}, batch {result['batch_size']}, {result['num_push']} pushes per site and round, "
-          f"{result['cores']} cores, Ray actors = min(sites, cores). Measured at commit "
-          f"{result['code']['commit'][:10]}"
-          + (f" with uncommitted changes to {', '.join(result['code']['modified_files'])}"
-                                                if result["code"]["modified_files"] else "") + ".",
-          "", table(result), ""]
+    md = [
+        f"# Scale: `fedcl simulate` with {', '.join(str(r['sites']) for r in rows)} sites", "",
+        f"Command: `{result.get('command', '')}`", "",
+        f"{result['rounds']} rounds, {result['images_per_site']} {result['data']} images per site (iid), "
+        f"CNN width {result['width']}, batch {result['batch_size']}, {result['num_push']} pushes per site "
+        f"and round, {result['cores']} cores, Ray actors = min(sites, cores). Measured at commit "
+        f"{result['code']['commit'][:10]}"
+        + (f" with uncommitted changes to {', '.join(result['code']['modified_files'])}"
+           if result["code"]["modified_files"] else "")
+        + ".",
+        "", table(result), "",
+    ]
     md += [f"* {line}" for line in growth_lines(result)]
-    md += [""] + [f"* {r['sites']} sites: server process at most {r['server_max_open_fds']} open files (limit "
-                  f"{result['open_files_limit']}) and {r['server_max_threads']} threads; round seconds "
-                  + ", ".join(f"{x['seconds']:.1f}" for x in r["rounds"]) + "; Ray worker processes "
-                  f"{r['ray_workers_max_processes']}" for r in rows]
+    md += [""] + [
+        f"* {r['sites']} sites: server process at most {r['server_max_open_fds']} open files (limit "
+        f"{result['open_files_limit']}) and {r['server_max_threads']} threads; round seconds "
+        + ", ".join(f"{x['seconds']:.1f}" for x in r["rounds"])
+        + "; Ray worker processes "
+        f"{r['ray_workers_max_processes']}"
+        for r in rows]
     polling = [r for r in rows if r.get("flower_polling_cpu_per_round") is not None]
     if polling:
         md += ["", "* Flower's polling thread (CPU s/round): " + " → ".join(
@@ -397,14 +421,16 @@ def write_results(result: dict[str, Any], out_dir: Path, *, name: str = "scale")
     md += [""] + [f"* {r['sites']} sites, server CPU s/round by thread: " + ", ".join(
         f"{k} {v:.2f}" for k, v in list(r["server_cpu_by_thread_per_round"].items())[:5])
         for r in rows if r["server_cpu_by_thread_per_round"]]
-    md += ["", "s per site-task = s/round x actors / sites. 'in train handlers' = the sites' train handler time "
-           "(sum over sites / actors) as a share of the round; the rest is the release phase (when on), Flower, "
-           "Ray and the ServerApp. CPU s/round: CPU seconds used between the end of round 1 and the end of the "
-           "last round, per round (read by the server process as it writes each round's record); "
-           "'Flower polling' is the thread of Flower's simulation engine that scans the LinkState for every "
-           "node's next message every 0.1 s (vce_api.add_messages_to_queue). "
-           "RSS sums count shared pages once per process. "
-           "Load: the 1-minute load average before and after each run (2 cores, shared with other jobs)."]
+    md += [
+        "",
+        "s per site-task = s/round x actors / sites. 'in train handlers' = the sites' train handler time "
+        "(sum over sites / actors) as a share of the round; the rest is the release phase (when on), Flower, "
+        "Ray and the ServerApp. CPU s/round: CPU seconds used between the end of round 1 and the end of the "
+        "last round, per round (read by the server process as it writes each round's record); "
+        "'Flower polling' is the thread of Flower's simulation engine that scans the LinkState for every "
+        "node's next message every 0.1 s (vce_api.add_messages_to_queue). "
+        "RSS sums count shared pages once per process. "
+        "Load: the 1-minute load average before and after each run (2 cores, shared with other jobs)."]
     paths[1].write_text("\n".join(md) + "\n")
 
     sites = [r["sites"] for r in rows]
@@ -415,7 +441,8 @@ def write_results(result: dict[str, Any], out_dir: Path, *, name: str = "scale")
               label=f"linear from {base['sites']} sites")
     ax_t.set(xlabel="sites", ylabel="seconds per round", title="time per round")
     ax_t.legend()
-    for key, label in [("ray_workers_cpu_per_round", "Ray workers"), ("server_cpu_per_round", "server process"),
+    for key, label in [("ray_workers_cpu_per_round", "Ray workers"),
+                       ("server_cpu_per_round", "server process"),
                        ("flower_polling_cpu_per_round", "of it Flower's polling thread")]:
         points = [(r["sites"], r[key]) for r in rows if r.get(key) is not None]
         ax_c.plot([p[0] for p in points], [p[1] for p in points], "o-", label=label)
@@ -465,9 +492,10 @@ def main(argv: list[str] | None = None) -> int:
     from fedcl.config import ConfigError
 
     try:
-        result = run_scale(sites=sites, rounds=args.rounds, images_per_site=args.images_per_site, data=args.data,
-                           width=args.width, batch_size=args.batch_size, num_push=args.num_push, extra=args.extra,
-                           work_dir=args.work_dir, timeout=args.timeout)
+        result = run_scale(sites=sites, rounds=args.rounds, images_per_site=args.images_per_site,
+                           data=args.data, width=args.width, batch_size=args.batch_size,
+                           num_push=args.num_push, extra=args.extra, work_dir=args.work_dir,
+                           timeout=args.timeout)
     except (ConfigError, RuntimeError, TimeoutError) as exc:
         print(f"bench/scale.py: {exc}", file=sys.stderr)
         return 1

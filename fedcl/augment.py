@@ -46,7 +46,8 @@ def _reflect(idx: torch.Tensor, n: int) -> torch.Tensor:
     return torch.where(idx >= n, period - idx, idx)
 
 
-def _resample_matrices(scale: torch.Tensor, center: torch.Tensor, n: int, taps: torch.Tensor | None) -> torch.Tensor:
+def _resample_matrices(scale: torch.Tensor, center: torch.Tensor, n: int,
+                       taps: torch.Tensor | None) -> torch.Tensor:
     """(B, n_out, n_in) matrices: crop [center +- scale] (normalised), resample bilinearly, blur.
 
     Bilinear weights as ``grid_sample(align_corners=False, padding_mode="border")``: output i reads
@@ -117,7 +118,8 @@ class TwoViewAugment:
         return (
             f"TwoViewAugment(crop_scale={self.crop_scale}, crop_ratio={self.crop_ratio}, flip={self.flip}, "
             f"brightness={self.brightness}, contrast={self.contrast}, blur_prob={self.blur_prob}, "
-            f"blur_sigma={self.blur_sigma}, blur_kernel_size={self.blur_kernel_size}, noise_std={self.noise_std})"
+            f"blur_sigma={self.blur_sigma}, blur_kernel_size={self.blur_kernel_size}, "
+            f"noise_std={self.noise_std})"
         )
 
     def two_views(

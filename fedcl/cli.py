@@ -37,14 +37,23 @@ def train(args: argparse.Namespace) -> None:
     from fedcl.data import DataError
     from fedcl.evaluate import evaluate_encoder
     from fedcl.models import save_encoder
-    from fedcl.runtime import JsonlLog, configure_threads, first_n, load_knn_sets, load_split, make_augment, make_model
+    from fedcl.runtime import (
+        JsonlLog,
+        configure_threads,
+        first_n,
+        load_knn_sets,
+        load_split,
+        make_augment,
+        make_model,
+    )
     from fedcl.train import RoundRecipe, resolve_device, train_centralized
 
     out: Path = args.out
     configure_threads(cfg.train.threads)
     try:
         device = resolve_device(cfg.train.device)
-        train_set = first_n(load_split(cfg.data, split="train"), cfg.data.train_max_images, seed=cfg.data.seed)
+        train_set = first_n(load_split(cfg.data, split="train"), cfg.data.train_max_images,
+                            seed=cfg.data.seed)
         knn_sets = load_knn_sets(cfg.data)  # the labelled set fedcl eval and the coordinator use
     except (DataError, RuntimeError) as exc:
         _fail(str(exc))
@@ -144,7 +153,8 @@ _WEAKEST_FIRST = ("raw", "gaussian", "prototypes", "public")
 
 
 def _describe_summary(summary: dict) -> str:
-    """The report of one site from the ledger summary it sent the coordinator (``PrivacyLedger.summary()``)."""
+    """The report of one site from the ledger summary it sent the coordinator
+    (``PrivacyLedger.summary()``)."""
     from fedcl.privacy.ledger import EMBEDDINGS, MODEL_UPDATES
     from fedcl.privacy.report import describe_privacy
 
@@ -185,7 +195,8 @@ def privacy(args: argparse.Namespace) -> None:
               "the coordinator's run folder holds them in summary.json)")
     for where, summary in reports:
         try:
-            print(_describe_summary(summary) if summary is not None else _describe_ledger(PrivacyLedger.load(where)))
+            print(_describe_summary(summary) if summary is not None
+                  else _describe_ledger(PrivacyLedger.load(where)))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             _fail(f"{where}: {exc}")
         print("")
@@ -223,9 +234,11 @@ def _parser() -> argparse.ArgumentParser:
                     help="also evaluate a random-init encoder of the same shape (default: on)")
     sim = command("simulate", simulate)
     sim.add_argument("--out", type=Path, help="output folder (default: server.out_dir)")
-    sim.add_argument("--engine", default="ray", help="ray: Flower's simulation engine, sites in parallel; "
-                                                     "inprocess: the same apps in this process, one site after "
-                                                     "another (default: ray)")
+    sim.add_argument(
+        "--engine", default="ray",
+        help="ray: Flower's simulation engine, sites in parallel; "
+        "inprocess: the same apps in this process, one site after "
+        "another (default: ray)")
     command("stop-local-superlink", stop_local_superlink, config=False).add_argument(
         "--port", type=int, help="its port (default: Flower's, FLWR_LOCAL_SUPERLINK_HTTP_API_PORT or 39091)")
     command("privacy", privacy, config=False).add_argument(

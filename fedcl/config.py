@@ -78,7 +78,8 @@ class ClutterSettings(_Section):
 class SiteDataSettings(_Section):
     """How a shared data set is split into sites: what a site started with a partition id needs."""
 
-    name: Literal["fashion-mnist", "fashion-mnist-cluttered", "medmnist", "folder", "synthetic"] = "fashion-mnist"
+    name: Literal["fashion-mnist", "fashion-mnist-cluttered", "medmnist", "folder", "synthetic"] = (
+        "fashion-mnist")
     partition: Literal["iid", "dirichlet", "pathological"] = "pathological"
     num_sites: int = Field(5, ge=1)
     alpha: float = Field(0.5, gt=0)
@@ -100,7 +101,8 @@ class DataSettings(SiteDataSettings):
 class ModelSettings(_Section):
     arch: Literal["cnn", "resnet18"] = "cnn"
     in_channels: int | None = Field(None, ge=1)  # None: from the data (a coordinator without data sets it)
-    width: int = Field(16, ge=4)  # 16: 2.5x faster than 32 on CPU, so the demo gets 10 rounds in its 10 minutes
+    # 16: 2.5x faster than 32 on CPU, so the demo gets 10 rounds in its 10 minutes
+    width: int = Field(16, ge=4)
     proj_dim: int = Field(128, ge=2)
     proj_hidden: int = Field(256, ge=2)
 
@@ -187,13 +189,15 @@ class SitePrivacySettings(_Section):
     @model_validator(mode="after")
     def _release_noise(self) -> "SitePrivacySettings":
         if self.release in ("gaussian", "prototypes") and self.release_noise_multiplier <= 0:
-            raise ValueError(f"release_noise_multiplier must be > 0 for release {self.release!r} (a DP release "
-                             "needs noise); raise it, or use release 'raw' (not DP) or 'public'")
+            raise ValueError(
+                f"release_noise_multiplier must be > 0 for release {self.release!r} (a DP release "
+                "needs noise); raise it, or use release 'raw' (not DP) or 'public'")
         return self
 
 
 class PrivacySettings(SitePrivacySettings):
-    prototype_min_count: float = Field(5.0, ge=0)  # server merge: a prototype moves only with this much noisy mass
+    # server merge: a prototype moves only with this much noisy mass
+    prototype_min_count: float = Field(5.0, ge=0)
 
 
 class FederationSettings(_Section):
@@ -293,7 +297,8 @@ class FedclConfig(BaseSettings):
             key, value = left[0]
             hint = next((h for prefix, h in _PLACEHOLDER_HINTS.items() if key.startswith(prefix)),
                         "put the real value there")
-            more = f" (and {len(left) - 1} more: {', '.join(k for k, _ in left[1:])})" if len(left) > 1 else ""
+            more = (
+                f" (and {len(left) - 1} more: {', '.join(k for k, _ in left[1:])})" if len(left) > 1 else "")
             raise _PlaceholderLeft(f"{key} is still the template placeholder {value!r}: {hint}{more}")
         return data
 
@@ -356,10 +361,12 @@ def check_environment(environ: dict[str, str] | None = None) -> None:
             continue
         if any(upper.startswith(p) and upper != p for p, kind in names.items() if kind == ""):
             continue
-        close = difflib.get_close_matches(upper, [n for n, kind in names.items() if kind is None], n=1, cutoff=0.7)
+        close = difflib.get_close_matches(upper, [n for n, kind in names.items() if kind is None], n=1,
+                                          cutoff=0.7)
         hint = f": did you mean {close[0]}?" if close else "."
-        raise ConfigError(f"environment variable {var} is not a fedcl setting{hint} Fix its name or unset it "
-                          "(settings are FEDCL_SECTION__KEY; docs/configuration.md lists the other FEDCL_ names)")
+        raise ConfigError(
+            f"environment variable {var} is not a fedcl setting{hint} Fix its name or unset it "
+            "(settings are FEDCL_SECTION__KEY; docs/configuration.md lists the other FEDCL_ names)")
 
 
 def _did_you_mean(model: type[BaseModel], loc: tuple) -> str:
@@ -398,12 +405,15 @@ def _merge(base: dict, parts: list[str], value: Any) -> None:
     node[parts[-1]] = value
 
 
-def format_validation_error(err: ValidationError, *, source: str, model: type[BaseModel] | None = None) -> str:
+def format_validation_error(err: ValidationError, *, source: str,
+                            model: type[BaseModel] | None = None) -> str:
     lines = [f"invalid configuration ({source}):"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(root)"
         if e["type"] == "extra_forbidden":
-            hint = _did_you_mean(model or FedclConfig, e["loc"]) or " (check the spelling; docs/configuration.md)"
+            hint = (
+                _did_you_mean(model or FedclConfig, e["loc"])
+                or " (check the spelling; docs/configuration.md)")
             lines.append(f"  - {loc}: unknown key{hint}")
         else:
             given = e.get("input")

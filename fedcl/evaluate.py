@@ -25,10 +25,9 @@ def extract_features(
     return torch.cat(out) if out else torch.zeros(0, getattr(model, "feat_dim", 0))
 
 
-def knn_accuracy(
-    train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor, test_labels: torch.Tensor,
-    *, k: int = 200, temperature: float = 0.1, num_classes: int | None = None, chunk: int = 1024,
-) -> float:
+def knn_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
+                 test_labels: torch.Tensor, *, k: int = 200, temperature: float = 0.1,
+                 num_classes: int | None = None, chunk: int = 1024) -> float:
     """Weighted kNN (Wu et al. 2018, InstDisc): votes exp(sim / t) over the k nearest by cosine."""
     if test_features.shape[0] == 0:
         raise ValueError("kNN needs at least one test example")
@@ -47,10 +46,9 @@ def knn_accuracy(
     return correct / test_features.shape[0]
 
 
-def linear_probe_accuracy(
-    train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor, test_labels: torch.Tensor,
-    *, c: float = 1.0, max_iter: int = 1000,
-) -> float:
+def linear_probe_accuracy(train_features: torch.Tensor, train_labels: torch.Tensor,
+                          test_features: torch.Tensor, test_labels: torch.Tensor, *, c: float = 1.0,
+                          max_iter: int = 1000) -> float:
     """Multinomial logistic regression on frozen, standardised features (scikit-learn, lbfgs)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
@@ -68,8 +66,9 @@ def few_label_indices(labels: torch.Tensor, *, per_class: int, seed: int) -> tor
     """``per_class`` random indices of each class (fewer where a class has fewer)."""
     rng = np.random.default_rng(seed)
     lab = labels.numpy()
-    picks = [rng.choice(np.flatnonzero(lab == cls), size=min(per_class, int((lab == cls).sum())), replace=False)
-             for cls in np.unique(lab)]
+    picks = [
+        rng.choice(np.flatnonzero(lab == cls), size=min(per_class, int((lab == cls).sum())), replace=False)
+        for cls in np.unique(lab)]
     return torch.from_numpy(np.sort(np.concatenate(picks)))
 
 

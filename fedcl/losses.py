@@ -56,7 +56,8 @@ def info_nce(
     An empty batch gives a zero loss that still has a graph (Poisson sampling makes empty
     batches). With no negatives at all the loss is 0 (log 1): nothing to contrast against.
     """
-    logits = info_nce_logits(query, positive, negatives, temperature=temperature, in_batch=in_batch)  # (B, 1 + ...)
+    logits = info_nce_logits(query, positive, negatives, temperature=temperature,
+                             in_batch=in_batch)  # (B, 1 + ...)
     target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
     per_example = F.cross_entropy(logits, target, reduction="none")  # (B,)
     if reduction == "none":

@@ -93,7 +93,8 @@ class ContrastiveModel(nn.Module):
 def build_model(
     *, arch: str = "cnn", in_channels: int, width: int = 32, proj_dim: int = 128, proj_hidden: int = 256,
 ) -> ContrastiveModel:
-    return ContrastiveModel(arch=arch, in_channels=in_channels, width=width, proj_dim=proj_dim, proj_hidden=proj_hidden)
+    return ContrastiveModel(arch=arch, in_channels=in_channels, width=width, proj_dim=proj_dim,
+                            proj_hidden=proj_hidden)
 
 
 def _strip(name: str) -> str:
@@ -119,9 +120,8 @@ def load_canonical_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) 
     missing = set(by_canonical) - set(state)
     unexpected = set(state) - set(by_canonical)
     if missing or unexpected:
-        raise ValueError(
-            f"state dict does not fit the model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
-        )
+        raise ValueError(f"state dict does not fit the model: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
     model.load_state_dict({by_canonical[k]: v for k, v in state.items()})
 
 
@@ -147,8 +147,8 @@ def arrays_to_state(model: nn.Module, arrays: list[np.ndarray]) -> dict[str, tor
 
 def save_encoder(path, *, model: ContrastiveModel, meta: dict[str, Any] | None = None) -> None:
     """Checkpoint that records its architecture; loads with ``torch.load(weights_only=True)``."""
-    payload = {"format": "fedcl-encoder/1", "spec": dict(model.spec), "state_dict": canonical_state_dict(model),
-               "meta": dict(meta or {})}
+    payload = {"format": "fedcl-encoder/1", "spec": dict(model.spec),
+               "state_dict": canonical_state_dict(model), "meta": dict(meta or {})}
     with atomic_file(path) as f:
         torch.save(payload, f)
 

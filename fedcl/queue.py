@@ -117,7 +117,8 @@ class EmbeddingQueue:
         sites: set[str] | None = None,
     ) -> None:
         if int(dim) < 1 or int(capacity) < 1 or int(per_site_quota) < 1:
-            raise ValueError(f"dim, capacity and per_site_quota must be >= 1, got {dim}, {capacity}, {per_site_quota}")
+            raise ValueError(
+                f"dim, capacity and per_site_quota must be >= 1, got {dim}, {capacity}, {per_site_quota}")
         if int(max_staleness) < 0:
             raise ValueError(f"max_staleness must be >= 0, got {max_staleness}")
         if dtype not in _DTYPES:
@@ -166,8 +167,8 @@ class EmbeddingQueue:
         with self._lock:
             if self.fixed_sites and site_id not in self._site_index:
                 raise QueueError(
-                    "NOT_FOUND", f"unknown site {site_id!r}: this queue accepts only {sorted(self._site_names)}"
-                )
+                    "NOT_FOUND",
+                    f"unknown site {site_id!r}: this queue accepts only {sorted(self._site_names)}")
             if round > self._current_round:
                 raise QueueError(
                     "FAILED_PRECONDITION",
@@ -178,8 +179,8 @@ class EmbeddingQueue:
                 raise QueueError(
                     "FAILED_PRECONDITION",
                     f"round {round} is stale: the queue is at round {self._current_round} and keeps "
-                    f"embeddings at most {self.max_staleness} rounds old; recompute them with the current model",
-                )
+                    f"embeddings at most {self.max_staleness} rounds old; recompute them with the current "
+                    "model")
             # Validation is over: from here on the push cannot fail.
             site = self._site_index.get(site_id)
             if site is None:
@@ -212,7 +213,8 @@ class EmbeddingQueue:
 
     def _validate_embeddings(self, embeddings: np.ndarray) -> np.ndarray:
         if not isinstance(embeddings, np.ndarray):
-            raise QueueError("INVALID_ARGUMENT", f"embeddings must be a numpy array, got {type(embeddings).__name__}")
+            raise QueueError("INVALID_ARGUMENT",
+                             f"embeddings must be a numpy array, got {type(embeddings).__name__}")
         if embeddings.dtype not in (np.float16, np.float32, np.float64):
             raise QueueError("INVALID_ARGUMENT", f"embeddings must be float16/32/64, got {embeddings.dtype}")
         if embeddings.ndim != 2:
@@ -220,7 +222,8 @@ class EmbeddingQueue:
                              f"embeddings must be 2-D (N, {self.dim}), got shape {embeddings.shape}")
         n, dim = embeddings.shape
         if dim != self.dim:
-            raise QueueError("INVALID_ARGUMENT", f"embeddings have dim {dim}, this queue holds dim {self.dim}")
+            raise QueueError("INVALID_ARGUMENT",
+                             f"embeddings have dim {dim}, this queue holds dim {self.dim}")
         if n == 0:
             raise QueueError("INVALID_ARGUMENT", "empty push: send at least one embedding")
         if n > min(self.per_site_quota, self.capacity):
@@ -237,7 +240,8 @@ class EmbeddingQueue:
                 row = start + int(np.flatnonzero(~np.isfinite(src).all(axis=1))[0])
                 raise QueueError("INVALID_ARGUMENT", f"embedding row {row} contains NaN or Inf")
             # norms after conversion: what is stored must be unit norm
-            norms = np.linalg.norm(_to_dtype(x[start : start + _NORM_BLOCK], np.dtype(np.float32)), axis=1)  # (block,)
+            norms = np.linalg.norm(_to_dtype(x[start : start + _NORM_BLOCK], np.dtype(np.float32)),
+                                   axis=1)  # (block,)
             bad = np.flatnonzero(~(np.abs(norms - 1.0) <= self.norm_tolerance))
             if bad.size:
                 row = int(bad[0])
@@ -250,9 +254,8 @@ class EmbeddingQueue:
 
     def _check_site_id(self, site_id: object) -> None:
         if not isinstance(site_id, str) or not site_id or len(site_id) > _MAX_SITE_ID_LEN:
-            raise QueueError(
-                "INVALID_ARGUMENT", f"site_id must be a non-empty string of at most {_MAX_SITE_ID_LEN} characters"
-            )
+            raise QueueError("INVALID_ARGUMENT",
+                             f"site_id must be a non-empty string of at most {_MAX_SITE_ID_LEN} characters")
 
     def _add_site(self, site_id: str) -> int:
         index = len(self._site_names)
@@ -296,7 +299,8 @@ class EmbeddingQueue:
         if max_age is not None:
             max_age = _check_int(max_age, "max_age")
         if dtype is not None and dtype not in _DTYPES:
-            raise QueueError("INVALID_ARGUMENT", f"dtype must be one of {sorted(_DTYPES)} or None, got {dtype!r}")
+            raise QueueError("INVALID_ARGUMENT",
+                             f"dtype must be one of {sorted(_DTYPES)} or None, got {dtype!r}")
         rng = rng if rng is not None else np.random.default_rng()
         with self._lock:
             eligible = self._valid.copy()  # (capacity,)
@@ -307,7 +311,8 @@ class EmbeddingQueue:
                 eligible &= self._round >= self._current_round - max_age
             candidates = np.flatnonzero(eligible)
             n = min(k, candidates.size)
-            chosen = rng.choice(candidates, size=n, replace=False) if n else candidates[:0]  # (n,) random order
+            chosen = (
+                rng.choice(candidates, size=n, replace=False) if n else candidates[:0])  # (n,) random order
             out_dtype = _DTYPES[dtype] if dtype is not None else self._emb.dtype
             embeddings = _to_dtype(self._emb[chosen], out_dtype)  # (n, dim)
             names = np.array(self._site_names, dtype=object)
@@ -325,10 +330,8 @@ class EmbeddingQueue:
         round = _check_int(round, "round", maximum=_MAX_ROUND)
         with self._lock:
             if round < self._current_round:
-                raise QueueError(
-                    "FAILED_PRECONDITION",
-                    f"cannot go back from round {self._current_round} to round {round}; rounds only move forward",
-                )
+                raise QueueError("FAILED_PRECONDITION", f"cannot go back from round {self._current_round} "
+                                 f"to round {round}; rounds only move forward")
             self._current_round = round
             stale = np.flatnonzero(self._valid & (self._round < round - self.max_staleness))
             if stale.size:
@@ -415,10 +418,8 @@ class EmbeddingQueue:
             raise SnapshotError("NOT_FOUND", f"queue snapshot {path} does not exist")
 
         def corrupt(reason: str) -> SnapshotError:
-            return SnapshotError(
-                "FAILED_PRECONDITION",
-                f"queue snapshot {path} is not usable ({reason}); restore it from a backup or delete it to start empty",
-            )
+            return SnapshotError("FAILED_PRECONDITION", f"queue snapshot {path} is not usable ({reason}); "
+                                 "restore it from a backup or delete it to start empty")
 
         if not path.is_file():
             raise corrupt("not a regular file")
@@ -437,7 +438,8 @@ class EmbeddingQueue:
         if not isinstance(header, dict) or header.get("format") != SNAPSHOT_FORMAT:
             raise corrupt("not a fedcl queue snapshot")
         if header.get("version") != SNAPSHOT_VERSION:
-            raise corrupt(f"format version {header.get('version')!r}, this fedcl reads version {SNAPSHOT_VERSION}")
+            raise corrupt(f"format version {header.get('version')!r}, "
+                          f"this fedcl reads version {SNAPSHOT_VERSION}")
         try:
             queue = cls(
                 dim=header["dim"],
@@ -448,7 +450,7 @@ class EmbeddingQueue:
                 norm_tolerance=header["norm_tolerance"],
                 sites=set(header["site_names"]) if header["fixed_sites"] else None,
             )
-            size, current_round, next_seq = int(header["size"]), int(header["current_round"]), int(header["next_seq"])
+            size, current_round, next_seq = (int(header[k]) for k in ("size", "current_round", "next_seq"))
             site_names = [str(s) for s in header["site_names"]]
             evicted = {key: int(header["evicted"][key]) for key in ("capacity", "quota", "staleness")}
             pushed_total = int(header["pushed_total"])

@@ -99,9 +99,10 @@ def load_knn_sets(d: DataSettings) -> KnnSets:
     bank, held_out = first_n(train, d.train_max_images or KNN_BANK_DEFAULT, seed=d.seed), first_n(
         test, d.eval_max_images, seed=d.seed)
     source = d.name if d.path is None else f"{d.name} at {d.path}"
-    description = (f"labelled set: fit on {bank.images.shape[0]} of {train.images.shape[0]} 'train' images, "
-                   f"scored on {held_out.images.shape[0]} of {test.images.shape[0]} '{d.eval_split}' images of "
-                   f"{source} (random subsets, seed {d.seed})")
+    description = (
+        f"labelled set: fit on {bank.images.shape[0]} of {train.images.shape[0]} 'train' images, "
+        f"scored on {held_out.images.shape[0]} of {test.images.shape[0]} '{d.eval_split}' images of "
+        f"{source} (random subsets, seed {d.seed})")
     return KnnSets(bank=bank, test=held_out, description=description)
 
 

@@ -76,7 +76,8 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def make_optimizer(params, *, name: str, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+def make_optimizer(params, *, name: str, lr: float, momentum: float,
+                   weight_decay: float) -> torch.optim.Optimizer:
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     if name == "sgd":
@@ -165,7 +166,8 @@ def _dp_randomness(dp_generator, *, dp, public: torch.Generator,
                          f"got {dp_generator!r}")
     if dp_generator is None or isinstance(dp_generator, str):
         secret = mechanism_generator(public, private=dp is not None or dp_generator is not None,
-                                     insecure=dp_generator == INSECURE_REPRODUCIBLE, where="fedcl.train.local_round")
+                                     insecure=dp_generator == INSECURE_REPRODUCIBLE,
+                                     where="fedcl.train.local_round")
     else:
         secret = dp_generator
     if secret is public:
@@ -176,7 +178,8 @@ def _dp_randomness(dp_generator, *, dp, public: torch.Generator,
     return secret, torch.Generator(device=device).manual_seed(noise_seed), True
 
 
-def _check_round(recipe: RoundRecipe, *, dp, dp_steps: int | None, groups: torch.Tensor | None, n: int) -> None:
+def _check_round(recipe: RoundRecipe, *, dp, dp_steps: int | None, groups: torch.Tensor | None,
+                 n: int) -> None:
     if dp is not None and recipe.in_batch_negatives:  # the one option left that couples examples
         raise ValueError("DP-SGD cannot be used with in_batch_negatives (the batch's other examples are "
                          "negatives, so one example changes the others' losses and per-example clipping no "
@@ -198,8 +201,8 @@ def _frozen_copy(model: nn.Module) -> nn.Module:
 
 def _round_optimizer(model: nn.Module, recipe: RoundRecipe, state: dict | None) -> torch.optim.Optimizer:
     """The recipe's optimizer, resuming ``state`` (a previous round's) at this round's learning rate."""
-    optimizer = make_optimizer(model.parameters(), name=recipe.optimizer, lr=recipe.lr, momentum=recipe.momentum,
-                               weight_decay=recipe.weight_decay)
+    optimizer = make_optimizer(model.parameters(), name=recipe.optimizer, lr=recipe.lr,
+                               momentum=recipe.momentum, weight_decay=recipe.weight_decay)
     if state is not None:
         try:
             optimizer.load_state_dict(copy.deepcopy(state))  # Adam steps its "step" tensors in place
@@ -224,9 +227,11 @@ def _dp_training(model: nn.Module, optimizer: torch.optim.Optimizer, *, dp, dp_s
 
     dp_groups = check_groups(groups, num_examples=n, unit=dp.unit)  # (N,) or None; clear error if missing
     noise_gen, secure_mode = noise  # (generator, Opacus secure_mode) of the DP-SGD noise
-    train_model, dp_optimizer, check = make_dp_training(model, optimizer, params=dp, num_examples=n, groups=dp_groups,
-                                                        generator=noise_gen, secure_mode=secure_mode)
-    batches = dp_training_batches(num_examples=n, sample_rate=dp.sample_rate, generator=generator, groups=dp_groups,
+    train_model, dp_optimizer, check = make_dp_training(model, optimizer, params=dp, num_examples=n,
+                                                        groups=dp_groups, generator=noise_gen,
+                                                        secure_mode=secure_mode)
+    batches = dp_training_batches(num_examples=n, sample_rate=dp.sample_rate, generator=generator,
+                                  groups=dp_groups,
                                   **({"epochs": epochs} if dp_steps is None else {"steps": dp_steps}))
     return train_model, dp_optimizer, check, batches
 
@@ -239,8 +244,8 @@ def _dp_metrics(dp, *, steps: int, groups: torch.Tensor | None) -> dict[str, flo
     return info
 
 
-def _two_views(idx: torch.Tensor, *, images: torch.Tensor, augment: TwoViewAugment, generator: torch.Generator,
-               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _two_views(idx: torch.Tensor, *, images: torch.Tensor, augment: TwoViewAugment,
+               generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return augment.two_views(_to_float(images[idx], device), generator=generator)  # 2 x (B, C, H, W)
 
 
@@ -260,8 +265,8 @@ def _train_steps(
         t0 = time.perf_counter()
         v1, v2 = views(idx)
         t1 = time.perf_counter()
-        loss = contrastive_loss(train_model, key_model, v1, v2, negatives=negatives, temperature=recipe.temperature,
-                                in_batch=recipe.in_batch_negatives)
+        loss = contrastive_loss(train_model, key_model, v1, v2, negatives=negatives,
+                                temperature=recipe.temperature, in_batch=recipe.in_batch_negatives)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if check is not None:
@@ -277,7 +282,8 @@ def _train_steps(
 
 
 def _encode_push(round_model: nn.Module, images: torch.Tensor, *, num_push: int, augment: TwoViewAugment,
-                 generator: torch.Generator, aug_generator: torch.Generator, device: torch.device) -> torch.Tensor:
+                 generator: torch.Generator, aug_generator: torch.Generator,
+                 device: torch.device) -> torch.Tensor:
     """(M, d) round-model embeddings of ``num_push`` random images (one augmented view each)."""
     n = images.shape[0]
     if num_push <= 0 or n == 0:
@@ -346,11 +352,11 @@ def local_round(
         batches = _epoch_batches(n, epochs=recipe.epochs, batch_size=recipe.batch_size, generator=gen)
     else:
         train_model, step_optimizer, check, batches = _dp_training(
-            model, optimizer, dp=dp, dp_steps=dp_steps, epochs=recipe.epochs, groups=groups, n=n, generator=secret,
-            noise=(noise_gen, secure_mode))
+            model, optimizer, dp=dp, dp_steps=dp_steps, epochs=recipe.epochs, groups=groups, n=n,
+            generator=secret, noise=(noise_gen, secure_mode))
     views = functools.partial(_two_views, images=images, augment=augment, generator=aug_gen, device=device)
-    stats = _train_steps(train_model, key_model, step_optimizer, batches, views=views, negatives=negs, recipe=recipe,
-                         check=check)
+    stats = _train_steps(train_model, key_model, step_optimizer, batches, views=views, negatives=negs,
+                         recipe=recipe, check=check)
     dp_info: dict[str, float] = {}
     if dp is not None:
         from fedcl.privacy.dp import release_dp_training
@@ -359,9 +365,10 @@ def local_round(
         dp_info = _dp_metrics(dp, steps=int(stats["steps"]), groups=groups)
 
     t0 = time.perf_counter()
-    embeddings = _encode_push(round_model, images, num_push=recipe.num_push, augment=augment, generator=secret,
-                              aug_generator=aug_gen, device=device)
-    metrics = {**stats, "num_examples": float(n), "negatives_used": float(0 if negs is None else negs.shape[0]),
+    embeddings = _encode_push(round_model, images, num_push=recipe.num_push, augment=augment,
+                              generator=secret, aug_generator=aug_gen, device=device)
+    metrics = {**stats, "num_examples": float(n),
+               "negatives_used": float(0 if negs is None else negs.shape[0]),
                "seconds_encode_push": time.perf_counter() - t0, **dp_info}
     model.to("cpu")
     return LocalRoundResult(state=canonical_state_dict(model), embeddings=embeddings, metrics=metrics,
@@ -387,8 +394,8 @@ def train_centralized(
     epochs, temperature = recipe.epochs, recipe.temperature
     gen = torch.Generator().manual_seed(seed)
     model.to(device).train()
-    optimizer = make_optimizer(model.parameters(), name=recipe.optimizer, lr=recipe.lr, momentum=recipe.momentum,
-                               weight_decay=recipe.weight_decay)
+    optimizer = make_optimizer(model.parameters(), name=recipe.optimizer, lr=recipe.lr,
+                               momentum=recipe.momentum, weight_decay=recipe.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs))
     n = images.shape[0]
     history = []

@@ -8,9 +8,8 @@ from torchvision.transforms.v2 import functional as TF
 from fedcl.augment import TwoViewAugment, _resample_matrices
 
 # every random op off: the augmentation is the identity on square images
-OFF = dict(
-    crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip=False, brightness=0.0, contrast=0.0, blur_prob=0.0, noise_std=0.0
-)
+OFF = dict(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip=False, brightness=0.0, contrast=0.0,
+           blur_prob=0.0, noise_std=0.0)
 
 
 def gen(seed=0):
@@ -130,7 +129,8 @@ def test_crop_scale_is_an_area_fraction():
     y = TwoViewAugment(**{**OFF, "crop_scale": (0.25, 0.25)})(ramp, generator=gen())
     span = y[:, 0, 0, -1] - y[:, 0, 0, 0]  # a quarter of the area: half the width
     torch.testing.assert_close(span, torch.full((64,), 0.5), atol=0.04, rtol=0)
-    wide = TwoViewAugment(**{**OFF, "crop_scale": (0.25, 0.25), "crop_ratio": (2.0, 2.0)})(ramp, generator=gen())
+    wide = TwoViewAugment(**{**OFF, "crop_scale": (0.25, 0.25), "crop_ratio": (2.0, 2.0)})(
+        ramp, generator=gen())
     wide_span = wide[:, 0, 0, -1] - wide[:, 0, 0, 0]  # width / height = 2: width = sqrt(0.5)
     torch.testing.assert_close(wide_span, torch.full((64,), math.sqrt(0.5)), atol=0.04, rtol=0)
 

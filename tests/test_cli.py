@@ -9,9 +9,9 @@ import pytest
 from fedcl.cli import main
 from fedcl.privacy.ledger import PrivacyLedger
 
-TINY = ["data.name=synthetic", "data.synthetic_images=120", "data.train_max_images=120", "data.eval_max_images=60",
-        "model.width=4", "model.proj_hidden=32", "model.proj_dim=16", "train.epochs=1", "train.batch_size=40",
-        "train.threads=1"]
+TINY = ["data.name=synthetic", "data.synthetic_images=120", "data.train_max_images=120",
+        "data.eval_max_images=60", "model.width=4", "model.proj_hidden=32", "model.proj_dim=16",
+        "train.epochs=1", "train.batch_size=40", "train.threads=1"]
 
 
 def _sets(items: list[str]) -> list[str]:
@@ -45,7 +45,8 @@ def _summary_json(run_dir, ledgers: dict[str, dict]) -> None:
 
 def test_privacy_reads_a_coordinators_run_folder_from_its_summary_json(tmp_path, capsys):
     """The coordinator has no site's ledger file, only what the sites reported: the same report."""
-    ledgers = [_site_ledger("clinic-a", dp=True, release="gaussian"), _site_ledger("clinic-b", dp=False, release="raw")]
+    ledgers = [_site_ledger("clinic-a", dp=True, release="gaussian"),
+               _site_ledger("clinic-b", dp=False, release="raw")]
     site_dir = tmp_path / "sites"
     site_dir.mkdir()
     for ledger in ledgers:
@@ -57,9 +58,12 @@ def test_privacy_reads_a_coordinators_run_folder_from_its_summary_json(tmp_path,
     assert main(["privacy", str(tmp_path / "run")]) == 0
     from_summary = capsys.readouterr().out
     assert from_summary == from_files
-    assert "Privacy report for site 'clinic-a'" in from_summary and "Privacy report for site 'clinic-b'" in from_summary
+    assert (
+        "Privacy report for site 'clinic-a'" in from_summary
+        and "Privacy report for site 'clinic-b'" in from_summary)
     assert "DP-SGD, ε = " in from_summary and "Shared embeddings (gaussian)" in from_summary
-    assert "Shared embeddings (raw)" in from_summary and "NOT protected: trained without DP-SGD" in from_summary
+    assert (
+        "Shared embeddings (raw)" in from_summary and "NOT protected: trained without DP-SGD" in from_summary)
 
 
 def test_privacy_from_a_summary_names_the_least_protected_release_mode_a_site_used(tmp_path, capsys):

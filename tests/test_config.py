@@ -6,7 +6,8 @@ from fedcl.config import ConfigError, FedclConfig, load_config
 def test_defaults_are_valid():
     cfg = load_config()
     assert isinstance(cfg, FedclConfig)
-    assert cfg.data.name == "fashion-mnist" and cfg.data.num_sites == 5 and cfg.data.partition == "pathological"
+    assert (
+        cfg.data.name == "fashion-mnist" and cfg.data.num_sites == 5 and cfg.data.partition == "pathological")
 
 
 def test_file_env_and_overrides_precedence(tmp_path, monkeypatch):
@@ -77,7 +78,8 @@ def test_unknown_key_gets_a_did_you_mean_in_the_file_and_in_set(tmp_path):
         load_config(f)
     assert "federaton: unknown key (did you mean federation?)" in str(e.value)
     assert "train.epoch: unknown key (did you mean train.epochs?)" in str(e.value)
-    with pytest.raises(ConfigError, match=r"server.site_token: unknown key \(did you mean server.site_tokens\?\)"):
+    with pytest.raises(ConfigError,
+                       match=r"server.site_token: unknown key \(did you mean server.site_tokens\?\)"):
         load_config(None, ["server.site_token.a='x'"])
 
 
@@ -132,9 +134,13 @@ def test_shorter_rounds_and_kept_optimizers_are_checked_and_allowed_with_dp():
     # options that lost in docs/benchmarks.md are gone from the config (research/ describes them)
     with pytest.raises(ConfigError, match=r"train.hard_negatives: unknown key"):
         load_config(None, ["train.hard_negatives=4"])
-    # DP-SGD: shorter rounds take fewer Poisson steps over the whole data set (fedcl.client.privacy.plan_round)
-    cfg = load_config(None, ["privacy.dpsgd=true", "train.in_batch_negatives=false", "train.rounds_per_epoch=2",
-                             "train.persist_optimizer=true"])
+    # DP-SGD: shorter rounds take fewer Poisson steps over the whole data set
+    # (fedcl.client.privacy.plan_round)
+    cfg = load_config(
+        None,
+        ["privacy.dpsgd=true", "train.in_batch_negatives=false", "train.rounds_per_epoch=2",
+         "train.persist_optimizer=true"],
+    )
     assert cfg.train.rounds_per_epoch == 2 and cfg.train.persist_optimizer
 
 
@@ -153,7 +159,8 @@ def test_cli_prints_one_paragraph_not_a_traceback(tmp_path):
 
     f = tmp_path / "c.toml"
     f.write_text("[model]\narch = 'vgg'\n")
-    r = subprocess.run([sys.executable, "-m", "fedcl.cli", "train", "--config", str(f)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "fedcl.cli", "train", "--config", str(f)], capture_output=True,
+                       text=True)
     assert r.returncode == 2
     assert "model.arch" in r.stderr and "Traceback" not in r.stderr
 

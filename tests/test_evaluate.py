@@ -63,7 +63,8 @@ def test_linear_and_few_label_probe():
 def test_alignment_uniformity_ranges():
     data = make_synthetic(num_images=64, num_classes=4, seed=0)
     model = build_model(in_channels=1, width=8, proj_dim=16, proj_hidden=32)
-    align, unif = alignment_uniformity(model, data.images, augment=TwoViewAugment(), device=torch.device("cpu"))
+    align, unif = alignment_uniformity(model, data.images, augment=TwoViewAugment(),
+                                       device=torch.device("cpu"))
     assert 0 <= align <= 4 and -4 <= unif <= 0
 
 

@@ -24,7 +24,8 @@ def test_the_knn_set_is_a_fixed_subset_and_says_which_images_it_holds():
     assert sets.description == ("labelled set: fit on 100 of 400 'train' images, scored on 50 of 100 'test' "
                                 "images of synthetic (random subsets, seed 0)")
     again = load_knn_sets(cfg.data)
-    assert all(torch_equal(a, b) for a, b in zip(sets.as_kwargs().values(), again.as_kwargs().values(), strict=True))
+    assert all(
+        torch_equal(a, b) for a, b in zip(sets.as_kwargs().values(), again.as_kwargs().values(), strict=True))
     unset = load_knn_sets(load_config(None, TINY).data)  # no train_max_images: up to KNN_BANK_DEFAULT
     assert unset.bank.images.shape[0] == min(400, KNN_BANK_DEFAULT)
 

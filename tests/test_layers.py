@@ -68,14 +68,16 @@ def test_imports_run_in_one_direction():
 
 
 def test_the_check_sees_a_violation(tmp_path):
-    """The scan is not vacuous: a core module importing grpc, and a server module importing the client, fail."""
+    """The scan is not vacuous: a core module importing grpc, and a server module importing the client,
+    fail."""
     fake = tmp_path / "fedcl"
     (fake / "server").mkdir(parents=True)
     (fake / "queue.py").write_text("def f():\n    import grpc\n")
     (fake / "server" / "app.py").write_text("from ..client import app\n")
     (fake / "cli.py").write_text("import fedcl.sim\n")  # the top may
     found = violations(fake)
-    assert found == ["fedcl/queue.py:2 (core) imports grpc", "fedcl/server/app.py:1 (server) imports fedcl.client"]
+    assert found == ["fedcl/queue.py:2 (core) imports grpc",
+                     "fedcl/server/app.py:1 (server) imports fedcl.client"]
 
 
 @pytest.mark.parametrize("name", ["server", "client"])

@@ -94,7 +94,8 @@ def test_nt_xent_matches_manual_and_is_symmetric():
         denom = sum(math.exp(float(z[i] @ z[m]) / t) for m in range(8) if m != i)
         total += -math.log(math.exp(float(z[i] @ z[j]) / t) / denom)
     assert nt_xent(z1, z2, temperature=t).item() == pytest.approx(total / 8, rel=1e-5)
-    assert nt_xent(z1, z2, temperature=t).item() == pytest.approx(nt_xent(z2, z1, temperature=t).item(), rel=1e-6)
+    assert nt_xent(z1, z2, temperature=t).item() == pytest.approx(
+        nt_xent(z2, z1, temperature=t).item(), rel=1e-6)
 
 
 def test_dimension_mismatch_is_reported():

@@ -60,7 +60,8 @@ def test_supernode_key_pairs_are_what_flower_loads(tmp_path):
     assert _run("--out", str(tmp_path), "--site", "site-a", "--site", "site-b").returncode == 0
     pairs = {}
     for site in ("site-a", "site-b"):
-        private_path, public_path = tmp_path / f"sites/{site}.node-key", tmp_path / f"sites/{site}.node-key.pub"
+        private_path, public_path = (tmp_path / f"sites/{site}.node-key",
+                                     tmp_path / f"sites/{site}.node-key.pub")
         assert private_path.stat().st_mode & 0o077 == 0
         private = serialization.load_ssh_private_key(private_path.read_bytes(), password=None)
         assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp384r1"
@@ -85,8 +86,11 @@ def test_tokens_toml_pasted_into_the_template_is_a_valid_coordinator_config(tmp_
 
     from fedcl.config import load_config
 
-    r = subprocess.run([sys.executable, str(ROOT / "deploy" / "make_certs.py"), "--out", "certs",
-                        "--site", "hospital-a", "--site", "hospital-b"], cwd=tmp_path, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "deploy" / "make_certs.py"), "--out", "certs", "--site", "hospital-a",
+         "--site", "hospital-b"],
+        cwd=tmp_path, capture_output=True, text=True,
+    )
     assert r.returncode == 0, r.stderr
     pasted = (tmp_path / "certs" / "tokens.toml").read_text()
     template = (ROOT / "deploy" / "consortium.toml").read_text()
@@ -97,7 +101,8 @@ def test_tokens_toml_pasted_into_the_template_is_a_valid_coordinator_config(tmp_
     cfg = load_config(config)
     issued = tomllib.loads(pasted)
     assert cfg.server.coordinator_token == issued["coordinator_token"]
-    assert cfg.server.site_tokens == {site: (tmp_path / "certs" / "sites" / f"{site}.token").read_text().strip()
-                                      for site in ("hospital-a", "hospital-b")}
+    assert cfg.server.site_tokens == {
+        site: (tmp_path / "certs" / "sites" / f"{site}.token").read_text().strip()
+        for site in ("hospital-a", "hospital-b")}
     assert {site: str(path) for site, path in cfg.server.supernode_keys.items()} == {
         site: f"certs/sites/{site}.node-key.pub" for site in ("hospital-a", "hospital-b")}

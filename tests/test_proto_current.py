@@ -13,10 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_committed_stubs_are_current():
-    proc = subprocess.run(
-        [sys.executable, "-m", "fedcl.wire.proto.generate", "--check"], cwd=REPO, capture_output=True, text=True,
-        timeout=120
-    )
+    proc = subprocess.run([sys.executable, "-m", "fedcl.wire.proto.generate", "--check"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
 
 

@@ -257,8 +257,8 @@ def test_float16_overflow_is_rejected_not_stored():
 
 
 def test_constructor_rejects_bad_settings():
-    for bad in (dict(dim=0), dict(capacity=0), dict(per_site_quota=0), dict(max_staleness=-1), dict(dtype="int8"),
-                dict(norm_tolerance=0.0)):
+    for bad in (dict(dim=0), dict(capacity=0), dict(per_site_quota=0), dict(max_staleness=-1),
+                dict(dtype="int8"), dict(norm_tolerance=0.0)):
         with pytest.raises(ValueError):
             make(**bad)
 
@@ -381,8 +381,8 @@ def _corruptions():
         header["sha256"] = _checksum(content)
         _rewrite(p, header=header, arrays=arrays)
 
-    return [truncate, flip_byte, not_npz, changed_rows, wrong_version, wrong_format, missing_array, pickled_array,
-            bad_header_json, future_rounds]
+    return [truncate, flip_byte, not_npz, changed_rows, wrong_version, wrong_format, missing_array,
+            pickled_array, bad_header_json, future_rounds]
 
 
 @pytest.mark.parametrize("corrupt", _corruptions(), ids=lambda f: f.__name__)
@@ -414,7 +414,12 @@ class ListModel:
         self.round = 0
 
     def push(self, site, n, round):
-        if n == 0 or n > min(self.quota, self.capacity) or round > self.round or self.round - round > self.staleness:
+        if (
+            n == 0
+            or n > min(self.quota, self.capacity)
+            or round > self.round
+            or self.round - round > self.staleness
+        ):
             return False
         own = [i for i, e in enumerate(self.entries) if e[0] == site]
         drop = set(own[: max(0, len(own) + n - self.quota)])
@@ -443,7 +448,8 @@ operation = st.one_of(
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(operation, max_size=30), st.integers(4, 20), st.integers(1, 12), st.integers(0, 3))
 def test_random_operations_match_the_list_model(ops, capacity, quota, staleness):
-    q = EmbeddingQueue(dim=4, capacity=capacity, per_site_quota=quota, max_staleness=staleness, dtype="float32")
+    q = EmbeddingQueue(dim=4, capacity=capacity, per_site_quota=quota, max_staleness=staleness,
+                       dtype="float32")
     model = ListModel(capacity=capacity, quota=quota, staleness=staleness)
     for op in ops:
         if op[0] == "push":

@@ -9,7 +9,14 @@ import torch.nn.functional as F
 from fedcl.augment import TwoViewAugment
 from fedcl.data import make_synthetic
 from fedcl.models import build_model, canonical_state_dict
-from fedcl.train import INSECURE_REPRODUCIBLE, RoundRecipe, encode, local_round, resolve_device, train_centralized
+from fedcl.train import (
+    INSECURE_REPRODUCIBLE,
+    RoundRecipe,
+    encode,
+    local_round,
+    resolve_device,
+    train_centralized,
+)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +90,8 @@ def test_dp_refuses_in_batch_negatives(data):
 def test_centralized_loss_decreases(data):
     torch.manual_seed(0)
     model = build_model(in_channels=1, width=8, proj_dim=16, proj_hidden=32)
-    hist = train_centralized(model, data.images, RoundRecipe(epochs=4, batch_size=32, lr=1e-3, temperature=0.5),
+    hist = train_centralized(model, data.images,
+                             RoundRecipe(epochs=4, batch_size=32, lr=1e-3, temperature=0.5),
                              augment=TwoViewAugment(), device=torch.device("cpu"), progress=False)
     assert len(hist) == 4 and hist[-1] < hist[0]
 
@@ -160,7 +168,8 @@ def test_optimizer_state_carries_adam_across_rounds(data):
         return _round(m, data.images, lr=5e-4, seed=1, optimizer_state=state)
 
     warm, cold = second(first.optimizer_state), second(None)
-    assert set(steps) == {int(s["step"]) for s in first.optimizer_state["state"].values()}  # the input is not changed
+    # the input is not changed
+    assert set(steps) == {int(s["step"]) for s in first.optimizer_state["state"].values()}
     assert {int(s["step"]) for s in warm.optimizer_state["state"].values()} == {6}  # resumed, not restarted
     assert {int(s["step"]) for s in cold.optimizer_state["state"].values()} == {3}
     assert warm.optimizer_state["param_groups"][0]["lr"] == 5e-4  # this round's lr, not the stored one
@@ -223,7 +232,8 @@ def _poisson_batches(data, monkeypatch, **kw) -> list[torch.Tensor]:
 def test_dp_batches_are_secret_unless_the_insecure_switch_says_otherwise(data, monkeypatch, caplog):
     first, second = _poisson_batches(data, monkeypatch), _poisson_batches(data, monkeypatch)
     assert len(first) == len(second) == 4
-    assert any(not torch.equal(a, b) for a, b in zip(first, second, strict=False))  # the same seed does not replay them
+    # the same seed does not replay them
+    assert any(not torch.equal(a, b) for a, b in zip(first, second, strict=False))
     caplog.set_level("WARNING", logger="fedcl.privacy")
     replay = [_poisson_batches(data, monkeypatch, dp_generator=INSECURE_REPRODUCIBLE) for _ in range(2)]
     assert all(torch.equal(a, b) for a, b in zip(*replay, strict=False))

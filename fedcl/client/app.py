@@ -52,7 +52,14 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedcl.client.privacy import RoundPrivacy, dp_mode, plan_round, record_round, release_prototype_sums, round_metrics
+from fedcl.client.privacy import (
+    RoundPrivacy,
+    dp_mode,
+    plan_round,
+    record_round,
+    release_prototype_sums,
+    round_metrics,
+)
 from fedcl.client.privacy import release as release_embeddings
 from fedcl.config import SitePrivacySettings
 from fedcl.privacy.randomness import mechanism_generator
@@ -121,7 +128,8 @@ class SiteSettings:
             raise SiteError("node config has no site-id; start the site with fedcl-client --site-id NAME")
         data_format = opt_str("data-format") or "auto"
         if data_format not in DATA_FORMATS:
-            raise SiteError(f"node config data-format={data_format!r}; choose one of {', '.join(DATA_FORMATS)}")
+            raise SiteError(
+                f"node config data-format={data_format!r}; choose one of {', '.join(DATA_FORMATS)}")
         if (partition_id is None) != (num_partitions is None):
             raise SiteError("node config needs both partition-id and num-partitions, or neither")
         if partition_id is not None and not 0 <= partition_id < num_partitions:  # type: ignore[operator]
@@ -132,7 +140,8 @@ class SiteSettings:
             try:
                 token = Path(token_file).read_text().strip()
             except OSError as exc:
-                raise SiteError(f"cannot read the queue token file {token_file}: {exc.strerror or exc}") from None
+                raise SiteError(
+                    f"cannot read the queue token file {token_file}: {exc.strerror or exc}") from None
             if not token:
                 raise SiteError(f"queue token file {token_file} is empty")
         def flag(key: str) -> bool:
@@ -229,9 +238,11 @@ def _detect_format(path: Path) -> str:
     if path.is_dir():
         return "folder"
     if path.exists():
-        raise SiteError(f"site data {path} is neither a .npz file nor a folder: give a MedMNIST-style .npz, a "
-                        "Fashion-MNIST IDX folder or an image folder (or --data-format to say which)")
-    raise SiteError(f"site data {path} does not exist (give fedcl-client --data a .npz file or an image folder)")
+        raise SiteError(
+            f"site data {path} is neither a .npz file nor a folder: give a MedMNIST-style .npz, a "
+            "Fashion-MNIST IDX folder or an image folder (or --data-format to say which)")
+    raise SiteError(
+        f"site data {path} does not exist (give fedcl-client --data a .npz file or an image folder)")
 
 
 def load_site_images(site: SiteSettings, rc: RoundConfig, simulated: SimulatedSites | None) -> torch.Tensor:
@@ -325,7 +336,8 @@ def _build_model(rc: RoundConfig, msg: Message):
 
     spec = rc.model.model_dump()
     if spec["in_channels"] is None:
-        raise ProtocolError("round config model spec has no in_channels; is the server running the same fedcl version?")
+        raise ProtocolError(
+            "round config model spec has no in_channels; is the server running the same fedcl version?")
     try:
         model = build_model(**spec)
     except TypeError as exc:
@@ -352,9 +364,10 @@ def _queue_client(site: SiteSettings, rc: RoundConfig):
         try:
             certs = site.root_certificates.read_bytes()
         except OSError as exc:
-            raise SiteError(f"cannot read root certificates {site.root_certificates}: {exc.strerror or exc}") from None
-    return QueueClient(site.queue_address or rc.queue_address, site_id=site.site_id, token=_queue_token(site, rc),
-                       root_certificates=certs, timeout=30.0)
+            raise SiteError(
+                f"cannot read root certificates {site.root_certificates}: {exc.strerror or exc}") from None
+    return QueueClient(site.queue_address or rc.queue_address, site_id=site.site_id,
+                       token=_queue_token(site, rc), root_certificates=certs, timeout=30.0)
 
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
@@ -373,11 +386,13 @@ def _queue_token(site: SiteSettings, rc: RoundConfig) -> str | None:
         return path.read_text().strip()
     except OSError as exc:
         raise SiteError(
-            f"site {site.site_id} has no token from this run's own queue service ({path}: {exc.strerror or exc}): "
-            "the run made tokens for data.num_sites sites; set data.num_sites to Flower's num-supernodes") from None
+            f"site {site.site_id} has no token from this run's own queue service "
+            f"({path}: {exc.strerror or exc}): the run made tokens for data.num_sites sites; "
+            "set data.num_sites to Flower's num-supernodes") from None
 
 
-def _plan(site: SiteSettings, rc: RoundConfig, images: torch.Tensor, groups: torch.Tensor | None) -> RoundPrivacy:
+def _plan(site: SiteSettings, rc: RoundConfig, images: torch.Tensor,
+          groups: torch.Tensor | None) -> RoundPrivacy:
     """This round's privacy plan for the site's images (both phases of a round plan it alike).
 
     Refuses (SiteError, before any training) a DP mode without a state folder (the ledger would
@@ -386,8 +401,9 @@ def _plan(site: SiteSettings, rc: RoundConfig, images: torch.Tensor, groups: tor
     settings = site_privacy_settings(site, rc)
     private = dp_mode(SitePrivacySettings.model_validate(settings))
     if site.state_dir is None and private:
-        raise SiteError(f"site {site.site_id} has no state folder (node config state-dir), and under DP its "
-                        "privacy ledger must persist between rounds: start it with fedcl-client --state-dir DIR")
+        raise SiteError(
+            f"site {site.site_id} has no state folder (node config state-dir), and under DP its "
+            "privacy ledger must persist between rounds: start it with fedcl-client --state-dir DIR")
     try:
         rp = plan_round(privacy=settings, site_id=site.site_id, state_dir=site.state_dir,
                         round=rc.round, num_rounds=rc.num_rounds, epochs=rc.train.epochs,
@@ -412,18 +428,21 @@ def _this_rounds_share(images: torch.Tensor, groups, rc: RoundConfig, site_id: s
     images = images[share]
     groups = None if groups is None else groups[share]
     if images.shape[0] == 0:  # (load_site_images already refused a site with no images at all)
-        raise SiteError(f"site {site_id} has fewer images than rounds_per_epoch ({rc.train.rounds_per_epoch})")
+        raise SiteError(
+            f"site {site_id} has fewer images than rounds_per_epoch ({rc.train.rounds_per_epoch})")
     return images, groups
 
 
-def _push_after_training(queue, privacy, embeddings: torch.Tensor, rc: RoundConfig, *, negatives, generator) -> int:
+def _push_after_training(queue, privacy, embeddings: torch.Tensor, rc: RoundConfig, *, negatives,
+                         generator) -> int:
     """Release and push the round's embeddings (n, d) as the privacy settings say; rows pushed."""
     if embeddings.shape[0] == 0:
         return 0
     prototypes = None
     if privacy.settings.release == "prototypes" and rc.use_queue_negatives and negatives is not None:
         prototypes = negatives  # other sites' released (DP) prototype directions: public
-    to_push = release_embeddings(privacy, embeddings, round=rc.round, prototypes=prototypes, generator=generator)
+    to_push = release_embeddings(privacy, embeddings, round=rc.round, prototypes=prototypes,
+                                 generator=generator)
     if to_push.shape[0] == 0:
         return 0
     return queue.push(to_push, round=rc.round, model_version=rc.round)
@@ -479,8 +498,8 @@ def train_handler(msg: Message, context: Context, simulated: SimulatedSites | No
             num_push=t.num_push if push_after else 0, optimizer=t.optimizer, momentum=t.momentum,
             weight_decay=t.weight_decay)
         result = local_round(
-            model, images, negatives, recipe, augment=make_augment(rc.augment),
-            dp=privacy.dp, dp_steps=privacy.steps_planned if privacy.dp is not None else None, groups=privacy.groups,
+            model, images, negatives, recipe, augment=make_augment(rc.augment), dp=privacy.dp,
+            dp_steps=privacy.steps_planned if privacy.dp is not None else None, groups=privacy.groups,
             optimizer_state=optimizer_state, seed=_round_seed(t.seed, site.site_id, rc.round),
             dp_generator=INSECURE_REPRODUCIBLE if secret is None and private else secret,
             device=resolve_device("auto"),
@@ -539,8 +558,10 @@ def release_handler(msg: Message, context: Context, simulated: SimulatedSites | 
     if privacy.refused:
         return budget_refusal_reply(msg, f"site {site.site_id}: {privacy.refused}")
     mode = privacy.settings.release
-    public = torch.Generator().manual_seed(_round_seed(rc.train.seed, site.site_id, rc.round) + 17)  # augmentation
-    gen = mechanism_generator(public, private=dp_mode(privacy.settings), insecure=site.insecure_reproducible_dp,
+    public = torch.Generator().manual_seed(
+        _round_seed(rc.train.seed, site.site_id, rc.round) + 17)  # augmentation
+    gen = mechanism_generator(public, private=dp_mode(privacy.settings),
+                              insecure=site.insecure_reproducible_dp,
                               where=f"site {site.site_id}, release phase")  # picks and noise
     n = int(images.shape[0])
     # prototypes: every image is a candidate record (the release Poisson-samples them)

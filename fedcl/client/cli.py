@@ -47,27 +47,35 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fedcl-client", description="Join a fedcl federation as a site (Flower SuperNode)."
     )
-    p.add_argument("--server", required=True, help="the coordinator's SuperLink, HOST[:PORT] (port 8000 by default)")
+    p.add_argument("--server", required=True,
+                   help="the coordinator's SuperLink, HOST[:PORT] (port 8000 by default)")
     p.add_argument(
         "--data", type=Path, help="the site's images: MedMNIST .npz, Fashion-MNIST IDX folder or image folder"
     )
     p.add_argument(
         "--data-format", default="auto", choices=["auto", "medmnist", "fashion-mnist", "folder", "synthetic"]
     )
-    p.add_argument("--site-id", required=True, help="this site's name (as the queue service's site tokens know it)")
-    p.add_argument("--root-certificates", type=Path, help="CA certificate (PEM) of the SuperLink and the queue service")
+    p.add_argument("--site-id", required=True,
+                   help="this site's name (as the queue service's site tokens know it)")
+    p.add_argument("--root-certificates", type=Path,
+                   help="CA certificate (PEM) of the SuperLink and the queue service")
     p.add_argument("--token", help="the site's queue token (prefer --token-file or FEDCL_QUEUE_TOKEN: "
                                    "command lines are visible to other users)")
     p.add_argument("--token-file", type=Path, help="file holding the site's queue token")
     p.add_argument("--insecure", action="store_true", help="no TLS anywhere (loopback tests only)")
-    p.add_argument("--node-key", type=Path, help="the site's SuperNode private key (OpenSSH EC key, "
-                                                "deploy/make_certs.py's sites/SITE.node-key), for a coordinator "
-                                                "with SuperNode authentication (server.supernode_auth)")
+    p.add_argument(
+        "--node-key", type=Path,
+        help="the site's SuperNode private key (OpenSSH EC key, "
+        "deploy/make_certs.py's sites/SITE.node-key), for a coordinator "
+        "with SuperNode authentication (server.supernode_auth)")
     p.add_argument("--partition-id", type=int, help="demo: use this part of a shared data set")
-    p.add_argument("--num-partitions", type=int, help="demo: into how many parts the shared data set is split")
+    p.add_argument("--num-partitions", type=int,
+                   help="demo: into how many parts the shared data set is split")
     p.add_argument("--max-images", type=int, help="use at most this many images")
-    p.add_argument("--patient-regex", help="image folders: a pattern whose first group, searched in each file name, "
-                   "is the image's patient id (privacy.unit = \"patient\"), e.g. '^(P[0-9]+)_'")
+    p.add_argument(
+        "--patient-regex",
+        help="image folders: a pattern whose first group, searched in each file name, "
+        "is the image's patient id (privacy.unit = \"patient\"), e.g. '^(P[0-9]+)_'")
     p.add_argument("--state-dir", type=Path, help="site state (privacy ledger, Flower's app cache); "
                                                  "default ~/.fedcl/sites/SITE")
     p.add_argument("--policy", type=Path, help="the site's privacy policy (TOML [policy]: epsilon_budget, "
@@ -78,11 +86,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--runtime-address",
                    help="local address HOST[:PORT] of the SuperNode's runtime API, one per site on a machine "
                         "(default: 127.0.0.1 and a free port derived from --site-id)")
-    p.add_argument("--health-address", help="serve gRPC health checking here (HOST:PORT), for container health checks")
+    p.add_argument("--health-address",
+                   help="serve gRPC health checking here (HOST:PORT), for container health checks")
     p.add_argument("--max-retries", type=int, help="give up after this many failed connection attempts")
     p.add_argument("--max-wait-time", type=float, help="give up reconnecting after this many seconds")
-    p.add_argument("--no-rejoin", action="store_true",
-                   help="exit when the SuperNode exits (by default the site rejoins, e.g. after a coordinator restart)")
+    p.add_argument(
+        "--no-rejoin", action="store_true",
+        help="exit when the SuperNode exits (by default the site rejoins, e.g. after a coordinator restart)")
     return p
 
 
@@ -104,7 +114,8 @@ def _check_patient_regex(pattern: str) -> None:
     try:
         re.compile(pattern)
     except re.error as exc:
-        raise ClientCliError(f"--patient-regex {pattern!r} is not a valid regular expression: {exc}") from None
+        raise ClientCliError(
+            f"--patient-regex {pattern!r} is not a valid regular expression: {exc}") from None
 
 
 def _toml_literal(key: str, value: str) -> str:
@@ -124,7 +135,8 @@ def check_args(args: argparse.Namespace) -> None:
     if args.insecure and args.root_certificates is not None:
         raise ClientCliError("--insecure and --root-certificates exclude each other")
     if not args.insecure and args.root_certificates is None:
-        raise ClientCliError("TLS needs --root-certificates CA.pem (the consortium CA); --insecure for loopback tests")
+        raise ClientCliError(
+            "TLS needs --root-certificates CA.pem (the consortium CA); --insecure for loopback tests")
     if args.insecure and getattr(args, "node_key", None) is not None:
         raise ClientCliError("--node-key needs TLS (Flower's SuperNode authentication refuses --insecure)")
     if args.patient_regex is not None:
@@ -196,7 +208,8 @@ def build_supernode_argv(args: argparse.Namespace, *, token_file: Path | None,
 
     argv = ["flower-supernode", "--superlink", f"{host}:{port}", "--node-config", " ".join(parts),
             "--host", rt_host, "--port", str(rt_port)]
-    argv += ["--insecure"] if args.insecure else ["--root-certificates", str(args.root_certificates.resolve())]
+    argv += (
+        ["--insecure"] if args.insecure else ["--root-certificates", str(args.root_certificates.resolve())])
     if args.health_address:
         argv += ["--health-server-address", args.health_address]
     if args.max_retries is not None:
@@ -217,7 +230,8 @@ def check_node_key(path: Path) -> None:
         raise ClientCliError(str(exc)) from None
 
 
-def check_server_certificate(host: str, port: int, root_certificates: Path, *, timeout: float = 5.0) -> str | None:
+def check_server_certificate(host: str, port: int, root_certificates: Path, *,
+                             timeout: float = 5.0) -> str | None:
     """TLS handshake with the coordinator, verifying its certificate with ``root_certificates``.
 
     A certificate that CA did not sign (or one not valid for ``host``) raises ClientCliError: the
@@ -229,7 +243,8 @@ def check_server_certificate(host: str, port: int, root_certificates: Path, *, t
     try:
         context = ssl.create_default_context(cafile=str(root_certificates))
     except (ssl.SSLError, OSError) as exc:
-        raise ClientCliError(f"--root-certificates {root_certificates} is not a PEM CA certificate ({exc})") from None
+        raise ClientCliError(
+            f"--root-certificates {root_certificates} is not a PEM CA certificate ({exc})") from None
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:
             with context.wrap_socket(sock, server_hostname=host):
@@ -237,13 +252,14 @@ def check_server_certificate(host: str, port: int, root_certificates: Path, *, t
     except ssl.SSLCertVerificationError as exc:
         if "mismatch" in str(exc.verify_message):  # signed by the CA, but for another name or address
             raise ClientCliError(
-                f"the server's certificate is not valid for {host!r} ({exc.verify_message}): use --server with "
-                "the name or IP address the certificate was made for (deploy/make_certs.py --server-name/"
-                "--server-ip)") from None
+                f"the server's certificate is not valid for {host!r} ({exc.verify_message}): "
+                "use --server with the name or IP address the certificate was made for "
+                "(deploy/make_certs.py --server-name/--server-ip)") from None
         raise ClientCliError(
             f"the server at {host}:{port} presented a certificate that {root_certificates} does not verify "
-            f"({exc.verify_message}): this is not the consortium's coordinator, or you were given the wrong CA "
-            "certificate; ask the coordinator for its ca.pem") from None
+            f"({exc.verify_message}): this is not the consortium's coordinator, or you were given the "
+            "wrong CA certificate; ask the coordinator for its ca.pem"
+        ) from None
     except (ssl.SSLError, OSError) as exc:
         return str(exc)
 
@@ -256,8 +272,8 @@ def wait_verified_server(args: argparse.Namespace, *, interval: float = 3.0) -> 
     said = False
     while (unreachable := check_server_certificate(host, port, args.root_certificates)) is not None:
         if args.max_wait_time is not None and time.time() - started > args.max_wait_time:
-            raise ClientCliError(f"the server at {host}:{port} did not answer within {args.max_wait_time:g} s "
-                                 f"({unreachable})")
+            raise ClientCliError(
+                f"the server at {host}:{port} did not answer within {args.max_wait_time:g} s ({unreachable})")
         if not said:
             print(f"fedcl-client: waiting for {host}:{port} ({unreachable})", flush=True)
             said = True
@@ -285,17 +301,19 @@ def _die_with_parent() -> None:  # runs in the child before exec (Linux): no orp
 # What flower-supernode prints when a SuperLink with SuperNode authentication does not know its key
 # (Flower's ApiError 2004; the process then exits with status 1, like many other failures).
 NODE_REFUSED = "Failed to activate SuperNode"
-NODE_REFUSED_HINT = ("the SuperLink does not know this SuperNode's key (yet): the coordinator registers the keys "
-                     "of server.supernode_keys when its run starts, or has revoked this site (server.revoked_sites); "
-                     "the site retries with backoff and joins once the key is registered; if it never does, check "
-                     "--node-key against the coordinator's list")
+NODE_REFUSED_HINT = (
+    "the SuperLink does not know this SuperNode's key (yet): the coordinator registers the keys "
+    "of server.supernode_keys when its run starts, or has revoked this site (server.revoked_sites); "
+    "the site retries with backoff and joins once the key is registered; if it never does, check "
+    "--node-key against the coordinator's list")
 
 
 # Flower exit codes (flwr.supercore.exit.ExitCode) of local errors that a restart cannot fix.
 _PERMANENT_FLOWER_EXITS = {
     302: "the node key could not be used", 303: "SuperNode authentication needs TLS",
     304: "the trusted entities are not valid", 600: "an address is not valid", 602: "TLS is not supported",
-    603: "the root certificates do not fit", 604: "a path does not exist", 605: "the TLS certificates are not valid",
+    603: "the root certificates do not fit", 604: "a path does not exist",
+    605: "the TLS certificates are not valid",
 }
 
 
@@ -305,14 +323,17 @@ def permanent_errors(*, runtime_address: str, health_address: str | None) -> dic
         "SuperNode Runtime HTTP API failed to start": (
             f"the SuperNode could not serve its runtime API at {runtime_address} (the port was taken after "
             "fedcl-client checked it, e.g. by another site on this machine): start the site again without "
-            "--runtime-address to get a free port, or give each site its own"),
+            "--runtime-address to get a free port, or give each site its own"
+        ),
         "Port in server address": (
-            f"the health check address {health_address} is in use by another process: give --health-address a free "
-            "HOST:PORT"),
+            f"the health check address {health_address} is in use by another process: "
+            "give --health-address a free HOST:PORT"
+        ),
     }
     for code, what in _PERMANENT_FLOWER_EXITS.items():
-        out[f"Exit Code: {code}"] = (f"flower-supernode stopped on a local error that retrying cannot fix (Flower "
-                                     f"exit code {code}: {what}; its own message is above)")
+        out[f"Exit Code: {code}"] = (
+            f"flower-supernode stopped on a local error that retrying cannot fix (Flower "
+            f"exit code {code}: {what}; its own message is above)")
     return out
 
 
@@ -411,13 +432,17 @@ def _check_coordinator(args: argparse.Namespace, token: str | None) -> None:
             wait_verified_server(args)
         except ClientCliError as exc:
             raise PreflightError("CA", str(exc)) from None
-        _say("CA", f"the coordinator at {host}:{port} presented a certificate that {args.root_certificates} verifies")
+        _say("CA", f"the coordinator at {host}:{port} presented a certificate that "
+             f"{args.root_certificates} verifies")
         certs = args.root_certificates.read_bytes()
     from fedcl.config import ServerSettings
 
     address = args.queue_address or f"{host}:{ServerSettings.model_fields['queue_port'].default}"
-    _say("queue token", preflight.check_queue_token(address, site_id=args.site_id, token=token,
-                                                    root_certificates=certs, explicit=bool(args.queue_address)))
+    _say(
+        "queue token",
+        preflight.check_queue_token(address, site_id=args.site_id, token=token, root_certificates=certs,
+                                    explicit=bool(args.queue_address)),
+    )
 
 
 def run_preflight(args: argparse.Namespace, token: str | None) -> tuple[list[str], int]:
@@ -427,8 +452,11 @@ def run_preflight(args: argparse.Namespace, token: str | None) -> tuple[list[str
     token_value = _queue_token(token, args.token_file)
     _say("state folder", preflight.check_state_folder(args.state_dir))
     _say("policy", preflight.check_policy(args.policy))
-    _say("data", preflight.check_data(args.data, data_format=args.data_format, patient_regex=args.patient_regex,
-                                      max_images=args.max_images))
+    _say(
+        "data",
+        preflight.check_data(args.data, data_format=args.data_format, patient_regex=args.patient_regex,
+                             max_images=args.max_images),
+    )
     _say("node key", preflight.check_node_key_file(args.node_key))
     token_file = _store_token(token, args.state_dir) if token else args.token_file
     _check_coordinator(args, token_value)

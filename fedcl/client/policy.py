@@ -38,9 +38,13 @@ def enforce(policy: SitePolicy, privacy: dict[str, Any]) -> dict[str, Any]:
         if s.noise_multiplier is None and s.target_epsilon > policy.max_target_epsilon:
             problems.append(f"target epsilon {s.target_epsilon:g} exceeds this site's maximum "
                             f"{policy.max_target_epsilon:g}")
-    if s.release in ("gaussian", "prototypes") and s.release_noise_multiplier < policy.min_release_noise_multiplier:
-        problems.append(f"release noise multiplier {s.release_noise_multiplier:g} is below this site's minimum "
-                        f"{policy.min_release_noise_multiplier:g}")
+    if (
+        s.release in ("gaussian", "prototypes")
+        and s.release_noise_multiplier < policy.min_release_noise_multiplier
+    ):
+        problems.append(
+            f"release noise multiplier {s.release_noise_multiplier:g} is below this site's minimum "
+            f"{policy.min_release_noise_multiplier:g}")
     if problems:
         raise PolicyViolation("round config refused by the site policy: " + "; ".join(problems))
     out = s.model_dump()

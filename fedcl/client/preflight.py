@@ -41,9 +41,11 @@ def check_state_folder(state_dir: Path) -> str:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise PreflightError("state folder", f"cannot write to {state_dir} ({exc.strerror or exc}): the site keeps "
-                             "its privacy ledger there, and under DP it must persist between rounds; give "
-                             "--state-dir a writable folder") from None
+        raise PreflightError(
+            "state folder",
+            f"cannot write to {state_dir} ({exc.strerror or exc}): the site keeps "
+            "its privacy ledger there, and under DP it must persist between rounds; give "
+            "--state-dir a writable folder") from None
     return f"{state_dir} is writable"
 
 
@@ -84,8 +86,8 @@ def check_data(data: Path | None, *, data_format: str, patient_regex: str | None
     except DataError as exc:
         raise PreflightError("data", f"{exc}") from None
     except (OSError, ValueError) as exc:  # a file the loader could not read at all
-        raise PreflightError("data", f"cannot read {data} as {fmt} data ({exc}): check --data and --data-format") \
-            from None
+        raise PreflightError(
+            "data", f"cannot read {data} as {fmt} data ({exc}): check --data and --data-format") from None
     x = images.images
     if x.ndim != 4 or x.shape[1] not in (1, 3):
         raise PreflightError("data", f"{data} gives images of shape {tuple(x.shape)}, not (N, 1 or 3, H, W): "
@@ -110,8 +112,10 @@ def check_node_key_file(path: Path | None) -> str:
     except OSError as exc:
         raise PreflightError("node key", f"--node-key {path}: {exc.strerror or exc}") from None
     except (ValueError, TypeError) as exc:
-        raise PreflightError("node key", f"--node-key {path} is not an unencrypted OpenSSH private key ({exc}); "
-                             "use the sites/SITE.node-key that deploy/make_certs.py wrote") from None
+        raise PreflightError(
+            "node key",
+            f"--node-key {path} is not an unencrypted OpenSSH private key ({exc}); "
+            "use the sites/SITE.node-key that deploy/make_certs.py wrote") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise PreflightError("node key", f"--node-key {path} is not an EC key (Flower needs a NIST EC curve, "
                              "e.g. P-384)")
@@ -130,7 +134,8 @@ def check_queue_token(address: str, *, site_id: str, token: str | None, root_cer
 
     from fedcl.wire.queue_client import QueueClient, QueueServiceError
 
-    how = "--queue-address" if explicit else "the coordinator's host, default queue port; --queue-address to change"
+    how = ("--queue-address" if explicit
+           else "the coordinator's host, default queue port; --queue-address to change")
     try:
         with QueueClient(address, site_id=site_id, token=token, root_certificates=root_certificates,
                          timeout=timeout, retries=0) as queue:
@@ -138,12 +143,14 @@ def check_queue_token(address: str, *, site_id: str, token: str | None, root_cer
     except QueueServiceError as exc:
         if exc.code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
             given = "its token" if token else "no token"
-            raise PreflightError("queue token", f"the queue service at {address} refused site {site_id!r} with "
-                                 f"{given} ({exc.code.name}: {exc.details}): use the token the coordinator made "
-                                 f"for {site_id} (deploy/make_certs.py's sites/{site_id}.token) with --token-file"
-                                 ) from None
-        return (f"not checked: no queue service answered at {address} ({how}) ({exc.code.name}); the token is "
-                "first used at the first round")
+            raise PreflightError(
+                "queue token",
+                f"the queue service at {address} refused site {site_id!r} with "
+                f"{given} ({exc.code.name}: {exc.details}): use the token the coordinator made "
+                f"for {site_id} (deploy/make_certs.py's sites/{site_id}.token) with --token-file") from None
+        return (
+            f"not checked: no queue service answered at {address} ({how}) ({exc.code.name}); the token is "
+            "first used at the first round")
     return f"the queue service at {address} accepted site {site_id!r} (capacity {stats['capacity']})"
 
 
@@ -164,9 +171,11 @@ def pick_runtime_port(host: str, port: int | None, *, site_id: str) -> tuple[int
     the site id (the next free one in RUNTIME_PORTS when that one is taken). Returns (port, how)."""
     if port is not None:
         if not port_is_free(host, port):
-            raise PreflightError("runtime port", f"{host}:{port} (--runtime-address) is in use by another process "
-                                 "(another site on this machine?): give each site its own --runtime-address, or "
-                                 "leave it out to get a free port")
+            raise PreflightError(
+                "runtime port",
+                f"{host}:{port} (--runtime-address) is in use by another process "
+                "(another site on this machine?): give each site its own --runtime-address, or "
+                "leave it out to get a free port")
         return port, "given with --runtime-address"
     first = zlib.crc32(site_id.encode()) % len(RUNTIME_PORTS)
     for i in range(len(RUNTIME_PORTS)):
@@ -174,5 +183,7 @@ def pick_runtime_port(host: str, port: int | None, *, site_id: str) -> tuple[int
         if port_is_free(host, candidate):
             how = "derived from the site id" if i == 0 else "the next free one after the site id's"
             return candidate, f"{how}; --runtime-address HOST:PORT to choose"
-    raise PreflightError("runtime port", f"no free port on {host} in {RUNTIME_PORTS.start}-{RUNTIME_PORTS.stop - 1}:"
-                         " give --runtime-address HOST:PORT")
+    raise PreflightError(
+        "runtime port",
+        f"no free port on {host} in {RUNTIME_PORTS.start}-{RUNTIME_PORTS.stop - 1}:"
+        " give --runtime-address HOST:PORT")

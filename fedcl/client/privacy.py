@@ -146,8 +146,9 @@ def plan_round(
         rp.dp = DPParams(noise_multiplier=sigma, max_grad_norm=s.max_grad_norm, sample_rate=q, unit=s.unit)
         rp.steps_planned = steps
         if ledger is not None and ledger.would_exceed(extra=[(sigma, q, steps)]):
-            rp.refused = (f"privacy budget: training round {round} would take site {site_id} to "
-                          f"epsilon {ledger.epsilon_if(extra=[(sigma, q, steps)]):.3f} > budget {s.epsilon_budget}")
+            rp.refused = (
+                f"privacy budget: training round {round} would take site {site_id} to "
+                f"epsilon {ledger.epsilon_if(extra=[(sigma, q, steps)]):.3f} > budget {s.epsilon_budget}")
     if rp.refused:
         log.warning("site %s refuses to train: %s", site_id, rp.refused)
     return rp
@@ -162,15 +163,17 @@ def _release_allowed(rp: RoundPrivacy, *, round: int) -> bool:
     is a per-image DP mechanism under the patient unit."""
     event = _release_event(rp.settings)
     if event is not None and rp.settings.unit == "patient":
-        rp.push_refused = (f"privacy unit 'patient': the {rp.settings.release} release is a per-image mechanism "
-                           "(one patient's images would be several records), so this site releases nothing; "
-                           "use release 'public', or unit 'example'")
+        rp.push_refused = (
+            f"privacy unit 'patient': the {rp.settings.release} release is a per-image mechanism "
+            "(one patient's images would be several records), so this site releases nothing; "
+            "use release 'public', or unit 'example'")
         log.warning("site %s does not release: %s", rp.ledger.site_id if rp.ledger else "?", rp.push_refused)
         return False
     if event is None or rp.ledger is None:
         return True
     # this round's DP-SGD steps are entered after the release: count them here too
-    pending = [(rp.dp.noise_multiplier, rp.dp.sample_rate, rp.steps_planned)] if rp.dp and not rp.refused else []
+    pending = (
+        [(rp.dp.noise_multiplier, rp.dp.sample_rate, rp.steps_planned)] if rp.dp and not rp.refused else [])
     if rp.ledger.would_exceed(extra=pending + [event]):
         rp.push_refused = (f"privacy budget: releasing embeddings in round {round} would exceed "
                            f"epsilon budget {rp.settings.epsilon_budget}")
@@ -246,7 +249,8 @@ def record_round(rp: RoundPrivacy, *, round: int, dp_steps: int, pushed: int, tr
         if s.release in ("gaussian", "prototypes"):
             # one invocation of the subsampled Gaussian mechanism over the site's data
             rp.ledger.record_release(mode=s.release, round=round, count=1,
-                                     noise_multiplier=s.release_noise_multiplier, sample_rate=s.release_sample_rate)
+                                     noise_multiplier=s.release_noise_multiplier,
+                                     sample_rate=s.release_sample_rate)
         elif s.release == "raw":
             rp.ledger.record_release(mode="raw", round=round, count=pushed)
         else:

@@ -41,7 +41,8 @@ def load_site_data(site: SiteSettings, rc: RoundConfig, simulated: SimulatedSite
             seed = (
                 rc.data.seed if site.partition_id is not None else zlib.crc32(site.site_id.encode())
             )
-            full = _cached(("synthetic", seed), lambda: load_dataset(name="synthetic", split="train", seed=seed))
+            full = _cached(
+                ("synthetic", seed), lambda: load_dataset(name="synthetic", split="train", seed=seed))
         else:
             if site.data_path is None:
                 raise SiteError("node config has no data-path; start the site with fedcl-client --data PATH")
@@ -51,8 +52,10 @@ def load_site_data(site: SiteSettings, rc: RoundConfig, simulated: SimulatedSite
                            lambda: load_dataset(name=fmt, path=site.data_path, split="train",
                                                 group_regex=site.patient_regex))
         if site.partition_id is not None:
-            d = DataSettings.model_validate({**rc.data.model_dump(), "name": fmt if fmt != "auto" else "folder",
-                                             "num_sites": site.num_partitions})
+            d = DataSettings.model_validate(
+                {**rc.data.model_dump(), "name": fmt if fmt != "auto" else "folder",
+                 "num_sites": site.num_partitions}
+            )
             full = _cached(("part", fmt, str(site.data_path), d.model_dump_json(), site.partition_id),
                            lambda: site_partition(d, full, site_index=int(site.partition_id)))
         return first_n(full, site.max_images, seed=zlib.crc32(site.site_id.encode()))
@@ -60,7 +63,8 @@ def load_site_data(site: SiteSettings, rc: RoundConfig, simulated: SimulatedSite
         raise SiteError(f"site {site.site_id}: {exc}") from None
 
 
-def load_site_groups(site: SiteSettings, rc: RoundConfig, simulated: SimulatedSites | None) -> torch.Tensor | None:
+def load_site_groups(site: SiteSettings, rc: RoundConfig,
+                     simulated: SimulatedSites | None) -> torch.Tensor | None:
     """int64 (N,) patient id of each image ``load_site_images`` returns, or None when the site's
     data carries no patient ids (see fedcl.data.medmnist: a ``train_patients`` array)."""
     return load_site_data(site, rc, simulated).groups

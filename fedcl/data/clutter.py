@@ -63,7 +63,8 @@ def _items(src: np.ndarray, side: int) -> np.ndarray:
 
 def _paste_max(flat: np.ndarray, canvas: int, index: np.ndarray, top: np.ndarray, left: np.ndarray,
                tiles: np.ndarray) -> None:
-    """flat (N * canvas^2,) uint8: paint tiles (n, s, s) at (top, left) of the canvases ``index`` (n,), by max."""
+    """flat (N * canvas^2,) uint8: paint tiles (n, s, s) at (top, left) of the canvases ``index`` (n,),
+    by max."""
     s = tiles.shape[1]
     ar = np.arange(s)
     rows = (top[:, None] + ar)[:, :, None]  # (n, s, 1)
@@ -82,13 +83,15 @@ def make_cluttered(base: ImageSet, *, canvas: int = 40, scale: float = 1.0, patc
     if c != 1 or h != w:
         raise DataError(f"clutter needs square 1-channel images, got {c}x{h}x{w}")
     if not 1 <= side <= canvas:
-        raise DataError(f"clutter: a {h}-px image at scale {scale} is {side} px, which does not fit the "
-                        f"{canvas}-px canvas; use a scale in ({0.5 / h:.3g}, {canvas / h:.3g}] or a larger canvas")
+        raise DataError(
+            f"clutter: a {h}-px image at scale {scale} is {side} px, which does not fit the "
+            f"{canvas}-px canvas; use a scale in ({0.5 / h:.3g}, {canvas / h:.3g}] or a larger canvas")
     if patches < 0 or not 1 <= patch_size <= min(h, canvas):
         raise DataError(f"clutter: patches must be >= 0 and patch_size in [1, {min(h, canvas)}] (the source "
                         f"image and the canvas); got {patches} patches of {patch_size} px")
     if patches and n == 1:
-        raise DataError("clutter: patches are cut from other images, and the set holds only one; use patches = 0")
+        raise DataError(
+            "clutter: patches are cut from other images, and the set holds only one; use patches = 0")
     rng = np.random.default_rng(seed)
     src = base.images[:, 0].numpy()
     top, left = rng.integers(0, canvas - side + 1, size=(2, n))

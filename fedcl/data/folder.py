@@ -146,15 +146,14 @@ def load_image_folder(
             )
     images = torch.from_numpy(np.stack([_to_chw(px, channels) for px in pixels]))  # (N, C, H, W)
 
-    labels = None
-    if classes:
-        labels = torch.tensor([c for _, c in files], dtype=torch.int64)
+    labels = torch.tensor([c for _, c in files], dtype=torch.int64) if classes else None
     groups = None
     if group_regex is not None:
         try:
             pattern = re.compile(group_regex)
         except re.error as exc:
-            raise DataError(f"patient-id pattern {group_regex!r} is not a valid regular expression: {exc}") from None
+            raise DataError(
+                f"patient-id pattern {group_regex!r} is not a valid regular expression: {exc}") from None
         names = []
         for p, _ in files:
             m = pattern.search(p.stem)

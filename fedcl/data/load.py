@@ -48,7 +48,8 @@ def load_dataset(
                                             split=split, clutter=clutter)
     if name == "medmnist":
         if path is None:
-            raise DataError("data set 'medmnist' needs a path to its .npz file (e.g. data.path=pathmnist.npz)")
+            raise DataError(
+                "data set 'medmnist' needs a path to its .npz file (e.g. data.path=pathmnist.npz)")
         return load_medmnist_npz(path=path, split=split)
     if name == "folder":
         if path is None:

@@ -88,7 +88,8 @@ def load_medmnist_npz(*, path: Path | str, split: str = "train") -> ImageSet:
         images=torch.from_numpy(np.ascontiguousarray(chw)),
         labels=torch.from_numpy(labels.astype(np.int64)),
         classes=[str(c) for c in range(num_classes)],
-        groups=None if patients is None else _patient_ids(patients, n=len(chw), path=path, key=f"{split}_patients"),
+        groups=(None if patients is None
+                else _patient_ids(patients, n=len(chw), path=path, key=f"{split}_patients")),
     )
 
 
@@ -97,7 +98,8 @@ def _patient_ids(patients: np.ndarray, *, n: int, path: Path, key: str) -> torch
     if patients.ndim == 2 and patients.shape[1] == 1:
         patients = patients[:, 0]
     if patients.ndim != 1 or len(patients) != n:
-        raise DataError(f"{path}: {key} has shape {patients.shape}; expected ({n},), one patient id per image")
+        raise DataError(
+            f"{path}: {key} has shape {patients.shape}; expected ({n},), one patient id per image")
     if not (np.issubdtype(patients.dtype, np.integer) or patients.dtype.kind in "US"):
         raise DataError(f"{path}: {key} should hold integer or string patient ids, got {patients.dtype}")
     _, ids = np.unique(patients, return_inverse=True)

@@ -42,7 +42,8 @@ def _iid(n: int, num_sites: int, rng: np.random.Generator) -> list[np.ndarray]:
     return list(np.array_split(rng.permutation(n), num_sites))
 
 
-def _dirichlet(labels: np.ndarray, num_sites: int, alpha: float, rng: np.random.Generator) -> list[np.ndarray]:
+def _dirichlet(labels: np.ndarray, num_sites: int, alpha: float,
+               rng: np.random.Generator) -> list[np.ndarray]:
     by_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
     for _ in range(_DIRICHLET_ATTEMPTS):
         sites: list[list[np.ndarray]] = [[] for _ in range(num_sites)]
@@ -73,7 +74,8 @@ def _pathological(
     order = rng.permutation(present)
     # Round robin over a shuffled class order: site s holds k consecutive classes (mod C), so
     # each site has k distinct classes and, when num_sites * k >= C, every class has a holder.
-    held = [order[(s * classes_per_site + np.arange(classes_per_site)) % len(present)] for s in range(num_sites)]
+    held = [
+        order[(s * classes_per_site + np.arange(classes_per_site)) % len(present)] for s in range(num_sites)]
     holders: dict[int, list[int]] = {}
     for s, cls in enumerate(held):
         for c in cls:

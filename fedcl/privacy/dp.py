@@ -60,11 +60,10 @@ from torch import nn
 from fedcl.privacy.per_example import PerExampleGradientError, PerExampleModule
 from fedcl.privacy.sampling import dp_training_batches, group_poisson_sample, poisson_sample
 
-__all__ = [
-    "DPParams", "DPTrainer", "PerExampleGradientError", "check_groups", "check_per_example", "dp_training_batches",
-    "expected_batch_size", "group_poisson_sample", "make_dp_training", "make_private", "noise_for_budget",
-    "poisson_sample", "prepare_model", "release_dp_training", "sum_per_patient",
-]
+__all__ = ["DPParams", "DPTrainer", "PerExampleGradientError", "check_groups", "check_per_example",
+           "dp_training_batches", "expected_batch_size", "group_poisson_sample", "make_dp_training",
+           "make_private", "noise_for_budget", "poisson_sample", "prepare_model", "release_dp_training",
+           "sum_per_patient"]
 
 PRIVACY_UNITS = ("example", "patient")
 ENGINES = ("fedcl", "opacus")
@@ -123,7 +122,8 @@ def noise_for_budget(
 
 @functools.lru_cache(maxsize=256)  # a pure search, repeated with the same plan every round of a site
 def _noise_for_budget(target_epsilon: float, target_delta: float, sample_rate: float, total_steps: int,
-                      accountant: str, fixed: tuple[tuple[float, float, int], ...], epsilon_tolerance: float) -> float:
+                      accountant: str, fixed: tuple[tuple[float, float, int], ...],
+                      epsilon_tolerance: float) -> float:
     if not fixed:
         return float(
             get_noise_multiplier(
@@ -134,7 +134,8 @@ def _noise_for_budget(target_epsilon: float, target_delta: float, sample_rate: f
     from fedcl.privacy.ledger import _epsilon  # one composition rule for planning and ledger
 
     def eps(sigma: float) -> float:
-        return _epsilon([(sigma, sample_rate, int(total_steps)), *fixed], delta=target_delta, mechanism=accountant)
+        return _epsilon([(sigma, sample_rate, int(total_steps)), *fixed], delta=target_delta,
+                        mechanism=accountant)
 
     floor = _epsilon(fixed, delta=target_delta, mechanism=accountant)
     if floor >= target_epsilon - epsilon_tolerance:
@@ -462,10 +463,8 @@ def make_dp_training(
     """
     groups = check_groups(groups, num_examples=num_examples, unit=params.unit)
     ebs = expected_batch_size(params=params, num_examples=num_examples)
-    module, dp_opt = make_private(
-        model, optimizer, params=params, expected_batch_size=ebs, generator=generator, secure_mode=secure_mode,
-        engine=engine,
-    )
+    module, dp_opt = make_private(model, optimizer, params=params, expected_batch_size=ebs,
+                                  generator=generator, secure_mode=secure_mode, engine=engine)
     return module, dp_opt, _checker(module, groups)
 
 

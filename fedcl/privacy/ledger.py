@@ -40,7 +40,8 @@ Event = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)
 class BudgetExceeded(RuntimeError):
     """Recording (or doing) this would take a site's ε above its budget."""
 
-    def __init__(self, *, site_id: str, budget: float, delta: float, would_reach: float, spent: float) -> None:
+    def __init__(self, *, site_id: str, budget: float, delta: float, would_reach: float,
+                 spent: float) -> None:
         self.site_id = site_id
         self.budget = budget
         self.delta = delta
@@ -283,7 +284,8 @@ class PrivacyLedger:
         self.events.append(entry)
         return entry
 
-    def record_dpsgd(self, *, noise_multiplier: float, sample_rate: float, steps: int, round: int) -> LedgerEvent:
+    def record_dpsgd(self, *, noise_multiplier: float, sample_rate: float, steps: int,
+                     round: int) -> LedgerEvent:
         """``steps`` DP-SGD steps of a round (model-updates channel). Raises BudgetExceeded
         (recording nothing) if they would take ε above the budget."""
         event = _check_mechanism(noise_multiplier, sample_rate, steps, "record_dpsgd")
@@ -346,7 +348,8 @@ class PrivacyLedger:
         if state["site_id"] != self.site_id:
             raise ValueError(f"ledger belongs to site {state['site_id']!r}, not {self.site_id!r}")
         if state["accountant"]["mechanism"] != self.mechanism:
-            raise ValueError(f"ledger uses accountant {state['accountant']['mechanism']!r}, not {self.mechanism!r}")
+            raise ValueError(
+                f"ledger uses accountant {state['accountant']['mechanism']!r}, not {self.mechanism!r}")
         if float(state["delta"]) != self.delta:
             raise ValueError(f"ledger uses delta {state['delta']}, not {self.delta}")
         history = [_check_mechanism(*h, what="stored history") for h in state["accountant"]["history"]]
@@ -357,7 +360,8 @@ class PrivacyLedger:
             eps, float(stored), rel_tol=1e-9, abs_tol=1e-12
         )
         if not consistent:
-            raise ValueError(f"stored ε {stored} does not match its history (recomputed {eps}); the ledger is corrupt")
+            raise ValueError(
+                f"stored ε {stored} does not match its history (recomputed {eps}); the ledger is corrupt")
         self.accountant.load_state_dict({"mechanism": self.mechanism, "history": history})
         self.epsilon_budget = None if state["epsilon_budget"] is None else float(state["epsilon_budget"])
         self.privacy_unit = state.get("privacy_unit", "example")
@@ -383,7 +387,8 @@ class PrivacyLedger:
             state = json.loads(path.read_text(encoding="utf-8"))
             ledger = cls(
                 site_id=state["site_id"], delta=state["delta"], epsilon_budget=state["epsilon_budget"],
-                accountant=state["accountant"]["mechanism"], privacy_unit=state.get("privacy_unit", "example"),
+                accountant=state["accountant"]["mechanism"],
+                privacy_unit=state.get("privacy_unit", "example"),
             )
             ledger.load_state_dict(state)
         except (ValueError, KeyError, TypeError) as exc:
@@ -410,9 +415,9 @@ class PrivacyLedger:
             if ledger.mechanism != accountant or ledger.delta != delta or ledger.privacy_unit != privacy_unit:
                 raise ValueError(
                     f"{path} was kept with accountant={ledger.mechanism}, delta={ledger.delta}, "
-                    f"unit={ledger.privacy_unit}; the configuration says accountant={accountant}, delta={delta}, "
-                    f"unit={privacy_unit}. ε spent so far cannot be re-expressed: keep the settings or start a "
-                    "new ledger deliberately"
+                    f"unit={ledger.privacy_unit}; the configuration says accountant={accountant}, "
+                    f"delta={delta}, unit={privacy_unit}. ε spent so far cannot be re-expressed: keep the "
+                    "settings or start a new ledger deliberately"
                 )
             ledger.epsilon_budget = epsilon_budget
             return ledger

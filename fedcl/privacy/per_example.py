@@ -46,7 +46,9 @@ def _check_layer(name: str, m: nn.Module) -> None:
             f"gradients are computed only for {', '.join(t.__name__ for t in SUPPORTED_LAYERS)}; use "
             "fedcl.models encoders or make_private(..., engine='opacus')"
         )
-    if isinstance(m, nn.Conv2d) and (m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str)):
+    if isinstance(m, nn.Conv2d) and (
+        m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str)
+    ):
         raise ValueError(
             f"layer {name} is a Conv2d with groups={m.groups}, padding={m.padding!r}, padding_mode="
             f"{m.padding_mode!r}; only groups=1 with numeric zero padding is supported (or engine='opacus')"
@@ -105,7 +107,8 @@ class PerExampleModule(nn.Module):
 
     # -- per-example gradients ------------------------------------------------------------------
 
-    def buffer(self, key: object, shape: tuple[int, ...], like: torch.Tensor, *, zero: bool = False) -> torch.Tensor:
+    def buffer(self, key: object, shape: tuple[int, ...], like: torch.Tensor, *,
+               zero: bool = False) -> torch.Tensor:
         """A ``shape`` view of a buffer kept for ``key`` (dtype and device of ``like``), reallocated
         only when a batch outgrows it: fresh 100 MB tensors every step cost page faults. ``zero``:
         a new buffer starts zeroed (what callers never write stays 0)."""
@@ -113,7 +116,8 @@ class PerExampleModule(nn.Module):
         if (buf is None or buf.shape[0] < shape[0] or buf.shape[1:] != tuple(shape[1:])
                 or buf.dtype != like.dtype or buf.device != like.device):
             rows = shape[0] + shape[0] // 8  # headroom: Poisson batch sizes vary from step to step
-            buf = (torch.zeros if zero else torch.empty)((rows, *shape[1:]), dtype=like.dtype, device=like.device)
+            buf = (torch.zeros if zero else torch.empty)((rows, *shape[1:]), dtype=like.dtype,
+                                                         device=like.device)
             self._store[key] = buf
         return buf[: shape[0]]
 
@@ -151,7 +155,8 @@ class PerExampleModule(nn.Module):
             w = self.buffer(id(m.weight), (b, m.out_channels, m.weight[0].numel()), xs[0])  # (B, O, P)
             for c, (x, g) in enumerate(zip(xs, gs, strict=False)):
                 a = self._unfold(m, x)  # (B, P, L)
-                w.baddbmm_(g.reshape(b, m.out_channels, -1), a.transpose(1, 2), beta=float(c > 0), alpha=scale)
+                w.baddbmm_(g.reshape(b, m.out_channels, -1), a.transpose(1, 2), beta=float(c > 0),
+                           alpha=scale)
             out[m.weight] = w.view(b, *m.weight.shape)
             if m.bias is not None:
                 out[m.bias] = sum(g.sum((2, 3)) for g in gs) * scale  # (B, O)
@@ -169,7 +174,8 @@ class PerExampleModule(nn.Module):
             gr = [g.reshape(b, m.num_channels, -1) for g in gs]
             if m.weight is not None:  # sum over positions without a (B, C, L) product
                 # (B, C)
-                out[m.weight] = sum(torch.einsum("bcl,bcl->bc", x, g) for x, g in zip(xn, gr, strict=False)) * scale
+                out[m.weight] = (
+                    sum(torch.einsum("bcl,bcl->bc", x, g) for x, g in zip(xn, gr, strict=False)) * scale)
             if m.bias is not None:
                 out[m.bias] = sum(g.sum(2) for g in gr) * scale  # (B, C)
         for p, gs_p in out.items():

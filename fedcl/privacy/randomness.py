@@ -65,4 +65,5 @@ def replayable_generator(seed: int, *, where: str, device: torch.device | str = 
     return torch.Generator(device=device).manual_seed(int(seed))
 
 
-__all__ = ["INSECURE_WARNING", "mechanism_generator", "replayable_generator", "secret_generator", "warn_insecure"]
+__all__ = ["INSECURE_WARNING", "mechanism_generator", "replayable_generator", "secret_generator",
+           "warn_insecure"]

@@ -77,9 +77,8 @@ def _validated(embeddings: torch.Tensor, noise_multiplier: float, sample_rate: f
     return embeddings.detach().to("cpu", torch.float32)
 
 
-def _sample(
-    n: int, *, sample_rate: float, generator: torch.Generator | None, groups: torch.Tensor | None, max_per_group: int
-) -> torch.Tensor:
+def _sample(n: int, *, sample_rate: float, generator: torch.Generator | None, groups: torch.Tensor | None,
+            max_per_group: int) -> torch.Tensor:
     if groups is None:
         if max_per_group != 1:
             raise ValueError("max_per_group needs groups=")
@@ -88,9 +87,8 @@ def _sample(
         raise ValueError(f"groups has {groups.numel()} entries for {n} embeddings")
     if max_per_group < 1:
         raise ValueError(f"max_per_group must be >= 1, got {max_per_group}")
-    return group_poisson_sample(
-        groups=groups.reshape(-1).cpu(), sample_rate=sample_rate, max_per_group=max_per_group, generator=generator
-    )
+    return group_poisson_sample(groups=groups.reshape(-1).cpu(), sample_rate=sample_rate,
+                                max_per_group=max_per_group, generator=generator)
 
 
 def release_gaussian(
@@ -140,7 +138,8 @@ def release_prototypes(
         raise ValueError(f"prototypes must be (P >= 1, {x.shape[1]}), got shape {tuple(prototypes.shape)}")
     protos = F.normalize(prototypes.detach().to("cpu", torch.float32), dim=1)  # (P, d)
     p, d = protos.shape
-    idx = _sample(x.shape[0], sample_rate=sample_rate, generator=generator, groups=groups, max_per_group=max_per_group)
+    idx = _sample(x.shape[0], sample_rate=sample_rate, generator=generator, groups=groups,
+                  max_per_group=max_per_group)
     weight = 1.0 / max_per_group  # a group's records move sums and counts by <= 1 each
     rows = clip_rows(x[idx], max_norm=1.0) * weight  # (B, d)
     nearest = (rows @ protos.T).argmax(dim=1) if rows.shape[0] else torch.zeros(0, dtype=torch.long)  # (B,)

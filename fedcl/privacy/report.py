@@ -61,7 +61,8 @@ def describe_privacy(
     em = channels.get("embeddings", {})
     # a ledger with no model update: the site never trained (its rounds failed first, or none asked it yet)
     never_trained = bool(s) and not dp_enabled and not mu.get("events")
-    lines.append(_model_updates_line(mu, dp_enabled=dp_enabled, insecure=insecure, at=at, never_trained=never_trained))
+    lines.append(
+        _model_updates_line(mu, dp_enabled=dp_enabled, insecure=insecure, at=at, never_trained=never_trained))
     lines.append(_embeddings_line(em, release_mode=release_mode, at=at))
     lines += _other_channel_lines(private=dp_enabled or release_mode in ("gaussian", "prototypes"))
     all_dp = (dp_enabled and not insecure and release_mode in ("gaussian", "prototypes", "public", "none")
@@ -72,15 +73,18 @@ def describe_privacy(
 
 
 def _header_lines(s: dict[str, Any], *, delta, unit: str, insecure: bool) -> list[str]:
-    lines = [f"Privacy report for site {s['site_id']!r}" if "site_id" in s else "Privacy report", THREAT_MODEL]
+    lines = [f"Privacy report for site {s['site_id']!r}" if "site_id" in s else "Privacy report",
+             THREAT_MODEL]
     if s:
-        lines.append(f"Accountant {s.get('accountant', '?').upper()}, privacy unit: {_UNIT_WORDS.get(unit, unit)}.")
+        lines.append(
+            f"Accountant {s.get('accountant', '?').upper()}, privacy unit: {_UNIT_WORDS.get(unit, unit)}.")
         delta_line = _delta_line(delta, s.get("num_records"), unit)
         if delta_line:
             lines.append(delta_line)
     if insecure:
-        lines.append("Randomness: NOT secret: this site ran with insecure_reproducible_dp, so its Poisson batches "
-                     "and noise came from seeds the coordinator knows; no ε below holds against it.")
+        lines.append(
+            "Randomness: NOT secret: this site ran with insecure_reproducible_dp, so its Poisson batches "
+            "and noise came from seeds the coordinator knows; no ε below holds against it.")
     return lines
 
 
@@ -107,36 +111,42 @@ def _model_updates_line(mu: dict[str, Any], *, dp_enabled: bool, insecure: bool,
 
 def _embeddings_line(em: dict[str, Any], *, release_mode: str, at: str) -> str:
     if release_mode == "raw" or em.get("dp_protected") is False:
-        text = ("-> the queue service (run by the coordinator) and every other site (as negatives), the network "
-                "(TLS): NOT differentially private: per-image embeddings of private images, for a trusted "
-                "consortium only; the model's DP guarantee does not cover them")
+        text = (
+            "-> the queue service (run by the coordinator) and every other site (as negatives), the network "
+            "(TLS): NOT differentially private: per-image embeddings of private images, for a trusted "
+            "consortium only; the model's DP guarantee does not cover them")
     elif release_mode == "public":
         text = ("-> nobody: no embedding of a private image leaves the site (the server encodes a public "
                 "reference set); ε = 0")
     elif release_mode == "none":
         text = "-> nobody: no embedding left the site (the queue is off, or nothing was released yet)"
     elif release_mode == "prototypes":
-        text = (f"-> the coordinator (it merges them) and, merged, every other site: noisy per-prototype sums "
-                f"and counts (subsampled Gaussian, secret sampling and noise), ε = {_eps(em.get('epsilon', 0.0))}"
-                f"{at} on their own")
+        text = (
+            f"-> the coordinator (it merges them) and, merged, every other site: noisy per-prototype sums "
+            f"and counts (subsampled Gaussian, secret sampling and noise), ε = {_eps(em.get('epsilon', 0.0))}"
+            f"{at} on their own")
     else:
-        text = (f"-> the queue service (coordinator) and every other site: each embedding with Gaussian noise "
-                f"(subsampled, zero-out adjacency, secret sampling and noise), ε = {_eps(em.get('epsilon', 0.0))}"
-                f"{at} on their own; at useful ε these rows are close to random directions")
+        text = (
+            f"-> the queue service (coordinator) and every other site: each embedding with Gaussian noise "
+            f"(subsampled, zero-out adjacency, secret sampling and noise), ε = {_eps(em.get('epsilon', 0.0))}"
+            f"{at} on their own; at useful ε these rows are close to random directions")
     return f"- Shared embeddings ({release_mode}) {text}."
 
 
 def _other_channel_lines(*, private: bool) -> list[str]:
     lines = []
     if private:
-        lines.append("- Reply metrics -> the coordinator: under DP no loss, alignment or uniformity is sent; what "
-                     "is sent (steps, negatives used, records pushed, noise multiplier, ε) follows from the "
-                     "configuration, N and the queue, not from the images' content.")
+        lines.append(
+            "- Reply metrics -> the coordinator: under DP no loss, alignment or uniformity is sent; what "
+            "is sent (steps, negatives used, records pushed, noise multiplier, ε) follows from the "
+            "configuration, N and the queue, not from the images' content.")
     else:
-        lines.append("- Reply metrics -> the coordinator: NOT protected: the training loss and the alignment and "
-                     "uniformity are exact statistics of the site's images.")
-    lines.append("- Counts -> the coordinator: NOT protected: the number of images N (FedAvg's weight), treated "
-                 "as public.")
+        lines.append(
+            "- Reply metrics -> the coordinator: NOT protected: the training loss and the alignment and "
+            "uniformity are exact statistics of the site's images.")
+    lines.append(
+        "- Counts -> the coordinator: NOT protected: the number of images N (FedAvg's weight), treated "
+        "as public.")
     lines.append("- Timings and participation -> the coordinator and the network: NOT protected (seconds per "
                  "phase, when the site answers).")
     lines.append("- This ledger summary -> the coordinator: ε, steps, δ and N, which follow from the "
@@ -144,7 +154,8 @@ def _other_channel_lines(*, private: bool) -> list[str]:
     return lines
 
 
-def _total_lines(s: dict[str, Any], *, all_dp: bool, at: str, unit: str, nothing_left: bool = False) -> list[str]:
+def _total_lines(s: dict[str, Any], *, all_dp: bool, at: str, unit: str,
+                 nothing_left: bool = False) -> list[str]:
     lines = []
     what = "the content of each " + ("patient's images" if unit == "group" else "image")
     if s:
@@ -152,21 +163,26 @@ def _total_lines(s: dict[str, Any], *, all_dp: bool, at: str, unit: str, nothing
         budget_text = (f" Budget ε = {budget:g}, remaining {_eps(s.get('remaining'))}." if budget is not None
                        else " No budget set.")
         if nothing_left:
-            return [f"Total: this site never trained and released no embedding: no model update or embedding "
-                    f"has left it (ε = 0).{budget_text}",
-                    "Protected: raw images never leave the site. The channels above marked NOT protected apply "
-                    "from the first round the site trains in."]
+            return [
+                f"Total: this site never trained and released no embedding: no model update or embedding "
+                f"has left it (ε = 0).{budget_text}",
+                "Protected: raw images never leave the site. The channels above marked NOT protected apply "
+                "from the first round the site trains in."]
         if all_dp:
-            lines.append(f"Total: ε = {_eps(s.get('epsilon'))}{at} for the model updates and embedding releases "
-                         f"together (all DP events composed in one accountant).{budget_text}")
+            lines.append(
+                f"Total: ε = {_eps(s.get('epsilon'))}{at} for the model updates and embedding releases "
+                f"together (all DP events composed in one accountant).{budget_text}")
         else:
-            lines.append(f"Total: the DP-accounted events compose to ε = {_eps(s.get('epsilon'))}{at}, but the "
-                         f"site is NOT protected overall: a channel above has no DP guarantee.{budget_text}")
+            lines.append(
+                f"Total: the DP-accounted events compose to ε = {_eps(s.get('epsilon'))}{at}, but the "
+                f"site is NOT protected overall: a channel above has no DP guarantee.{budget_text}")
     if all_dp:
-        lines.append(f"Protected: {what}, in the model updates and embedding releases, against the coordinator, "
-                     "the other sites and the network, up to the ε above; not the counts, timings and "
-                     "participation.")
+        lines.append(
+            f"Protected: {what}, in the model updates and embedding releases, against the coordinator, "
+            "the other sites and the network, up to the ε above; not the counts, timings and "
+            "participation.")
     else:
-        lines.append("Protected: raw images never leave the site; TLS protects traffic from the network. No ε "
-                     "bounds what the channels marked NOT protected reveal.")
+        lines.append(
+            "Protected: raw images never leave the site; TLS protects traffic from the network. No ε "
+            "bounds what the channels marked NOT protected reveal.")
     return lines

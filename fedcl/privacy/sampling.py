@@ -11,16 +11,16 @@ from collections.abc import Iterator
 import torch
 
 
-def poisson_sample(*, num_examples: int, sample_rate: float, generator: torch.Generator | None) -> torch.Tensor:
+def poisson_sample(*, num_examples: int, sample_rate: float,
+                   generator: torch.Generator | None) -> torch.Tensor:
     """Indices (int64, sorted) of examples included independently with prob ``sample_rate``;
     may be empty."""
     mask = torch.rand(num_examples, generator=generator) < sample_rate  # (N,)
     return mask.nonzero(as_tuple=True)[0]
 
 
-def group_poisson_sample(
-    *, groups: torch.Tensor, sample_rate: float, generator: torch.Generator | None, max_per_group: int | None = None
-) -> torch.Tensor:
+def group_poisson_sample(*, groups: torch.Tensor, sample_rate: float, generator: torch.Generator | None,
+                         max_per_group: int | None = None) -> torch.Tensor:
     """Indices (int64, sorted) of the examples of Poisson-sampled groups (patients).
 
     groups: (N,) int64 group id of each example. Each distinct group is included independently

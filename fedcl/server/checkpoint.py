@@ -33,7 +33,8 @@ class FederationCheckpoint:
     round: int  # the last completed round
     state_dict: dict[str, torch.Tensor]  # canonical, CPU
     model_spec: dict[str, Any]  # build_model(**model_spec)
-    queue: dict[str, Any] = field(default_factory=dict)  # {"stats": ..., "snapshot_path": ..., "snapshot_sha256": ...}
+    # {"stats": ..., "snapshot_path": ..., "snapshot_sha256": ...}
+    queue: dict[str, Any] = field(default_factory=dict)
     ledgers: dict[str, dict[str, Any]] = field(default_factory=dict)  # site id -> ledger summary
     history: list[dict[str, Any]] = field(default_factory=list)  # one record per round, as in metrics.jsonl
     config_json: str = ""  # the effective FedclConfig (fedcl.config.dump_config)
@@ -93,7 +94,8 @@ def load_checkpoint(path: Path) -> FederationCheckpoint:
             strategy=str(payload.get("strategy", "FedAvg")),
         )
     except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path} lacks a field ({exc}); move it away to start afresh") from None
+        raise CheckpointError(
+            f"checkpoint {path} lacks a field ({exc}); move it away to start afresh") from None
 
 
 def checkpoint_path(checkpoint_dir: Path) -> Path:

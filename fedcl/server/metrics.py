@@ -114,7 +114,8 @@ def loss_figure(history: list[dict[str, Any]]):
         pts = [(x, y) for x, y in pts if y is not None and math.isfinite(y)]
         if pts:
             ax.plot([x for x, _ in pts], [y for _, y in pts], alpha=0.4, linewidth=1)
-    mean = [(r["round"], r["loss"]) for r in history if r.get("loss") is not None and math.isfinite(r["loss"])]
+    mean = [
+        (r["round"], r["loss"]) for r in history if r.get("loss") is not None and math.isfinite(r["loss"])]
     if mean:
         ax.plot([x for x, _ in mean], [y for _, y in mean], color="black", marker="o", label="weighted mean")
     start = queue_start_round(history)
@@ -140,8 +141,8 @@ def epsilon_figure(history: list[dict[str, Any]], *, epsilon_budget: float | Non
         pts = [(x, y) for x, y in pts if y is not None and 0 <= y < math.inf]  # negative: unbounded
         if pts:
             offset = 0.3 * (i / max(1, len(sites) - 1) - 0.5) if len(sites) > 1 else 0.0  # within ±0.15 round
-            ax.plot([x + offset for x, _ in pts], [y for _, y in pts], marker=SITE_MARKERS[i % len(SITE_MARKERS)],
-                    markersize=4, linewidth=1, label=site)
+            ax.plot([x + offset for x, _ in pts], [y for _, y in pts],
+                    marker=SITE_MARKERS[i % len(SITE_MARKERS)], markersize=4, linewidth=1, label=site)
             plotted = True
     if epsilon_budget is not None:
         ax.axhline(epsilon_budget, color="tab:red", linestyle="--", label=f"budget ε = {epsilon_budget:g}")
@@ -187,7 +188,8 @@ def write_plots(history: list[dict[str, Any]], out_dir: Path, *, random_init_knn
     if random_init_knn is not None:
         ax.axhline(100 * random_init_knn, color="grey", linestyle="--", label="random init")
     if not knn:
-        ax.text(0.5, 0.5, "no server-side labelled eval set", ha="center", va="center", transform=ax.transAxes)
+        ax.text(0.5, 0.5, "no server-side labelled eval set", ha="center", va="center",
+                transform=ax.transAxes)
     ax.set_xlabel("round")
     ax.set_ylabel("kNN accuracy (%)")
     ax.set_title("kNN accuracy of the global encoder")
@@ -242,11 +244,14 @@ def site_epsilons(record: dict[str, Any]) -> str:
 
 def format_round_line(record: dict[str, Any], *, num_rounds: int) -> str:
     """The coordinator's log line for a round: the figures of ``format_table``'s row, rounded the same
-    way, and ε per site: "round 2/10 | loss 4.631 | kNN acc 71.20% | ... | ε 1.25 (site-0 1.23, site-1 1.25)"."""
+    way, and ε per site:
+    "round 2/10 | loss 4.631 | kNN acc 71.20% | ... | ε 1.25 (site-0 1.23, site-1 1.25)"."""
     cells = dict(zip(TABLE_COLUMNS, table_rows([record])[0], strict=True))
     per_site = site_epsilons(record)
     every_site_unbounded = all(part.endswith(" ∞") for part in per_site.split(", "))
     eps = cells["ε"] if cells["ε"] == "—" or every_site_unbounded else f"{cells['ε']} ({per_site})"
-    return " | ".join((f"round {record['round']}/{num_rounds}", f"loss {cells['loss']}", f"kNN acc {cells['kNN acc']}",
-                       f"negatives {cells['negatives']}", f"queue size {cells['queue size']}", f"ε {eps}",
-                       f"sites {cells['sites']}", f"{cells['seconds']} s"))
+    return " | ".join(
+        (f"round {record['round']}/{num_rounds}", f"loss {cells['loss']}", f"kNN acc {cells['kNN acc']}",
+         f"negatives {cells['negatives']}", f"queue size {cells['queue size']}", f"ε {eps}",
+         f"sites {cells['sites']}", f"{cells['seconds']} s")
+    )

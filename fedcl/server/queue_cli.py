@@ -107,13 +107,16 @@ class QueueServiceSettings(BaseModel):
                              f"({self.max_workers})")
         for site in self.revoked_sites:
             if not re.match(_SITE_ID, site):
-                raise ValueError(f"site id {site!r} in revoked_sites: use letters, digits, '_', '.', '-' (at most 64)")
+                raise ValueError(
+                    f"site id {site!r} in revoked_sites: use letters, digits, '_', '.', '-' (at most 64)")
         if (self.client_ca is None and not self.demo_open_queue_no_auth
                 and (unknown := sorted(set(self.revoked_sites) - set(self.site_tokens)))):
-            raise ValueError(f"{key('revoked_sites')} names {unknown}, which have no token in {key('site_tokens')} "
-                             "(and without client_ca no certificate names them either)")
+            raise ValueError(
+                f"{key('revoked_sites')} names {unknown}, which have no token in {key('site_tokens')} "
+                "(and without client_ca no certificate names them either)")
         if self.per_site_quota > self.capacity:
-            raise ValueError(f"per_site_quota ({self.per_site_quota}) cannot exceed capacity ({self.capacity})")
+            raise ValueError(
+                f"per_site_quota ({self.per_site_quota}) cannot exceed capacity ({self.capacity})")
         if self.max_message_bytes < self.dim * 4 + 1024:
             raise ValueError(
                 f"max_message_bytes ({self.max_message_bytes}) cannot hold one embedding of dim {self.dim}"
@@ -124,17 +127,19 @@ class QueueServiceSettings(BaseModel):
             raise ValueError(f"client_ca (mutual TLS) needs {key('tls_cert')} and {key('tls_key')}")
         if self.tls_cert is None and not self.insecure:
             raise ValueError(
-                f"TLS is required: set {key('tls_cert')} and {key('tls_key')} (deploy/ has a certificate script), "
-                f"or {key('insecure')} = true for a loopback test"
+                f"TLS is required: set {key('tls_cert')} and {key('tls_key')} "
+                f"(deploy/ has a certificate script), or {key('insecure')} = true for a loopback test"
             )
         for site, token in self.site_tokens.items():
             if not re.match(_SITE_ID, site):
-                raise ValueError(f"site id {site!r} in {key('site_tokens')}: use letters, digits, '_', '.', '-' "
-                                 "(at most 64)")
+                raise ValueError(
+                    f"site id {site!r} in {key('site_tokens')}: use letters, digits, '_', '.', '-' "
+                    "(at most 64)")
             if len(token) < _MIN_TOKEN:
-                raise ValueError(f"{key('site_tokens')}.{site} is shorter than {_MIN_TOKEN} characters: give every "
-                                 "site a long random token (python -c \"import secrets; "
-                                 "print(secrets.token_urlsafe(24))\")")
+                raise ValueError(
+                    f"{key('site_tokens')}.{site} is shorter than {_MIN_TOKEN} characters: give every "
+                    'site a long random token (python -c "import secrets; '
+                    'print(secrets.token_urlsafe(24))")')
         by_token: dict[str, list[str]] = {}
         for site, token in self.site_tokens.items():
             by_token.setdefault(token, []).append(f"{key('site_tokens')}.{site}")
@@ -144,12 +149,14 @@ class QueueServiceSettings(BaseModel):
             raise ValueError(f"{' and '.join(shared[0])} have the same token: every site and the coordinator "
                              "need a token of their own")
         if self.coordinator_token is None:
-            raise ValueError(f"{key('coordinator_token')} is required (16+ characters): the ServerApp uses it for "
-                             "Advance, and no caller without it is the coordinator")
+            raise ValueError(
+                f"{key('coordinator_token')} is required (16+ characters): the ServerApp uses it for "
+                "Advance, and no caller without it is the coordinator")
         if not self.site_tokens and self.client_ca is None and not self.demo_open_queue_no_auth:
-            raise ValueError(f"no site credentials: set [{key('site_tokens')}] (a 16+ character token per site) or "
-                             f"client_ca (mutual TLS); an open queue that trusts every caller needs "
-                             f"{key('demo_open_queue_no_auth')} = true (demos only)")
+            raise ValueError(
+                f"no site credentials: set [{key('site_tokens')}] (a 16+ character token per site) or "
+                f"client_ca (mutual TLS); an open queue that trusts every caller needs "
+                f"{key('demo_open_queue_no_auth')} = true (demos only)")
         return self
 
     def limits(self):
@@ -157,7 +164,8 @@ class QueueServiceSettings(BaseModel):
 
         return CallLimits(max_workers=self.max_workers, coordinator_reserve=self.coordinator_reserve,
                           per_site_calls=self.per_site_calls, call_timeout=self.call_timeout,
-                          stream_idle_timeout=self.stream_idle_timeout, max_concurrent_rpcs=self.max_concurrent_rpcs)
+                          stream_idle_timeout=self.stream_idle_timeout,
+                          max_concurrent_rpcs=self.max_concurrent_rpcs)
 
 
 class _ConfigFile(BaseModel):
@@ -176,7 +184,8 @@ def _format_validation(
         where = ".".join(loc) or table
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden" and item["loc"]:  # only [queue_service] keys can be extra
-            close = difflib.get_close_matches(str(item["loc"][-1]), list(QueueServiceSettings.model_fields), n=1)
+            close = difflib.get_close_matches(str(item["loc"][-1]), list(QueueServiceSettings.model_fields),
+                                              n=1)
             message = "unknown key" + (f" (did you mean {close[0]}?)" if close else "")
         lines.append(f"{where}: {message}")
     return "; ".join(lines)  # one line, however many settings are wrong
@@ -243,8 +252,9 @@ def _load_queue(settings: QueueServiceSettings) -> EmbeddingQueue:
     for name in ("dim", "capacity", "per_site_quota", "max_staleness", "dtype", "norm_tolerance"):
         if getattr(queue, name) != getattr(settings, name):
             raise QueueConfigError(
-                f"queue snapshot {settings.snapshot_path} was written with {name} = {getattr(queue, name)!r} but the "
-                f"config says {getattr(settings, name)!r}; set it back, or move the snapshot away to start empty"
+                f"queue snapshot {settings.snapshot_path} was written with {name} = {getattr(queue, name)!r} "
+                f"but the config says {getattr(settings, name)!r}; set it back, or move the snapshot away to "
+                "start empty"
             )
     return queue
 
@@ -270,15 +280,17 @@ def _steady_malloc() -> None:
 # [queue_service] key -> where a consortium config (fedcl.config.FedclConfig) keeps it
 FEDCL_CONFIG_NAMES = {
     "host": "server.queue_host", "port": "server.queue_port", "dim": "model.proj_dim",
-    "capacity": "queue.capacity", "per_site_quota": "queue.per_site_quota", "max_staleness": "queue.max_staleness",
-    "dtype": "queue.dtype", "tls_cert": "server.tls_cert", "tls_key": "server.tls_key", "insecure": "server.insecure",
+    "capacity": "queue.capacity", "per_site_quota": "queue.per_site_quota",
+    "max_staleness": "queue.max_staleness", "dtype": "queue.dtype", "tls_cert": "server.tls_cert",
+    "tls_key": "server.tls_key", "insecure": "server.insecure",
     "coordinator_token": "server.coordinator_token", "audit_log": "server.audit_log",
     "site_tokens": "server.site_tokens", "revoked_sites": "server.revoked_sites",
     "demo_open_queue_no_auth": "server.demo_open_queue_no_auth", "snapshot_path": "server.out_dir",
 }
 
 
-def settings_from_fedcl_config(cfg, *, snapshot_path: Path, audit_log: Path, coordinator_token: str | None = None,
+def settings_from_fedcl_config(cfg, *, snapshot_path: Path, audit_log: Path,
+                               coordinator_token: str | None = None,
                                source: str = "the config") -> QueueServiceSettings:
     """The queue service's settings from a consortium config (server.*, queue.*, model.proj_dim),
     validated like a [queue_service] table; errors name the consortium config's keys."""
@@ -339,9 +351,11 @@ def serve_queue(settings: QueueServiceSettings, *, warn=None):
         raise QueueConfigError(err.message) from None
     # warnings once the service runs, at every start (a refusal stays one line)
     if settings.demo_open_queue_no_auth and not settings.site_tokens and settings.client_ca is None:
-        warn("WARNING: DEMO OPEN QUEUE (demo_open_queue_no_auth = true): any caller that reaches "
-             f"{settings.host}:{server.port} can push and sample as any site it names. Never use this with real "
-             "data: set site tokens or client certificates.")
+        warn(
+            "WARNING: DEMO OPEN QUEUE (demo_open_queue_no_auth = true): any caller that reaches "
+            f"{settings.host}:{server.port} can push and sample as any site it names. Never use this with "
+            "real data: set site tokens or client certificates."
+        )
     if settings.insecure:
         where = "use this on loopback only" if settings.host in ("127.0.0.1", "localhost", "::1") else (
             f"it listens on {settings.host}: tokens and embeddings cross the network in clear")
@@ -361,7 +375,8 @@ def queue_main(argv: list[str] | None = None) -> int:
 
         return main(["serve-queue", "--config", str(args.config), *rest])
     if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)} (they go with a fedcl config, not [queue_service])")
+        parser.error(
+            f"unrecognized arguments: {' '.join(rest)} (they go with a fedcl config, not [queue_service])")
 
     from fedcl.server.queue_service import stop_on_signal  # grpc only once the arguments are fine
 
@@ -369,7 +384,8 @@ def queue_main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = load_queue_settings(args.config)
-        server = serve_queue(settings, warn=lambda line: print(f"{PROG}: {line}", file=sys.stderr, flush=True))
+        server = serve_queue(
+            settings, warn=lambda line: print(f"{PROG}: {line}", file=sys.stderr, flush=True))
     except QueueConfigError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
@@ -381,7 +397,8 @@ def queue_main(argv: list[str] | None = None) -> int:
     with stop_on_signal() as stop:
         print(
             f"queue service listening on {settings.host}:{server.port} "
-            f"({'TLS' if settings.tls_cert else 'insecure'}, {len(queue)} entries, round {queue.current_round})",
+            f"({'TLS' if settings.tls_cert else 'insecure'}, {len(queue)} entries, "
+            f"round {queue.current_round})",
             flush=True,
         )
         server.serve_until(stop, grace=5.0)

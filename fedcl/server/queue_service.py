@@ -124,7 +124,8 @@ class QueueHandlers:
             if first is None:
                 first = chunk
                 if chunk.dtype not in _WIRE:
-                    raise QueueError("INVALID_ARGUMENT", "push chunk dtype must be DTYPE_FLOAT16 or DTYPE_FLOAT32")
+                    raise QueueError("INVALID_ARGUMENT",
+                                     "push chunk dtype must be DTYPE_FLOAT16 or DTYPE_FLOAT32")
             elif (chunk.round, chunk.model_version, chunk.dim, chunk.dtype, chunk.request_id) != (
                 first.round,
                 first.model_version,
@@ -132,14 +133,11 @@ class QueueHandlers:
                 first.dtype,
                 first.request_id,
             ):
-                raise QueueError(
-                    "INVALID_ARGUMENT",
-                    "all chunks of one push must carry the same round, model_version, dim, dtype and request_id",
-                )
+                raise QueueError("INVALID_ARGUMENT", "all chunks of one push must carry the same round, "
+                                 "model_version, dim, dtype and request_id")
             if chunk.dim != self.queue.dim:
-                raise QueueError(
-                    "INVALID_ARGUMENT", f"embeddings have dim {chunk.dim}, this queue holds dim {self.queue.dim}"
-                )
+                raise QueueError("INVALID_ARGUMENT",
+                                 f"embeddings have dim {chunk.dim}, this queue holds dim {self.queue.dim}")
             wire = _WIRE[chunk.dtype]
             if len(chunk.data) != chunk.rows * chunk.dim * wire.itemsize:
                 raise QueueError(
@@ -176,7 +174,8 @@ class QueueHandlers:
                     self._seen.popitem(last=False)
         return queue_pb2.PushReply(accepted=accepted, size=len(self.queue))
 
-    def sample(self, principal: Principal, request: queue_pb2.SampleRequest) -> Iterator[queue_pb2.SampleChunk]:
+    def sample(self, principal: Principal,
+               request: queue_pb2.SampleRequest) -> Iterator[queue_pb2.SampleChunk]:
         """Draw the whole sample first (errors surface before any chunk), then stream it in chunks."""
         if principal.coordinator:
             exclude = request.exclude_site or None
@@ -212,10 +211,12 @@ class QueueHandlers:
 
     def advance(self, principal: Principal, request: queue_pb2.AdvanceRequest) -> queue_pb2.AdvanceReply:
         if not principal.coordinator:
-            raise AccessError("PERMISSION_DENIED", "only the coordinator (ServerApp) may advance the queue's round")
+            raise AccessError("PERMISSION_DENIED",
+                              "only the coordinator (ServerApp) may advance the queue's round")
         evicted = self.queue.advance(request.round)
         self.save_snapshot()
-        return queue_pb2.AdvanceReply(evicted=evicted, current_round=self.queue.current_round, size=len(self.queue))
+        return queue_pb2.AdvanceReply(evicted=evicted, current_round=self.queue.current_round,
+                                      size=len(self.queue))
 
     def stats(self, principal: Principal, request: queue_pb2.StatsRequest) -> queue_pb2.StatsReply:
         """The coordinator sees everything; a site sees the queue's settings and its own row count only
@@ -459,8 +460,8 @@ class Authenticator:
                 raise AccessError("UNAUTHENTICATED", "unknown token: check the site's queue token")
             if cert_site is not None and cert_site != site:
                 raise AccessError(
-                    "PERMISSION_DENIED", f"the token is site {site!r}'s but the client certificate is {cert_site!r}'s"
-                )
+                    "PERMISSION_DENIED",
+                    f"the token is site {site!r}'s but the client certificate is {cert_site!r}'s")
         elif cert_site is not None:
             site = cert_site
         elif self.open and claimed:
@@ -545,11 +546,14 @@ class _Admission:
             if not principal.coordinator:
                 held = self._per_site.get(principal.site_id, 0)
                 if held >= self.limits.per_site_calls:
-                    raise QueueError("RESOURCE_EXHAUSTED", f"site {principal.site_id!r} already has {held} calls in "
-                                     f"flight (the per-site limit); finish or cancel one first")
+                    raise QueueError(
+                        "RESOURCE_EXHAUSTED",
+                        f"site {principal.site_id!r} already has {held} calls in "
+                        f"flight (the per-site limit); finish or cancel one first")
                 if self._site_calls >= self._site_slots:
-                    raise QueueError("UNAVAILABLE", f"queue service busy ({self._site_calls} site calls in flight); "
-                                     "retry with backoff")
+                    raise QueueError(
+                        "UNAVAILABLE",
+                        f"queue service busy ({self._site_calls} site calls in flight); retry with backoff")
                 self._per_site[principal.site_id] = held + 1
                 self._site_calls += 1
             self._calls.add(call)
@@ -602,7 +606,8 @@ class _Servicer(queue_pb2_grpc.EmbeddingQueueServicer):
         try:
             principal = self._authenticate(context)
         except AccessError as err:
-            self._audit.rejection(method=method, peer=context.peer(), site=err.site, code=err.code, reason=err.message)
+            self._audit.rejection(method=method, peer=context.peer(), site=err.site, code=err.code,
+                                  reason=err.message)
             context.abort(_status(err.code), err.message)
         key = (context.peer(), principal.site_id)
         with self._peers_lock:
@@ -612,7 +617,8 @@ class _Servicer(queue_pb2_grpc.EmbeddingQueueServicer):
                     self._peers.clear()
                 self._peers.add(key)
         if first:
-            self._audit.write("connect", site=principal.site_id, coordinator=principal.coordinator, peer=context.peer())
+            self._audit.write("connect", site=principal.site_id, coordinator=principal.coordinator,
+                              peer=context.peer())
         return principal
 
     def _admit(self, context: grpc.ServicerContext, method: str) -> _Call:
@@ -636,8 +642,8 @@ class _Servicer(queue_pb2_grpc.EmbeddingQueueServicer):
                 "INTERNAL",
                 f"{method} failed inside the queue service ({type(err).__name__}); nothing stored",
             )
-        self._audit.rejection(method=method, peer=context.peer(), site=principal.site_id, round=round, code=code,
-                              reason=message)
+        self._audit.rejection(method=method, peer=context.peer(), site=principal.site_id, round=round,
+                              code=code, reason=message)
         context.abort(_status(code), message)
 
     def Push(self, request_iterator, context):
@@ -683,7 +689,8 @@ class _Servicer(queue_pb2_grpc.EmbeddingQueueServicer):
                 call.touch()
         finally:
             self._admission.leave(call)
-        self._audit.write("sample", site=principal.site_id, round=self._handlers.queue.current_round, count=count)
+        self._audit.write("sample", site=principal.site_id, round=self._handlers.queue.current_round,
+                          count=count)
 
     def Advance(self, request, context):
         call = self._admit(context, "Advance")
@@ -693,8 +700,10 @@ class _Servicer(queue_pb2_grpc.EmbeddingQueueServicer):
         except (QueueError, AccessError) as err:
             self._reject(context, "Advance", principal, err, round=request.round)
         except OSError as err:  # the round moved but the snapshot failed: retrying the same round is safe
-            self._audit.write("rejection", method="Advance", code="INTERNAL", reason=f"snapshot failed: {err}")
-            context.abort(grpc.StatusCode.INTERNAL, f"queue snapshot failed: {err}; retry Advance with the same round")
+            self._audit.write("rejection", method="Advance", code="INTERNAL",
+                              reason=f"snapshot failed: {err}")
+            context.abort(grpc.StatusCode.INTERNAL,
+                          f"queue snapshot failed: {err}; retry Advance with the same round")
         finally:
             self._admission.leave(call)
         self._audit.write("advance", site=principal.site_id, round=reply.current_round, count=reply.evicted)
@@ -711,8 +720,8 @@ class _Servicer(queue_pb2_grpc.EmbeddingQueueServicer):
 class QueueServer:
     """A running queue service: ``.port``, ``.stop(grace)`` (snapshots), ``.wait()``."""
 
-    def __init__(self, *, server: grpc.Server, port: int, handlers: QueueHandlers, health_servicer, audit: AuditLog,
-                 admission: _Admission) -> None:
+    def __init__(self, *, server: grpc.Server, port: int, handlers: QueueHandlers, health_servicer,
+                 audit: AuditLog, admission: _Admission) -> None:
         self._server = server
         self.port = port
         self.handlers = handlers
@@ -808,14 +817,17 @@ class ServeSettings:
         if self.client_ca is not None and self.tls_cert is None:
             raise ValueError("client_ca (mutual TLS) needs tls_cert and tls_key")
         if not self.coordinator_token:
-            raise ValueError("coordinator_token is required: the coordinator (ServerApp) is never an anonymous caller")
+            raise ValueError(
+                "coordinator_token is required: the coordinator (ServerApp) is never an anonymous caller")
         if not self.site_tokens and self.client_ca is None and not self.demo_open_queue:
-            raise ValueError("no site credentials: give site_tokens or client_ca (an open queue needs demo_open_queue)")
+            raise ValueError(
+                "no site credentials: give site_tokens or client_ca (an open queue needs demo_open_queue)")
         tokens = list(self.site_tokens.values()) + [self.coordinator_token]
         if len(set(tokens)) != len(tokens) or any(not t for t in tokens):
             raise ValueError("every site token and the coordinator token must be non-empty and distinct")
         if COORDINATOR in self.revoked_sites or COORDINATOR_PUSH_SITE in self.revoked_sites:
-            raise ValueError(f"revoked_sites may not name the coordinator ({COORDINATOR!r}, {COORDINATOR_PUSH_SITE!r})")
+            raise ValueError(
+                f"revoked_sites may not name the coordinator ({COORDINATOR!r}, {COORDINATOR_PUSH_SITE!r})")
 
     @property
     def address(self) -> str:
@@ -850,23 +862,24 @@ def start_queue_server(queue: EmbeddingQueue, settings: ServeSettings) -> QueueS
     if s.snapshot_path is not None:
         removed = remove_stale_snapshot_temps(Path(s.snapshot_path))
         journal = PushJournal(journal_path(Path(s.snapshot_path)))
-    handlers = QueueHandlers(queue=queue, max_message_bytes=s.max_message_bytes, snapshot_path=s.snapshot_path,
-                             journal=journal)
+    handlers = QueueHandlers(queue=queue, max_message_bytes=s.max_message_bytes,
+                             snapshot_path=s.snapshot_path, journal=journal)
     audit = AuditLog(s.audit_log, max_bytes=s.audit_max_bytes, backups=s.audit_backups,
                      rejection_interval=s.rejection_interval)
-    authenticate = Authenticator(
-        site_tokens=dict(s.site_tokens), coordinator_token=s.coordinator_token, mutual_tls=s.client_ca is not None,
-        revoked_sites=list(s.revoked_sites), demo_open_queue=s.demo_open_queue,
-    )
+    authenticate = Authenticator(site_tokens=dict(s.site_tokens), coordinator_token=s.coordinator_token,
+                                 mutual_tls=s.client_ca is not None, revoked_sites=list(s.revoked_sites),
+                                 demo_open_queue=s.demo_open_queue)
     options = [
         ("grpc.max_receive_message_length", int(s.max_message_bytes)),
         ("grpc.max_send_message_length", int(s.max_message_bytes)),
         ("grpc.so_reuseport", 0),
     ]
     admission = _Admission(s.limits)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=s.limits.max_workers, thread_name_prefix="queue"),
-                         options=options, maximum_concurrent_rpcs=s.limits.max_concurrent_rpcs)
-    queue_pb2_grpc.add_EmbeddingQueueServicer_to_server(_Servicer(handlers, authenticate, audit, admission), server)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=s.limits.max_workers, thread_name_prefix="queue"),
+        options=options, maximum_concurrent_rpcs=s.limits.max_concurrent_rpcs)
+    queue_pb2_grpc.add_EmbeddingQueueServicer_to_server(_Servicer(handlers, authenticate, audit, admission),
+                                                        server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
@@ -885,8 +898,10 @@ def start_queue_server(queue: EmbeddingQueue, settings: ServeSettings) -> QueueS
         rows_lost=journal.lost_at_start or None, stale_temp_files=[p.name for p in removed] or None,
     )
     if journal.lost_at_start:
-        log.warning("queue service: the previous run ended without a snapshot; the %d rows acknowledged after "
-                    "its last snapshot are lost", journal.lost_at_start)
+        log.warning(
+            "queue service: the previous run ended without a snapshot; the %d rows acknowledged after "
+            "its last snapshot are lost",
+            journal.lost_at_start)
     log.info("queue service listening on %s (port %d)", s.host, bound)
-    return QueueServer(server=server, port=bound, handlers=handlers, health_servicer=health_servicer, audit=audit,
-                       admission=admission)
+    return QueueServer(server=server, port=bound, handlers=handlers, health_servicer=health_servicer,
+                       audit=audit, admission=admission)

@@ -40,7 +40,8 @@ def build_strategy(
     names = available_strategies()
     cls = getattr(flwr_strategies, name, None) if name in names else None
     if cls is None:
-        raise StrategyError(f"unknown strategy {name!r}; federation.strategy can be one of: {', '.join(names)}")
+        raise StrategyError(
+            f"unknown strategy {name!r}; federation.strategy can be one of: {', '.join(names)}")
     wanted: dict[str, Any] = {
         "fraction_train": fraction_train,
         "min_train_nodes": min_train_nodes,

@@ -35,8 +35,8 @@ class _Progress:
             print(f"resuming at round {start_round} of {num_rounds}", file=self.stream, flush=True)
         if initial_knn is not None:
             print(f"random-init kNN accuracy: {100 * initial_knn:.2f}%", file=self.stream, flush=True)
-        self.bar = tqdm(total=num_rounds, initial=start_round - 1, desc="rounds", unit="round", file=self.stream,
-                        disable=not self.enabled, dynamic_ncols=True)
+        self.bar = tqdm(total=num_rounds, initial=start_round - 1, desc="rounds", unit="round",
+                        file=self.stream, disable=not self.enabled, dynamic_ncols=True)
 
     def on_round(self, record: dict[str, Any]) -> None:
         if self.bar is None:
@@ -78,13 +78,15 @@ def _start_ray(init_args: dict[str, Any], *, stream: TextIO, attempts: int = 3) 
     os.environ["PYTHONPATH"] = pythonpath
     for attempt in range(1, attempts + 1):
         try:
-            ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, include_dashboard=False, **init_args)
+            ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, include_dashboard=False,
+                     **init_args)
             return
         except Exception as exc:  # Ray raises plain Exception for a startup timeout
             ray.shutdown()
             if attempt == attempts:
-                raise RuntimeError(f"Ray (Flower's simulation engine) did not start in {attempts} tries: {exc} "
-                                   "Is the machine overloaded? Try again when it is quieter.") from None
+                raise RuntimeError(
+                    f"Ray (Flower's simulation engine) did not start in {attempts} tries: {exc} "
+                    "Is the machine overloaded? Try again when it is quieter.") from None
             print(f"Ray did not start ({str(exc).splitlines()[0]}); trying again ({attempt + 1}/{attempts})",
                   file=stream, flush=True)
             time.sleep(5.0 * attempt)
@@ -140,10 +142,13 @@ def _print_summary(result, *, seconds: float, out_dir: Path, stream: TextIO) -> 
     rand = "—" if result.random_init_knn is None else f"{100 * result.random_init_knn:.2f}%"
     final = "—" if result.final_knn is None else f"{100 * result.final_knn:.2f}%"
     if result.stopped_for_privacy_budget_at_round is not None:
-        print(f"\nthe run stops at round {result.stopped_for_privacy_budget_at_round}: every site refused it on its "
-              "privacy budget (fedcl privacy shows each site's ledger)", file=stream)
-    print(f"\nfedcl simulate: {len(result.history)} rounds in {seconds:.0f} s | kNN accuracy {final} "
-          f"(random init {rand}) | encoder {out_dir / ENCODER_NAME} | plots {out_dir}", file=stream, flush=True)
+        print(
+            f"\nthe run stops at round {result.stopped_for_privacy_budget_at_round}: every site refused it "
+            "on its privacy budget (fedcl privacy shows each site's ledger)", file=stream)
+    print(
+        f"\nfedcl simulate: {len(result.history)} rounds in {seconds:.0f} s | kNN accuracy {final} "
+        f"(random init {rand}) | encoder {out_dir / ENCODER_NAME} | plots {out_dir}",
+        file=stream, flush=True)
 
 
 def run_simulation_main(

@@ -76,10 +76,13 @@ class RoundConfig(BaseModel):
     train: SiteTrainSettings = Field(default_factory=SiteTrainSettings)
     # queue.enabled: a queue service is linked; queue.fresh_push: a release phase in the release mode
     queue: SiteQueueSettings = Field(default_factory=SiteQueueSettings)
-    model: ModelSettings = Field(default_factory=ModelSettings)  # the global model's spec: build_model(**model)
+    # the global model's spec: build_model(**model)
+    model: ModelSettings = Field(default_factory=ModelSettings)
     augment: AugmentSettings = Field(default_factory=AugmentSettings)
-    privacy: SitePrivacySettings = Field(default_factory=SitePrivacySettings)  # checked against the site policy
-    data: SiteDataSettings = Field(default_factory=SiteDataSettings)  # used by sites started with a partition id
+    # checked against the site policy
+    privacy: SitePrivacySettings = Field(default_factory=SitePrivacySettings)
+    # used by sites started with a partition id
+    data: SiteDataSettings = Field(default_factory=SiteDataSettings)
 
     @field_validator("*", mode="before")
     @classmethod

@@ -30,7 +30,8 @@ __all__ = ["QueueClient", "QueueServiceError"]
 
 SERVICE_NAME = queue_pb2.DESCRIPTOR.services_by_name["EmbeddingQueue"].full_name
 _CHUNK_OVERHEAD_BYTES = 1024  # room for the non-data fields of a chunk
-_WIRE = {"float16": (queue_pb2.DTYPE_FLOAT16, np.dtype("<f2")), "float32": (queue_pb2.DTYPE_FLOAT32, np.dtype("<f4"))}
+_WIRE = {"float16": (queue_pb2.DTYPE_FLOAT16, np.dtype("<f2")),
+         "float32": (queue_pb2.DTYPE_FLOAT32, np.dtype("<f4"))}
 _FROM_WIRE = {queue_pb2.DTYPE_FLOAT16: np.dtype("<f2"), queue_pb2.DTYPE_FLOAT32: np.dtype("<f4")}
 _TORCH = {"float16": torch.float16, "float32": torch.float32}
 _DTYPE_NAMES = {queue_pb2.DTYPE_FLOAT16: "float16", queue_pb2.DTYPE_FLOAT32: "float32"}
@@ -85,9 +86,9 @@ class QueueClient:
             ("grpc.http2.lookahead_bytes", self.max_message_bytes),
         ]
         if root_certificates is not None:
-            credentials = grpc.ssl_channel_credentials(
-                root_certificates=root_certificates, private_key=client_key, certificate_chain=client_certificate
-            )
+            credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates,
+                                                       private_key=client_key,
+                                                       certificate_chain=client_certificate)
             self._channel = grpc.secure_channel(address, credentials, options=options)
         else:
             self._channel = grpc.insecure_channel(address, options=options)
@@ -110,14 +111,16 @@ class QueueClient:
         request_id = uuid.uuid4().hex
 
         def chunks() -> Iterator[queue_pb2.PushChunk]:
-            for start in range(0, max(rows, 1), step):  # an empty push is one empty chunk: the server says why
+            # an empty push is one empty chunk: the server says why
+            for start in range(0, max(rows, 1), step):
                 part = data[start : start + step]
                 yield queue_pb2.PushChunk(
                     rows=part.shape[0], dim=dim, dtype=wire_enum, data=part.tobytes(),
                     round=round, model_version=model_version, request_id=request_id, total_rows=rows,
                 )
 
-        reply = self._call("Push", lambda: self._stub.Push(chunks(), timeout=self.timeout, metadata=self._metadata))
+        reply = self._call(
+            "Push", lambda: self._stub.Push(chunks(), timeout=self.timeout, metadata=self._metadata))
         return int(reply.accepted)
 
     def sample(self, k: int, *, max_age: int | None = None) -> torch.Tensor:
@@ -143,14 +146,16 @@ class QueueClient:
                 values = np.frombuffer(bytearray(chunk.data), dtype=wire).reshape(chunk.rows, chunk.dim)
                 if sys.byteorder != "little":
                     values = values.astype(values.dtype.newbyteorder("="))
-                out[filled : filled + chunk.rows].copy_(torch.from_numpy(values))  # float16 -> float32 in torch: fast
+                # float16 -> float32 in torch: fast
+                out[filled : filled + chunk.rows].copy_(torch.from_numpy(values))
             filled += chunk.rows
         if out is None or filled != out.shape[0]:
             raise self._malformed("sample stream ended early")
         return out
 
     def _malformed(self, details: str) -> QueueServiceError:
-        return QueueServiceError(method="Sample", address=self.address, code=grpc.StatusCode.INTERNAL, details=details)
+        return QueueServiceError(method="Sample", address=self.address, code=grpc.StatusCode.INTERNAL,
+                                 details=details)
 
     def advance(self, round: int) -> int:
         """Move the queue to ``round`` (coordinator token only); return how many entries were evicted."""
@@ -161,8 +166,8 @@ class QueueClient:
 
     def stats(self) -> dict:
         reply = self._call(
-            "Stats", lambda: self._stub.Stats(queue_pb2.StatsRequest(), timeout=self.timeout, metadata=self._metadata)
-        )
+            "Stats",
+            lambda: self._stub.Stats(queue_pb2.StatsRequest(), timeout=self.timeout, metadata=self._metadata))
         return {
             "size": reply.size,
             "capacity": reply.capacity,
@@ -187,7 +192,8 @@ class QueueClient:
     def health(self) -> bool:
         """True when the service answers SERVING to a standard gRPC health check."""
         try:
-            reply = self._health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=self.timeout)
+            reply = self._health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME),
+                                       timeout=self.timeout)
         except grpc.RpcError:
             return False
         return reply.status == health_pb2.HealthCheckResponse.SERVING
@@ -213,5 +219,6 @@ class QueueClient:
                     time.sleep(min(self.backoff * 2**attempt, 5.0) * random.uniform(0.5, 1.0))
                     continue
                 details = err.details() if hasattr(err, "details") else str(err)
-                raise QueueServiceError(method=method, address=self.address, code=code, details=details or "") from None
+                raise QueueServiceError(method=method, address=self.address, code=code,
+                                        details=details or "") from None
         raise AssertionError("unreachable")

@@ -14,7 +14,9 @@ from bench.compare import main  # noqa: E402
 
 
 def _results(path: Path, cells: dict[str, list[float]]) -> None:
-    split = {m: {"knn": {"mean": sum(v) / len(v), "std": 0.01, "n": len(v), "values": v}} for m, v in cells.items()}
+    split = {
+        m: {"knn": {"mean": sum(v) / len(v), "std": 0.01, "n": len(v), "values": v}} for m, v in cells.items()
+    }
     path.write_text(json.dumps({"command": "x", "splits": {"pathological": split}}))
 
 

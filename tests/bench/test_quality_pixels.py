@@ -65,7 +65,8 @@ def test_cache_key_holds_the_data_set_and_plain_fashion_mnist_keeps_its_key():
                 for extra in (["--canvas", "44"], ["--item-scale", "0.8"], ["--clutter-patches", "2"],
                               ["--clutter-patch-size", "8"], ["--clutter-seed", "1"])}
     assert len(variants | {cluttered, "bddaf49b40ac"}) == 7
-    config = federation_config(METHODS["fedcl"], run_config(parse_args(MAIN_TABLE + CLUTTERED + ["--canvas", "44"])),
+    config = federation_config(METHODS["fedcl"],
+                               run_config(parse_args(MAIN_TABLE + CLUTTERED + ["--canvas", "44"])),
                                split="pathological", seed=0, data_root=Path("/x"))
     assert config.data.name == "fashion-mnist-cluttered" and config.data.clutter.canvas == 44
 
@@ -80,8 +81,8 @@ def test_cluttered_pixels_table_records_command_commit_and_cpu(tmp_path, capsys)
     result = json.loads((tmp_path / "out" / "quality.json").read_text())
     assert "--methods pixels" in result["command"] and len(result["commit"].split("-")[0]) == 40
     assert result["cpu"]["runs"] == 1 and result["cpu"]["seconds"] > 0
-    assert result["config"]["dataset"]["clutter"] == {"canvas": 12, "scale": 0.3, "patches": 3, "patch_size": 4,
-                                                      "seed": 0}
+    assert result["config"]["dataset"]["clutter"] == {"canvas": 12, "scale": 0.3, "patches": 3,
+                                                      "patch_size": 4, "seed": 0}
     pixels = result["splits"]["iid"]["pixels"]
     assert {"knn", "linear", "fewlabel", "cpu_seconds"} <= set(pixels) and pixels["knn"]["n"] == 1
     assert "CPU: " in (tmp_path / "out" / "quality.md").read_text()
@@ -89,5 +90,6 @@ def test_cluttered_pixels_table_records_command_commit_and_cpu(tmp_path, capsys)
     capsys.readouterr()
     assert main(argv[:-1] + [str(tmp_path / "bad"), "--item-scale", "1.0"]) == 2  # 28 px item, 12 px canvas
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [err[-1]] and err[-1].startswith("data.clutter") and "raise canvas to at least 28" in err[-1]
+    assert (
+        err == [err[-1]] and err[-1].startswith("data.clutter") and "raise canvas to at least 28" in err[-1])
     assert not (tmp_path / "bad").exists()  # refused before anything was written

@@ -31,8 +31,9 @@ def test_pathological_splits_give_each_site_its_number_of_classes(data, split, s
     assert all(s.shape[0] == 50 for s in out["sites"])
 
 
-MAIN_TABLE = ("--splits pathological,dirichlet0.1 --seeds 0,1,2 --rounds 6 --local-epochs 1 --images-per-site 1000 "
-              "--width 16 --test-images 2000 --batch-size 64 --lr 3e-4 --threads 1").split()
+MAIN_TABLE = (
+    "--splits pathological,dirichlet0.1 --seeds 0,1,2 --rounds 6 --local-epochs 1 --images-per-site 1000 "
+    "--width 16 --test-images 2000 --batch-size 64 --lr 3e-4 --threads 1").split()
 
 
 def test_cache_key_names_the_shipped_runner_and_every_recipe_option():

@@ -20,10 +20,12 @@ TINY = ["data.synthetic_images=200", "data.train_max_images=100", "data.eval_max
 
 
 def test_growth_factors_divide_by_the_smallest_site_count():
-    rows = [{"sites": 20, "seconds_per_round": 9.0, "server_peak_rss_mib": 1100.0, "server_cpu_per_round": 2.0,
-             "cpu_per_round_total": 1.0, "ray_workers_peak_rss_sum_mib": 2000.0, "queue_size": 1280},
-            {"sites": 10, "seconds_per_round": 3.0, "server_peak_rss_mib": 1000.0, "server_cpu_per_round": None,
-             "cpu_per_round_total": 0.25, "ray_workers_peak_rss_sum_mib": 1000.0, "queue_size": 640}]
+    rows = [
+        {"sites": 20, "seconds_per_round": 9.0, "server_peak_rss_mib": 1100.0, "server_cpu_per_round": 2.0,
+         "cpu_per_round_total": 1.0, "ray_workers_peak_rss_sum_mib": 2000.0, "queue_size": 1280},
+        {"sites": 10, "seconds_per_round": 3.0, "server_peak_rss_mib": 1000.0, "server_cpu_per_round": None,
+         "cpu_per_round_total": 0.25, "ray_workers_peak_rss_sum_mib": 1000.0, "queue_size": 640},
+    ]
     (g,) = scale.growth_factors(rows)
     assert (g["from_sites"], g["to_sites"], g["sites_factor"]) == (10, 20, 2.0)
     assert g["seconds_per_round"] == pytest.approx(3.0) and g["server_peak_rss_mib"] == pytest.approx(1.1)
@@ -36,14 +38,16 @@ def test_growth_factors_divide_by_the_smallest_site_count():
 
 def test_a_failing_simulation_is_reported_with_its_log(tmp_path):
     overrides = scale.bench_overrides(sites=2, rounds=1, images_per_site=IMAGES, data="synthetic", width=8,
-                                      batch_size=8, num_push=8, extra=["model.widht=8"])  # a typo: refused at once
-    with pytest.raises(RuntimeError, match=r"(?s)2 sites: the simulation failed \(exit 2\).*model\.widht: unknown key"):
+                                      batch_size=8, num_push=8,
+                                      extra=["model.widht=8"])  # a typo: refused at once
+    with pytest.raises(RuntimeError,
+                       match=r"(?s)2 sites: the simulation failed \(exit 2\).*model\.widht: unknown key"):
         scale.run_one(sites=2, overrides=overrides, work_dir=tmp_path, timeout=120)
     from fedcl.config import ConfigError
 
     with pytest.raises(ConfigError, match="model.widht"):  # run_scale checks every setting before it starts
-        scale.run_scale(sites=[2], rounds=1, images_per_site=IMAGES, extra=["model.widht=8"], work_dir=tmp_path,
-                        progress=False)
+        scale.run_scale(sites=[2], rounds=1, images_per_site=IMAGES, extra=["model.widht=8"],
+                        work_dir=tmp_path, progress=False)
 
 
 def test_a_run_whose_ray_node_did_not_start_is_started_again(tmp_path, monkeypatch):
@@ -52,12 +56,14 @@ def test_a_run_whose_ray_node_did_not_start_is_started_again(tmp_path, monkeypat
     def fake(*, sites, overrides, work_dir, timeout, bar):
         calls.append(work_dir.name)
         if len(calls) == 1:
-            raise RuntimeError(f"{sites} sites: the simulation failed (exit 1): ray.init(\n"
-                               f"RuntimeError: {scale.RAY_START_TIMEOUTS[1]} /tmp/ray/session_x/gcs_server_port")
+            raise RuntimeError(
+                f"{sites} sites: the simulation failed (exit 1): ray.init(\n"
+                f"RuntimeError: {scale.RAY_START_TIMEOUTS[1]} /tmp/ray/session_x/gcs_server_port")
         return {"sites": sites}
 
     monkeypatch.setattr(scale, "_run_one", fake)
-    assert scale.run_one(sites=4, overrides=[], work_dir=tmp_path, timeout=1) == {"sites": 4, "ray_start_retries": 1}
+    assert scale.run_one(sites=4, overrides=[], work_dir=tmp_path, timeout=1) == {
+        "sites": 4, "ray_start_retries": 1}
     assert calls == ["attempt0", "attempt1"]
     calls.clear()
     monkeypatch.setattr(scale, "_run_one", lambda **kw: (_ for _ in ()).throw(RuntimeError("other failure")))

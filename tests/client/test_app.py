@@ -11,7 +11,8 @@ from fedcl.wire.protocol import RoundConfig
 
 
 def _rc(**data) -> RoundConfig:
-    return RoundConfig(round=1, num_rounds=2, data={"partition": "iid", "seed": 3, "max_images_per_site": None, **data})
+    return RoundConfig(round=1, num_rounds=2,
+                       data={"partition": "iid", "seed": 3, "max_images_per_site": None, **data})
 
 
 def _npz(path, n=30, classes=3):
@@ -24,8 +25,10 @@ def _npz(path, n=30, classes=3):
 def test_node_config_is_validated(tmp_path):
     token = tmp_path / "token"
     token.write_text("  s3cret \n")
-    s = SiteSettings.from_node_config({"site-id": "a", "data-path": str(tmp_path), "queue-token-file": str(token),
-                                       "insecure": "true", "threads": 2})
+    s = SiteSettings.from_node_config(
+        {"site-id": "a", "data-path": str(tmp_path), "queue-token-file": str(token), "insecure": "true",
+         "threads": 2}
+    )
     assert (s.site_id, s.queue_token, s.insecure, s.threads) == ("a", "s3cret", True, 2)
     assert "s3cret" not in repr(s)
     assert SiteSettings.from_node_config({"partition-id": 2, "num-partitions": 3}).site_id == "site-2"

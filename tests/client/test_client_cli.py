@@ -111,9 +111,10 @@ def test_supervisor_restarts_a_supernode_that_drops_out(tmp_path):
     try:
         proc = subprocess.run([sys.executable, "-c", supervisor], capture_output=True, text=True, timeout=600)
     except subprocess.TimeoutExpired as err:
-        raise AssertionError(f"awaited the supervised child's third run and the supervisor's exit on SIGTERM; "
-                             f"runs so far: {counter.read_text() if counter.exists() else 0}; "
-                             f"stdout: {err.stdout!r}") from None
+        raise AssertionError(
+            f"awaited the supervised child's third run and the supervisor's exit on SIGTERM; "
+            f"runs so far: {counter.read_text() if counter.exists() else 0}; "
+            f"stdout: {err.stdout!r}") from None
     assert proc.returncode == 0, proc.stderr
     assert int(counter.read_text()) >= 3  # exited with 0 and then 7, and was started again each time
     assert "rejoining" in proc.stdout
@@ -126,20 +127,26 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _certs(out: Path, *sites: str, server_name: str | None = "localhost") -> Path:
     names = ["--server-name", server_name] if server_name else []
-    subprocess.run([sys.executable, str(REPO / "deploy" / "make_certs.py"), "--out", str(out), "--server-ip",
-                    "127.0.0.1", *names, *[a for s in sites for a in ("--site", s)]], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(REPO / "deploy" / "make_certs.py"), "--out", str(out), "--server-ip",
+         "127.0.0.1", *names, *[a for s in sites for a in ("--site", s)]],
+        check=True, capture_output=True,
+    )
     return out
 
 
 def test_node_key_goes_to_flower_and_bad_keys_are_explained(tmp_path):
     certs = _certs(tmp_path / "certs", "hospital-a")
     key = certs / "sites" / "hospital-a.node-key"
-    args = _parser().parse_args(_argv(tmp_path, "--root-certificates", str(certs / "ca.pem"), "--node-key", str(key)))
+    args = _parser().parse_args(
+        _argv(tmp_path, "--root-certificates", str(certs / "ca.pem"), "--node-key", str(key)))
     argv = build_supernode_argv(args, token_file=None)
     assert argv[argv.index("--auth-supernode-private-key") + 1] == str(key.resolve())
-    for bad, message in ((certs / "sites" / "hospital-a.node-key.pub", "not an unencrypted OpenSSH private key"),
-                         (certs / "sites" / "hospital-a.key", "not an unencrypted OpenSSH private key"),
-                         (tmp_path / "missing", "No such file")):
+    for bad, message in (
+        (certs / "sites" / "hospital-a.node-key.pub", "not an unencrypted OpenSSH private key"),
+        (certs / "sites" / "hospital-a.key", "not an unencrypted OpenSSH private key"),
+        (tmp_path / "missing", "No such file"),
+    ):
         args.node_key = bad
         with pytest.raises(ClientCliError, match=message):
             build_supernode_argv(args, token_file=None)
@@ -201,10 +208,12 @@ def test_server_certificate_is_checked_before_joining(tmp_path, tls_server):
 def test_fedcl_client_with_the_wrong_ca_stops_with_one_clear_message(tmp_path, tls_server):
     port, _ = tls_server
     rogue = _certs(tmp_path / "rogue")
-    proc = subprocess.run([sys.executable, "-m", "fedcl.client.cli", "--server", f"127.0.0.1:{port}", "--data-format",
-                           "synthetic", "--site-id", "hospital-a", "--state-dir", str(tmp_path / "state"),
-                           "--root-certificates", str(rogue / "ca.pem")],
-                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedcl.client.cli", "--server", f"127.0.0.1:{port}", "--data-format",
+         "synthetic", "--site-id", "hospital-a", "--state-dir", str(tmp_path / "state"),
+         "--root-certificates", str(rogue / "ca.pem")],
+        capture_output=True, text=True, timeout=60, cwd=REPO,
+    )
     assert proc.returncode == 2
     assert proc.stderr.startswith("fedcl-client: error: check CA: the server at 127.0.0.1:")
     assert "does not verify" in proc.stderr and len(proc.stderr.splitlines()) == 1
@@ -214,27 +223,41 @@ def test_fedcl_client_with_the_wrong_ca_stops_with_one_clear_message(tmp_path, t
 def test_supervisor_explains_a_refused_supernode(tmp_path):
     # what flower-supernode prints (and its status) when the SuperLink does not know its key
     child = "print('[code: 2004] Failed to activate SuperNode.'); import sys; sys.exit(1)"
-    proc = subprocess.run([sys.executable, "-c", (
-        "import sys; from fedcl.client.cli import supervise, NODE_REFUSED, NODE_REFUSED_HINT;"
-        f"sys.exit(supervise([sys.executable, '-c', {child!r}], rejoin=False,"
-        " output_hints={NODE_REFUSED: NODE_REFUSED_HINT}))")], capture_output=True, text=True, timeout=60, cwd=REPO)
+    proc = subprocess.run(
+        [
+            sys.executable, "-c",
+            (
+                "import sys; from fedcl.client.cli import supervise, NODE_REFUSED, NODE_REFUSED_HINT;"
+                f"sys.exit(supervise([sys.executable, '-c', {child!r}], rejoin=False,"
+                " output_hints={NODE_REFUSED: NODE_REFUSED_HINT}))"),
+        ],
+        capture_output=True, text=True, timeout=60, cwd=REPO,
+    )
     assert proc.returncode == 1
     lines = proc.stdout.splitlines()
     assert lines[0] == "[code: 2004] Failed to activate SuperNode."  # Flower's own line, passed on
     assert lines[1].startswith("fedcl-client: the SuperLink does not know this SuperNode's key (yet)")
-    assert "joins once the key is registered" in lines[1]  # not "your key is wrong": it may be registered later
+    # not "your key is wrong": it may be registered later
+    assert "joins once the key is registered" in lines[1]
 
 
 def test_supervisor_restarts_a_refused_supernode_whose_children_linger(tmp_path):
     """flower-supernode leaves its SuperExec running (holding the output pipe) when it exits: the
     supervisor must notice the exit itself, not wait for the end of the output."""
-    linger = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])"
+    linger = ("import subprocess, sys, time; "
+              "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])")
     child = f"{linger}; print('[code: 2004] Failed to activate SuperNode.'); sys.exit(1)"
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", (
-        "import sys; from fedcl.client.cli import supervise, NODE_REFUSED, NODE_REFUSED_HINT;"
-        f"sys.exit(supervise([sys.executable, '-c', {child!r}], rejoin=False,"
-        " output_hints={NODE_REFUSED: NODE_REFUSED_HINT}))")], capture_output=True, text=True, timeout=200, cwd=REPO)
+    proc = subprocess.run(
+        [
+            sys.executable, "-c",
+            (
+                "import sys; from fedcl.client.cli import supervise, NODE_REFUSED, NODE_REFUSED_HINT;"
+                f"sys.exit(supervise([sys.executable, '-c', {child!r}], rejoin=False,"
+                " output_hints={NODE_REFUSED: NODE_REFUSED_HINT}))"),
+        ],
+        capture_output=True, text=True, timeout=200, cwd=REPO,
+    )
     assert proc.returncode == 1 and time.monotonic() - t0 < 100  # well below the lingering child's 120 s
     assert "does not know this SuperNode's key" in proc.stdout
 
@@ -253,14 +276,16 @@ def test_supervisor_stops_on_a_permanent_local_error(tmp_path):
             "import sys; from fedcl.client.cli import supervise, permanent_errors;"
             f"sys.exit(supervise({supernode!r}, rejoin=True, min_delay=0.1, fatal_output=permanent_errors("
             f"runtime_address='127.0.0.1:{port}', health_address=None)))")
-        env = {**os.environ, "HOME": str(tmp_path), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+        env = {**os.environ, "HOME": str(tmp_path), "FLWR_TELEMETRY_ENABLED": "0",
+               "FLWR_DISABLE_UPDATE_CHECK": "1"}
         env.pop("FLWR_HOME", None)
         try:
-            proc = subprocess.run([sys.executable, "-c", supervisor], capture_output=True, text=True, timeout=300,
-                                  cwd=REPO, env=env)
+            proc = subprocess.run([sys.executable, "-c", supervisor], capture_output=True, text=True,
+                                  timeout=300, cwd=REPO, env=env)
         except subprocess.TimeoutExpired as err:
-            raise AssertionError(f"awaited the supervisor's exit after the SuperNode failed to bind {port}; it kept "
-                                 f"going: {err.stdout!r}") from None
+            raise AssertionError(
+                f"awaited the supervisor's exit after the SuperNode failed to bind {port}; it kept "
+                f"going: {err.stdout!r}") from None
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Runtime HTTP API failed to start" in proc.stdout  # Flower's own words, passed on
     assert "rejoining" not in proc.stdout

@@ -36,13 +36,14 @@ MODEL = {"arch": "cnn", "in_channels": 1, "width": 4, "proj_dim": 8, "proj_hidde
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _rc(privacy: dict, *, round: int = 1, num_rounds: int = 3, queue_enabled: bool = False, num_negatives: int = 0,
-        **train) -> RoundConfig:
+def _rc(privacy: dict, *, round: int = 1, num_rounds: int = 3, queue_enabled: bool = False,
+        num_negatives: int = 0, **train) -> RoundConfig:
     train = dict(epochs=1, batch_size=12, lr=1e-3, momentum=0.9, weight_decay=0.0, temperature=0.2,
                  in_batch_negatives=False, key_encoder="global", num_push=20, seed=0, threads=1) | train
-    queue = dict(enabled=queue_enabled, num_negatives=num_negatives, max_staleness=1, warmup_rounds=0, fresh_push=False)
-    return RoundConfig(round=round, num_rounds=num_rounds, train=train, queue=queue, model=MODEL, privacy=privacy,
-                       data={"partition": "iid", "seed": 3, "max_images_per_site": None})
+    queue = dict(enabled=queue_enabled, num_negatives=num_negatives, max_staleness=1, warmup_rounds=0,
+                 fresh_push=False)
+    return RoundConfig(round=round, num_rounds=num_rounds, train=train, queue=queue, model=MODEL,
+                       privacy=privacy, data={"partition": "iid", "seed": 3, "max_images_per_site": None})
 
 
 def _npz(path: Path, *, change_one: bool = False) -> Path:
@@ -55,7 +56,8 @@ def _npz(path: Path, *, change_one: bool = False) -> Path:
 
 def _message(rc: RoundConfig, kind: str = "train", prototypes: torch.Tensor | None = None) -> Message:
     torch.manual_seed(0)  # the global weights the coordinator sends: the same in every replay
-    records = {"arrays": ArrayRecord(canonical_state_dict(build_model(**MODEL))), "config": rc.to_config_record()}
+    records = {"arrays": ArrayRecord(canonical_state_dict(build_model(**MODEL))),
+               "config": rc.to_config_record()}
     if prototypes is not None:
         records["prototypes"] = ArrayRecord({"prototypes": prototypes})
     msg = Message(content=RecordDict(records), message_type=kind, dst_node_id=1)
@@ -95,7 +97,8 @@ class _RecordingQueue:
         return None
 
     def sample(self, k, *, max_age):  # other sites' entries: the same for every replay and neighbour
-        return F.normalize(torch.randn(k, MODEL["proj_dim"], generator=torch.Generator().manual_seed(2)), dim=1)
+        return F.normalize(torch.randn(k, MODEL["proj_dim"], generator=torch.Generator().manual_seed(2)),
+                           dim=1)
 
     def push(self, embeddings, *, round, model_version):
         self.pushed.append(torch.as_tensor(embeddings).clone())
@@ -150,7 +153,8 @@ def replay_site_round(folder: Path, monkeypatch) -> dict[str, str]:
     protos = F.normalize(torch.randn(4, 8, generator=torch.Generator().manual_seed(1)), dim=1)
     proto_cfg = {"release": "prototypes", "release_noise_multiplier": 1.0, "release_sample_rate": 0.5,
                  "num_prototypes": 4}
-    reply = release_handler(_message(_rc(proto_cfg), "query", protos), _context(data, folder / "state-proto"), None)
+    reply = release_handler(_message(_rc(proto_cfg), "query", protos), _context(data, folder / "state-proto"),
+                            None)
     rel = reply.content.array_records["prototypes"]
     return {
         "poisson_batches": _digest(train_batches),
@@ -169,7 +173,8 @@ def test_a_replay_with_every_seed_reproduces_no_batch_pick_or_noise(tmp_path, ta
         assert first[what] != second[what], f"a replay in the same process reproduced the site's {what}"
 
 
-# a second Python process: e2e tier; in process: test_a_replay_with_every_seed_reproduces_no_batch_pick_or_noise
+# a second Python process: e2e tier; in process:
+# test_a_replay_with_every_seed_reproduces_no_batch_pick_or_noise
 @pytest.mark.e2e
 def test_a_replay_in_another_process_reproduces_nothing(tmp_path, task_identity, monkeypatch):
     here = replay_site_round(tmp_path / "here", monkeypatch)
@@ -194,9 +199,8 @@ def test_only_the_sites_own_insecure_switch_makes_a_round_replayable_and_the_led
     caplog.set_level("WARNING")
     for name in ("a", "b"):
         batches: list[torch.Tensor] = []
-        monkeypatch.setattr(
-            sampling, "poisson_sample", lambda batches=batches, **kw: batches.append(real_sample(**kw)) or batches[-1]
-        )
+        monkeypatch.setattr(sampling, "poisson_sample",
+                            lambda batches=batches, **kw: batches.append(real_sample(**kw)) or batches[-1])
         ctx = _context(data, tmp_path / f"state-{name}", **{"insecure-reproducible-dp": "true"})
         train_handler(_message(_rc({"dpsgd": True, "noise_multiplier": 1.1, "release": "public"})), ctx, None)
         runs.append(_digest(batches))
@@ -220,7 +224,8 @@ def _reply_values(reply: Message) -> dict:
     {"dpsgd": True, "noise_multiplier": 1.1, "release": "public"},
     {"release": "gaussian", "release_noise_multiplier": 1.0},
 ])
-def test_under_dp_no_reply_value_changes_with_one_private_image(tmp_path, task_identity, monkeypatch, privacy):
+def test_under_dp_no_reply_value_changes_with_one_private_image(tmp_path, task_identity, monkeypatch,
+                                                                privacy):
     # queue negatives make the loss a real function of the images (without any it is 0)
     monkeypatch.setattr("fedcl.client.app._queue_client", lambda site, rc: _RecordingQueue([]))
     replies = {}
@@ -237,7 +242,9 @@ def test_under_dp_no_reply_value_changes_with_one_private_image(tmp_path, task_i
     assert eval_d == eval_p, "an evaluate reply value changed with one private image"
 
 
-def test_without_dp_the_replies_still_carry_loss_alignment_and_uniformity(tmp_path, task_identity, monkeypatch):
+def test_without_dp_the_replies_still_carry_loss_alignment_and_uniformity(
+    tmp_path, task_identity, monkeypatch
+):
     monkeypatch.setattr("fedcl.client.app._queue_client", lambda site, rc: _RecordingQueue([]))
     data = _npz(tmp_path / "site.npz")
     rc = _rc({"release": "raw"}, num_push=0, queue_enabled=True, num_negatives=16)
@@ -271,7 +278,8 @@ def _assert_budget_refusal(reply, reason):
 def test_a_small_noise_multiplier_past_the_policys_cap_is_refused_before_training(tmp_path, task_identity,
                                                                                    monkeypatch):
     data = _npz(tmp_path / "site.npz")
-    ctx = _context(data, tmp_path / "state", **{"policy-file": str(_policy(tmp_path, max_target_epsilon=8.0))})
+    ctx = _context(data, tmp_path / "state",
+                   **{"policy-file": str(_policy(tmp_path, max_target_epsilon=8.0))})
     _no_training(monkeypatch)
     rc = _rc({"dpsgd": True, "noise_multiplier": 0.3, "release": "public"})  # one round: ε in the hundreds
     _assert_budget_refusal(train_handler(_message(rc), ctx, None), "epsilon .* > budget 8")
@@ -279,9 +287,11 @@ def test_a_small_noise_multiplier_past_the_policys_cap_is_refused_before_trainin
 
 def test_a_server_sending_more_rounds_than_announced_is_refused_at_the_cap(tmp_path, task_identity):
     data = _npz(tmp_path / "site.npz")
-    ctx = _context(data, tmp_path / "state", **{"policy-file": str(_policy(tmp_path, max_target_epsilon=8.0))})
+    ctx = _context(data, tmp_path / "state",
+                   **{"policy-file": str(_policy(tmp_path, max_target_epsilon=8.0))})
     privacy = {"dpsgd": True, "target_epsilon": 8.0, "release": "public"}
-    reply = train_handler(_message(_rc(privacy, num_rounds=1)), ctx, None)  # the announced run: ε just under 8
+    # the announced run: ε just under 8
+    reply = train_handler(_message(_rc(privacy, num_rounds=1)), ctx, None)
     assert 7.0 < reply.content.metric_records["metrics"]["epsilon"] <= 8.0
     real = fedcl.train.local_round
     fedcl.train.local_round = lambda *a, **kw: pytest.fail("trained past the cap")

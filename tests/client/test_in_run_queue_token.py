@@ -28,7 +28,9 @@ def test_a_site_with_its_own_token_keeps_it(tmp_path):
     (tmp_path / "site-1.token").write_text("tok-for-site-1")
     own = tmp_path / "own.token"
     own.write_text("own-token")
-    assert _queue_token(_simulated(**{"queue-token-file": str(own)}), _rc(queue_token_dir=str(tmp_path))) == "own-token"
+    assert (
+        _queue_token(_simulated(**{"queue-token-file": str(own)}), _rc(queue_token_dir=str(tmp_path)))
+        == "own-token")
 
 
 def test_no_token_file_is_read_for_a_queue_on_another_host(tmp_path):
@@ -40,5 +42,6 @@ def test_no_token_file_is_read_for_a_queue_on_another_host(tmp_path):
 
 
 def test_a_site_the_run_made_no_token_for_is_told_what_to_change(tmp_path):
-    with pytest.raises(SiteError, match=r"site-1 has no token from this run's own queue service .*data.num_sites"):
+    with pytest.raises(SiteError,
+                       match=r"site-1 has no token from this run's own queue service .*data.num_sites"):
         _queue_token(_simulated(), _rc(queue_token_dir=str(tmp_path)))

@@ -95,12 +95,22 @@ def test_a_queue_service_that_does_not_answer_is_said_not_a_failure(tmp_path, ca
     assert "check queue token: not checked: no queue service answered at 127.0.0.1:" in out
 
 
-@pytest.mark.parametrize(("make", "problem"), [
-    (lambda d: d.mkdir() or d, "no image files"),
-    (lambda d: np.savez(d.with_suffix(".npz"), train_images=np.zeros((0, 28, 28), np.uint8),
-                        train_labels=np.zeros(0, np.int64)) or d.with_suffix(".npz"), "holds no training images"),
-    (lambda d: d.with_suffix(".txt").write_text("notes") and d.with_suffix(".txt"), "neither a .npz file nor"),
-])
+@pytest.mark.parametrize(
+    ("make", "problem"),
+    [
+        (lambda d: d.mkdir() or d, "no image files"),
+        (
+            lambda d: (
+                np.savez(d.with_suffix(".npz"), train_images=np.zeros((0, 28, 28), np.uint8),
+                         train_labels=np.zeros(0, np.int64))
+                or d.with_suffix(".npz")
+            ),
+            "holds no training images",
+        ),
+        (lambda d: d.with_suffix(".txt").write_text("notes") and d.with_suffix(".txt"),
+         "neither a .npz file nor"),
+    ],
+)
 def test_unusable_data_stops_the_site_at_start(tmp_path, capsys, make, problem):
     data = make(tmp_path / "images")
     assert data.exists()  # a path that exists: fedcl-client used to accept it and fail at every round
@@ -137,8 +147,9 @@ def test_a_bad_node_key_stops_the_site_at_start(tmp_path, capsys, site_data):
 def test_a_runtime_port_given_and_taken_stops_the_site_at_start(tmp_path, capsys, site_data):
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        line = _stops_with_one_line(capsys, _args(tmp_path, site_data, "--runtime-address", f"127.0.0.1:{port}"),
-                                    "runtime port")
+        line = _stops_with_one_line(
+            capsys, _args(tmp_path, site_data, "--runtime-address", f"127.0.0.1:{port}"), "runtime port"
+        )
     assert f"127.0.0.1:{port} (--runtime-address) is in use" in line
 
 

@@ -46,7 +46,10 @@ def test_a_fedcl_config_section_travels_as_its_site_part_only():
         assert type(getattr(rc, name)) is section
         assert set(json.loads(record[name])) == set(section.model_fields)
     assert rc.train.lr == 0.01
-    assert "device" not in record["train"] and "capacity" not in record["queue"] and "/server" not in record["data"]
+    assert (
+        "device" not in record["train"]
+        and "capacity" not in record["queue"]
+        and "/server" not in record["data"])
 
 
 def test_keys_flower_adds_are_ignored_and_a_missing_key_in_a_section_takes_its_default():
@@ -78,7 +81,8 @@ def test_without_in_batch_negatives_there_is_no_warm_up():
     rc = _round(round=1, queue={"warmup_rounds": 2}, in_batch_negatives=False)
     assert rc.use_queue_negatives
     assert rc.release_phase is False  # fresh_push is off in this round config
-    assert _round(round=1, queue={"warmup_rounds": 2, "fresh_push": True}, in_batch_negatives=False).release_phase
+    assert _round(round=1, queue={"warmup_rounds": 2, "fresh_push": True},
+                  in_batch_negatives=False).release_phase
 
 
 def _with(section: str, **change) -> ConfigRecord:
@@ -87,26 +91,30 @@ def _with(section: str, **change) -> ConfigRecord:
     return ConfigRecord(raw)
 
 
-@pytest.mark.parametrize(("record", "message"), [
-    (_with("train", epochs=1.5), r"train\.epochs: .*integer"),
-    (_with("train", batch_size=-1), r"train\.batch_size: .*greater than or equal to 1"),
-    (_with("train", in_batch_negatives=1), r"train\.in_batch_negatives: .*boolean \(got 1\)"),  # strict: no 1
-    (_with("train", key_encoder="momentum"), r"train\.key_encoder: .*'global' or 'online'"),
-    (_with("train", optimizer="lbfgs"), r"train\.optimizer"),
-    (_with("train", lr="fast"), r"train\.lr: .*number"),
-    (_with("train", rounds_per_epoch=0), r"train\.rounds_per_epoch"),
-    (_with("train", persist_optimizer="yes"), r"train\.persist_optimizer"),
-    (_with("queue", max_staleness=-1), r"queue\.max_staleness"),
-    (_with("privacy", release="gaussian", release_noise_multiplier=0), r"privacy: .*release_noise_multiplier"),
-    (_with("model", width=2), r"model\.width"),
-    (_with("augment", blur_prob=2), r"augment\.blur_prob"),
-    (_with("data", partition="stripes"), r"data\.partition"),
-    (ConfigRecord({**_round().to_config_record(), "privacy": "{not json"}), r"privacy: Invalid JSON"),
-    (ConfigRecord({**_round().to_config_record(), "model": "[1, 2]"}), r"model: .*object"),
-    (ConfigRecord({**_round().to_config_record(), "train": 5}), r"section 'train' must be a JSON string"),
-    (ConfigRecord({**_round().to_config_record(), "round": True}), r"round: .*integer"),
-    (ConfigRecord({**_round().to_config_record(), "round": 0}), r"round: .*greater than or equal to 1"),
-])
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        (_with("train", epochs=1.5), r"train\.epochs: .*integer"),
+        (_with("train", batch_size=-1), r"train\.batch_size: .*greater than or equal to 1"),
+        (_with("train", in_batch_negatives=1),
+         r"train\.in_batch_negatives: .*boolean \(got 1\)"),  # strict: no 1
+        (_with("train", key_encoder="momentum"), r"train\.key_encoder: .*'global' or 'online'"),
+        (_with("train", optimizer="lbfgs"), r"train\.optimizer"),
+        (_with("train", lr="fast"), r"train\.lr: .*number"),
+        (_with("train", rounds_per_epoch=0), r"train\.rounds_per_epoch"),
+        (_with("train", persist_optimizer="yes"), r"train\.persist_optimizer"),
+        (_with("queue", max_staleness=-1), r"queue\.max_staleness"),
+        (_with("privacy", release="gaussian", release_noise_multiplier=0),
+         r"privacy: .*release_noise_multiplier"),
+        (_with("model", width=2), r"model\.width"), (_with("augment", blur_prob=2), r"augment\.blur_prob"),
+        (_with("data", partition="stripes"), r"data\.partition"),
+        (ConfigRecord({**_round().to_config_record(), "privacy": "{not json"}), r"privacy: Invalid JSON"),
+        (ConfigRecord({**_round().to_config_record(), "model": "[1, 2]"}), r"model: .*object"),
+        (ConfigRecord({**_round().to_config_record(), "train": 5}), r"section 'train' must be a JSON string"),
+        (ConfigRecord({**_round().to_config_record(), "round": True}), r"round: .*integer"),
+        (ConfigRecord({**_round().to_config_record(), "round": 0}), r"round: .*greater than or equal to 1"),
+    ],
+)
 def test_bad_round_settings_are_refused_in_one_line_naming_the_key(record, message):
     with pytest.raises(ProtocolError, match=message) as err:
         RoundConfig.from_config_record(record)
@@ -131,6 +139,7 @@ def test_a_missing_section_or_scalar_is_named():
 
 
 def test_site_record_round_trip_and_garbage():
-    assert parse_site_record(site_record(site_id="site-a", ledger={"epsilon": 1.5})) == ("site-a", {"epsilon": 1.5})
+    assert parse_site_record(site_record(site_id="site-a", ledger={"epsilon": 1.5})) == (
+        "site-a", {"epsilon": 1.5})
     assert parse_site_record(None) == (None, {})
     assert parse_site_record(ConfigRecord({"site-id": "x", "ledger": "{oops"})) == ("x", {})

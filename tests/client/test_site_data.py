@@ -68,8 +68,8 @@ def task_identity():
 def _train_message(rc: RoundConfig) -> Message:
     torch.manual_seed(0)
     weights = ArrayRecord(canonical_state_dict(build_model(**rc.model.model_dump())))
-    msg = Message(content=RecordDict({"arrays": weights, "config": rc.to_config_record()}), message_type="train",
-                  dst_node_id=1)
+    msg = Message(content=RecordDict({"arrays": weights, "config": rc.to_config_record()}),
+                  message_type="train", dst_node_id=1)
     msg.metadata.__dict__["_message_id"] = "m1"
     return msg
 
@@ -79,8 +79,9 @@ def test_a_patient_level_round_through_the_client_app_spends_epsilon_per_patient
     privacy = {"dpsgd": True, "unit": "patient", "noise_multiplier": 1.2, "release": "public"}
     rc = _rc(privacy)
     node = {"site-id": "h", "data-path": str(path), "state-dir": str(tmp_path / "state")}
-    reply = train_handler(_train_message(rc), Context(run_id=1, node_id=1, node_config=node, state=RecordDict(),
-                                                      run_config={}), None)
+    reply = train_handler(_train_message(rc),
+                          Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={}),
+                          None)
     steps = int(reply.content.metric_records["metrics"]["steps"])
     num_patients = len(np.unique(expected))
     q = (rc.train.batch_size * num_patients / N) / num_patients  # expected patients per batch / patients
@@ -104,9 +105,9 @@ def test_patient_unit_on_data_without_patient_ids_is_a_clear_error(tmp_path, tas
 def test_patient_unit_refuses_per_image_embedding_releases(tmp_path):
     groups = torch.arange(40) // 4
     for mode in ("gaussian", "prototypes"):
-        rp = plan_round(privacy={"unit": "patient", "release": mode}, site_id="h", state_dir=tmp_path, round=1,
-                        num_rounds=2, epochs=1, batch_size=8, num_examples=40, in_batch_negatives=False,
-                        groups=groups)
+        rp = plan_round(privacy={"unit": "patient", "release": mode}, site_id="h", state_dir=tmp_path,
+                        round=1, num_rounds=2, epochs=1, batch_size=8, num_examples=40,
+                        in_batch_negatives=False, groups=groups)
         emb = torch.nn.functional.normalize(torch.randn(40, 8), dim=1)
         out = release(rp, emb, round=1, prototypes=None, generator=torch.Generator().manual_seed(0))
         assert out.shape[0] == 0 and "patient" in rp.push_refused
@@ -134,7 +135,9 @@ def test_a_folder_site_names_its_patients_in_file_names(tmp_path):
         load_site_data(bad, _rc(), None)
 
 
-def test_shorter_rounds_train_disjoint_shares_that_cover_the_site_each_epoch(tmp_path, task_identity, monkeypatch):
+def test_shorter_rounds_train_disjoint_shares_that_cover_the_site_each_epoch(
+    tmp_path, task_identity, monkeypatch
+):
     """train.rounds_per_epoch = 3: rounds 1-3 train three disjoint thirds of the site's 60 images,
     rounds 4-6 a new permutation's thirds; the reply's num-examples is the share (FedAvg's weight)."""
     import fedcl.train
@@ -151,8 +154,9 @@ def test_shorter_rounds_train_disjoint_shares_that_cover_the_site_each_epoch(tmp
     monkeypatch.setattr(fedcl.train, "local_round", spy)
     for rnd in range(1, 7):
         rc = _rc(round=rnd, num_rounds=6, rounds_per_epoch=3, in_batch_negatives=True)
-        reply = train_handler(_train_message(rc), Context(run_id=1, node_id=1, node_config=node, state=RecordDict(),
-                                                          run_config={}), None)
+        reply = train_handler(
+            _train_message(rc),
+            Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={}), None)
         examples.append(int(reply.content.metric_records["metrics"]["num-examples"]))
     assert examples == [20] * 6
     for epoch in (trained[:3], trained[3:]):
@@ -214,7 +218,9 @@ def test_a_dp_round_with_shorter_rounds_samples_the_whole_site_for_fewer_steps(t
     assert ledger.epsilon() == pytest.approx(acct.get_epsilon(delta=1e-5), rel=1e-9)
 
 
-def test_persist_optimizer_keeps_the_sites_adam_state_in_its_flower_context(tmp_path, task_identity, monkeypatch):
+def test_persist_optimizer_keeps_the_sites_adam_state_in_its_flower_context(
+    tmp_path, task_identity, monkeypatch
+):
     """train.persist_optimizer: round 2 resumes round 1's Adam state from Context.state (the client
     process is new for every message, so nothing else could carry it); without it every round is cold."""
     import fedcl.train
@@ -245,7 +251,9 @@ def test_persist_optimizer_keeps_the_sites_adam_state_in_its_flower_context(tmp_
     assert second["param_groups"][0]["params"] == list(range(len(second["state"])))
 
 
-def test_the_round_configs_training_settings_reach_local_round_as_one_recipe(tmp_path, task_identity, monkeypatch):
+def test_the_round_configs_training_settings_reach_local_round_as_one_recipe(
+    tmp_path, task_identity, monkeypatch
+):
     """Every training field of the round config arrives in local_round's RoundRecipe; num_push is 0
     when nothing is pushed after training (no queue here)."""
     import fedcl.train
@@ -264,6 +272,8 @@ def test_the_round_configs_training_settings_reach_local_round_as_one_recipe(tmp
              temperature=0.3, optimizer="sgd", momentum=0.8, weight_decay=1e-5, num_push=7)
     train_handler(_train_message(rc), Context(run_id=1, node_id=1, node_config=node, state=RecordDict(),
                                               run_config={}), None)
-    assert given == [fedcl.train.RoundRecipe(epochs=2, batch_size=20, lr=5e-4, temperature=0.3, key_encoder="online",
-                                             in_batch_negatives=True, num_push=0, optimizer="sgd", momentum=0.8,
-                                             weight_decay=1e-5)]
+    assert given == [
+        fedcl.train.RoundRecipe(epochs=2, batch_size=20, lr=5e-4, temperature=0.3, key_encoder="online",
+                                in_batch_negatives=True, num_push=0, optimizer="sgd", momentum=0.8,
+                                weight_decay=1e-5)
+    ]

@@ -10,8 +10,8 @@ from fedcl.privacy.ledger import PrivacyLedger
 
 
 def _plan(tmp_path, rnd, **privacy):
-    return plan_round(privacy=privacy, site_id="site-a", state_dir=tmp_path, round=rnd, num_rounds=4, epochs=1,
-                      batch_size=32, num_examples=320, in_batch_negatives=False)
+    return plan_round(privacy=privacy, site_id="site-a", state_dir=tmp_path, round=rnd, num_rounds=4,
+                      epochs=1, batch_size=32, num_examples=320, in_batch_negatives=False)
 
 
 def _emb(n=64, d=16, seed=0):
@@ -107,7 +107,8 @@ def test_release_phase_enters_the_release_and_training_separately(tmp_path):
               release_sample_rate=0.5, num_prototypes=4)
     rp = _plan(tmp_path, 1, **kw)
     protos = _emb(4, 16, seed=3)
-    rel = release_prototype_sums(rp, _emb(), prototypes=protos, round=1, generator=torch.Generator().manual_seed(0))
+    rel = release_prototype_sums(rp, _emb(), prototypes=protos, round=1,
+                                 generator=torch.Generator().manual_seed(0))
     assert rel.sums.shape == (4, 16) and rel.counts.shape == (4,)
     record_round(rp, round=1, dp_steps=0, pushed=4, trained=False)  # the release phase
     ledger = PrivacyLedger.load(tmp_path / "ledger-site-a.json")
@@ -129,8 +130,8 @@ def test_a_prototype_release_past_the_budget_is_refused(tmp_path):
     assert release_prototype_sums(rp, _emb(), prototypes=_emb(4, 16), round=1, generator=None) is None
     assert "would exceed" in rp.push_refused and round_metrics(rp)["budget-exhausted"] == 1.0
     with pytest.raises(ValueError, match=r"prototypes must be \(P, 16\)"):
-        release_prototype_sums(_plan(tmp_path, 1, release="prototypes"), _emb(), prototypes=_emb(4, 8), round=1,
-                               generator=None)
+        release_prototype_sums(_plan(tmp_path, 1, release="prototypes"), _emb(), prototypes=_emb(4, 8),
+                               round=1, generator=None)
 
 
 def test_the_report_of_a_site_that_never_trained_says_so(tmp_path, capsys):

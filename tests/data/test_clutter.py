@@ -23,7 +23,11 @@ def base():
 def _place(canvas: np.ndarray, item: np.ndarray) -> list[tuple[int, int]]:
     """Every (top, left) where ``canvas`` covers ``item`` (window >= item elementwise)."""
     s, c = item.shape[0], canvas.shape[0]
-    return [(t, u) for t in range(c - s + 1) for u in range(c - s + 1) if (canvas[t:t + s, u:u + s] >= item).all()]
+    return [
+        (t, u)
+        for t in range(c - s + 1)
+        for u in range(c - s + 1)
+        if (canvas[t : t + s, u : u + s] >= item).all()]
 
 
 def test_same_seed_same_images_other_seed_other_images(base):
@@ -40,7 +44,10 @@ def test_each_item_lies_whole_inside_the_canvas_and_clutter_only_adds(base):
     items = base.images[:, 0].numpy()
     tops = set()
     for i in range(len(items)):
-        (t, u), = [p for p in _place(bare[i], items[i]) if (bare[i][p[0]:p[0] + 28, p[1]:p[1] + 28] == items[i]).all()]
+        ((t, u),) = [
+            p
+            for p in _place(bare[i], items[i])
+            if (bare[i][p[0] : p[0] + 28, p[1] : p[1] + 28] == items[i]).all()]
         assert bare[i].sum(dtype=np.int64) == items[i].sum(dtype=np.int64)  # nothing outside the item
         assert (t, u) in _place(cluttered[i], items[i])  # the same place, never covered
         tops.add((t, u))
@@ -95,7 +102,8 @@ def test_bad_clutter_settings_get_one_line_naming_key_and_fix(override, fix):
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 
-@pytest.mark.skipif(not any(FASHION.glob("t10k-images-idx3-ubyte*")), reason=f"needs Fashion-MNIST under {FASHION}")
+@pytest.mark.skipif(not any(FASHION.glob("t10k-images-idx3-ubyte*")),
+                    reason=f"needs Fashion-MNIST under {FASHION}")
 def test_real_test_split_is_reproducible_and_differs_from_plain():
     a = load_dataset(name="fashion-mnist-cluttered", path=FASHION, split="test")
     plain = load_dataset(name="fashion-mnist", path=FASHION, split="test")

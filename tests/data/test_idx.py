@@ -34,7 +34,8 @@ def write_fashion(root: Path, *, n_train: int = 12, n_test: int = 5, compress: b
 @pytest.mark.parametrize("compress", [True, False])
 @pytest.mark.parametrize(
     "dtype,type_byte",
-    [(np.uint8, 0x08), (np.int8, 0x09), (np.int16, 0x0B), (np.int32, 0x0C), (np.float32, 0x0D), (np.float64, 0x0E)],
+    [(np.uint8, 0x08), (np.int8, 0x09), (np.int16, 0x0B), (np.int32, 0x0C), (np.float32, 0x0D),
+     (np.float64, 0x0E)],
 )
 def test_read_idx_roundtrip(tmp_path, compress, dtype, type_byte):
     array = (np.arange(2 * 3 * 4) - 7).astype(dtype).reshape(2, 3, 4)

@@ -97,7 +97,8 @@ def test_errors():
         partition(y.astype(float), scheme="iid", num_sites=2, seed=0)
     # a class with 1 image shared by 2 of the 4 sites: one of them must stay empty
     with pytest.raises(DataError, match="left sites .* empty"):
-        partition(np.array([0, 1, 1, 1, 1, 1]), scheme="pathological", num_sites=4, classes_per_site=1, seed=0)
+        partition(np.array([0, 1, 1, 1, 1, 1]), scheme="pathological", num_sites=4, classes_per_site=1,
+                  seed=0)
     # tiny alpha with as many sites as images almost surely leaves a site empty in every draw
     with pytest.raises(DataError, match="raise alpha"):
         partition(np.zeros(6, np.int64), scheme="dirichlet", num_sites=6, alpha=1e-3, seed=0)

@@ -80,8 +80,8 @@ def _wrapped(params, *, expected, seed=0, engine="fedcl"):
 def test_two_forward_calls_give_b_rows_equal_to_true_per_example_gradients(engine):
     b = 5
     v1, v2, negs = _data(b)
-    model, reference, gsm, _ = _wrapped(DPParams(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.1), expected=b,
-                                        engine=engine)
+    model, reference, gsm, _ = _wrapped(DPParams(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.1),
+                                        expected=b, engine=engine)
     loss = info_nce(gsm(v1), gsm(v2), negs, temperature=TEMPERATURE)  # mean over B
     loss.backward()
     check_per_example(gsm, batch_size=b)
@@ -126,8 +126,8 @@ def _norms(grad_samples):
 def test_clipping_bounds_each_example_gradient(engine):
     b, clip = 6, 0.02
     v1, v2, negs = _data(b, seed=1)
-    model, _, gsm, opt = _wrapped(DPParams(noise_multiplier=0.0, max_grad_norm=clip, sample_rate=0.1), expected=b,
-                                  engine=engine)
+    model, _, gsm, opt = _wrapped(DPParams(noise_multiplier=0.0, max_grad_norm=clip, sample_rate=0.1),
+                                  expected=b, engine=engine)
     info_nce(gsm(v1), gsm(v2), negs, temperature=TEMPERATURE).backward()
     check_per_example(gsm, batch_size=b)
     raw = [p.grad_sample.clone() for p in model.parameters()]
@@ -149,7 +149,8 @@ def test_noise_std_is_noise_multiplier_times_max_grad_norm(unit):
     model = TinyEncoder(hidden=64)
     gsm, opt, check = make_dp_training(
         model, torch.optim.SGD(model.parameters(), lr=0.0), params=params, num_examples=100,
-        groups=torch.arange(100) // 4 if unit == "patient" else None, generator=torch.Generator().manual_seed(3),
+        groups=torch.arange(100) // 4 if unit == "patient" else None,
+        generator=torch.Generator().manual_seed(3),
     )
     samples = []
     for _ in range(20):  # empty batches: the update is noise only
@@ -168,7 +169,8 @@ def test_empty_batch_step_then_normal_step(engine):
     model = TinyEncoder()
     before = [p.detach().clone() for p in model.parameters()]
     gsm, opt, check = make_dp_training(model, torch.optim.SGD(model.parameters(), lr=0.1), params=params,
-                                       num_examples=10, generator=torch.Generator().manual_seed(0), engine=engine)
+                                       num_examples=10, generator=torch.Generator().manual_seed(0),
+                                       engine=engine)
     v1, v2, negs = _data(3)
     for b in (0, 3, 0, 2):  # the loop forwards empty batches too
         opt.zero_grad(set_to_none=True)
@@ -242,7 +244,8 @@ def test_batchnorm_model_is_refused():
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(144, DIM))
     with pytest.raises(ValueError, match="GroupNorm"):
         make_private(model, torch.optim.SGD(model.parameters(), lr=0.1),
-                     params=DPParams(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.1), expected_batch_size=4)
+                     params=DPParams(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.1),
+                     expected_batch_size=4)
 
 
 def test_params_are_validated():

@@ -149,7 +149,8 @@ def test_tampered_or_foreign_ledger_is_refused(tmp_path):
     with pytest.raises(ValueError, match="site-a"):
         PrivacyLedger.load_or_create(path, site_id="site-b", delta=DELTA, epsilon_budget=None)
     with pytest.raises(ValueError, match="accountant"):
-        PrivacyLedger.load_or_create(path, site_id="site-a", delta=DELTA, epsilon_budget=None, accountant="prv")
+        PrivacyLedger.load_or_create(path, site_id="site-a", delta=DELTA, epsilon_budget=None,
+                                     accountant="prv")
     resumed = PrivacyLedger.load_or_create(path, site_id="site-a", delta=DELTA, epsilon_budget=9.0)
     assert resumed.epsilon() == ledger.epsilon() and resumed.epsilon_budget == 9.0
     with pytest.raises(FileNotFoundError):

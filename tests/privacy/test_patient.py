@@ -56,8 +56,9 @@ def test_a_patients_whole_contribution_is_bounded_by_max_grad_norm(engine):
         torch.manual_seed(0)
         model = TinyEncoder()
         params = DPParams(noise_multiplier=0.0, max_grad_norm=clip, sample_rate=0.5, unit="patient")
-        module, opt, check = make_dp_training(model, torch.optim.SGD(model.parameters(), lr=0.0), params=params,
-                                              num_examples=GROUPS.numel(), groups=GROUPS, engine=engine)
+        module, opt, check = make_dp_training(model, torch.optim.SGD(model.parameters(), lr=0.0),
+                                              params=params, num_examples=GROUPS.numel(), groups=GROUPS,
+                                              engine=engine)
         info_nce(module(v1[batch]), module(v2[batch]), negs, temperature=0.2).backward()
         per_example = [p.grad_sample.clone() for p in model.parameters()]  # (B, ...) before the patient sums
         check(batch)
@@ -121,15 +122,16 @@ def test_local_round_samples_and_clips_per_patient(monkeypatch):
     recipe = RoundRecipe(epochs=2, batch_size=4, lr=1e-3, temperature=0.2, in_batch_negatives=False,
                          key_encoder="global", num_push=0)
     res = local_round(build_model(in_channels=1, width=4, proj_dim=8, proj_hidden=16), images,
-                      F.normalize(torch.randn(16, 8), dim=1), recipe, augment=TwoViewAugment(crop_scale=(0.5, 1.0)),
-                      dp=params, groups=GROUPS)
+                      F.normalize(torch.randn(16, 8), dim=1), recipe,
+                      augment=TwoViewAugment(crop_scale=(0.5, 1.0)), dp=params, groups=GROUPS)
     assert torch.equal(seen["groups"], GROUPS)
     assert len(seen["batches"]) == res.metrics["dp_steps"] == 4  # epochs / q
     for idx in seen["batches"]:
         for p in GROUPS.unique():
             assert int((GROUPS[idx] == p).sum()) in (0, int((GROUPS == p).sum()))
     non_empty = [b for b in seen["batches"] if b.numel()]
-    assert len(sums) == len(non_empty) and all(torch.equal(s, GROUPS[b]) for s, b in zip(sums, non_empty, strict=False))
+    assert len(sums) == len(non_empty) and all(
+        torch.equal(s, GROUPS[b]) for s, b in zip(sums, non_empty, strict=False))
     assert res.metrics["dp_sample_rate"] == 0.5 and res.metrics["dp_patients"] == 5
 
 
@@ -141,7 +143,8 @@ def test_epsilon_of_a_patient_level_run_equals_opacus_rdp_for_the_patients_sampl
     model = TinyEncoder()
     params = DPParams(noise_multiplier=sigma, max_grad_norm=1.0, sample_rate=q, unit="patient")
     trainer = DPTrainer(model, torch.optim.SGD(model.parameters(), lr=0.1), params=params,
-                        num_examples=GROUPS.numel(), groups=GROUPS, generator=torch.Generator().manual_seed(0))
+                        num_examples=GROUPS.numel(), groups=GROUPS,
+                        generator=torch.Generator().manual_seed(0))
     v1, v2, negs = _views(GROUPS.numel())
     for idx in trainer.batches(steps=steps):
         if idx.numel():
@@ -171,7 +174,9 @@ def test_patient_unit_without_patient_ids_is_a_clear_error():
     with pytest.raises(ValueError, match="no patient id.*train_patients"):
         local_round(build_model(in_channels=1, width=4), images, None, recipe, dp=params, **kwargs)
     with pytest.raises(ValueError, match="shape \\(14,\\)"):
-        local_round(build_model(in_channels=1, width=4), images, None, recipe, dp=params, groups=GROUPS[:5], **kwargs)
+        local_round(build_model(in_channels=1, width=4), images, None, recipe, dp=params, groups=GROUPS[:5],
+                    **kwargs)
     example = DPParams(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5)
     with pytest.raises(ValueError, match="unit is 'example'"):
-        local_round(build_model(in_channels=1, width=4), images, None, recipe, dp=example, groups=GROUPS, **kwargs)
+        local_round(build_model(in_channels=1, width=4), images, None, recipe, dp=example, groups=GROUPS,
+                    **kwargs)

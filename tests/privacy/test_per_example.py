@@ -23,7 +23,9 @@ def _loss(model, v1, v2, negs):
 def _reference(model, v1, v2, negs):
     """Per-example gradients by autograd on each example alone: per param (B, *shape)."""
     params = list(model.parameters())
-    rows = [torch.autograd.grad(_loss(model, v1[i:i + 1], v2[i:i + 1], negs), params) for i in range(v1.shape[0])]
+    rows = [
+        torch.autograd.grad(_loss(model, v1[i : i + 1], v2[i : i + 1], negs), params)
+        for i in range(v1.shape[0])]
     return [torch.stack([r[j] for r in rows]) for j in range(len(params))]
 
 
@@ -60,7 +62,8 @@ def test_rows_are_the_per_example_gradients_of_both_views(arch, size, channels, 
                                   dict(kernel_size=(2, 3), stride=(1, 2), padding=0)])
 def test_convolution_geometries(conv):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(2, 3, **conv), nn.GroupNorm(1, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(8))
+    model = nn.Sequential(nn.Conv2d(2, 3, **conv), nn.GroupNorm(1, 3), nn.ReLU(), nn.Flatten(),
+                          nn.LazyLinear(8))
     model(torch.rand(1, 2, 11, 9))  # materialise the lazy layer
     model = model.double()
     reference = copy.deepcopy(model)

@@ -26,6 +26,8 @@ def test_a_dp_mechanism_draws_from_a_fresh_secret_generator_each_time():
 def test_insecure_reproducible_dp_keeps_the_public_stream_and_warns_where(caplog):
     public = torch.Generator().manual_seed(3)
     with caplog.at_level(logging.WARNING, logger="fedcl.privacy"):
-        assert mechanism_generator(public, private=True, insecure=True, where="site s1, release phase") is public
+        assert (
+            mechanism_generator(public, private=True, insecure=True, where="site s1, release phase") is public
+        )
     (record,) = caplog.records
     assert INSECURE_WARNING in record.getMessage() and "site s1, release phase" in record.getMessage()

@@ -127,7 +127,9 @@ def test_prototypes_recover_cluster_directions_through_noise():
     g = _gen(8)
     x = F.normalize(centres[torch.arange(4000) % p] + 0.1 * torch.randn(4000, d, generator=g), dim=1)
     start = F.normalize(centres + 0.2 * torch.randn(p, d, generator=g), dim=1)  # rough public guess
-    sites = [release_prototypes(x[i::3], start, noise_multiplier=1.0, sample_rate=0.5, generator=g) for i in range(3)]
+    sites = [
+        release_prototypes(x[i::3], start, noise_multiplier=1.0, sample_rate=0.5, generator=g)
+        for i in range(3)]
     merged = merge_prototypes(sites, previous=start, min_count=20.0)
     before = (start * centres).sum(dim=1).min().item()
     after = (merged * centres).sum(dim=1).min().item()
@@ -148,6 +150,7 @@ def test_bad_inputs_are_refused():
     with pytest.raises(ValueError):
         release_gaussian(x, noise_multiplier=1.0, sample_rate=0.0, generator=_gen())
     with pytest.raises(ValueError, match="NaN"):
-        release_gaussian(torch.full((2, 4), float("nan")), noise_multiplier=1.0, sample_rate=1.0, generator=_gen())
+        release_gaussian(torch.full((2, 4), float("nan")), noise_multiplier=1.0, sample_rate=1.0,
+                         generator=_gen())
     with pytest.raises(ValueError):
         release_prototypes(x, torch.randn(3, 5), noise_multiplier=1.0, sample_rate=1.0, generator=_gen())

@@ -36,7 +36,8 @@ def test_every_report_states_the_threat_model_and_the_unprotected_channels():
         assert THREAT_MODEL in text and "honest-but-curious coordinator" in text
         assert "knows every configuration value and seed" in text
         assert "NOT protected" in _line(text, "- Counts -> the coordinator")
-        assert "NOT protected" in _line(text, "- Timings and participation -> the coordinator and the network")
+        assert "NOT protected" in _line(text,
+                                        "- Timings and participation -> the coordinator and the network")
         assert _line(text, "- This ledger summary -> the coordinator")
 
 
@@ -44,7 +45,9 @@ def test_raw_release_goes_to_the_other_sites_and_is_not_differentially_private()
     ledger = _ledger(release="raw")
     text = describe_privacy(dp_enabled=True, release_mode="raw", ledger_summary=ledger.summary())
     emb = _line(text, "- Shared embeddings (raw)")
-    assert "every other site" in emb and "NOT differentially private" in emb and "trusted consortium only" in emb
+    assert (
+        "every other site" in emb and "NOT differentially private" in emb and "trusted consortium only" in emb
+    )
     model = _line(text, "- Model updates")
     assert f"{ledger.channels()['model_updates']['epsilon']:.3g}" in model
     assert "NOT protected overall" in _line(text, "Total")

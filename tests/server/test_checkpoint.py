@@ -22,10 +22,11 @@ def _ckpt(rnd=3) -> FederationCheckpoint:
     return FederationCheckpoint(
         round=rnd, state_dict={"w": torch.arange(6, dtype=torch.float32).reshape(2, 3)},
         model_spec={"arch": "cnn", "in_channels": 1, "width": 8, "proj_dim": 16, "proj_hidden": 32},
-        queue={"stats": {"size": 40, "per_site": {"a": 20, "b": 20}, "oldest_round": None}, "snapshot_sha256": "ab"},
+        queue={"stats": {"size": 40, "per_site": {"a": 20, "b": 20}, "oldest_round": None},
+               "snapshot_sha256": "ab"},
         ledgers={"a": {"epsilon": 1.5, "channels": {"dpsgd": {"dp": True}}}},
-        history=[{"round": 1, "loss": 5.0, "knn": None, "epsilon": float("inf")}],
-        config_json='{"x": 1}', strategy="FedProx",
+        history=[{"round": 1, "loss": 5.0, "knn": None, "epsilon": float("inf")}], config_json='{"x": 1}',
+        strategy="FedProx",
     )
 
 

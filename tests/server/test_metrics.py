@@ -65,7 +65,8 @@ def test_epsilon_plot_draws_the_budget_and_keeps_identical_sites_apart():
     assert len(budget) == 1 and "budget" in budget[0].get_label()
     a, b = (next(line for line in ax.lines if line.get_label() == site) for site in ("a", "b"))
     assert list(a.get_ydata()) == list(b.get_ydata())  # the same ε ...
-    assert all(xa != xb for xa, xb in zip(a.get_xdata(), b.get_xdata(), strict=True))  # ... drawn side by side
+    assert all(
+        xa != xb for xa, xb in zip(a.get_xdata(), b.get_xdata(), strict=True))  # ... drawn side by side
     assert all(abs(xa - xb) < 0.5 for xa, xb in zip(a.get_xdata(), b.get_xdata(), strict=True))  # same round
     assert a.get_marker() != b.get_marker()
     assert {t.get_text() for t in ax.get_legend().get_texts()} == {"a", "b", "budget ε = 3"}

@@ -103,7 +103,8 @@ def good_sample():
                      st.one_of(st.none(), st.integers(0, 9)), st.just(""))
 
 
-NEXT_ROUND = -200  # an advance round of NEXT_ROUND - d means "the queue's current round + d" (resolved when sent)
+# an advance round of NEXT_ROUND - d means "the queue's current round + d" (resolved when sent)
+NEXT_ROUND = -200
 
 requests = st.one_of(
     good_push(), good_push(), good_sample(),

@@ -126,7 +126,8 @@ def test_large_push_and_sample_are_chunked_under_the_message_limit(serve, client
     assert a.push(x, round=0, model_version=0) == 1500
     assert rows(b.sample(2000)) == rows(x)
     handlers = QueueHandlers(queue=queue, max_message_bytes=64 << 10, snapshot_path=None)
-    chunks = list(handlers.sample(Principal("site-b"), queue_pb2.SampleRequest(k=2000, dtype=queue_pb2.DTYPE_FLOAT32)))
+    chunks = list(
+        handlers.sample(Principal("site-b"), queue_pb2.SampleRequest(k=2000, dtype=queue_pb2.DTYPE_FLOAT32)))
     assert len(chunks) >= 12 and all(c.ByteSize() <= 64 << 10 for c in chunks)
     assert sum(c.rows for c in chunks) == 1500 and {c.total for c in chunks} == {1500}
 
@@ -223,23 +224,31 @@ def _bad_inputs():
     big[0] *= 2.0
     return {
         "wrong dim": (
-            lambda c, s: c["site-a"].push(unit(4, dim=DIM + 2), round=1, model_version=0), "INVALID_ARGUMENT"),
-        "nan": (lambda c, s: c["site-a"].push(torch.from_numpy(nan), round=1, model_version=0), "INVALID_ARGUMENT"),
-        "inf": (lambda c, s: c["site-a"].push(torch.from_numpy(inf), round=1, model_version=0), "INVALID_ARGUMENT"),
-        "non-unit norm": (
-            lambda c, s: c["site-a"].push(torch.from_numpy(big), round=1, model_version=0), "INVALID_ARGUMENT"),
-        "empty": (lambda c, s: c["site-a"].push(torch.zeros(0, DIM), round=1, model_version=0), "INVALID_ARGUMENT"),
+            lambda c, s: c["site-a"].push(unit(4, dim=DIM + 2), round=1, model_version=0), "INVALID_ARGUMENT",
+        ),
+        "nan": (lambda c, s: c["site-a"].push(torch.from_numpy(nan), round=1, model_version=0),
+                "INVALID_ARGUMENT"),
+        "inf": (lambda c, s: c["site-a"].push(torch.from_numpy(inf), round=1, model_version=0),
+                "INVALID_ARGUMENT"),
+        "non-unit norm": (lambda c, s: c["site-a"].push(torch.from_numpy(big), round=1, model_version=0),
+                          "INVALID_ARGUMENT"),
+        "empty": (
+            lambda c, s: c["site-a"].push(torch.zeros(0, DIM), round=1, model_version=0), "INVALID_ARGUMENT"),
         "more rows than the quota": (
             lambda c, s: c["site-a"].push(unit(65), round=1, model_version=0), "RESOURCE_EXHAUSTED"),
         "message over max_message_bytes": (
-            lambda c, s: _raw_push(s, [_chunk(good[:1], round=1, data=bytes(100 << 10))]), "RESOURCE_EXHAUSTED"),
+            lambda c, s: _raw_push(s, [_chunk(good[:1], round=1, data=bytes(100 << 10))]),
+            "RESOURCE_EXHAUSTED"),
         "unknown site": (lambda c, s: c["site-c"].push(unit(4), round=1, model_version=0), "NOT_FOUND"),
-        "future round": (lambda c, s: c["site-a"].push(unit(4), round=5, model_version=0), "FAILED_PRECONDITION"),
-        "stale round": (lambda c, s: c["site-a"].push(unit(4), round=0, model_version=0), "FAILED_PRECONDITION"),
+        "future round": (
+            lambda c, s: c["site-a"].push(unit(4), round=5, model_version=0), "FAILED_PRECONDITION"),
+        "stale round": (
+            lambda c, s: c["site-a"].push(unit(4), round=0, model_version=0), "FAILED_PRECONDITION"),
         "byte count not rows*dim": (
             lambda c, s: _raw_push(s, [_chunk(good, round=1, data=good.tobytes()[:-4])]), "INVALID_ARGUMENT"),
         "dtype unspecified": (
-            lambda c, s: _raw_push(s, [_chunk(good, round=1, dtype=queue_pb2.DTYPE_UNSPECIFIED)]), "INVALID_ARGUMENT"),
+            lambda c, s: _raw_push(s, [_chunk(good, round=1, dtype=queue_pb2.DTYPE_UNSPECIFIED)]),
+            "INVALID_ARGUMENT"),
         "chunks disagree on round": (
             lambda c, s: _raw_push(s, [_chunk(good, round=1), _chunk(good, round=0)]), "INVALID_ARGUMENT"),
         "bad second chunk": (
@@ -352,8 +361,8 @@ def test_client_retries_unavailable_until_the_server_is_up(serve, clients):
         port = s.getsockname()[1]
     timer = threading.Timer(0.6, lambda: serve(port=port))
     timer.start()
-    client = QueueClient(f"127.0.0.1:{port}", site_id="site-a", token=TOKENS["site-a"], timeout=2.0, retries=8,
-                         backoff=0.1)
+    client = QueueClient(f"127.0.0.1:{port}", site_id="site-a", token=TOKENS["site-a"], timeout=2.0,
+                         retries=8, backoff=0.1)
     try:
         assert client.push(unit(3), round=0, model_version=0) == 3
     finally:
@@ -408,10 +417,15 @@ def test_audit_log_records_every_kind_of_event(serve, clients, tmp_path):
     sample = next(e for e in events if e["event"] == "sample")
     assert (sample["site"], sample["count"]) == ("site-b", 2)
     rejection = next(e for e in events if e["event"] == "rejection")
-    assert rejection["site"] == "site-a" and rejection["code"] == "INVALID_ARGUMENT" and "norm" in rejection["reason"]
+    assert (
+        rejection["site"] == "site-a"
+        and rejection["code"] == "INVALID_ARGUMENT"
+        and "norm" in rejection["reason"])
 
 
-def test_demo_open_queue_trusts_site_names_but_never_makes_an_anonymous_caller_the_coordinator(serve, clients):
+def test_demo_open_queue_trusts_site_names_but_never_makes_an_anonymous_caller_the_coordinator(
+    serve, clients
+):
     server = serve(site_tokens={}, demo_open_queue=True)
     a = clients(server, "site-a", token=None)
     b = clients(server, "site-b", token=None)
@@ -422,8 +436,11 @@ def test_demo_open_queue_trusts_site_names_but_never_makes_an_anonymous_caller_t
         with pytest.raises(grpc.RpcError) as err:
             queue_pb2_grpc.EmbeddingQueueStub(channel).Advance(queue_pb2.AdvanceRequest(round=5), timeout=10)
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert refused(lambda: clients(server, "coordinator", token=None).advance(5)) == grpc.StatusCode.PERMISSION_DENIED
-    assert clients(server, "coordinator").stats()["current_round"] == 0  # nothing moved; the token still works
+    assert (
+        refused(lambda: clients(server, "coordinator", token=None).advance(5))
+        == grpc.StatusCode.PERMISSION_DENIED)
+    # nothing moved; the token still works
+    assert clients(server, "coordinator").stats()["current_round"] == 0
 
 
 def test_an_open_queue_needs_the_demo_switch(serve):
@@ -457,7 +474,8 @@ def test_revoked_site_is_refused_permission_denied_audited_and_changes_nothing(s
     # rate limited per source: the first refusal is written at once, the later two as one counted line
     assert denied[0]["method"] == "Push" and sum(e["count"] for e in denied) == 3
     assert all(e["code"] == "PERMISSION_DENIED" and "revoked" in e["reason"] for e in denied)
-    assert not [e for e in events if e["event"] in ("connect", "push", "sample") and e.get("site") == "site-b"]
+    assert not [
+        e for e in events if e["event"] in ("connect", "push", "sample") and e.get("site") == "site-b"]
 
 
 def test_revoked_certificate_common_name_is_refused_under_mutual_tls(serve, clients):
@@ -468,7 +486,8 @@ def test_revoked_certificate_common_name_is_refused_under_mutual_tls(serve, clie
         cn="localhost", key=server_key, issuer_cn="fedcl test CA", issuer_key=ca_key, ca=False, server=True
     )
     site_key = ec.generate_private_key(ec.SECP256R1())
-    site_cert = _cert(cn="site-c", key=site_key, issuer_cn="fedcl test CA", issuer_key=ca_key, ca=False, client=True)
+    site_cert = _cert(cn="site-c", key=site_key, issuer_cn="fedcl test CA", issuer_key=ca_key, ca=False,
+                      client=True)
     server = serve(tls_cert=server_cert, tls_key=_pem_key(server_key), client_ca=ca, revoked_sites=["site-c"])
     c = clients(server, "site-c", token=None, root_certificates=ca, client_certificate=site_cert,
                 client_key=_pem_key(site_key))
@@ -479,7 +498,8 @@ def test_revoked_certificate_common_name_is_refused_under_mutual_tls(serve, clie
 
 def test_revocation_applies_in_open_mode_and_never_to_the_coordinator(serve, clients):
     server = serve(site_tokens={}, demo_open_queue=True, revoked_sites=["site-b"])
-    assert refused(lambda: clients(server, "site-b", token=None).sample(1)) == grpc.StatusCode.PERMISSION_DENIED
+    assert (
+        refused(lambda: clients(server, "site-b", token=None).sample(1)) == grpc.StatusCode.PERMISSION_DENIED)
     assert len(clients(server, "site-a", token=None).sample(1)) == 0
     with pytest.raises(ValueError, match="coordinator"):
         serve(revoked_sites=["coordinator"])
@@ -512,17 +532,20 @@ def _cert(*, cn: str, key, issuer_cn: str, issuer_key, ca: bool, server: bool = 
     )
     if server:
         builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
             critical=False,
         ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
     if client:
-        builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
+                                        critical=False)
     return builder.sign(issuer_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
 
 
 def _self_signed_server():
     key = ec.generate_private_key(ec.SECP256R1())
-    return _cert(cn="localhost", key=key, issuer_cn="localhost", issuer_key=key, ca=True, server=True), _pem_key(key)
+    return (_cert(cn="localhost", key=key, issuer_cn="localhost", issuer_key=key, ca=True, server=True),
+            _pem_key(key))
 
 
 def test_tls_with_self_signed_certificate(serve, clients):
@@ -549,7 +572,8 @@ def test_mutual_tls_certificate_names_the_site(serve, clients):
         cn="localhost", key=server_key, issuer_cn="fedcl test CA", issuer_key=ca_key, ca=False, server=True
     )
     site_key = ec.generate_private_key(ec.SECP256R1())
-    site_cert = _cert(cn="site-a", key=site_key, issuer_cn="fedcl test CA", issuer_key=ca_key, ca=False, client=True)
+    site_cert = _cert(cn="site-a", key=site_key, issuer_cn="fedcl test CA", issuer_key=ca_key, ca=False,
+                      client=True)
     server = serve(tls_cert=server_cert, tls_key=_pem_key(server_key), client_ca=ca)
     mtls = dict(root_certificates=ca, client_certificate=site_cert, client_key=_pem_key(site_key))
     a = clients(server, "site-a", token=None, **mtls)
@@ -559,9 +583,12 @@ def test_mutual_tls_certificate_names_the_site(serve, clients):
     assert len(a.sample(10)) == 0  # the certificate's site is excluded from its own sample
     # a certificate for site-a with site-b's token, or claiming site-b, is refused
     b_token = clients(server, "site-b", token=TOKENS["site-b"], **mtls)
-    assert refused(lambda: b_token.push(unit(3), round=0, model_version=0)) == grpc.StatusCode.PERMISSION_DENIED
+    assert (
+        refused(lambda: b_token.push(unit(3), round=0, model_version=0)) == grpc.StatusCode.PERMISSION_DENIED)
     claims_b = clients(server, "site-b", token=None, **mtls)
-    assert refused(lambda: claims_b.push(unit(3), round=0, model_version=0)) == grpc.StatusCode.PERMISSION_DENIED
+    assert (
+        refused(lambda: claims_b.push(unit(3), round=0, model_version=0)) == grpc.StatusCode.PERMISSION_DENIED
+    )
     # no client certificate: the handshake fails
     no_cert = clients(server, "site-a", root_certificates=ca, retries=0, timeout=2.0)
     assert refused(lambda: no_cert.sample(1)) == grpc.StatusCode.UNAVAILABLE
@@ -590,20 +617,27 @@ def _write_config(path: Path, body: str) -> Path:
     [
         ("[queue_service]\ninsecure = true\nbogus = 1\n", "bogus"),
         ("[queue_service]\nport = 70000\ninsecure = true\n", "port"),
-        ("[queue_service]\n[queue_service.site_tokens]\nsite-a = 'token-a-0123456789abcdef'\n", "TLS is required"),
+        ("[queue_service]\n[queue_service.site_tokens]\nsite-a = 'token-a-0123456789abcdef'\n",
+         "TLS is required"),
         ("[queue_service]\ninsecure = true\ncoordinator_token = 'short'\n", "coordinator_token"),
         ("[queue_service]\ninsecure = true\ntls_cert = 'missing.pem'\n", "tls_key"),
-        ("[queue_service]\ntls_cert = 'missing.pem'\ntls_key = 'missing.key'\n"
-         "coordinator_token = 'c-0123456789abcdef'\n"
-         "[queue_service.site_tokens]\nsite-a = 'token-a-0123456789abcdef'\n", "missing.pem"),
+        (
+            "[queue_service]\ntls_cert = 'missing.pem'\ntls_key = 'missing.key'\n"
+            "coordinator_token = 'c-0123456789abcdef'\n"
+            "[queue_service.site_tokens]\nsite-a = 'token-a-0123456789abcdef'\n",
+            "missing.pem",
+        ),
         ("[queue_service\n", "not valid TOML"),
-        ("[queue_service]\ninsecure = true\ncoordinator_token = 'c-0123456789abcdef'\nrevoked_sites = ['site-z']\n"
-         "[queue_service.site_tokens]\nsite-a = 'token-a-0123456789abcdef'\n", "site-z"),
-        ("[queue_service]\ninsecure = true\nsnapshot_pth = 'q.npz'\n", "snapshot_pth: unknown key (did you mean "
-         "snapshot_path?)"),
+        (
+            "[queue_service]\ninsecure = true\ncoordinator_token = 'c-0123456789abcdef'\n"
+            "revoked_sites = ['site-z']\n[queue_service.site_tokens]\nsite-a = 'token-a-0123456789abcdef'\n",
+            "site-z",
+        ),
+        ("[queue_service]\ninsecure = true\nsnapshot_pth = 'q.npz'\n",
+         "snapshot_pth: unknown key (did you mean snapshot_path?)"),
     ],
-    ids=["unknown-key", "bad-port", "no-tls", "short-token", "cert-without-key", "missing-cert-file", "bad-toml",
-         "unknown-revoked-site", "unknown-key-did-you-mean"],
+    ids=["unknown-key", "bad-port", "no-tls", "short-token", "cert-without-key", "missing-cert-file",
+         "bad-toml", "unknown-revoked-site", "unknown-key-did-you-mean"],
 )
 def test_cli_config_errors_exit_2_with_one_clear_message(tmp_path, capsys, body, message):
     from fedcl.server.queue_cli import queue_main
@@ -698,7 +732,8 @@ def test_cli_serves_tls_with_certificate_paths_relative_to_the_config(tmp_path):
         line = proc.stdout.readline()
         assert "(TLS," in line, proc.stderr.read() if proc.poll() is not None else line
         port = int(line.split("127.0.0.1:")[1].split()[0])
-        with QueueClient(f"127.0.0.1:{port}", site_id="site-a", token=TOKENS["site-a"], root_certificates=cert) as a:
+        with QueueClient(f"127.0.0.1:{port}", site_id="site-a", token=TOKENS["site-a"],
+                         root_certificates=cert) as a:
             assert a.push(unit(3), round=0, model_version=0) == 3
             assert a.stats()["dtype"] == "float16"  # the documented default
     finally:
@@ -731,7 +766,8 @@ def test_rejections_are_audited_once_per_source_and_interval_with_a_count(serve,
     with channel:
         for _ in range(flood):
             with pytest.raises(grpc.RpcError):
-                stub.Stats(queue_pb2.StatsRequest(), metadata=[("authorization", "Bearer wrong-token")], timeout=10)
+                stub.Stats(queue_pb2.StatsRequest(), metadata=[("authorization", "Bearer wrong-token")],
+                           timeout=10)
     elapsed = time.monotonic() - start
     server.stop(grace=1.0)
     events = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]

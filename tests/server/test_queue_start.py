@@ -45,7 +45,8 @@ def _toml_table(name: str, values: dict) -> str:
 def queue_toml(tmp_path: Path, *, tokens: dict[str, str] | None = None, **settings) -> Path:
     """A [queue_service] file for ``fedcl-server queue``."""
     values = {"host": "127.0.0.1", "port": 0, "insecure": True, "coordinator_token": COORD,
-              "snapshot_path": str(tmp_path / "queue-snapshot.npz"), "audit_log": str(tmp_path / "audit.jsonl")}
+              "snapshot_path": str(tmp_path / "queue-snapshot.npz"),
+              "audit_log": str(tmp_path / "audit.jsonl")}
     values.update(settings)
     path = tmp_path / "queue.toml"
     path.write_text(_toml_table("queue_service", values)
@@ -56,8 +57,8 @@ def queue_toml(tmp_path: Path, *, tokens: dict[str, str] | None = None, **settin
 def consortium_toml(tmp_path: Path, *, tokens: dict[str, str] | None = None, certs: Path | None = None,
                     proj_dim: int = 64, **server) -> Path:
     """A consortium config for ``fedcl-server serve-queue`` and ``fedcl-server run``."""
-    values = {"queue_host": "127.0.0.1", "queue_port": 0, "superlink_port": 0, "out_dir": str(tmp_path / "out"),
-              "coordinator_token": COORD}
+    values = {"queue_host": "127.0.0.1", "queue_port": 0, "superlink_port": 0,
+              "out_dir": str(tmp_path / "out"), "coordinator_token": COORD}
     if certs is None:
         values["insecure"] = True
     else:
@@ -106,7 +107,10 @@ class Running:
 
         def read() -> None:
             for line in self.proc.stdout:
-                if "queue service" in line and (port := line.rsplit(":", 1)[-1].split()[0].rstrip(";")).isdigit():
+                if (
+                    "queue service" in line
+                    and (port := line.rsplit(":", 1)[-1].split()[0].rstrip(";")).isdigit()
+                ):
                     found["port"] = int(port)
                     return
 
@@ -125,7 +129,8 @@ class Running:
             _, stderr = self.proc.communicate(timeout=START_TIMEOUT)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            raise AssertionError(f"the queue service did not stop within {START_TIMEOUT} s of signal {sig}") from None
+            raise AssertionError(
+                f"the queue service did not stop within {START_TIMEOUT} s of signal {sig}") from None
         return stderr
 
 
@@ -135,7 +140,8 @@ def stub(port: int) -> tuple[grpc.Channel, queue_pb2_grpc.EmbeddingQueueStub]:
 
 
 def auth(token: str | None = None, site: str | None = None) -> list[tuple[str, str]]:
-    return ([("authorization", f"Bearer {token}")] if token else []) + ([("x-fedcl-site", site)] if site else [])
+    return ([("authorization", f"Bearer {token}")] if token else []) + (
+        [("x-fedcl-site", site)] if site else [])
 
 
 def push_chunk(rows: int, *, dim: int = 128, seed: int = 0, request_id: str = "") -> queue_pb2.PushChunk:
@@ -148,9 +154,11 @@ def push_chunk(rows: int, *, dim: int = 128, seed: int = 0, request_id: str = ""
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("certs")
-    subprocess.run([sys.executable, str(REPO / "deploy" / "make_certs.py"), "--out", str(out), "--server-name",
-                    "localhost", "--server-ip", "127.0.0.1", "--site", "site-a"], check=True, capture_output=True,
-                   timeout=START_TIMEOUT)
+    subprocess.run(
+        [sys.executable, str(REPO / "deploy" / "make_certs.py"), "--out", str(out), "--server-name",
+         "localhost", "--server-ip", "127.0.0.1", "--site", "site-a"],
+        check=True, capture_output=True, timeout=START_TIMEOUT,
+    )
     return out
 
 
@@ -178,7 +186,8 @@ def test_the_demo_switch_warns_at_every_start_and_an_anonymous_caller_is_never_t
             for metadata in (auth(), auth(site="coordinator")):  # no token: not the coordinator
                 with pytest.raises(grpc.RpcError) as err:
                     queue.Advance(queue_pb2.AdvanceRequest(round=9), metadata=metadata, timeout=30)
-                assert err.value.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+                assert err.value.code() in (grpc.StatusCode.UNAUTHENTICATED,
+                                            grpc.StatusCode.PERMISSION_DENIED)
             assert queue.Stats(queue_pb2.StatsRequest(), metadata=auth(COORD), timeout=30).current_round == 0
         stderr = served.stop()
         assert "WARNING: DEMO OPEN QUEUE" in stderr, stderr
@@ -187,8 +196,10 @@ def test_the_demo_switch_warns_at_every_start_and_an_anonymous_caller_is_never_t
 def test_queue_reads_the_fedcl_config_like_serve_queue(tmp_path):
     """One config format for every queue command: ``fedcl-server queue`` used to refuse the fedcl
     config ("has no [queue_service] table") that serve-queue and run read."""
-    served = Running([sys.executable, "-m", "fedcl.server.cli", "queue", "--config", str(consortium_toml(tmp_path)),
-                      "--listen", "127.0.0.1:0"])
+    served = Running(
+        [sys.executable, "-m", "fedcl.server.cli", "queue", "--config", str(consortium_toml(tmp_path)),
+         "--listen", "127.0.0.1:0"]
+    )
     channel, queue = stub(served.port)
     with channel:
         assert queue.Stats(queue_pb2.StatsRequest(), metadata=auth(COORD), timeout=30).current_round == 0
@@ -207,8 +218,9 @@ def _write_snapshot(path: Path, *, dim: int) -> None:
 
 @pytest.mark.parametrize("kind", ALL_COMMANDS)
 def test_a_corrupt_snapshot_is_one_line_in_every_command(kind, tmp_path):
-    argv = command(kind, tmp_path, **({"dim": 64, "capacity": 65536, "per_site_quota": 16384, "max_staleness": 0}
-                                     if kind == "queue" else {}))
+    argv = command(kind, tmp_path,
+                   **({"dim": 64, "capacity": 65536, "per_site_quota": 16384, "max_staleness": 0}
+                      if kind == "queue" else {}))
     snapshot = snapshot_path(kind, tmp_path)
     snapshot.parent.mkdir(parents=True, exist_ok=True)
     snapshot.write_bytes(b"PK\x03\x04 not a snapshot")
@@ -218,8 +230,9 @@ def test_a_corrupt_snapshot_is_one_line_in_every_command(kind, tmp_path):
 
 @pytest.mark.parametrize("kind", ALL_COMMANDS)
 def test_a_snapshot_of_another_dim_is_refused_by_every_command(kind, tmp_path):
-    argv = command(kind, tmp_path, **({"dim": 64, "capacity": 65536, "per_site_quota": 16384, "max_staleness": 0}
-                                     if kind == "queue" else {"proj_dim": 64}))
+    argv = command(kind, tmp_path,
+                   **({"dim": 64, "capacity": 65536, "per_site_quota": 16384, "max_staleness": 0}
+                      if kind == "queue" else {"proj_dim": 64}))
     _write_snapshot(snapshot_path(kind, tmp_path), dim=128)
     line = refusal(argv)
     assert "dim = 128" in line and "64" in line and "move the snapshot away" in line
@@ -249,8 +262,9 @@ def test_a_site_stalling_more_streams_than_threads_cannot_stall_the_coordinator(
 
     channel, queue = stub(served.port)
     try:
-        calls = [queue.Push.future(stalled(i), metadata=auth(TOKENS["site-a"], "site-a"), timeout=START_TIMEOUT)
-                 for i in range(streams)]
+        calls = [
+            queue.Push.future(stalled(i), metadata=auth(TOKENS["site-a"], "site-a"), timeout=START_TIMEOUT)
+            for i in range(streams)]
         # the streams beyond the per-site limit are refused at once, whatever the machine's load
         deadline = time.monotonic() + START_TIMEOUT
         while sum(c.done() for c in calls) < streams - 4 and time.monotonic() < deadline:
@@ -300,14 +314,18 @@ def test_rows_acknowledged_after_the_last_snapshot_are_reported_lost_after_a_kil
     channel, queue = stub(served.port)
     with channel:
         queue.Advance(queue_pb2.AdvanceRequest(round=1), metadata=auth(COORD), timeout=30)  # snapshot
-        assert queue.Push(iter([push_chunk(5)]), metadata=auth(TOKENS["site-a"], "site-a"), timeout=30).accepted == 5
+        assert (
+            queue.Push(iter([push_chunk(5)]), metadata=auth(TOKENS["site-a"], "site-a"), timeout=30).accepted
+            == 5)
     served.stop(signal.SIGKILL)
     served = Running(argv)
     channel, queue = stub(served.port)
     with channel:
         stats = queue.Stats(queue_pb2.StatsRequest(), metadata=auth(COORD), timeout=30)
         assert (stats.restarts, stats.rows_lost, stats.size) == (1, 5, 0)
-        assert queue.Push(iter([push_chunk(2)]), metadata=auth(TOKENS["site-a"], "site-a"), timeout=30).accepted == 2
+        assert (
+            queue.Push(iter([push_chunk(2)]), metadata=auth(TOKENS["site-a"], "site-a"), timeout=30).accepted
+            == 2)
     served.stop()  # a clean stop snapshots: nothing more is lost
     served = Running(argv)
     channel, queue = stub(served.port)

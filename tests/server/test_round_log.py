@@ -27,7 +27,8 @@ def test_the_round_line_has_the_tables_rounded_figures_and_epsilon_per_site():
 
 
 def test_the_round_line_says_which_site_is_not_dp_and_when_no_site_reports_epsilon():
-    record = dict(RECORD, epsilon_unbounded=True, sites={"site-0": {"epsilon": 1.5}, "site-1": {"epsilon": -1.0}})
+    record = dict(RECORD, epsilon_unbounded=True,
+                  sites={"site-0": {"epsilon": 1.5}, "site-1": {"epsilon": -1.0}})
     assert "| ε ∞ (not DP) (site-0 1.50, site-1 ∞) |" in format_round_line(record, num_rounds=3)
     no_dp = dict(record, sites={"site-0": {"epsilon": -1.0}, "site-1": {"epsilon": -1.0}})
     assert "| ε ∞ (not DP) |" in format_round_line(no_dp, num_rounds=3)  # said once, not per site

@@ -95,7 +95,8 @@ def test_rounds_checkpoint_and_resume(tmp_path, federation):
         q_arr = query.content.array_records["arrays"][key].numpy()
         assert (q_arr == train.content.array_records["arrays"][key].numpy()).all()
     assert [m["negatives-used"] for m in first.history[1]["sites"].values()] == [20, 20]
-    assert first.history[1]["release_phase"] == {"mode": "raw", "sites_ok": 2, "sites_failed": 0, "pushed": 40}
+    assert first.history[1]["release_phase"] == {"mode": "raw", "sites_ok": 2, "sites_failed": 0,
+                                                 "pushed": 40}
     ckpt = find_checkpoint(out / "checkpoints")
     assert ckpt.round == 2 and ckpt.queue["stats"]["current_round"] == 3  # advanced past the round
     assert ckpt.queue["snapshot_sha256"] is not None
@@ -133,22 +134,25 @@ def test_fresh_push_is_entered_in_each_sites_ledger(tmp_path, federation):
     ledger = json.loads((tmp_path / "sites" / "site-0" / "ledger-site-0.json").read_text())
     # the release of round 2 (20 raw embeddings, not DP) before round 2's training; nothing in warm-up
     assert [(e["round"], e["channel"], e["mode"], e["steps"]) for e in ledger["events"]] == [
-        (1, "model_updates", "nonprivate", 1), (2, "embeddings", "raw", 20), (2, "model_updates", "nonprivate", 1)]
+        (1, "model_updates", "nonprivate", 1), (2, "embeddings", "raw", 20),
+        (2, "model_updates", "nonprivate", 1)]
 
 
 def test_prototypes_are_merged_by_the_server_from_noisy_sums(tmp_path, federation):
     cfg, link, simulated, queue = federation
-    cfg = _with(_with_rounds(cfg, 2), "privacy", release="prototypes", num_prototypes=8, release_sample_rate=1.0,
-                release_noise_multiplier=0.5, prototype_min_count=1.0)
+    cfg = _with(_with_rounds(cfg, 2), "privacy", release="prototypes", num_prototypes=8,
+                release_sample_rate=1.0, release_noise_multiplier=0.5, prototype_min_count=1.0)
     simulated = SimulatedSites(config=simulated.config, site_tokens=simulated.site_tokens, threads=1,
                                state_root=tmp_path / "sites")  # ledgers persist between the phases
     grid = _grid(simulated)
     result = run_federation(grid, config=cfg, out_dir=tmp_path / "out", queue=link)
     queries = [m for m in grid.sent if m.metadata.message_type == "query"]
-    assert len(queries) == 2 and queries[0].content.array_records["prototypes"]["prototypes"].numpy().shape == (8, 16)
+    assert len(queries) == 2 and queries[0].content.array_records["prototypes"][
+        "prototypes"].numpy().shape == (8, 16)
     info = result.history[1]["release_phase"]
     assert info["mode"] == "prototypes" and info["sites_ok"] == 2 and info["pushed"] == 8
-    # the queue holds the server's 8 merged prototypes (site "prototypes"), unit norm, and no site's raw embedding
+    # the queue holds the server's 8 merged prototypes (site "prototypes"), unit norm, and no site's raw
+    # embedding
     assert queue.stats()["per_site"] == {"prototypes": 8}
     assert [m["negatives-used"] for m in result.history[1]["sites"].values()] == [8, 8]
     ckpt = find_checkpoint(tmp_path / "out" / "checkpoints")
@@ -255,7 +259,8 @@ def test_round_one_waits_for_min_available_nodes(tmp_path, federation, monkeypat
     would train on the first site alone although min_available_nodes names both."""
     cfg, link, simulated, _ = federation
     monkeypatch.setattr("fedcl.server.app.time.sleep", lambda s: None)
-    cfg = _with(_with_rounds(cfg, 1), "federation", min_available_nodes=2, min_train_nodes=1, fraction_train=1.0)
+    cfg = _with(_with_rounds(cfg, 1), "federation", min_available_nodes=2, min_train_nodes=1,
+                fraction_train=1.0)
     grid = _grid(simulated, grid=ConnectingGrid)
     result = run_federation(grid, config=cfg, out_dir=tmp_path / "out", queue=link)
     trained = sorted(m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == "train")
@@ -263,7 +268,9 @@ def test_round_one_waits_for_min_available_nodes(tmp_path, federation, monkeypat
     assert len(result.history[0]["sites"]) == 2
 
 
-def test_shorter_rounds_and_kept_optimizers_reach_the_sites_through_the_federation(tmp_path, federation, caplog):
+def test_shorter_rounds_and_kept_optimizers_reach_the_sites_through_the_federation(
+    tmp_path, federation, caplog
+):
     """train.rounds_per_epoch = 2: every train message says so, and each site trains on half its images;
     train.persist_optimizer: each site's Flower context holds its optimizer state after the run."""
     from fedcl.client.app import OPTIMIZER_KEY, load_site_images
@@ -275,7 +282,8 @@ def test_shorter_rounds_and_kept_optimizers_reach_the_sites_through_the_federati
     half = run_federation(grid, config=_with(_with_rounds(cfg, 2), "train", rounds_per_epoch=2,
                                              persist_optimizer=True),
                           out_dir=tmp_path / "b", queue=link)
-    assert len(grid.contexts) == 2 and all(OPTIMIZER_KEY in context.state for context in grid.contexts.values())
+    assert len(grid.contexts) == 2 and all(
+        OPTIMIZER_KEY in context.state for context in grid.contexts.values())
     assert "2 rounds are 1 local epochs per site" in caplog.text  # the user is told what k does to the budget
     sent = [RoundConfig.from_config_record(m.content.config_records["config"]).train for m in grid.sent
             if m.metadata.message_type == "train"]
@@ -288,7 +296,9 @@ def test_shorter_rounds_and_kept_optimizers_reach_the_sites_through_the_federati
     assert {t.rounds_per_epoch for t in sent} == {2}
 
 
-def test_a_dp_federation_reports_no_loss_or_alignment_and_its_table_and_plots_cope(tmp_path, federation, capsys):
+def test_a_dp_federation_reports_no_loss_or_alignment_and_its_table_and_plots_cope(
+    tmp_path, federation, capsys
+):
     """Under DP-SGD the sites send no loss, alignment or uniformity (exact statistics of their images):
     the round records, the table and the plots show them as missing."""
     from fedcl.server.metrics import format_table
@@ -327,7 +337,8 @@ def test_rows_a_queue_restart_lost_show_in_the_rounds_metrics(tmp_path, federati
     from fedcl.wire.queue_client import QueueClient
 
     with QueueClient(link.address, site_id="site-0", token=simulated.site_tokens["site-0"]) as site:
-        site.push(torch.nn.functional.normalize(torch.randn(7, 16), dim=1), round=2, model_version=2)  # acknowledged
+        site.push(torch.nn.functional.normalize(torch.randn(7, 16), dim=1), round=2,
+                  model_version=2)  # acknowledged
     # the service dies without a snapshot (kill -9): here, its gRPC server stops and nothing is saved
     live = next(s for s in _running_servers if s.queue is queue)
     live._server.stop(0).wait()
@@ -350,7 +361,8 @@ def test_rows_a_queue_restart_lost_show_in_the_rounds_metrics(tmp_path, federati
 def test_each_round_is_logged_once_with_the_tables_figures(tmp_path, federation, caplog):
     cfg, link, simulated, _ = federation
     caplog.set_level("INFO", logger="flwr")
-    result = run_federation(_grid(simulated), config=_with_rounds(cfg, 2), out_dir=tmp_path / "out", queue=link)
+    result = run_federation(_grid(simulated), config=_with_rounds(cfg, 2), out_dir=tmp_path / "out",
+                            queue=link)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("round ")]
     assert [line.split(" | ")[0] for line in lines] == ["round 1/2", "round 2/2"]
     loss = result.history[1]["loss"]

@@ -32,7 +32,8 @@ def test_app_folder_is_a_valid_flower_app_pointing_at_the_installed_components(t
     config, _warnings = load_and_validate(app_dir / "pyproject.toml")
     assert config["tool"]["flwr"]["app"]["components"] == {"serverapp": "fedcl.server.app:app",
                                                            "clientapp": "fedcl.client.app:app"}
-    assert set(config["tool"]["flwr"]["app"]["config"]) == {"config-path", "out-dir"}  # what fedcl-server sets
+    assert set(config["tool"]["flwr"]["app"]["config"]) == {"config-path",
+                                                            "out-dir"}  # what fedcl-server sets
     assert [p.name for p in app_dir.iterdir()] == ["pyproject.toml"]  # no code travels to the sites
 
 
@@ -51,7 +52,8 @@ def test_superlink_flags_follow_the_tls_settings(tmp_path):
 
 def test_effective_config_is_private_and_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = _resolve_paths(load_config(None, ['server.out_dir="rel/out"', 'server.site_tokens={a="x"}']), out_dir=None)
+    cfg = _resolve_paths(load_config(None, ['server.out_dir="rel/out"', 'server.site_tokens={a="x"}']),
+                         out_dir=None)
     assert cfg.server.out_dir == tmp_path / "rel" / "out"
     path = write_effective_config(cfg, cfg.server.out_dir)
     assert path.stat().st_mode & 0o077 == 0  # it holds the queue tokens
@@ -113,9 +115,9 @@ def test_health_of_the_queue_service_over_grpc_says_serving(tmp_path, capsys):
     from fedcl.queue import EmbeddingQueue
     from fedcl.server.queue_service import ServeSettings, start_queue_server
 
-    server = start_queue_server(EmbeddingQueue(dim=4, capacity=8, per_site_quota=8, max_staleness=1, dtype="float32"),
-                                ServeSettings(host="127.0.0.1", port=0, coordinator_token="c" * 16,
-                                              site_tokens={"a": "t" * 16}))
+    server = start_queue_server(
+        EmbeddingQueue(dim=4, capacity=8, per_site_quota=8, max_staleness=1, dtype="float32"),
+        ServeSettings(host="127.0.0.1", port=0, coordinator_token="c" * 16, site_tokens={"a": "t" * 16}))
     try:
         assert main(["health", "--grpc", f"127.0.0.1:{server.port}"]) == 0
     finally:
@@ -148,11 +150,14 @@ def test_supernode_auth_starts_the_superlink_with_it_and_registers_all_but_revok
     assert check_supernode_keys(cfg) == {"site-a": keys["site-a"]}  # the revoked site's key stays out
 
 
-@pytest.mark.parametrize(("content", "message"), [
-    (None, "cannot read"),
-    (b"-----BEGIN PRIVATE KEY-----\n", "not an OpenSSH public key"),
-    (b"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOd2Kp4E1nrl6wM7BXbF2l3tF2C6x3nVAsD3fZ0GRS7J x\n", "not an EC key"),
-])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "cannot read"), (b"-----BEGIN PRIVATE KEY-----\n", "not an OpenSSH public key"),
+        (b"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOd2Kp4E1nrl6wM7BXbF2l3tF2C6x3nVAsD3fZ0GRS7J x\n",
+         "not an EC key"),
+    ],
+)
 def test_bad_supernode_key_files_are_named(tmp_path, content, message):
     path = tmp_path / "site-a.pub"
     if content is not None:
@@ -161,12 +166,17 @@ def test_bad_supernode_key_files_are_named(tmp_path, content, message):
         check_supernode_keys(_auth_config(tmp_path, {"site-a": path}))
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    (['server.site_tokens={a="t-0123456789"}', 'server.revoked_sites=["b"]'], "neither server.site_tokens"),
-    (["server.supernode_auth=true"], "supernode_keys] is empty"),
-    (["server.supernode_auth=true", "server.insecure=true", 'server.supernode_keys={a="k.pub"}'], "needs TLS"),
-    (['server.supernode_keys={a="k.pub"}'], "supernode_auth = false"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (['server.site_tokens={a="t-0123456789"}', 'server.revoked_sites=["b"]'],
+         "neither server.site_tokens"),
+        (["server.supernode_auth=true"], "supernode_keys] is empty"),
+        (["server.supernode_auth=true", "server.insecure=true", 'server.supernode_keys={a="k.pub"}'],
+         "needs TLS"),
+        (['server.supernode_keys={a="k.pub"}'], "supernode_auth = false"),
+    ],
+)
 def test_revocation_and_node_auth_config_mistakes_are_explained(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config(None, overrides)
@@ -195,7 +205,8 @@ else:
     env = dict(os.environ)
     assert register_supernode_keys({"new": tmp_path / "n.pub", "known": tmp_path / "k.pub"}, env=env) == {
         "new": 42, "known": None}
-    with pytest.raises(ServerCliError, match="could not register site other's SuperNode key .*the SuperLink said no"):
+    with pytest.raises(ServerCliError,
+                       match="could not register site other's SuperNode key .*the SuperLink said no"):
         register_supernode_keys({"other": tmp_path / "o.pub"}, env=env)
 
 
@@ -204,9 +215,12 @@ def test_queue_service_of_fedcl_server_refuses_revoked_sites(tmp_path):
     from fedcl.wire.queue_client import QueueClient, QueueServiceError
 
     tokens = {"site-a": "token-of-site-a-0123456789", "site-b": "token-of-site-b-0123456789"}
-    cfg = load_config(None, ["server.insecure=true", "server.queue_port=0", f'server.out_dir="{tmp_path}"',
-                             "server.site_tokens={" + ", ".join(f'"{s}" = "{t}"' for s, t in tokens.items()) + "}",
-                             'server.revoked_sites=["site-b"]'])
+    cfg = load_config(
+        None,
+        ["server.insecure=true", "server.queue_port=0", f'server.out_dir="{tmp_path}"',
+         "server.site_tokens={" + ", ".join(f'"{s}" = "{t}"' for s, t in tokens.items()) + "}",
+         'server.revoked_sites=["site-b"]'],
+    )
     server, cfg = _start_queue(cfg, generate_coordinator_token=True)
     try:
         address = f"127.0.0.1:{server.port}"
@@ -231,7 +245,8 @@ def test_sites_are_told_to_join_only_once_their_keys_are_registered(tmp_path, mo
     monkeypatch.setattr(server_cli, "submit_run", lambda **kw: calls.append("submit") or (1, 0))
     monkeypatch.setattr(server_cli, "run_status", lambda run_id, env: "finished:failed")
     cfg = load_config(None, ["server.insecure=true", f'server.out_dir="{tmp_path}"'])
-    assert server_cli.start_and_follow_run(cfg, superlink_address="127.0.0.1:1", join_address="coord:9092") == 1
+    assert (
+        server_cli.start_and_follow_run(cfg, superlink_address="127.0.0.1:1", join_address="coord:9092") == 1)
     out = capsys.readouterr().out
     assert calls == ["register", "submit"]
     assert out.index("registered: site-a (node 7)") < out.index(

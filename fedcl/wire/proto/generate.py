@@ -61,8 +61,10 @@ def generate_to(out_dir: Path) -> dict[str, bytes]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedcl.wire.proto.generate", description=__doc__.split("\n")[0])
-    parser.add_argument("--check", action="store_true", help="compare with the committed stubs, write nothing")
+    parser = argparse.ArgumentParser(prog="python -m fedcl.wire.proto.generate",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--check", action="store_true",
+                        help="compare with the committed stubs, write nothing")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         fresh = generate_to(Path(tmp))
@@ -70,10 +72,8 @@ def main(argv: list[str] | None = None) -> int:
              if not (PROTO_DIR / name).is_file() or (PROTO_DIR / name).read_bytes() != data]
     if args.check:
         if stale:
-            print(
-                f"stale generated stubs in {PROTO_DIR}: {', '.join(stale)}; run `python -m fedcl.wire.proto.generate`",
-                file=sys.stderr,
-            )
+            print(f"stale generated stubs in {PROTO_DIR}: {', '.join(stale)}; "
+                  "run `python -m fedcl.wire.proto.generate`", file=sys.stderr)
             return 1
         print("generated stubs are current")
         return 0
