@@ -14,7 +14,8 @@ judged by the very same probes as every other row.
 Every method starts from the same initial weights (per seed), uses the same encoder, recipe and
 total compute (rounds x local epochs x images: central trains rounds x local_epochs epochs on
 the union of the sites' images; with --rounds-per-epoch k each round trains on 1/k of a site's
-images and central trains rounds x local_epochs / k epochs). Encoders are judged frozen (DESIGN "Evaluation protocol"):
+images and central trains rounds x local_epochs / k epochs). Encoders are judged frozen
+(DESIGN "Evaluation protocol"):
 kNN (k = 200, t = 0.1) with the union of the sites' labelled training images as feature bank,
 linear probe, few-label probe (10 per class) on the same bank, alignment and uniformity on a
 Fashion-MNIST test subset.
@@ -122,7 +123,8 @@ def data_settings(cfg: dict, *, split: str, seed: int, data_root: Path) -> dict:
     """The shipped ``[data]`` section of a run: the data set, the split, the sites and their image count.
     ``cfg["dataset"]`` (absent: plain Fashion-MNIST) names the data set and its ``[data.clutter]``."""
     return {"name": "fashion-mnist", "path": str(data_root), "num_sites": cfg["sites"],
-            "max_images_per_site": cfg["images_per_site"], "seed": seed, **SPLITS[split], **cfg.get("dataset", {})}
+            "max_images_per_site": cfg["images_per_site"], "seed": seed, **SPLITS[split],
+            **cfg.get("dataset", {})}
 
 
 def federation_config(method: FedMethod, cfg: dict, *, split: str, seed: int, data_root: Path) -> FedclConfig:
@@ -141,13 +143,14 @@ def federation_config(method: FedMethod, cfg: dict, *, split: str, seed: int, da
                "num_push": cfg["num_push"], "device": "cpu", "threads": cfg.get("threads", 1), "seed": seed},
         queue={"enabled": method.queue, "num_negatives": cfg["num_negatives"],
                "fresh_push": method.fresh_push, "max_staleness": method.max_staleness,
-               "warmup_rounds": method.warmup_rounds,
-               "public_images": cfg["public_images"], "dtype": "float32"},
+               "warmup_rounds": method.warmup_rounds, "public_images": cfg["public_images"],
+               "dtype": "float32"},
         privacy={"dpsgd": dp, "target_epsilon": method.dp_epsilon or 8.0, "release": method.release,
                  **RELEASE},
         # the bench evaluates itself; the server's kNN curve every eval_every rounds (not in the cache key:
         # it changes the curve's points, not the training)
-        federation={"num_rounds": cfg["rounds"], "fraction_evaluate": 0.0, "eval_every": cfg.get("eval_every", 1)},
+        federation={"num_rounds": cfg["rounds"], "fraction_evaluate": 0.0,
+                    "eval_every": cfg.get("eval_every", 1)},
     )
 
 
@@ -407,15 +410,16 @@ def write_markdown(path: Path, result: dict) -> None:
     not tabulated: they are in the JSON beside it and in its _rounds plot."""
     stem = path.with_suffix("").name
     cpu = result.get("cpu", {})
-    lines = ["# Quality benchmark\n", f"Command: `{result['command']}`\n",
-             f"Data set: {result.get('config', {}).get('dataset', {'name': 'fashion-mnist'})}. Commit: "
-             f"{result.get('commit', 'unknown')}. CPU: {cpu.get('hours', float('nan')):.2f} h over the "
-             f"{cpu.get('runs', 0)} runs that recorded it ({cpu.get('runs_without', 0)} cached runs did not).\n",
-             "Accuracies in %, mean ± std over seeds (std 0 with one seed). Lower is better for "
-             "alignment and uniformity. ε at δ = 1e-5 per site; 'not DP' = channel not protected.\n",
-             f"Per-round kNN, loss, drift and ε of every federated method: `{stem}.json` "
-             f"(`splits.<split>.<method>.rounds`), plotted in `{stem}_rounds.png` and "
-             f"`{stem}_epsilon.png`.\n"]
+    lines = [
+        "# Quality benchmark\n", f"Command: `{result['command']}`\n",
+        f"Data set: {result.get('config', {}).get('dataset', {'name': 'fashion-mnist'})}. Commit: "
+        f"{result.get('commit', 'unknown')}. CPU: {cpu.get('hours', float('nan')):.2f} h over the "
+        f"{cpu.get('runs', 0)} runs that recorded it ({cpu.get('runs_without', 0)} cached runs did not).\n",
+        "Accuracies in %, mean ± std over seeds (std 0 with one seed). Lower is better for "
+        "alignment and uniformity. ε at δ = 1e-5 per site; 'not DP' = channel not protected.\n",
+        f"Per-round kNN, loss, drift and ε of every federated method: `{stem}.json` "
+        f"(`splits.<split>.<method>.rounds`), plotted in `{stem}_rounds.png` and "
+        f"`{stem}_epsilon.png`.\n"]
     for split, methods in result["splits"].items():
         lines += [f"\n## {split}\n",
                   "| method | kNN | linear | few-label (10/class) | alignment | uniformity | "
@@ -463,7 +467,8 @@ def write_plots(prefix: Path, result: dict) -> None:
                 ax.plot([x for x, _ in pts], [y for _, y in pts], label=name, **dots, **style[name])
             elif name in FINAL_LINES:
                 linestyle, color = FINAL_LINES[name]
-                ax.axhline(100 * agg["knn"]["mean"], linestyle=linestyle, color=color, label=f"{name} (final)")
+                ax.axhline(100 * agg["knn"]["mean"], linestyle=linestyle, color=color,
+                           label=f"{name} (final)")
         ax.set(title=f"{split}: kNN accuracy per round", xlabel="round (0 = initial weights)",
                ylabel="kNN accuracy (%)")
         ax.xaxis.get_major_locator().set_params(integer=True)
@@ -502,12 +507,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--local-epochs", type=int, default=1)
-    p.add_argument("--rounds-per-epoch", type=int, default=1,
-                   help="k: each round trains on 1/k of a site's images (k rounds per epoch at the same compute); "
-                        "--rounds x --local-epochs must be a multiple of k")
-    p.add_argument("--persist-optimizer", action="store_true",
-                   help="each site's optimizer keeps its state (Adam moments) from round to round (under DP-SGD "
-                        "built from noised gradients only)")
+    p.add_argument(
+        "--rounds-per-epoch", type=int, default=1,
+        help="k: each round trains on 1/k of a site's images (k rounds per epoch at the same compute); "
+        "--rounds x --local-epochs must be a multiple of k")
+    p.add_argument(
+        "--persist-optimizer", action="store_true",
+        help="each site's optimizer keeps its state (Adam moments) from round to round (under DP-SGD "
+        "built from noised gradients only)")
     p.add_argument("--images-per-site", type=int, default=2000)
     p.add_argument("--sites", type=int, default=5)
     p.add_argument("--seeds", default="0,1,2", help="comma-separated")
@@ -523,9 +530,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--test-images", type=int, default=2000)
     p.add_argument("--public-images", type=int, default=1000)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--eval-every", type=int, default=1,
-                   help="the server's kNN curve every N rounds (and the last); at 1 it costs about as much CPU as "
-                        "training in the short-round recipe. Not in the cache key: the final encoder is the same")
+    p.add_argument(
+        "--eval-every", type=int, default=1,
+        help="the server's kNN curve every N rounds (and the last); at 1 it costs about as much CPU as "
+        "training in the short-round recipe. Not in the cache key: the final encoder is the same")
     p.add_argument("--data", type=Path, default=Path("/usr/share/datasets/fashion-mnist"),
                    help="the folder of the Fashion-MNIST IDX files")
     p.add_argument("--dataset", choices=["fashion-mnist", "fashion-mnist-cluttered"], default="fashion-mnist",
@@ -554,8 +562,8 @@ def run_config(args: argparse.Namespace) -> dict:
     cfg = {"rounds": args.rounds, "local_epochs": args.local_epochs, "images_per_site": args.images_per_site,
            "sites": args.sites, "width": args.width, "batch_size": args.batch_size, "lr": args.lr,
            "temperature": args.temperature, "num_negatives": args.num_negatives, "num_push": args.num_push,
-           "crop_scale_min": args.crop_scale_min, "test_images": args.test_images, "public_images": args.public_images,
-           "encoder": "cnn", "proj_dim": 128, "optimizer": "adam",
+           "crop_scale_min": args.crop_scale_min, "test_images": args.test_images,
+           "public_images": args.public_images, "encoder": "cnn", "proj_dim": 128, "optimizer": "adam",
            "knn": {"k": 200, "t": 0.1}, "fewlabel_per_class": 10, "dp": {"epsilon": 8.0}, "release": RELEASE,
            "rounds_per_epoch": args.rounds_per_epoch, "persist_optimizer": args.persist_optimizer,
            "runner": RUNNER}
@@ -597,7 +605,8 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",") if s]
     unknown = [m for m in methods if m not in METHODS] + [s for s in splits if s not in SPLITS]
     if unknown:
-        print(f"unknown method or split {unknown}; methods: {list(METHODS)}; splits: {list(SPLITS)}", file=sys.stderr)
+        print(f"unknown method or split {unknown}; methods: {list(METHODS)}; splits: {list(SPLITS)}",
+              file=sys.stderr)
         return 2
     if args.rounds_per_epoch < 1 or (args.rounds * args.local_epochs) % args.rounds_per_epoch:
         print(f"--rounds x --local-epochs ({args.rounds * args.local_epochs}) must be a multiple of "
@@ -611,7 +620,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         data_src = Data(root=args.data, dataset=cfg.get("dataset"))
     except ValidationError as exc:  # a clutter option out of range: the config's own one-line reason
-        reason = format_validation_error(exc, source="bench/quality.py data options").splitlines()[1].strip(" -")
+        reason = (
+            format_validation_error(exc, source="bench/quality.py data options").splitlines()[1].strip(" -"))
         print(f"data.{reason}", file=sys.stderr)  # e.g. data.clutter: ... (the shipped config's key)
         return 2
     except DataError as exc:
@@ -645,8 +655,10 @@ def main(argv: list[str] | None = None) -> int:
             run["site_sizes"] = setups[(split, seed)]["site_sizes"]
             run["site_classes"] = setups[(split, seed)]["site_classes"]
             path.write_text(json.dumps(run, indent=1))
-        tqdm.write(f"{split} seed {seed} {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in run["metrics"].items())
-                   + f" ({run['seconds']:.0f} s)")
+        tqdm.write(
+            f"{split} seed {seed} {name}: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in run["metrics"].items())
+            + f" ({run['seconds']:.0f} s)")
         runs.setdefault(split, {}).setdefault(name, []).append(run)
 
     if not runs:  # --cached-only with nothing cached under this key: keep the tables that are there
@@ -654,15 +666,19 @@ def main(argv: list[str] | None = None) -> int:
               "as it is; run without --cached-only to train them", file=sys.stderr)
         return 2
     result = {
-        "command": "python " + " ".join(
+        "command": "python "
+        + " ".join(
             shlex.quote(a) for a in [str(Path(sys.argv[0]))] + (argv if argv is not None else sys.argv[1:])),
-        "commit": commit,
-        "cpu": cpu_summary(runs),
-        "config": cfg | {"seeds": seeds, "splits": splits, "methods": methods, "config_key": key,
-                         "threads": args.threads, "eval_every": args.eval_every, "device": str(device)},
-        "splits": {split: {name: aggregate(rs) for name, rs in by_method.items()} for split, by_method in runs.items()},
-        "site_classes": {split: next(iter(by_method.values()))[0].get("site_classes")
-                         for split, by_method in runs.items()},
+        "commit": commit, "cpu": cpu_summary(runs),
+        "config": cfg
+        | {"seeds": seeds, "splits": splits, "methods": methods, "config_key": key, "threads": args.threads,
+           "eval_every": args.eval_every, "device": str(device)},
+        "splits": {
+            split: {name: aggregate(rs) for name, rs in by_method.items()}
+            for split, by_method in runs.items()},
+        "site_classes": {
+            split: next(iter(by_method.values()))[0].get("site_classes") for split, by_method in runs.items()
+        },
     }
     args.out.mkdir(parents=True, exist_ok=True)
     prefix = args.out / f"quality{args.tag}"

@@ -203,7 +203,8 @@ def privacy(args: argparse.Namespace) -> None:
 
 
 def stop_local_superlink(args: argparse.Namespace) -> None:
-    """Stop the local SuperLink `flwr run .` started and keeps, if it has no unfinished run (docs/flower.md)."""
+    """Stop the local SuperLink `flwr run .` started and keeps, if it has no unfinished run
+    (docs/flower.md)."""
     from fedcl.sim.flower_local import LocalSuperLinkError, local_superlink_port
     from fedcl.sim.flower_local import stop_local_superlink as stop
 

@@ -13,7 +13,12 @@ import textwrap
 import pytest
 
 from fedcl.cli import main
-from fedcl.sim.flower_local import LocalSuperLinkError, is_managed_superlink, listening_pids, stop_local_superlink
+from fedcl.sim.flower_local import (
+    LocalSuperLinkError,
+    is_managed_superlink,
+    listening_pids,
+    stop_local_superlink,
+)
 
 FAKE = textwrap.dedent("""\
     import signal, socket, subprocess, sys
@@ -70,8 +75,9 @@ def _managed(fake_superlink):
 
 
 def test_the_managed_superlinks_command_line_is_recognised():
-    flwr_started = ["/venv/bin/python", "/venv/bin/flower-superlink", "--insecure", "--simulation", "--isolation",
-                    "subprocess", "--host", "127.0.0.1", "--port", "39091", "--database", "/h/.flwr/state.db"]
+    flwr_started = ["/venv/bin/python", "/venv/bin/flower-superlink", "--insecure", "--simulation",
+                    "--isolation", "subprocess", "--host", "127.0.0.1", "--port", "39091", "--database",
+                    "/h/.flwr/state.db"]
     assert is_managed_superlink(flwr_started, 39091)
     assert not is_managed_superlink(flwr_started, 39092)  # another port's
     deployment = [a for a in flwr_started if a != "--simulation"]  # e.g. fedcl-server superlink's
@@ -83,7 +89,8 @@ def test_an_idle_managed_superlink_is_stopped_with_its_child(fake_superlink):
     assert listening_pids(port) == [proc.pid]
     said = stop_local_superlink(port, runs=lambda p: [])
     assert proc.wait(timeout=30) == 0 and not _running(child)
-    assert said.startswith(f"stopped Flower's local SuperLink on 127.0.0.1:{port} (pid {proc.pid}) and its 1 child")
+    assert said.startswith(
+        f"stopped Flower's local SuperLink on 127.0.0.1:{port} (pid {proc.pid}) and its 1 child")
     assert "not running" in stop_local_superlink(port, runs=lambda p: [])  # nothing listens now
 
 
@@ -96,7 +103,8 @@ def test_a_busy_managed_superlink_is_not_stopped(fake_superlink):
 
 def test_another_process_on_the_port_is_not_stopped(fake_superlink, capsys):
     proc, port, child = fake_superlink("--insecure", "--simulation")  # no --port: not the one flwr starts
-    with pytest.raises(LocalSuperLinkError, match=rf"listening on 127\.0\.0\.1:{port} \(pid {proc.pid}: .*not the "):
+    with pytest.raises(LocalSuperLinkError,
+                       match=rf"listening on 127\.0\.0\.1:{port} \(pid {proc.pid}: .*not the "):
         stop_local_superlink(port, runs=lambda p: [])
     other, other_port, _ = fake_superlink("--port", str(_free_port()), name="some-server")
     assert main(["stop-local-superlink", "--port", str(other_port)]) == 2

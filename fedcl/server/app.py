@@ -110,7 +110,8 @@ class FederationResult:
 class CentralEvaluator:
     """kNN accuracy (k = 200, t = 0.1) of the frozen global encoder on the server's labelled set."""
 
-    def __init__(self, *, memory_images, memory_labels, test_images, test_labels, description: str = "") -> None:
+    def __init__(self, *, memory_images, memory_labels, test_images, test_labels,
+                 description: str = "") -> None:
         self.memory_images, self.memory_labels = memory_images, memory_labels
         self.test_images, self.test_labels = test_images, test_labels
         self.in_channels = int(memory_images.shape[1])
@@ -129,8 +130,9 @@ class CentralEvaluator:
             return None, str(exc)
         if not sets.labelled:
             return None, f"data set {d.name!r} has no labels"
-        return cls(memory_images=sets.bank.images, memory_labels=sets.bank.labels, test_images=sets.test.images,
-                   test_labels=sets.test.labels, description=sets.description), ""
+        return cls(memory_images=sets.bank.images, memory_labels=sets.bank.labels,
+                   test_images=sets.test.images, test_labels=sets.test.labels,
+                   description=sets.description), ""
 
     def knn(self, model) -> float:
         from fedcl.evaluate import extract_features, knn_accuracy
@@ -152,11 +154,12 @@ def round_config(cfg, *, rnd: int, model_spec: dict[str, Any], queue: QueueLink 
     sections["queue"] = cfg.queue.model_copy(update={"enabled": cfg.queue.enabled and queue is not None,
                                                      "fresh_push": fresh_push})
     sections["model"] = dict(model_spec)  # in_channels resolved from the data or the checkpoint
-    return RoundConfig(round=rnd, num_rounds=cfg.federation.num_rounds,
-                       queue_address=queue.address if queue is not None else "",
-                       queue_tls=queue.tls if queue is not None else False,
-                       queue_token_dir=str(queue.site_token_dir) if queue is not None and queue.site_token_dir else "",
-                       **sections)
+    return RoundConfig(
+        round=rnd, num_rounds=cfg.federation.num_rounds,
+        queue_address=queue.address if queue is not None else "",
+        queue_tls=queue.tls if queue is not None else False,
+        queue_token_dir=str(queue.site_token_dir) if queue is not None and queue.site_token_dir else "",
+        **sections)
 
 
 # ------------------------------------------------------------------------------- release phase
@@ -190,12 +193,14 @@ def load_public_images(cfg) -> torch.Tensor:
     except (DataError, OSError) as exc:
         raise FederationError(
             f"privacy.release = 'public' needs a public reference set on the server, but it cannot load "
-            f"{d.name!r}: {exc}; point data.path at the public data, or choose another release mode") from None
+            f"{d.name!r}: {exc}; point data.path at the public data, or choose another release mode"
+        ) from None
     return ds.images
 
 
-def release_phase(grid: Grid, *, rnd: int, train_messages: list[Message], arrays: ArrayRecord, rc: RoundConfig,
-                  cfg, model, queue: QueueLink, state: ReleaseState, timeout: float) -> dict[str, Any]:
+def release_phase(grid: Grid, *, rnd: int, train_messages: list[Message], arrays: ArrayRecord,
+                  rc: RoundConfig, cfg, model, queue: QueueLink, state: ReleaseState,
+                  timeout: float) -> dict[str, Any]:
     """Fill the queue for round ``rnd`` from the global model the sites are about to receive.
 
     raw / gaussian: each site of ``train_messages`` gets a query message with the global weights
@@ -223,13 +228,14 @@ def release_phase(grid: Grid, *, rnd: int, train_messages: list[Message], arrays
         if state.prototypes is None:
             from fedcl.privacy.release import PROTOTYPE_SEED
 
-            state.prototypes = init_prototypes(num=cfg.privacy.num_prototypes, dim=int(model.spec["proj_dim"]),
-                                               seed=PROTOTYPE_SEED)
+            state.prototypes = init_prototypes(num=cfg.privacy.num_prototypes,
+                                               dim=int(model.spec["proj_dim"]), seed=PROTOTYPE_SEED)
         content[PROTOTYPES_KEY] = ArrayRecord({"prototypes": state.prototypes.clone()})
     queries = []
     for m in train_messages:
         body = RecordDict({ARRAYS_KEY: arrays, **content})
-        queries.append(Message(content=body, dst_node_id=m.metadata.dst_node_id, message_type=MessageType.QUERY))
+        queries.append(
+            Message(content=body, dst_node_id=m.metadata.dst_node_id, message_type=MessageType.QUERY))
     replies = list(grid.send_and_receive(queries, timeout=timeout))
     sites, _, errors = _site_metrics(replies, queries)
     errors += _unanswered(queries, replies, timeout, "release reply")
@@ -245,7 +251,8 @@ def release_phase(grid: Grid, *, rnd: int, train_messages: list[Message], arrays
                 releases.append(PrototypeRelease(sums=torch.from_numpy(rec["sums"].numpy().copy()),
                                                  counts=torch.from_numpy(rec["counts"].numpy().copy())))
             except KeyError:
-                info["errors"].append(f"node {reply.metadata.src_node_id}: prototype release without sums/counts")
+                info["errors"].append(
+                    f"node {reply.metadata.src_node_id}: prototype release without sums/counts")
         if releases:
             try:
                 state.prototypes = merge_prototypes(releases, previous=state.prototypes,
@@ -270,7 +277,8 @@ def wait_for_sites(grid: Grid, minimum: int, *, poll_s: float = 1.0, log_every_s
     last_log = -math.inf
     while (connected := len(list(grid.get_node_ids()))) < minimum:
         if time.monotonic() - last_log >= log_every_s:
-            log.info("waiting for sites: %d of federation.min_available_nodes = %d connected", connected, minimum)
+            log.info("waiting for sites: %d of federation.min_available_nodes = %d connected", connected,
+                     minimum)
             last_log = time.monotonic()
         time.sleep(poll_s)
     return connected
@@ -282,8 +290,9 @@ def _node_name(node: int, names: dict[int, str] | None) -> str:
     return f"{site} (node {node})" if site else f"node {node}"
 
 
-def _site_metrics(replies: list[Message], sent: list[Message] | None = None, names: dict[int, str] | None = None,
-                  ) -> tuple[dict[str, dict[str, float]], dict[str, dict], list[str]]:
+def _site_metrics(
+    replies: list[Message], sent: list[Message] | None = None, names: dict[int, str] | None = None,
+) -> tuple[dict[str, dict[str, float]], dict[str, dict], list[str]]:
     """Per-site metrics and ledger summaries of the good replies; reasons of the failed ones.
 
     ``sent``: the messages the replies answer. An error reply Flower writes itself (a node whose
@@ -321,7 +330,8 @@ def _unanswered(sent: list[Message], replies: list[Message], timeout: float, wha
 
 
 def _weighted(sites: dict[str, dict[str, float]], key: str) -> float | None:
-    pairs = [(m[key], m.get("num-examples", 1.0)) for m in sites.values() if key in m and math.isfinite(m[key])]
+    pairs = [
+        (m[key], m.get("num-examples", 1.0)) for m in sites.values() if key in m and math.isfinite(m[key])]
     total = sum(w for _, w in pairs)
     return sum(v * w for v, w in pairs) / total if pairs and total > 0 else None
 
@@ -368,7 +378,8 @@ def _comparable_queue_stats(stats: dict[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------ the loop
 
 
-def audit_round(path: Path | None, *, rnd: int, sites: dict[str, dict[str, float]], errors: list[str]) -> None:
+def audit_round(path: Path | None, *, rnd: int, sites: dict[str, dict[str, float]],
+                errors: list[str]) -> None:
     """Coordinator audit: each site's reported epsilon this round, and every failed or refused site."""
     if path is None:
         return
@@ -379,8 +390,8 @@ def audit_round(path: Path | None, *, rnd: int, sites: dict[str, dict[str, float
         for site, m in sorted(sites.items()):
             eps = m.get("epsilon")
             audit.write("round_epsilon", round=rnd, site=site,
-                        epsilon=None if eps is None or eps < 0 else eps, dp_bound=eps is not None and eps >= 0,
-                        epsilon_accounted=m.get("epsilon-accounted"))
+                        epsilon=None if eps is None or eps < 0 else eps,
+                        dp_bound=eps is not None and eps >= 0, epsilon_accounted=m.get("epsilon-accounted"))
         for reason in errors:
             audit.write("round_site_failed", round=rnd, reason=reason)
     finally:
@@ -472,13 +483,16 @@ def _log_plan(cfg, *, queue: QueueLink | None, out_dir: Path) -> None:
     if cfg.train.rounds_per_epoch > 1:  # easy to miss: the same num_rounds now trains k times less
         how = ("1/%d of an epoch's DP-SGD steps over all its images" if cfg.privacy.dpsgd
                else "on 1/%d of its images") % cfg.train.rounds_per_epoch
-        log.info("train.rounds_per_epoch = %d: each round a site trains %s, so %d rounds are %g local epochs per "
-                 "site", cfg.train.rounds_per_epoch, how, num_rounds,
-                 num_rounds * cfg.train.epochs / cfg.train.rounds_per_epoch)
+        log.info(
+            "train.rounds_per_epoch = %d: each round a site trains %s, so %d rounds are %g local epochs per "
+            "site",
+            cfg.train.rounds_per_epoch, how, num_rounds,
+            num_rounds * cfg.train.epochs / cfg.train.rounds_per_epoch)
 
 
 def _round_record(rnd: int, trained: _Trained, *, knn: float | None, random_init_knn: float | None,
-                  fed_eval: dict[str, Any], queue_info: dict[str, Any], queue_loss: dict[str, Any]) -> dict[str, Any]:
+                  fed_eval: dict[str, Any], queue_info: dict[str, Any],
+                  queue_loss: dict[str, Any]) -> dict[str, Any]:
     """The round's line in metrics.jsonl and the checkpoint's history."""
     sites, errors, release_info = trained.sites, trained.errors, trained.release_info
     # sites report their cumulative ε; a negative value means unbounded (a raw, non-DP release)
@@ -542,19 +556,29 @@ class _Federation:
         weights_sha256 = _arrays_sha256(arrays)
         rc = round_config(cfg, rnd=rnd, model_spec=dict(self.model.spec), queue=queue)
         messages = list(self.strategy.configure_train(rnd, arrays, rc.to_config_record(), self.grid))
-        if queue is not None and rc.train.num_push * len(messages) > cfg.queue.capacity and not self.capacity_warned:
+        if (
+            queue is not None
+            and rc.train.num_push * len(messages) > cfg.queue.capacity
+            and not self.capacity_warned
+        ):
             self.capacity_warned = True  # the ring buffer would drop the first sites' pushes of a round
-            log.warning("%d sites x train.num_push %d exceed queue.capacity %d: negatives would come from the "
-                        "last sites to push only; raise queue.capacity", len(messages), rc.train.num_push,
-                        cfg.queue.capacity)
+            log.warning(
+                "%d sites x train.num_push %d exceed queue.capacity %d: negatives would come from the "
+                "last sites to push only; raise queue.capacity",
+                len(messages), rc.train.num_push, cfg.queue.capacity)
         release_info: dict[str, Any] = {}
-        if queue is not None and rc.use_queue_negatives and (rc.release_phase or cfg.privacy.release == "public"):
+        if (
+            queue is not None
+            and rc.use_queue_negatives
+            and (rc.release_phase or cfg.privacy.release == "public")
+        ):
             release_info = release_phase(self.grid, rnd=rnd, train_messages=messages, arrays=arrays, rc=rc,
                                          cfg=cfg, model=self.model, queue=queue, state=release_state,
                                          timeout=timeout)
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
         sites, ledgers, errors = _site_metrics(replies, messages, self.site_names)
-        errors += _unanswered(messages, replies, timeout, names=self.site_names)  # neither replied nor errored
+        # neither replied nor errored
+        errors += _unanswered(messages, replies, timeout, names=self.site_names)
         for reason in errors:
             log.warning("round %d: a site failed: %s", rnd, reason)
         if not sites and errors and sum(is_budget_refusal(r) for r in replies) == len(errors):
@@ -611,13 +635,14 @@ class _Federation:
             log.warning("round %d: the queue service restarted without a snapshot and lost %d rows it had "
                         "acknowledged (pushes after its last Advance); this round's negatives were fewer",
                         rnd, queue_loss["queue_rows_lost"])
-        queue_info = {"stats": stats, "size_in_round": in_round.get("size"), "evicted_at_start": trained.evicted,
-                      "release": progress.release.to_checkpoint(),
+        queue_info = {"stats": stats, "size_in_round": in_round.get("size"),
+                      "evicted_at_start": trained.evicted, "release": progress.release.to_checkpoint(),
                       "snapshot_path": str(queue.snapshot_path) if queue.snapshot_path else None,
                       "snapshot_sha256": _file_sha256(queue.snapshot_path)}
         return queue_info, queue_loss
 
-    def checkpoint(self, rnd: int, *, queue_info: dict[str, Any], progress: _Progress, config_json: str) -> None:
+    def checkpoint(self, rnd: int, *, queue_info: dict[str, Any], progress: _Progress,
+                   config_json: str) -> None:
         from fedcl.models import canonical_state_dict
 
         cfg = self.cfg
@@ -648,8 +673,8 @@ def _write_outputs(cfg, *, out_dir: Path, model, progress: _Progress, stopped_fo
         "stopped_for_privacy_budget_at_round": stopped_for_budget,
     }, indent=2, sort_keys=True))
     return FederationResult(history=history, random_init_knn=random_init_knn, final_knn=final_knn,
-                            encoder_path=encoder_path, resumed_from=start - 1, plots=plots, ledgers=progress.ledgers,
-                            stopped_for_privacy_budget_at_round=stopped_for_budget)
+                            encoder_path=encoder_path, resumed_from=start - 1, plots=plots,
+                            ledgers=progress.ledgers, stopped_for_privacy_budget_at_round=stopped_for_budget)
 
 
 def run_federation(
@@ -684,14 +709,16 @@ def run_federation(
             min_available_nodes=cfg.federation.min_available_nodes,
             fraction_evaluate=float(getattr(cfg.federation, "fraction_evaluate", 1.0)),
             extra=getattr(cfg.federation, "strategy_kwargs", None)))
-    progress = _resume_or_start(ckpt_dir, model=model, evaluator=evaluator, queue=queue, num_rounds=num_rounds)
+    progress = _resume_or_start(ckpt_dir, model=model, evaluator=evaluator, queue=queue,
+                                num_rounds=num_rounds)
     if queue is not None and cfg.privacy.release == "public":
         progress.release.public_images = load_public_images(cfg)  # fail now, not after round 1
     _log_plan(cfg, queue=queue, out_dir=out_dir)
     metrics_log = MetricsLog(out_dir, tensorboard=cfg.server.tensorboard)
     metrics_log.reset(progress.history)
     if observer is not None:
-        observer.on_start(start_round=progress.start, num_rounds=num_rounds, initial_knn=progress.random_init_knn)
+        observer.on_start(start_round=progress.start, num_rounds=num_rounds,
+                          initial_knn=progress.random_init_knn)
     arrays = ArrayRecord(canonical_state_dict(model))
     config_json = dump_config(cfg)
     stopped_for_budget: int | None = None
@@ -709,14 +736,16 @@ def run_federation(
                                    fed_eval=fed_eval, queue_info=queue_info, queue_loss=queue_loss)
             progress.history.append(record)
             metrics_log.write(record)
-            audit_round(getattr(cfg.server, "audit_log", None), rnd=rnd, sites=trained.sites, errors=trained.errors)
+            audit_round(getattr(cfg.server, "audit_log", None), rnd=rnd, sites=trained.sites,
+                        errors=trained.errors)
             fed.checkpoint(rnd, queue_info=queue_info, progress=progress, config_json=config_json)
             log.info("%s", format_round_line(record, num_rounds=num_rounds))
             if observer is not None:
                 observer.on_round(record)
     finally:
         metrics_log.close()
-    return _write_outputs(cfg, out_dir=out_dir, model=model, progress=progress, stopped_for_budget=stopped_for_budget)
+    return _write_outputs(cfg, out_dir=out_dir, model=model, progress=progress,
+                          stopped_for_budget=stopped_for_budget)
 
 
 # ------------------------------------------------------------------------------ the ServerApps
@@ -776,10 +805,13 @@ def run_with_loopback_queue(grid: Grid, *, config, out_dir: Path) -> FederationR
     site_ids = [f"site-{i}" for i in range(max(connected, config.data.num_sites))]
     with loopback_queue(config, out_dir=out_dir, site_ids=site_ids) as (link, tokens), \
             site_token_files(out_dir, tokens) as token_dir:
-        log.info("no queue service is configured for this run (server.coordinator_token is unset): serving one "
-                 "on %s for this run only; sites on other machines cannot reach it (a deployment starts its runs "
-                 "with fedcl-server)", link.address)
-        return run_federation(grid, config=config, out_dir=out_dir, queue=replace(link, site_token_dir=token_dir))
+        log.info(
+            "no queue service is configured for this run (server.coordinator_token is unset): serving one "
+            "on %s for this run only; sites on other machines cannot reach it (a deployment starts its runs "
+            "with fedcl-server)",
+            link.address)
+        return run_federation(grid, config=config, out_dir=out_dir,
+                              queue=replace(link, site_token_dir=token_dir))
 
 
 def flower_runtime_env_note(environ: dict[str, str]) -> str | None:
@@ -788,9 +820,10 @@ def flower_runtime_env_note(environ: dict[str, str]) -> str | None:
     venv = environ.get("VIRTUAL_ENV", "")
     if f"{os.sep}runtime-envs{os.sep}" not in venv:
         return None
-    return (f"Flower installed fedcl's dependencies into a per-run environment ({venv}) for this run; to run on "
-            "the packages already installed, stop Flower's local SuperLink and start the next `flwr run` with "
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 (docs/flower.md)")
+    return (
+        f"Flower installed fedcl's dependencies into a per-run environment ({venv}) for this run; to run on "
+        "the packages already installed, stop Flower's local SuperLink and start the next `flwr run` with "
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 (docs/flower.md)")
 
 
 @app.main()
@@ -800,15 +833,19 @@ def main(grid: Grid, context: Context) -> None:
     simulation) the run serves its own on loopback."""
     cfg = load_run_config(dict(context.run_config))
     out_dir = Path(str(context.run_config.get("out-dir", "") or cfg.server.out_dir))
-    log.info("fedcl: %d rounds, %s data; output in %s", cfg.federation.num_rounds, cfg.data.name, out_dir.resolve())
+    log.info("fedcl: %d rounds, %s data; output in %s", cfg.federation.num_rounds, cfg.data.name,
+             out_dir.resolve())
     if note := flower_runtime_env_note(dict(os.environ)):
         log.warning("%s", note)
     if cfg.queue.enabled and cfg.server.coordinator_token is None and cfg.server.site_tokens:
         # sites with tokens of their own (fedcl-client) cannot use a queue this run would serve with new ones
-        reason = ("this config lists server.site_tokens (sites holding their own queue tokens) but no "
-                  "server.coordinator_token, so the run cannot drive their queue service: set "
-                  "server.coordinator_token (deploy/make_certs.py writes one) and start the queue with "
-                  "`fedcl-server queue --config FILE`, or run the whole federation with `fedcl-server --config FILE`")
+        reason = (
+            "this config lists server.site_tokens (sites holding their own queue tokens) but no "
+            "server.coordinator_token, so the run cannot drive their queue service: set "
+            "server.coordinator_token (deploy/make_certs.py writes one) and start the queue with "
+            "`fedcl-server queue --config FILE`, or run the whole federation with "
+            "`fedcl-server --config FILE`"
+        )
         log.error("%s", reason)
         raise FederationError(reason)
     if cfg.queue.enabled and cfg.server.coordinator_token is None:
@@ -819,4 +856,5 @@ def main(grid: Grid, context: Context) -> None:
 
 
 __all__ = ["CentralEvaluator", "FederationError", "FederationResult", "QueueLink", "app", "load_run_config",
-           "flower_runtime_env_note", "make_server_app", "round_config", "run_federation", "run_with_loopback_queue"]
+           "flower_runtime_env_note", "make_server_app", "round_config", "run_federation",
+           "run_with_loopback_queue"]

@@ -2,7 +2,8 @@
 
     fedcl-server --config consortium.toml              # = fedcl-server run: queue + SuperLink + the run
     fedcl-server superlink --config consortium.toml    # only Flower's SuperLink, with the config's TLS;
-                                                       # once up it prints what `flwr run` needs (docs/flower.md)
+                                                       # once up it prints what `flwr run` needs
+                                                       # (docs/flower.md)
     fedcl-server serve-queue --config consortium.toml  # only the queue service, from the same config
     fedcl-server start-run --config consortium.toml    # submit the run to a SuperLink that is up, follow it
     fedcl-server queue --config consortium.toml        # = serve-queue (or a [queue_service] file)
@@ -115,7 +116,8 @@ def _resolve_paths(cfg, *, out_dir: Path | None):
         update["supernode_keys"] = {site: Path(path).resolve() for site, path in s.supernode_keys.items()}
     cfg = cfg.model_copy(update={"server": s.model_copy(update=update)})
     if cfg.data.path is not None:
-        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"path": Path(cfg.data.path).resolve()})})
+        cfg = cfg.model_copy(
+            update={"data": cfg.data.model_copy(update={"path": Path(cfg.data.path).resolve()})})
     return cfg
 
 
@@ -151,12 +153,14 @@ def flwr_connection_block(*, address: str, insecure: bool, root_certificates: Pa
         lines.append("insecure = true")
     else:
         if root_certificates is None:
-            raise ServerCliError("TLS to the SuperLink needs server.tls_ca (the CA that signed its certificate)")
+            raise ServerCliError(
+                "TLS to the SuperLink needs server.tls_ca (the CA that signed its certificate)")
         lines.append(f"root-certificates = {json.dumps(str(root_certificates))}")
     return "\n".join(lines) + "\n"
 
 
-def write_flwr_connection(flwr_home: Path, *, address: str, insecure: bool, root_certificates: Path | None) -> None:
+def write_flwr_connection(flwr_home: Path, *, address: str, insecure: bool,
+                          root_certificates: Path | None) -> None:
     """The `flwr` CLI's connection to our SuperLink (config.toml in FLWR_HOME), the default one."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     block = flwr_connection_block(address=address, insecure=insecure, root_certificates=root_certificates)
@@ -168,8 +172,9 @@ def _tls_args(cfg) -> list[str]:
     if s.insecure:
         return ["--insecure"]
     if s.tls_cert is None or s.tls_key is None:
-        raise ServerCliError("TLS needs server.tls_cert and server.tls_key (deploy/ has a certificate script), "
-                             "or server.insecure = true on loopback")
+        raise ServerCliError(
+            "TLS needs server.tls_cert and server.tls_key (deploy/ has a certificate script), "
+            "or server.insecure = true on loopback")
     args = ["--ssl-certfile", str(s.tls_cert), "--ssl-keyfile", str(s.tls_key)]
     if s.tls_ca is not None:
         args += ["--ssl-ca-certfile", str(s.tls_ca)]
@@ -205,7 +210,8 @@ def wait_superlink(address: str, *, insecure: bool, ca: Path | None, timeout: fl
     raise ServerCliError(f"the SuperLink at {address} did not come up within {timeout:.0f} s ({last})")
 
 
-def submit_run(*, app_dir: Path, env: dict, config_path: Path, out_dir: Path, log_path: Path) -> tuple[int, int]:
+def submit_run(*, app_dir: Path, env: dict, config_path: Path, out_dir: Path,
+               log_path: Path) -> tuple[int, int]:
     """``flwr run`` the app and stream the ServerApp's log until the run ends; (run id, exit code)."""
     run_config = f"config-path={json.dumps(str(config_path))} out-dir={json.dumps(str(out_dir))}"
     cmd = ["flwr", "run", str(app_dir), FEDERATION_NAME, "--run-config", run_config, "--stream"]
@@ -227,8 +233,8 @@ def submit_run(*, app_dir: Path, env: dict, config_path: Path, out_dir: Path, lo
 
 
 def run_status(run_id: int, *, env: dict) -> str:
-    out = subprocess.run(["flwr", "ls", FEDERATION_NAME, "--run-id", str(run_id), "--format", "json"], env=env,
-                         capture_output=True, text=True)
+    out = subprocess.run(["flwr", "ls", FEDERATION_NAME, "--run-id", str(run_id), "--format", "json"],
+                         env=env, capture_output=True, text=True)
     try:
         runs = json.loads(out.stdout)["runs"]
         return str(runs[0]["status"])
@@ -252,10 +258,12 @@ def check_supernode_keys(cfg) -> dict[str, Path]:
         try:
             key = load_ssh_public_key(path.read_bytes())
         except OSError as exc:
-            raise ServerCliError(f"server.supernode_keys.{site}: cannot read {path} ({exc.strerror or exc})") from None
+            raise ServerCliError(
+                f"server.supernode_keys.{site}: cannot read {path} ({exc.strerror or exc})") from None
         except (ValueError, UnsupportedAlgorithm) as exc:
-            raise ServerCliError(f"server.supernode_keys.{site}: {path} is not an OpenSSH public key ({exc}); "
-                                 "give the site's sites/<site>.node-key.pub from deploy/make_certs.py") from None
+            raise ServerCliError(
+                f"server.supernode_keys.{site}: {path} is not an OpenSSH public key ({exc}); "
+                "give the site's sites/<site>.node-key.pub from deploy/make_certs.py") from None
         if not isinstance(key, ec.EllipticCurvePublicKey):
             raise ServerCliError(f"server.supernode_keys.{site}: {path} is not an EC key (Flower's SuperNode "
                                  "authentication needs a NIST EC curve, e.g. P-384)")
@@ -268,10 +276,12 @@ def register_supernode_keys(keys: dict[str, Path], *, env: dict) -> dict[str, in
     """Register each site's public key with the SuperLink (`flwr supernode register`, Flower's
     Control API); {site: node id}, None for a key the SuperLink already knew (one that outlived
     fedcl-server). The registrations run side by side: each is a `flwr` process of its own."""
-    procs = {site: subprocess.Popen(["flwr", "supernode", "register", str(path), FEDERATION_NAME, "--name", site,
-                                     "--format", "json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True)
-             for site, path in keys.items()}
+    procs = {
+        site: subprocess.Popen(
+            ["flwr", "supernode", "register", str(path), FEDERATION_NAME, "--name", site, "--format", "json"],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for site, path in keys.items()
+    }
     registered: dict[str, int | None] = {}
     for site, proc in procs.items():
         stdout, stderr = proc.communicate()
@@ -286,8 +296,8 @@ def register_supernode_keys(keys: dict[str, Path], *, env: dict) -> dict[str, in
             registered[site] = None
         else:
             detail = (reply.get("error-message") or stderr.strip() or text)[-400:]
-            raise ServerCliError(f"could not register site {site}'s SuperNode key {keys[site]} with the SuperLink: "
-                                 f"{detail}")
+            raise ServerCliError(
+                f"could not register site {site}'s SuperNode key {keys[site]} with the SuperLink: {detail}")
     return registered
 
 
@@ -300,7 +310,8 @@ def _flower_env(flwr_home: Path) -> dict:
 
 def start_and_follow_run(cfg, *, superlink_address: str, join_address: str | None = None) -> int:
     """Submit the run to the SuperLink at ``superlink_address``; 0 when it completed. ``join_address``:
-    where sites join, announced once their keys are registered (a site that connects before that is refused)."""
+    where sites join, announced once their keys are registered (a site that connects before that is
+    refused)."""
     out_dir = Path(cfg.server.out_dir)
     env = _flower_env(out_dir / "flwr-home" / "cli")
     write_flwr_connection(Path(env["FLWR_HOME"]), address=superlink_address, insecure=cfg.server.insecure,
@@ -326,8 +337,10 @@ def start_and_follow_run(cfg, *, superlink_address: str, join_address: str | Non
     if status == "finished:completed" and summary.exists():
         s = json.loads(summary.read_text())
         knn = s.get("final_knn")
-        _log(f"{s.get('rounds')} rounds; final kNN accuracy "
-             f"{'—' if knn is None else f'{100 * knn:.2f}%'}; encoder {s.get('encoder')}; metrics in {out_dir}")
+        _log(
+            f"{s.get('rounds')} rounds; final kNN accuracy "
+            f"{'—' if knn is None else f'{100 * knn:.2f}%'}; encoder {s.get('encoder')}; metrics in {out_dir}"
+        )
         return 0
     return 1 if code == 0 else code
 
@@ -340,14 +353,16 @@ def restart_note(cfg) -> str | None:
     ckpt_dir = Path(s.checkpoint_dir) if s.checkpoint_dir else Path(s.out_dir) / "checkpoints"
     if not checkpoint_path(ckpt_dir).exists():
         return None
-    return (f"a checkpoint is in {ckpt_dir}: the run resumes from it. Sites that were connected rejoin by "
-            "themselves: this new SuperLink does not know their old SuperNodes, so each site logs that refusal "
-            "(HTTP 401 from Flower) and fedcl-client starts a new one")
+    return (
+        f"a checkpoint is in {ckpt_dir}: the run resumes from it. Sites that were connected rejoin by "
+        "themselves: this new SuperLink does not know their old SuperNodes, so each site logs that refusal "
+        "(HTTP 401 from Flower) and fedcl-client starts a new one")
 
 
 def _start_queue(cfg, *, generate_coordinator_token: bool):
     """The queue service in this process, on the config's host and port, through the one start path
-    (fedcl.server.queue_cli.serve_queue); returns (server, cfg with the queue's address and coordinator token)."""
+    (fedcl.server.queue_cli.serve_queue); returns (server, cfg with the queue's address and coordinator
+    token)."""
     from fedcl.server.app import QUEUE_SNAPSHOT_NAME
     from fedcl.server.queue_cli import QueueConfigError, serve_queue, settings_from_fedcl_config
 
@@ -359,7 +374,8 @@ def _start_queue(cfg, *, generate_coordinator_token: bool):
         settings = settings_from_fedcl_config(
             cfg, snapshot_path=Path(s.out_dir) / QUEUE_SNAPSHOT_NAME, coordinator_token=coordinator,
             audit_log=Path(s.audit_log) if s.audit_log else Path(s.out_dir) / "queue-audit.jsonl")
-        server = serve_queue(settings, warn=lambda line: print(f"fedcl-server: {line}", file=sys.stderr, flush=True))
+        server = serve_queue(
+            settings, warn=lambda line: print(f"fedcl-server: {line}", file=sys.stderr, flush=True))
     except (QueueConfigError, OSError) as exc:
         raise ServerCliError(str(exc)) from None
     if len(server.queue) or server.queue.current_round:
@@ -395,10 +411,12 @@ def cmd_run(args) -> int:
             _log(f"queue service on {cfg.server.queue_host}:{cfg.server.queue_port}")
         env = _flower_env(out_dir / "flwr-home" / "superlink")
         with open(out_dir / "superlink.log", "a") as log_file:
-            superlink = subprocess.Popen(superlink_command(cfg, port=port, health_address=args.health_address),
-                                         env=env, stdout=log_file, stderr=subprocess.STDOUT)
+            superlink = subprocess.Popen(
+                superlink_command(cfg, port=port, health_address=args.health_address), env=env,
+                stdout=log_file, stderr=subprocess.STDOUT)
         address = f"{_connect_host(cfg.server.superlink_host)}:{port}"
-        wait_superlink(address, insecure=cfg.server.insecure, ca=cfg.server.tls_ca, timeout=120, proc=superlink)
+        wait_superlink(address, insecure=cfg.server.insecure, ca=cfg.server.tls_ca, timeout=120,
+                       proc=superlink)
         _log(f"SuperLink on {cfg.server.superlink_host}:{port}")
         return start_and_follow_run(cfg, superlink_address=address, join_address=(
             f"{socket.getfqdn()}:{port}" if cfg.server.superlink_host == "0.0.0.0" else address))
@@ -441,25 +459,31 @@ def flwr_run_instructions(cfg, *, address: str, config_json: Path, queue_command
     """What a Flower user runs to submit a run to this SuperLink with `flwr run` (printed once it is up)."""
     s = cfg.server
     if cfg.queue.enabled and s.coordinator_token is None:
-        return ("fedcl-server: this config names no server.coordinator_token, so a run submitted here cannot drive a "
-                "queue service of its own; set one (deploy/make_certs.py writes it) to submit runs with `flwr run`\n")
+        return (
+            "fedcl-server: this config names no server.coordinator_token, so a run submitted here cannot "
+            "drive a queue service of its own; set one (deploy/make_certs.py writes it) to submit runs "
+            "with `flwr run`\n"
+        )
     block = flwr_connection_block(address=address, insecure=s.insecure, root_certificates=s.tls_ca)
     register = "".join(f"flwr supernode register {shlex.quote(str(path))} {FEDERATION_NAME} --name {site}\n"
                        for site, path in check_supernode_keys(cfg).items())
     run_config = f"config-path={json.dumps(str(config_json))}"
     steps = [
-        "fedcl-server: to submit a run with Flower's own `flwr run`, add this connection to ~/.flwr/config.toml "
-        "(or $FLWR_HOME/config.toml):", "", block.rstrip("\n"), ""]
+        "fedcl-server: to submit a run with Flower's own `flwr run`, add this connection to "
+        "~/.flwr/config.toml (or $FLWR_HOME/config.toml):",
+        "", block.rstrip("\n"), "",
+    ]
     if register:
         steps += ["fedcl-server: register the sites' SuperNode keys once (start-run does it itself):", "",
                   register.rstrip("\n"), ""]
     if cfg.queue.enabled:
         steps += ["fedcl-server: start the queue service:", "", shlex.join(queue_command), ""]
-    steps += [f"fedcl-server: then, in the fedcl project folder (or {config_json.parent / 'flwr-app'}, an app "
-              "folder with no code: the sites then run their installed fedcl):", "",
-              f"flwr run . {FEDERATION_NAME} --stream --run-config {shlex.quote(run_config)}", "",
-              f"fedcl-server: {config_json} holds this config's settings as of now (the queue tokens too); "
-              "fedcl-server start-run does all of the above itself"]
+    steps += [
+        f"fedcl-server: then, in the fedcl project folder (or {config_json.parent / 'flwr-app'}, an app "
+        "folder with no code: the sites then run their installed fedcl):",
+        "", f"flwr run . {FEDERATION_NAME} --stream --run-config {shlex.quote(run_config)}", "",
+        f"fedcl-server: {config_json} holds this config's settings as of now (the queue tokens too); "
+        "fedcl-server start-run does all of the above itself"]
     return "\n".join(steps) + "\n"
 
 
@@ -508,8 +532,11 @@ def cmd_superlink(args) -> int:
         except ServerCliError as exc:
             _log(f"{exc}; no `flwr run` instructions")
         else:
-            shown = f"{socket.getfqdn()}:{s.superlink_port}" if s.superlink_host in ("0.0.0.0", "::") else address
-            queue_cmd = ["fedcl-server", "queue", *(["--config", str(args.config.resolve())] if args.config else []),
+            shown = (
+                f"{socket.getfqdn()}:{s.superlink_port}" if s.superlink_host in ("0.0.0.0", "::") else address
+            )
+            queue_cmd = ["fedcl-server", "queue",
+                         *(["--config", str(args.config.resolve())] if args.config else []),
                          *[a for o in args.set for a in ("--set", o)],
                          *(["--out-dir", str(out_dir)] if args.out_dir else [])]
             _log(f"SuperLink up on {address}")
@@ -519,8 +546,11 @@ def cmd_superlink(args) -> int:
             except OSError as exc:  # the SuperLink serves on; only the instructions are missing
                 _log(f"cannot write the run's config into {out_dir} ({exc}); no `flwr run` instructions")
             else:
-                print(flwr_run_instructions(cfg, address=shown, config_json=config_json, queue_command=queue_cmd),
-                      end="", flush=True)
+                print(
+                    flwr_run_instructions(cfg, address=shown, config_json=config_json,
+                                          queue_command=queue_cmd),
+                    end="", flush=True,
+                )
         return proc.wait()
     finally:
         for sig, handler in previous.items():
@@ -545,13 +575,16 @@ def cmd_serve_queue(args) -> int:
 
 
 def cmd_health(args) -> int:
-    """Exit 0 when the service answers: HTTP 2xx (SuperLink /health) or gRPC SERVING; one status line either way."""
-    target = args.http or f"{args.grpc} (gRPC health{', service ' + repr(args.service) if args.service else ''})"
+    """Exit 0 when the service answers: HTTP 2xx (SuperLink /health) or gRPC SERVING; one status line
+    either way."""
+    target = (
+        args.http or f"{args.grpc} (gRPC health{', service ' + repr(args.service) if args.service else ''})")
     try:
         if args.http:
             import httpx
 
-            code = httpx.get(args.http, timeout=args.timeout, verify=str(args.ca) if args.ca else True).status_code
+            code = httpx.get(args.http, timeout=args.timeout,
+                             verify=str(args.ca) if args.ca else True).status_code
             ok, status = 200 <= code < 300, f"HTTP {code}"
         else:
             import grpc
@@ -590,14 +623,17 @@ def _parser() -> argparse.ArgumentParser:
     start = sub.add_parser("start-run", help="submit the run to a running SuperLink and follow it")
     common(start)
     start.add_argument("--superlink", help="HOST:PORT (default: server.superlink_host:superlink_port)")
-    start.add_argument("--wait", type=float, default=300.0, help="seconds to wait for the SuperLink to come up")
+    start.add_argument("--wait", type=float, default=300.0,
+                       help="seconds to wait for the SuperLink to come up")
     start.add_argument("--queue", help="HOST:PORT where the ServerApp and the sites reach the queue service")
     link = sub.add_parser("superlink", help="only Flower's SuperLink, with the config's host, port and TLS")
     common(link)
     link.add_argument("--listen", help="HOST:PORT (default: server.superlink_host:superlink_port)")
     link.add_argument("--health-address", help="gRPC health service address (HOST:PORT)")
-    link.add_argument("--queue", help="HOST:PORT where the ServerApp and the sites reach the queue service "
-                                      "(default: server.queue_host:queue_port), for the printed `flwr run` line")
+    link.add_argument(
+        "--queue",
+        help="HOST:PORT where the ServerApp and the sites reach the queue service "
+        "(default: server.queue_host:queue_port), for the printed `flwr run` line")
     serve = sub.add_parser("serve-queue", help="only the queue service, from the fedcl config")
     common(serve)
     serve.add_argument("--listen", help="HOST:PORT (default: server.queue_host:queue_port)")

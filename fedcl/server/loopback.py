@@ -22,7 +22,8 @@ TOKEN_SUFFIX = ".token"
 
 
 @contextmanager
-def loopback_queue(cfg, *, out_dir: Path, site_ids: Sequence[str]) -> Iterator[tuple[object | None, dict[str, str]]]:
+def loopback_queue(cfg, *, out_dir: Path,
+                   site_ids: Sequence[str]) -> Iterator[tuple[object | None, dict[str, str]]]:
     """Serve the run's queue on 127.0.0.1 (a free port) with fresh tokens for ``site_ids``.
 
     Restored from ``out_dir``'s snapshot when the run resumes from a checkpoint. Yields

@@ -100,16 +100,21 @@ def unfinished_runs(port: int) -> list[tuple[str, str]]:
     flwr = Path(sys.executable).parent / "flwr"
     with tempfile.TemporaryDirectory() as home:
         Path(home, "config.toml").write_text(
-            f'[superlink]\ndefault = "managed"\n\n[superlink.managed]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
-        env = {**os.environ, "FLWR_HOME": home, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+            '[superlink]\ndefault = "managed"\n\n[superlink.managed]\n'
+            f'address = "127.0.0.1:{port}"\ninsecure = true\n'
+        )
+        env = {**os.environ, "FLWR_HOME": home, "FLWR_TELEMETRY_ENABLED": "0",
+               "FLWR_DISABLE_UPDATE_CHECK": "1"}
         done = subprocess.run([str(flwr if flwr.exists() else "flwr"), "list", "managed", "--format", "json"],
                               env=env, capture_output=True, text=True, timeout=120)
     try:
         runs = json.loads(done.stdout[done.stdout.find("{"):])["runs"]
-        return [(str(r["run-id"]), str(r["status"])) for r in runs if not str(r["status"]).startswith("finished")]
+        return [
+            (str(r["run-id"]), str(r["status"])) for r in runs if not str(r["status"]).startswith("finished")]
     except (ValueError, KeyError, TypeError):
         detail = (done.stdout.strip() or done.stderr.strip())[-300:]
-        raise LocalSuperLinkError(f"could not list its runs with `flwr list` ({detail}): not stopped") from None
+        raise LocalSuperLinkError(
+            f"could not list its runs with `flwr list` ({detail}): not stopped") from None
 
 
 def stop_local_superlink(port: int, *, runs: Callable[[int], list[tuple[str, str]]] = unfinished_runs,
@@ -122,12 +127,14 @@ def stop_local_superlink(port: int, *, runs: Callable[[int], list[tuple[str, str
         return f"Flower's local SuperLink is not running (nothing of this user's listens on {where})"
     for pid in pids:
         if not is_managed_superlink(_cmdline(pid), port):
-            raise LocalSuperLinkError(f"the process listening on {where} (pid {pid}: {' '.join(_cmdline(pid))}) is "
-                                      "not the SuperLink `flwr run` manages: not stopped")
+            raise LocalSuperLinkError(
+                f"the process listening on {where} (pid {pid}: {' '.join(_cmdline(pid))}) is "
+                "not the SuperLink `flwr run` manages: not stopped")
     if busy := runs(port):
         listed = ", ".join(f"{run_id} ({status})" for run_id, status in busy)
-        raise LocalSuperLinkError(f"Flower's local SuperLink on {where} has runs that are not finished: {listed}; "
-                                  "not stopped (wait for them, or `flwr stop RUN_ID`, then run this again)")
+        raise LocalSuperLinkError(
+            f"Flower's local SuperLink on {where} has runs that are not finished: {listed}; "
+            "not stopped (wait for them, or `flwr stop RUN_ID`, then run this again)")
     family = pids + [child for pid in pids for child in _children(pid)]  # its flower-superexec
     for pid in pids:
         os.kill(pid, signal.SIGTERM)  # the SuperLink stops its SuperExec on the way out

@@ -31,7 +31,8 @@ def free_port() -> int:
 def tiny_config_text(*, out_dir: Path, superlink_port: int, num_sites: int = 2, num_rounds: int = 2,
                      min_nodes: int = 2, tokens: dict[str, str] | None = None, extra: str = "",
                      queue_port: int = 0, coordinator_token: str | None = None, certs: Path | None = None,
-                     server_extra: str = "", privacy: str = "", train_extra: str = "", queue_extra: str = "") -> str:
+                     server_extra: str = "", privacy: str = "", train_extra: str = "",
+                     queue_extra: str = "") -> str:
     """A federation small enough for a test: synthetic 28x28 images, an 8-wide CNN, one thread."""
     tokens = tokens if tokens is not None else site_tokens(num_sites)
     token_lines = "\n".join(f'{site} = "{tok}"' for site, tok in tokens.items())
@@ -139,7 +140,8 @@ class Processes:
         self.log_dir = log_dir
         self.procs: dict[str, subprocess.Popen] = {}
 
-    def start(self, name: str, argv: list[str], *, env: dict[str, str], cwd: Path | None = None) -> subprocess.Popen:
+    def start(self, name: str, argv: list[str], *, env: dict[str, str],
+              cwd: Path | None = None) -> subprocess.Popen:
         log = open(self.log_dir / f"{name}.log", "ab")
         proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
                                 preexec_fn=_own_session_ended_with_the_test)
@@ -185,7 +187,8 @@ class Processes:
             except (ProcessLookupError, PermissionError):
                 pass
 
-    def wait_for(self, what: str, predicate, *, timeout: float, interval: float = 0.5, alive: list[str] = ()) -> None:
+    def wait_for(self, what: str, predicate, *, timeout: float, interval: float = 0.5,
+                 alive: list[str] = ()) -> None:
         """Wait for an event (``predicate()`` true); fail at once when a process in ``alive`` exits. The
         timeout, a backstop, is ``timeout`` (what an idle 2-core machine needs, with room) times
         PATIENCE, so that a machine shared with other jobs (load average 8-15) does not fail a drill."""
@@ -197,7 +200,8 @@ class Processes:
             for name in alive:
                 if self.procs[name].poll() is not None:
                     pytest.fail(
-                        f"{name} exited ({self.procs[name].returncode}) while waiting for {what}\n{self.logs()}"
+                        f"{name} exited ({self.procs[name].returncode}) while waiting for {what}\n"
+                        f"{self.logs()}"
                     )
             time.sleep(interval)
         pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{self.logs()}")
@@ -216,7 +220,8 @@ def client_argv(*, port: int, data: Path, site_id: str, token_file: Path, state_
 
 def read_history(out_dir: Path) -> list[dict]:
     path = out_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return (
+        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else [])
 
 
 def checkpoint_round(out_dir: Path) -> int:
@@ -233,9 +238,11 @@ def make_certs(out: Path, sites: list[str]) -> tuple[str, dict[str, str]]:
     """A consortium CA, a server certificate for 127.0.0.1 and site tokens (deploy/make_certs.py)."""
     import tomllib
 
-    subprocess.run([sys.executable, str(REPO / "deploy" / "make_certs.py"), "--out", str(out), "--server-name",
-                    "localhost", "--server-ip", "127.0.0.1", *[a for s in sites for a in ("--site", s)]],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(REPO / "deploy" / "make_certs.py"), "--out", str(out), "--server-name",
+         "localhost", "--server-ip", "127.0.0.1", *[a for s in sites for a in ("--site", s)]],
+        check=True, capture_output=True,
+    )
     tokens = tomllib.loads((out / "tokens.toml").read_text())
     return tokens["coordinator_token"], dict(tokens["site_tokens"])
 
@@ -254,15 +261,18 @@ def start_federation(tmp_path: Path, processes: Processes, *, num_rounds: int = 
     else:
         tokens = site_tokens(2)
     cfg = tmp_path / "fedcl.toml"
-    cfg.write_text(tiny_config_text(out_dir=out_dir, superlink_port=port, num_rounds=num_rounds, min_nodes=min_nodes,
-                                    tokens=tokens, extra=extra_config, coordinator_token=coordinator, certs=certs,
-                                    queue_extra=queue_extra))
+    cfg.write_text(
+        tiny_config_text(out_dir=out_dir, superlink_port=port, num_rounds=num_rounds, min_nodes=min_nodes,
+                         tokens=tokens, extra=extra_config, coordinator_token=coordinator, certs=certs,
+                         queue_extra=queue_extra)
+    )
     data = write_site_data(cfg, tmp_path)
     env = process_env(tmp_path / "home")
     processes.start("server", server_argv("run", "--config", str(cfg)), env=env)
     for i, site in enumerate(tokens):
         if certs is not None:
-            token_file, extra = certs / "sites" / f"{site}.token", ("--root-certificates", str(certs / "ca.pem"))
+            token_file, extra = (certs / "sites" / f"{site}.token",
+                                 ("--root-certificates", str(certs / "ca.pem")))
         else:
             token_file, extra = tmp_path / f"{site}.token", ("--insecure",)
             token_file.write_text(tokens[site])

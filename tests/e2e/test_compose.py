@@ -48,7 +48,8 @@ def test_docker_compose_config_is_valid():
     binary = shutil.which("docker-compose")
     if binary is None:
         pytest.skip("docker-compose is not installed (Debian: apt-get install docker-compose)")
-    out = subprocess.run([binary, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True, cwd=REPO)
+    out = subprocess.run([binary, "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True,
+                         cwd=REPO)
     assert out.returncode == 0, out.stderr
 
 
@@ -71,7 +72,8 @@ class LocalCompose:
 
     def __init__(self, compose: dict, tmp: Path) -> None:
         self.services: dict = compose["services"]
-        self.ports = {(name, int(p)): free_port() for name, s in self.services.items() for p in s.get("expose", [])}
+        self.ports = {
+            (name, int(p)): free_port() for name, s in self.services.items() for p in s.get("expose", [])}
         self.mounts: dict[str, dict[str, Path]] = {}
         for name, s in self.services.items():
             table = {}
@@ -132,15 +134,17 @@ def test_compose_services_run_as_local_processes(tmp_path, processes):
         check = local.services[name]["healthcheck"]["test"]
         assert check[0] == "CMD"
         argv = local.argv(name, check[1:])
-        return subprocess.run(argv, env=local.env(name, base), capture_output=True, timeout=30).returncode == 0
+        return (
+            subprocess.run(argv, env=local.env(name, base), capture_output=True, timeout=30).returncode == 0)
 
     for name in local.order():
         service = local.services[name]
         for dep, cond in (service.get("depends_on") or {}).items():
             assert cond["condition"] == "service_healthy"
             if dep not in healthy:
-                processes.wait_for(f"{dep} to be healthy", lambda dep=dep: is_healthy(dep), timeout=240, interval=1.0,
-                                   alive=[dep])
+                processes.wait_for(
+                    f"{dep} to be healthy", lambda dep=dep: is_healthy(dep), timeout=240, interval=1.0,
+                    alive=[dep])
                 healthy.add(dep)
         processes.start(name, local.argv(name, service["command"]), env=local.env(name, base))
 
@@ -160,7 +164,8 @@ def test_compose_services_run_as_local_processes(tmp_path, processes):
     # round 2's release phase: 32 embeddings of the round's global model from each site; each site
     # trains on the other two sites' 64
     assert history[1]["release_phase"] == {"mode": "raw", "sites_ok": 3, "sites_failed": 0, "pushed": 96}
-    assert history[1]["queue_size"] == 96 and all(m["negatives-used"] == 64 for m in history[1]["sites"].values())
+    assert history[1]["queue_size"] == 96 and all(
+        m["negatives-used"] == 64 for m in history[1]["sites"].values())
     # the queue service keeps its snapshot in its own volume, the sites their state in theirs
     assert (tmp_path / "volumes" / "queue-state" / "queue-snapshot.npz").is_file()
     assert all((tmp_path / "volumes" / f"site-{i}-state" / "queue-token").is_file() for i in range(3))

@@ -15,7 +15,8 @@ from .helpers import read_history, start_federation
 def test_deployment_reaches_final_round(tmp_path, processes):
     fed = start_federation(tmp_path, processes, num_rounds=2, tls=True)
     server = processes.procs["server"]
-    processes.wait_for("the run to end", lambda: server.poll() is not None, timeout=540, alive=["site-0", "site-1"])
+    processes.wait_for(
+        "the run to end", lambda: server.poll() is not None, timeout=540, alive=["site-0", "site-1"])
     assert server.returncode == 0, processes.logs()
 
     out = fed["out_dir"]

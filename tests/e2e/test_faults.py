@@ -33,22 +33,32 @@ def test_site_killed_mid_round_the_round_completes_with_the_others(tmp_path, pro
     out_dir = tmp_path / "run"
     tokens = site_tokens(2)
     cfg = tmp_path / "fedcl.toml"
-    cfg.write_text(tiny_config_text(out_dir=out_dir, superlink_port=port, queue_port=queue_port, num_rounds=2,
-                                    min_nodes=1, tokens=tokens, coordinator_token="test-coordinator-token-xyz",
-                                    extra=ROUND_TIMEOUT))
+    cfg.write_text(
+        tiny_config_text(out_dir=out_dir, superlink_port=port, queue_port=queue_port, num_rounds=2,
+                         min_nodes=1, tokens=tokens, coordinator_token="test-coordinator-token-xyz",
+                         extra=ROUND_TIMEOUT)
+    )
     data = write_site_data(cfg, tmp_path)
     env = process_env(tmp_path / "home")
     processes.start("superlink", server_argv("superlink", "--config", str(cfg)), env=env)
     processes.start("queue", server_argv("serve-queue", "--config", str(cfg)), env=env)
     for i, site in enumerate(tokens):
         (tmp_path / f"{site}.token").write_text(tokens[site])
-        processes.start(site, client_argv(port=port, data=data[i], site_id=site, token_file=tmp_path / f"{site}.token",
-                                          state_dir=tmp_path / "sites" / site, runtime_port=free_port()), env=env)
+        processes.start(
+            site,
+            client_argv(port=port, data=data[i], site_id=site, token_file=tmp_path / f"{site}.token",
+                        state_dir=tmp_path / "sites" / site, runtime_port=free_port()),
+            env=env,
+        )
     # both sites connected before the run starts, so that round 1 samples both
     superlink_log = tmp_path / "logs" / "superlink.log"
-    processes.wait_for("both sites to connect", lambda: superlink_log.exists()
-                       and len(re.findall(r"Activated node_id", superlink_log.read_text(errors="replace"))) >= 2,
-                       timeout=180, alive=["superlink", "queue", "site-0", "site-1"])
+    processes.wait_for(
+        "both sites to connect",
+        lambda: (
+            superlink_log.exists()
+            and len(re.findall(r"Activated node_id", superlink_log.read_text(errors="replace"))) >= 2),
+        timeout=180, alive=["superlink", "queue", "site-0", "site-1"],
+    )
     processes.start("run", server_argv("start-run", "--config", str(cfg)), env=env)
 
     # kill site-1 (its SuperNode and the ClientApp it is starting) once it has taken round 1's message
@@ -58,7 +68,8 @@ def test_site_killed_mid_round_the_round_completes_with_the_others(tmp_path, pro
     processes.kill("site-1")
 
     run = processes.procs["run"]
-    processes.wait_for("the run to end", lambda: run.poll() is not None, timeout=400, alive=["superlink", "site-0"])
+    processes.wait_for(
+        "the run to end", lambda: run.poll() is not None, timeout=400, alive=["superlink", "site-0"])
     assert run.returncode == 0, processes.logs()
     history = read_history(out_dir)
     assert [r["round"] for r in history] == [1, 2]
@@ -71,7 +82,8 @@ def test_site_killed_mid_round_the_round_completes_with_the_others(tmp_path, pro
 def test_server_killed_after_round_1_resumes_at_round_2(tmp_path, processes):
     # sites push after training and entries live 2 rounds, so the queue holds round 1's pushes across the
     # restart (with fresh push and max_staleness 0 it is empty between rounds by design)
-    fed = start_federation(tmp_path, processes, num_rounds=2, queue_extra="fresh_push = false\nmax_staleness = 2")
+    fed = start_federation(tmp_path, processes, num_rounds=2,
+                           queue_extra="fresh_push = false\nmax_staleness = 2")
     out = fed["out_dir"]
     processes.wait_for("the round-1 checkpoint", lambda: checkpoint_round(out) >= 1, timeout=300,
                        alive=["server", "site-0", "site-1"])
@@ -95,7 +107,8 @@ def test_server_killed_after_round_1_resumes_at_round_2(tmp_path, processes):
     # same weights: round 2 sent out exactly the checkpointed global model
     assert resumed["weights_sha256"] == state_sha256(after_kill.state_dict)
     # same queue: the restarted queue service restored its snapshot (round 1's pushes included)
-    assert _comparable_queue_stats(resumed["queue_at_start"]) == _comparable_queue_stats(after_kill.queue["stats"])
+    assert _comparable_queue_stats(resumed["queue_at_start"]) == _comparable_queue_stats(
+        after_kill.queue["stats"])
     assert after_kill.queue["stats"]["size"] == 128
     assert resumed["sites_ok"] == 2  # both sites rejoined the new SuperLink by themselves
     assert "rejoining" in processes.log("site-0", tail=100_000)

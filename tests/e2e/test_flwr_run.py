@@ -99,7 +99,8 @@ def _wait_for_ours_to_end(marker: str, timeout: float) -> dict[int, str]:
     """Wait until only Flower's own SuperLink processes carry the marker; the others still alive."""
     deadline = time.monotonic() + timeout
     while True:
-        ours = {pid: cmd for pid, cmd in _started_by(marker).items() if not any(f in cmd for f in FLOWERS_OWN)}
+        ours = {
+            pid: cmd for pid, cmd in _started_by(marker).items() if not any(f in cmd for f in FLOWERS_OWN)}
         if not ours or time.monotonic() > deadline:
             return ours
         time.sleep(0.5)
@@ -113,7 +114,8 @@ def _start_flowers_local_superlink(app: Path, env: dict[str, str]) -> None:
             "m.LOCAL_SUPERLINK_STARTUP_TIMEOUT = float(sys.argv[1]); m._start_local_superlink()")
     started = subprocess.run([str(BIN / "python"), "-c", code, str(120 * PATIENCE)], cwd=app, env=env,
                              capture_output=True, text=True, timeout=300 * PATIENCE)
-    assert started.returncode == 0, f"Flower's local SuperLink did not start: {started.stdout}{started.stderr}"
+    assert started.returncode == 0, (
+        f"Flower's local SuperLink did not start: {started.stdout}{started.stderr}")
 
 
 def _listening(port: int) -> bool:
@@ -145,29 +147,34 @@ def test_flwr_run_dot_runs_the_simulation_with_its_own_queue_and_leaves_nothing_
         assert done.returncode == 0, log[-4000:]
         run_id = re.search(r"started run (\d+)", log)
         assert run_id, f"`flwr run` started no run:\n{log[-4000:]}"
-        listed = subprocess.run([*flwr, "list", "--run-id", run_id.group(1), "--format", "json"], cwd=app, env=env,
-                                capture_output=True, text=True, timeout=120)
-        assert json.loads(listed.stdout)["runs"][0]["status"] == "finished:completed", listed.stdout + log[-4000:]
+        listed = subprocess.run([*flwr, "list", "--run-id", run_id.group(1), "--format", "json"], cwd=app,
+                                env=env, capture_output=True, text=True, timeout=120)
+        assert json.loads(listed.stdout)["runs"][0]["status"] == "finished:completed", (
+            listed.stdout + log[-4000:])
 
         summary = json.loads((out / "summary.json").read_text())
         assert summary["rounds"] == 2
         history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert [r["sites_ok"] for r in history] == [2, 2], history
-        assert history[1]["queue_size"] == 2 * 20  # both sites pushed to the run's queue with the tokens it gave
+        # both sites pushed to the run's queue with the tokens it gave
+        assert history[1]["queue_size"] == 2 * 20
         assert not (out / SITE_TOKEN_DIR_NAME).exists()  # the tokens went with the run
         queue_port = re.search(r"serving one on 127\.0\.0\.1:(\d+) for this run only", log)
         assert queue_port, log[-4000:]
         assert not _listening(int(queue_port.group(1))), "the run's queue service still listens"
 
-        status = subprocess.run(["git", "status", "--porcelain"], cwd=app, capture_output=True, text=True, check=True)
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=app, capture_output=True, text=True,
+                                check=True)
         assert status.stdout == "", f"`flwr run .` changed the project:\n{status.stdout}"
 
-        ours = _wait_for_ours_to_end(marker, timeout=120 * PATIENCE)  # Flower's simulation exits after the run
+        # Flower's simulation exits after the run
+        ours = _wait_for_ours_to_end(marker, timeout=120 * PATIENCE)
         assert not ours, f"left running after the run: {ours}"
-        kept = _started_by(marker)  # Flower's managed local SuperLink and its SuperExec: kept by Flower's design
+        # Flower's managed local SuperLink and its SuperExec: kept by Flower's design
+        kept = _started_by(marker)
         assert kept and all(any(f in cmd for f in FLOWERS_OWN) for cmd in kept.values()), kept
-        stopped = subprocess.run([str(BIN / "python"), "-m", "fedcl.cli", "stop-local-superlink"], cwd=app, env=env,
-                                 capture_output=True, text=True, timeout=300 * PATIENCE)
+        stopped = subprocess.run([str(BIN / "python"), "-m", "fedcl.cli", "stop-local-superlink"], cwd=app,
+                                 env=env, capture_output=True, text=True, timeout=300 * PATIENCE)
         assert stopped.returncode == 0 and "stopped Flower's local SuperLink" in stopped.stdout, (
             stopped.stdout + stopped.stderr)
         deadline = time.monotonic() + 60 * PATIENCE
@@ -204,15 +211,20 @@ def test_flwr_run_with_a_connection_to_fedcl_servers_superlink_uses_the_queue_se
     data = write_site_data(cfg, tmp_path)
     env = process_env(tmp_path / "home", PYTHONPATH=str(app))
     processes.start("superlink", server_argv("superlink", "--config", str(cfg)), env=env)
-    processes.wait_for("the SuperLink's `flwr run` line", lambda: "\nflwr run " in processes.log("superlink", 100_000),
-                       timeout=120, alive=["superlink"])
+    processes.wait_for(
+        "the SuperLink's `flwr run` line", lambda: "\nflwr run " in processes.log("superlink", 100_000),
+        timeout=120, alive=["superlink"])
     block, queue_line, run_line = _superlink_instructions(processes.log("superlink", 100_000))
     assert queue_line == f"fedcl-server queue --config {cfg}"
     processes.start("queue", server_argv(*shlex.split(queue_line)[1:]), env=env)
     for i, site in enumerate(tokens):
         (tmp_path / f"{site}.token").write_text(tokens[site])
-        processes.start(site, client_argv(port=port, data=data[i], site_id=site, token_file=tmp_path / f"{site}.token",
-                                          state_dir=tmp_path / "sites" / site, runtime_port=free_port()), env=env)
+        processes.start(
+            site,
+            client_argv(port=port, data=data[i], site_id=site, token_file=tmp_path / f"{site}.token",
+                        state_dir=tmp_path / "sites" / site, runtime_port=free_port()),
+            env=env,
+        )
     processes.wait_for("both sites to connect", lambda: len(re.findall(
         r"Activated node_id", processes.log("superlink", 1_000_000))) >= 2,
                        timeout=180, alive=["superlink", "queue", "site-0", "site-1"])
@@ -230,8 +242,8 @@ def test_flwr_run_with_a_connection_to_fedcl_servers_superlink_uses_the_queue_se
     assert done.returncode == 0, log[-4000:] + processes.logs()
     run_id = re.search(r"started run (\d+)", log)
     assert run_id, f"`flwr run` started no run:\n{log[-4000:]}"
-    listed = subprocess.run([*flwr, "list", "fedcl", "--run-id", run_id.group(1), "--format", "json"], cwd=app,
-                            env=user, capture_output=True, text=True, timeout=120)
+    listed = subprocess.run([*flwr, "list", "fedcl", "--run-id", run_id.group(1), "--format", "json"],
+                            cwd=app, env=user, capture_output=True, text=True, timeout=120)
     assert json.loads(listed.stdout)["runs"][0]["status"] == "finished:completed", listed.stdout + log[-4000:]
 
     assert json.loads((out_dir / "summary.json").read_text())["rounds"] == 2
@@ -241,7 +253,9 @@ def test_flwr_run_with_a_connection_to_fedcl_servers_superlink_uses_the_queue_se
     assert "for this run only" not in log  # no queue of the run's own: the configured one
     audit = [json.loads(line) for line in (out_dir / "queue-audit.jsonl").read_text().splitlines()]
     assert {e["site"] for e in audit if e["event"] == "push"} >= {"site-0", "site-1"}, audit[-5:]
-    assert [e["round"] for e in audit if e["event"] == "advance"][-1] == 3, audit[-5:]  # the ServerApp drove it
+    assert [e["round"] for e in audit if e["event"] == "advance"][-1] == 3, audit[
+        -5:]  # the ServerApp drove it
     assert processes.procs["queue"].poll() is None  # the deployment's queue outlives the run
-    status = subprocess.run(["git", "status", "--porcelain"], cwd=app, capture_output=True, text=True, check=True)
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=app, capture_output=True, text=True,
+                            check=True)
     assert status.stdout == "", f"`flwr run . fedcl` changed the project:\n{status.stdout}"

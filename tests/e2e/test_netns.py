@@ -66,13 +66,16 @@ ROUND_TIMEOUT = 900
 
 
 def _make_certs(out: Path, *sites: str) -> None:
-    subprocess.run([sys.executable, str(REPO / "deploy" / "make_certs.py"), "--out", str(out), "--server-ip", COORD,
-                    "--server-name", "coordinator.fedcl.test", *[a for s in sites for a in ("--site", s)]],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(REPO / "deploy" / "make_certs.py"), "--out", str(out), "--server-ip", COORD,
+         "--server-name", "coordinator.fedcl.test", *[a for s in sites for a in ("--site", s)]],
+        check=True, capture_output=True,
+    )
 
 
 def _audit(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return (
+        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else [])
 
 
 def _count(processes: Processes, name: str, pattern: str) -> int:
@@ -86,7 +89,8 @@ address, ca, site, token = sys.argv[1:5]
 channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(open(ca, "rb").read()))
 try:
     queue_pb2_grpc.EmbeddingQueueStub(channel).Stats(
-        queue_pb2.StatsRequest(), timeout=20, metadata=(("x-fedcl-site", site), ("authorization", "Bearer " + token)))
+        queue_pb2.StatsRequest(), timeout=20,
+        metadata=(("x-fedcl-site", site), ("authorization", "Bearer " + token)))
     print(json.dumps({"code": "OK", "details": ""}))
 except grpc.RpcError as err:
     print(json.dumps({"code": err.code().name, "details": err.details()}))
@@ -188,9 +192,9 @@ def _run_scenario(net: Network, root: Path, processes: Processes) -> Drill:
     def start_site(host: str, site: str, *, token_file: Path, ca: Path, node_key: Path | None,
                    runtime_port: int = 9094, extra: tuple[str, ...] = ()) -> None:
         # each site's own images: 200 synthetic ones, drawn from a seed of its own
-        argv = [sys.executable, "-m", "fedcl.client.cli", "--server", f"{COORD}:{SUPERLINK_PORT}", "--data-format",
-                "synthetic", "--max-images", "200", "--site-id", site, "--token-file", str(token_file),
-                "--root-certificates", str(ca), "--state-dir", str(root / "sites" / site),
+        argv = [sys.executable, "-m", "fedcl.client.cli", "--server", f"{COORD}:{SUPERLINK_PORT}",
+                "--data-format", "synthetic", "--max-images", "200", "--site-id", site, "--token-file",
+                str(token_file), "--root-certificates", str(ca), "--state-dir", str(root / "sites" / site),
                 "--runtime-address", f"127.0.0.1:{runtime_port}", *extra]
         if node_key is not None:
             argv += ["--node-key", str(node_key)]
@@ -205,18 +209,21 @@ def _run_scenario(net: Network, root: Path, processes: Processes) -> Drill:
     # answers at the address they are given, so the token is "not checked"): the SuperLink must refuse them
     no_queue = ("--queue-address", f"{COORD}:{UNANSWERED_PORT}")
     start_site("x", "site-r", token_file=certs / "sites" / "site-r.token", ca=certs / "ca.pem",
-               node_key=certs / "sites" / "site-r.node-key", runtime_port=9095, extra=("--no-rejoin", *no_queue))
+               node_key=certs / "sites" / "site-r.node-key", runtime_port=9095,
+               extra=("--no-rejoin", *no_queue))
     start_site("x", "site-u", token_file=certs / "sites" / "site-r.token", ca=certs / "ca.pem",
-               node_key=rogue / "sites" / "site-u.node-key", runtime_port=9096, extra=("--no-rejoin", *no_queue))
+               node_key=rogue / "sites" / "site-u.node-key", runtime_port=9096,
+               extra=("--no-rejoin", *no_queue))
     start_site("x", "site-c", token_file=certs / "sites" / "site-r.token", ca=rogue / "ca.pem",
                node_key=None, runtime_port=9097)
-    drill = Drill(root=root, out_dir=out_dir, audit_log=audit_log, processes=processes, round_timeout=round_timeout,
-                  seconds=seconds)
+    drill = Drill(root=root, out_dir=out_dir, audit_log=audit_log, processes=processes,
+                  round_timeout=round_timeout, seconds=seconds)
     alive = ["server", "site-a", "site-b"]
 
     # the revoked site's own credentials, straight at the queue service from its host
-    processes.wait_for("the queue service", lambda: net.reachable("x", "coord", QUEUE_PORT, timeout=2), timeout=300,
-                       alive=alive)
+    processes.wait_for(
+        "the queue service", lambda: net.reachable("x", "coord", QUEUE_PORT, timeout=2), timeout=300,
+        alive=alive)
     drill.seconds["queue service up"] = time.time() - t_start
     # a site with a wrong queue token, started once the queue service answers: its pre-flight refuses it
     bad_token = root / "site-x.wrong-token"
@@ -224,11 +231,16 @@ def _run_scenario(net: Network, root: Path, processes: Processes) -> Drill:
     start_site("x", "site-x", token_file=bad_token, ca=certs / "ca.pem",
                node_key=certs / "sites" / "site-x.node-key", runtime_port=9094)
     wrong_token = processes.procs["site-x"]
-    processes.wait_for("the wrong-token site to stop at its pre-flight", lambda: wrong_token.poll() is not None,
-                       timeout=300, alive=alive)
+    processes.wait_for(
+        "the wrong-token site to stop at its pre-flight", lambda: wrong_token.poll() is not None, timeout=300,
+        alive=alive)
     drill.wrong_token_exit = wrong_token.returncode
-    probe = net.run("x", [sys.executable, "-c", QUEUE_PROBE, f"{COORD}:{QUEUE_PORT}", str(certs / "ca.pem"), "site-r",
-                          (certs / "sites" / "site-r.token").read_text().strip()], cwd=REPO)
+    probe = net.run(
+        "x",
+        [sys.executable, "-c", QUEUE_PROBE, f"{COORD}:{QUEUE_PORT}", str(certs / "ca.pem"), "site-r",
+         (certs / "sites" / "site-r.token").read_text().strip()],
+        cwd=REPO,
+    )
     assert probe.returncode == 0, probe.stderr
     drill.revoked_probe = json.loads(probe.stdout)
     wrong_ca = processes.procs["site-c"]
@@ -243,8 +255,9 @@ def _run_scenario(net: Network, root: Path, processes: Processes) -> Drill:
                        timeout=400, interval=0.2, alive=alive)
     net.cut("b")
     t_cut = time.time()
-    processes.wait_for(f"round {CUT_ROUND} to end without site-b", lambda: len(read_history(out_dir)) >= CUT_ROUND,
-                       timeout=round_timeout + 180, alive=["server", "site-a"])
+    processes.wait_for(
+        f"round {CUT_ROUND} to end without site-b", lambda: len(read_history(out_dir)) >= CUT_ROUND,
+        timeout=round_timeout + 180, alive=["server", "site-a"])
     net.restore("b")
     drill.cut_seconds = time.time() - t_cut
     drill.seconds["cut round done"] = time.time() - t_start
@@ -286,13 +299,16 @@ def test_full_run_over_tls_between_hosts(drill):
         assert f"site {site} joining {COORD}:{SUPERLINK_PORT} (TLS)" in drill.log(site)
     # the queue service saw each site from its own host's address, never from anywhere else
     connects = [e for e in _audit(drill.audit_log) if e["event"] == "connect" and e.get("site") in GOOD]
-    assert {(e["site"], e["peer"].split(":")[1]) for e in connects} == {("site-a", HOSTS["a"]), ("site-b", HOSTS["b"])}
+    assert {(e["site"], e["peer"].split(":")[1]) for e in connects} == {
+        ("site-a", HOSTS["a"]), ("site-b", HOSTS["b"])}
 
 
 def test_wrong_ca_site_is_refused_with_a_clear_error(drill):
     assert drill.wrong_ca_exit == 2
     log = drill.log("site-c")
-    assert "fedcl-client: error: check CA: the server at 10.77.0.1:8000 presented a certificate that" in log, log
+    assert (
+        "fedcl-client: error: check CA: the server at 10.77.0.1:8000 presented a certificate that" in log
+    ), log
     assert "rogue/ca.pem does not verify" in log
     assert "Starting Flower SuperNode" not in log  # it never got as far as Flower
 

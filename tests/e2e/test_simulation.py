@@ -60,7 +60,10 @@ def test_simulation_two_sites_two_rounds(tmp_path):
         with open(plot, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     text = out.getvalue()
-    assert "kNN acc" in text and "random init" in text and text.rstrip().splitlines()[-1].startswith("fedcl simulate:")
+    assert (
+        "kNN acc" in text
+        and "random init" in text
+        and text.rstrip().splitlines()[-1].startswith("fedcl simulate:"))
 
 
 def test_dp_simulation_reports_epsilon_per_site_and_stops_on_budget(tmp_path):

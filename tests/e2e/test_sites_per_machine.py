@@ -8,7 +8,15 @@ from __future__ import annotations
 import re
 import sys
 
-from .helpers import free_port, process_env, read_history, server_argv, site_tokens, tiny_config_text, write_site_data
+from .helpers import (
+    free_port,
+    process_env,
+    read_history,
+    server_argv,
+    site_tokens,
+    tiny_config_text,
+    write_site_data,
+)
 
 RUNTIME_LINE = re.compile(r"fedcl-client: check runtime port: ok: .* listen on 127\.0\.0\.1:(\d+) ")
 
@@ -17,8 +25,10 @@ def test_two_sites_on_one_machine_pick_their_own_runtime_ports(tmp_path, process
     port, queue_port = free_port(), free_port()
     tokens = site_tokens(2)
     cfg = tmp_path / "fedcl.toml"
-    cfg.write_text(tiny_config_text(out_dir=tmp_path / "run", superlink_port=port, num_rounds=1, tokens=tokens,
-                                    queue_port=queue_port))
+    cfg.write_text(
+        tiny_config_text(out_dir=tmp_path / "run", superlink_port=port, num_rounds=1, tokens=tokens,
+                         queue_port=queue_port)
+    )
     data = write_site_data(cfg, tmp_path)
     env = process_env(tmp_path / "home")
     processes.start("server", server_argv("run", "--config", str(cfg)), env=env)
@@ -31,8 +41,11 @@ def test_two_sites_on_one_machine_pick_their_own_runtime_ports(tmp_path, process
                                "--queue-address", f"127.0.0.1:{queue_port}"], env=env)
 
     def runtime_ports() -> list[int]:
-        return [int(m.group(1)) for site in tokens for m in [RUNTIME_LINE.search(processes.log(site, tail=10**6))]
-                if m]
+        return [
+            int(m.group(1))
+            for site in tokens
+            for m in [RUNTIME_LINE.search(processes.log(site, tail=10**6))]
+            if m]
 
     processes.wait_for("both sites to say which runtime port they use", lambda: len(runtime_ports()) == 2,
                        timeout=120, alive=list(tokens))

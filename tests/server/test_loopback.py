@@ -70,7 +70,9 @@ def test_a_run_in_a_flower_per_run_environment_says_how_to_avoid_it():
     assert flower_runtime_env_note({}) is None
 
 
-def test_a_config_whose_sites_hold_their_own_tokens_but_names_no_coordinator_token_is_refused_at_once(tmp_path):
+def test_a_config_whose_sites_hold_their_own_tokens_but_names_no_coordinator_token_is_refused_at_once(
+    tmp_path,
+):
     """`flwr run . <connection>` against a deployment's SuperLink with such a config: the run's own
     loopback queue would hand out new tokens the sites (fedcl-client, their own tokens) never use."""
     import pytest
@@ -79,6 +81,7 @@ def test_a_config_whose_sites_hold_their_own_tokens_but_names_no_coordinator_tok
 
     config, out = tmp_path / "deploy.toml", tmp_path / "out"
     config.write_text(TINY_TOML + '[server]\nsite_tokens = {site-0 = "token-of-site-0-xxxxxxxx"}\n')
-    with pytest.raises(FederationError, match=r"server\.site_tokens .* no server\.coordinator_token.*fedcl-server"):
+    with pytest.raises(FederationError,
+                       match=r"server\.site_tokens .* no server\.coordinator_token.*fedcl-server"):
         _run_shipped_apps({"config-path": str(config), "out-dir": str(out)})
     assert not out.exists()  # refused before any round, queue or file

@@ -286,7 +286,8 @@ def test_superlink_prints_the_flower_connection_and_the_exact_flwr_run_line(tmp_
     from fedcl.server.cli import flwr_run_instructions
 
     config_json = tmp_path / "run dir" / "fedcl-config.json"  # a space: the line must still paste
-    cfg = load_config(None, ["server.insecure=true", 'server.coordinator_token="c"', 'server.site_tokens={a="x"}'])
+    cfg = load_config(None,
+                      ["server.insecure=true", 'server.coordinator_token="c"', 'server.site_tokens={a="x"}'])
     text = flwr_run_instructions(cfg, address="127.0.0.1:9093", config_json=config_json,
                                  queue_command=["fedcl-server", "queue", "--config", "/etc/my fedcl.toml"])
     table, argv = _flwr_parts(text)
@@ -298,8 +299,10 @@ def test_superlink_prints_the_flower_connection_and_the_exact_flwr_run_line(tmp_
 
     tls = load_config(None, [f'server.tls_cert="{tmp_path}/s.pem"', f'server.tls_key="{tmp_path}/s.key"',
                              f'server.tls_ca="{tmp_path}/ca.pem"', 'server.coordinator_token="c"'])
-    table, _ = _flwr_parts(flwr_run_instructions(tls, address="coord.example.org:9093", config_json=config_json,
-                                                 queue_command=["fedcl-server", "queue"]))
+    table, _ = _flwr_parts(
+        flwr_run_instructions(tls, address="coord.example.org:9093", config_json=config_json,
+                              queue_command=["fedcl-server", "queue"])
+    )
     conn = parse_superlink_connection(table["superlink"]["fedcl"], "fedcl")
     assert (conn.insecure, conn.root_certificates) == (False, f"{tmp_path}/ca.pem")
 
@@ -314,4 +317,5 @@ def test_superlink_instructions_register_node_keys_and_need_a_coordinator_token(
     assert "site-b" not in text  # revoked: not registered
     no_token = flwr_run_instructions(load_config(None, ["server.insecure=true"]), address="h:1",
                                      config_json=tmp_path / "c.json", queue_command=["q"])
-    assert "flwr run ." not in no_token and "server.coordinator_token" in no_token and no_token.count("\n") == 1
+    assert (
+        "flwr run ." not in no_token and "server.coordinator_token" in no_token and no_token.count("\n") == 1)
