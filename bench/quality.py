@@ -462,7 +462,8 @@ def write_plots(prefix: Path, result: dict) -> None:
         start = [(0, 100 * methods["random"]["knn"]["mean"])] if "random" in methods else []  # round 0 = init
         for name, agg in methods.items():
             if agg.get("rounds"):
-                pts = start + [(r["round"], 100 * r["knn"]) for r in agg["rounds"]]
+                # a round without kNN (the server's curve every --eval-every rounds) is no point
+                pts = start + [(r["round"], 100 * r["knn"]) for r in agg["rounds"] if r["knn"] is not None]
                 dots = {"marker": "o", "markersize": 3 if many else 6} if len(pts) <= MAX_DOTTED else {}
                 ax.plot([x for x, _ in pts], [y for _, y in pts], label=name, **dots, **style[name])
             elif name in FINAL_LINES:

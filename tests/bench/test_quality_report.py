@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # bench/ is not an installed package
 
-from bench.quality import aggregate, write_markdown  # noqa: E402
+from bench.quality import aggregate, write_markdown, write_plots  # noqa: E402
 
 
 def run(knn: float, rounds: int) -> dict:
@@ -30,3 +30,16 @@ def test_report_has_the_final_table_and_points_to_the_curves(tmp_path):
     assert max(line.count("|") for line in table) == 10, text
     assert "| fedcl | 70.0 ± 1.4 (n=2) |" in text
     assert "`quality_x.json`" in text and "`quality_x_rounds.png`" in text
+
+
+def test_rounds_plot_skips_rounds_without_knn(tmp_path):
+    # --eval-every 8: the server's curve has a kNN every 8th round only; one seed may have every round
+    sparse = run(0.70, 16)
+    for r in sparse["rounds"]:
+        if r["round"] % 8:
+            r["knn"] = None
+    splits = {"pathological": {"fedcl": aggregate([sparse, run(0.68, 16)]),
+                               "random": aggregate([{"metrics": run(0.6, 0)["metrics"], "seconds": 1.0,
+                                                     "rounds": []}])}}
+    write_plots(tmp_path / "quality", {"splits": splits})
+    assert (tmp_path / "quality_rounds.png").stat().st_size > 0
