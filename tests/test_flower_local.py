@@ -191,3 +191,18 @@ def test_a_serverapp_not_on_the_managed_superlink_starts_a_reaper_that_does_noth
     said = start_superlink_reaper(7, tmp_path)  # this test's process runs under no flower-superlink
     assert said == "this run is not on Flower's managed local SuperLink: nothing to stop"
     assert not (tmp_path / REAPER_LOG_NAME).exists()
+
+
+@pytest.mark.parametrize("keep, started", [(True, False), ("true", False), (False, True)])
+def test_run_config_keep_local_superlink_starts_no_reaper(monkeypatch, tmp_path, keep, started):
+    from types import SimpleNamespace
+
+    import fedcl.server.app as server_app
+    import fedcl.server.loopback as loopback
+
+    calls = []
+    monkeypatch.setattr(loopback, "start_superlink_reaper",
+                        lambda run_id, out_dir: calls.append(run_id) or "ok")
+    context = SimpleNamespace(run_id=7, run_config={"keep-local-superlink": keep})
+    server_app._after_a_local_run(context, tmp_path)
+    assert calls == ([7] if started else [])
