@@ -1,22 +1,30 @@
 """`fedcl stop-local-superlink` (fedcl.sim.flower_local): it stops Flower's managed local SuperLink only
 when that is what listens on the port and it has no unfinished run. A stand-in process plays the
 SuperLink here (a script named flower-superlink with the command line `flwr` gives it, and a child like
-its SuperExec); tests/e2e/test_flwr_run.py stops the real one after a real `flwr run .`."""
+its SuperExec); tests/e2e/test_flwr_run.py sees the real one stopped after a real `flwr run .`. The
+reaper that `flwr run .`'s ServerApp starts stops it only once the run is over and its client gone."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import pytest
 
 from fedcl.cli import main
+from fedcl.server.loopback import REAPER_LOG_NAME, start_superlink_reaper
 from fedcl.sim.flower_local import (
     LocalSuperLinkError,
+    client_pids,
     is_managed_superlink,
     listening_pids,
+    managed_superlink_above,
+    reap_after_run,
     stop_local_superlink,
 )
 
@@ -110,3 +118,91 @@ def test_another_process_on_the_port_is_not_stopped(fake_superlink, capsys):
     assert main(["stop-local-superlink", "--port", str(other_port)]) == 2
     assert "not the SuperLink `flwr run` manages: not stopped" in capsys.readouterr().err
     assert proc.poll() is None and other.poll() is None and _running(child)
+
+
+def _reaping(proc, port, serverapp, runs, said):
+    """reap_after_run in a thread; (thread, its result or error)."""
+    out: dict = {}
+
+    def reap():
+        try:
+            out["said"] = reap_after_run("7", serverapp.pid, (proc.pid, port), runs=runs, say=said.append,
+                                         patience=120)
+        except LocalSuperLinkError as exc:
+            out["error"] = str(exc)
+
+    thread = threading.Thread(target=reap, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def _until(what: str, done, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, f"gave up after {timeout:.0f} s waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_the_reaper_stops_the_superlink_only_after_the_run_and_its_client_are_done(fake_superlink):
+    proc, port, child = _managed(fake_superlink)
+    assert managed_superlink_above(child) == (proc.pid, port)  # the SuperLink a process runs under
+    assert managed_superlink_above(os.getpid()) is None
+    serverapp = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                                 stdin=subprocess.PIPE)
+    client = subprocess.Popen(  # a `flwr run --stream` still reading the run's logs
+        [sys.executable, "-c", "import socket, sys; s = socket.create_connection(('127.0.0.1', "
+         "int(sys.argv[1]))); print('connected', flush=True); sys.stdin.read()", str(port)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert client.stdout.readline().strip() == "connected"
+    assert client_pids(port) == [client.pid]
+    busy, said = [("7", "running"), ("6", "finished:completed")], []
+    thread, out = _reaping(proc, port, serverapp, lambda p: list(busy), said)
+    try:
+        serverapp.stdin.close()  # the ServerApp's process exits
+        _until("the reaper to see the ServerApp exit", lambda: any("has exited" in s for s in said))
+        assert proc.poll() is None  # run 7 is still listed as running
+        busy[0] = ("7", "finished:completed")
+        seen = "run 7 is finished:completed; Flower lists no run that is not finished"
+        _until("the reaper to see no unfinished run", lambda: seen in said)
+        assert proc.poll() is None and thread.is_alive()  # the client is still connected
+        client.stdin.close()
+        thread.join(timeout=120)
+        assert not thread.is_alive() and out["said"].startswith("stopped Flower's local SuperLink"), out
+        assert proc.wait(timeout=30) == 0 and not _running(child)
+    finally:
+        for p in (serverapp, client):
+            p.kill()
+            p.wait()
+
+
+def test_the_reaper_stops_nothing_while_another_run_is_not_finished(fake_superlink):
+    proc, port, child = _managed(fake_superlink)
+    serverapp = subprocess.Popen([sys.executable, "-c", "pass"])
+    serverapp.wait()
+    said = []
+    with pytest.raises(LocalSuperLinkError, match=r"still waiting for run 7 and every other run to finish"):
+        reap_after_run("7", serverapp.pid, (proc.pid, port), runs=lambda p: [("8", "pending")],
+                       say=said.append, patience=2)
+    assert said == ["the ServerApp of run 7 has exited"]
+    assert proc.poll() is None and _running(child)
+
+
+def test_a_serverapp_not_on_the_managed_superlink_starts_a_reaper_that_does_nothing(tmp_path):
+    said = start_superlink_reaper(7, tmp_path)  # this test's process runs under no flower-superlink
+    assert said == "this run is not on Flower's managed local SuperLink: nothing to stop"
+    assert not (tmp_path / REAPER_LOG_NAME).exists()
+
+
+@pytest.mark.parametrize("keep, started", [(True, False), ("true", False), (False, True)])
+def test_run_config_keep_local_superlink_starts_no_reaper(monkeypatch, tmp_path, keep, started):
+    from types import SimpleNamespace
+
+    import fedcl.server.app as server_app
+    import fedcl.server.loopback as loopback
+
+    calls = []
+    monkeypatch.setattr(loopback, "start_superlink_reaper",
+                        lambda run_id, out_dir: calls.append(run_id) or "ok")
+    context = SimpleNamespace(run_id=7, run_config={"keep-local-superlink": keep})
+    server_app._after_a_local_run(context, tmp_path)
+    assert calls == ([7] if started else [])

@@ -826,6 +826,17 @@ def flower_runtime_env_note(environ: dict[str, str]) -> str | None:
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 (docs/flower.md)")
 
 
+def _after_a_local_run(context: Context, out_dir: Path) -> None:
+    """On Flower's managed local SuperLink (`flwr run .`), have it stopped once this run is over,
+    unless the run config says ``keep-local-superlink=true`` (docs/flower.md)."""
+    from fedcl.server.loopback import start_superlink_reaper
+
+    if str(context.run_config.get("keep-local-superlink", False)).lower() in ("true", "1"):
+        log.info("keep-local-superlink is set: Flower's local SuperLink, if this run is on it, stays up")
+        return
+    log.info("%s", start_superlink_reaper(context.run_id, out_dir))
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """What `flwr run` starts: settings from the run config's ``config-path`` (fedcl-server writes
@@ -849,7 +860,10 @@ def main(grid: Grid, context: Context) -> None:
         log.error("%s", reason)
         raise FederationError(reason)
     if cfg.queue.enabled and cfg.server.coordinator_token is None:
-        run_with_loopback_queue(grid, config=cfg, out_dir=out_dir)
+        try:
+            run_with_loopback_queue(grid, config=cfg, out_dir=out_dir)
+        finally:
+            _after_a_local_run(context, out_dir)
         return
     queue = QueueLink.from_config(cfg, out_dir=out_dir) if cfg.queue.enabled else None
     run_federation(grid, config=cfg, out_dir=out_dir, queue=queue)

@@ -7,6 +7,8 @@ after the run. ``fedcl stop-local-superlink`` stops it, and only it: the process
 Flower's local SuperLink port (``FLWR_LOCAL_SUPERLINK_HTTP_API_PORT``, 39091 by default) must be a
 ``flower-superlink --simulation`` on that port, owned by this user, and it must have no run that
 is not finished (Flower's own ``flwr list``); otherwise nothing is stopped and one line says why.
+``python -m fedcl.sim.flower_local reap``, which the ServerApp of ``flwr run .`` starts detached at the
+end of its run, does the same once the run is over and ``flwr run`` has disconnected (``reap_after_run``).
 Linux only (it reads /proc).
 """
 
@@ -36,8 +38,8 @@ def local_superlink_port() -> int:
     return int(LOCAL_SUPERLINK_HTTP_API_PORT)
 
 
-def listening_pids(port: int) -> list[int]:
-    """The processes of this user that hold a listening TCP socket on ``port`` (any address)."""
+def _socket_inodes(port: int, *, listening: bool) -> set[str]:
+    """Sockets listening on ``port`` (any address), or connected to it from this machine (the client side)."""
     inodes = set()
     for table in ("tcp", "tcp6"):
         try:
@@ -46,8 +48,14 @@ def listening_pids(port: int) -> list[int]:
             continue
         for row in rows:
             fields = row.split()
-            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+            end = fields[1] if listening else fields[2]  # local address, or the remote one
+            if len(fields) > 9 and fields[3] == ("0A" if listening else "01") \
+                    and int(end.rsplit(":", 1)[1], 16) == port:
                 inodes.add(f"socket:[{fields[9]}]")
+    return inodes
+
+
+def _holders(inodes: set[str]) -> list[int]:
     pids = []
     for proc in PROC.iterdir():
         if not proc.name.isdigit():
@@ -58,6 +66,16 @@ def listening_pids(port: int) -> list[int]:
         except OSError:
             continue  # gone, or another user's
     return sorted(pids)
+
+
+def listening_pids(port: int) -> list[int]:
+    """The processes of this user that hold a listening TCP socket on ``port`` (any address)."""
+    return _holders(_socket_inodes(port, listening=True))
+
+
+def client_pids(port: int) -> list[int]:
+    """The processes of this user with a TCP connection open to ``port`` on this machine (its clients)."""
+    return _holders(_socket_inodes(port, listening=False))
 
 
 def _cmdline(pid: int) -> list[str]:
@@ -94,9 +112,9 @@ def is_managed_superlink(argv: list[str], port: int) -> bool:
             and argv.index("--port") + 1 < len(argv) and argv[argv.index("--port") + 1] == str(port))
 
 
-def unfinished_runs(port: int) -> list[tuple[str, str]]:
-    """(run id, status) of every run of the SuperLink on 127.0.0.1:``port`` that is not finished, from
-    `flwr list` on a connection of its own (the user's Flower config is neither read nor changed)."""
+def list_runs(port: int) -> list[tuple[str, str]]:
+    """(run id, status) of every run of the SuperLink on 127.0.0.1:``port``, from `flwr list` on a
+    connection of its own (the user's Flower config is neither read nor changed)."""
     flwr = Path(sys.executable).parent / "flwr"
     with tempfile.TemporaryDirectory() as home:
         Path(home, "config.toml").write_text(
@@ -109,12 +127,20 @@ def unfinished_runs(port: int) -> list[tuple[str, str]]:
                               env=env, capture_output=True, text=True, timeout=120)
     try:
         runs = json.loads(done.stdout[done.stdout.find("{"):])["runs"]
-        return [
-            (str(r["run-id"]), str(r["status"])) for r in runs if not str(r["status"]).startswith("finished")]
+        return [(str(r["run-id"]), str(r["status"])) for r in runs]
     except (ValueError, KeyError, TypeError):
         detail = (done.stdout.strip() or done.stderr.strip())[-300:]
         raise LocalSuperLinkError(
             f"could not list its runs with `flwr list` ({detail}): not stopped") from None
+
+
+def unfinished_runs(port: int) -> list[tuple[str, str]]:
+    """(run id, status) of every run of the SuperLink on 127.0.0.1:``port`` that is not finished."""
+    return _unfinished(list_runs(port))
+
+
+def _unfinished(runs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [(run_id, status) for run_id, status in runs if not status.startswith("finished")]
 
 
 def stop_local_superlink(port: int, *, runs: Callable[[int], list[tuple[str, str]]] = unfinished_runs,
@@ -148,5 +174,114 @@ def stop_local_superlink(port: int, *, runs: Callable[[int], list[tuple[str, str
             f"{len(family) - len(pids)} child process(es); the next `flwr run` starts a new one")
 
 
-__all__ = ["LocalSuperLinkError", "is_managed_superlink", "listening_pids", "local_superlink_port",
+def _parent(pid: int) -> int:
+    try:
+        return int((PROC / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def managed_superlink_above(pid: int) -> tuple[int, int] | None:
+    """(pid, port) of the managed local SuperLink (flower-superlink --simulation --port PORT) that
+    ``pid`` runs under, i.e. an ancestor of it; None when it runs under none."""
+    while pid > 1:
+        argv = _cmdline(pid)
+        if "--port" in argv and argv[-1] != "--port" and argv[argv.index("--port") + 1].isdigit():
+            port = int(argv[argv.index("--port") + 1])
+            if is_managed_superlink(argv, port):
+                return pid, port
+        pid = _parent(pid)
+    return None
+
+
+def _descendants(pid: int) -> set[int]:
+    parents = {int(p.name): _parent(int(p.name)) for p in PROC.iterdir() if p.name.isdigit()}
+    found, grew = {pid}, True
+    while grew:
+        more = {child for child, parent in parents.items() if parent in found} - found
+        found |= more
+        grew = bool(more)
+    return found
+
+
+def _wait_for(what: str, done: Callable[[], bool], *, patience: float, poll: float, max_poll: float) -> None:
+    """Poll ``done`` (every ``poll`` s, growing to ``max_poll``) until true; LocalSuperLinkError after
+    ``patience`` s."""
+    deadline = time.monotonic() + patience
+    while not done():
+        if time.monotonic() > deadline:
+            raise LocalSuperLinkError(f"still waiting for {what} after {patience:.0f} s: not stopped")
+        time.sleep(poll)
+        poll = min(poll * 1.5, max_poll)
+
+
+def reap_after_run(run_id: str, serverapp_pid: int, superlink: tuple[int, int], *,
+                   runs: Callable[[int], list[tuple[str, str]]] = list_runs,
+                   patience: float = 1800.0, say: Callable[[str], None] = print) -> str:
+    """Stop the managed local SuperLink ``superlink`` (pid, port) once the run is over: the ServerApp's
+    process ``serverapp_pid`` has exited, ``runs`` (all runs, with their status) lists no run that is not
+    finished (this one included),
+    and no process outside the SuperLink's own is connected to it (`flwr run --stream` reads the run's
+    logs until the SuperLink ends the stream, which it does once the run is finished). Then
+    ``stop_local_superlink``, which checks again. What was done; LocalSuperLinkError when nothing was."""
+    pid, port = superlink
+    _wait_for("the ServerApp's process to exit", lambda: not _alive(serverapp_pid), patience=patience,
+              poll=0.2, max_poll=1.0)
+    say(f"the ServerApp of run {run_id} has exited")
+    listed: list[tuple[str, str]] = []
+
+    def all_finished() -> bool:
+        listed[:] = runs(port)
+        return not _unfinished(listed)
+    _wait_for(f"run {run_id} and every other run to finish", all_finished, patience=patience, poll=1.0,
+              max_poll=10.0)
+    say(f"run {run_id} is {dict(listed).get(run_id, 'not listed')}; Flower lists no run that is not finished")
+    def outside_clients() -> set[int]:  # its SuperExec and the apps that it runs may talk to it too
+        return set(client_pids(port)) - _descendants(pid) - {os.getpid()}
+    _wait_for("`flwr run` to disconnect", lambda: not outside_clients(), patience=patience, poll=0.2,
+              max_poll=1.0)
+    say(f"no client is connected to 127.0.0.1:{port}")
+    if listening_pids(port) != [pid]:
+        raise LocalSuperLinkError(f"the SuperLink on 127.0.0.1:{port} is no longer pid {pid}: not stopped")
+    return stop_local_superlink(port, runs=lambda p: _unfinished(runs(p)))
+
+
+def reap_main(argv: list[str] | None = None) -> int:
+    """`python -m fedcl.sim.flower_local reap --run-id ID --serverapp-pid PID --log FILE`: started by the
+    ServerApp of `flwr run .` at the end of the run, detached. Its first line on stdout says what it
+    will do; the rest goes to the log file."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m fedcl.sim.flower_local")
+    parser.add_argument("command", choices=["reap"])
+    parser.add_argument("--run-id", required=True)
+    parser.add_argument("--serverapp-pid", type=int, required=True)
+    parser.add_argument("--log", type=Path, required=True)
+    args = parser.parse_args(argv)
+    superlink = managed_superlink_above(args.serverapp_pid)
+    if superlink is None:
+        print("this run is not on Flower's managed local SuperLink: nothing to stop", flush=True)
+        return 0
+    print(f"Flower's local SuperLink on 127.0.0.1:{superlink[1]} (pid {superlink[0]}) will be stopped once "
+          f"run {args.run_id} and every other run on it have finished and `flwr run` has disconnected "
+          f"(log: {args.log}; run config keep-local-superlink=true keeps it)", flush=True)
+    args.log.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.log, "a") as fh:
+        os.dup2(fh.fileno(), 1)
+        os.dup2(fh.fileno(), 2)
+    def say(line: str) -> None:
+        print(time.strftime("%Y-%m-%d %H:%M:%S"), line, flush=True)
+    try:
+        say(reap_after_run(args.run_id, args.serverapp_pid, superlink, say=say))
+    except LocalSuperLinkError as exc:
+        say(str(exc))
+    return 0
+
+
+__all__ = ["LocalSuperLinkError", "client_pids", "is_managed_superlink", "list_runs", "listening_pids",
+           "local_superlink_port", "managed_superlink_above", "reap_after_run", "reap_main",
            "stop_local_superlink", "unfinished_runs"]
+
+
+if __name__ == "__main__":
+    sys.exit(reap_main())
