@@ -1,5 +1,6 @@
 """The ``fedcl`` command: train (centralized baseline), eval, simulate (the federation), privacy,
-stop-local-superlink (Flower's managed local SuperLink, left by `flwr run .`)."""
+stop-local-superlink (Flower's managed local SuperLink, when a run kept it:
+`flwr run . --run-config keep-local-superlink=true`)."""
 
 from __future__ import annotations
 
@@ -205,8 +206,8 @@ def privacy(args: argparse.Namespace) -> None:
 def stop_local_superlink(args: argparse.Namespace) -> None:
     """Stop the local SuperLink `flwr run .` started and keeps, if it has no unfinished run
     (docs/flower.md)."""
-    from fedcl.sim.flower_local import LocalSuperLinkError, local_superlink_port
-    from fedcl.sim.flower_local import stop_local_superlink as stop
+    from fedcl.server.flower_local import LocalSuperLinkError, local_superlink_port
+    from fedcl.server.flower_local import stop_local_superlink as stop
 
     try:
         print(stop(args.port if args.port is not None else local_superlink_port()), flush=True)

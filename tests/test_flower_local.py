@@ -1,4 +1,4 @@
-"""`fedcl stop-local-superlink` (fedcl.sim.flower_local): it stops Flower's managed local SuperLink only
+"""`fedcl stop-local-superlink` (fedcl.server.flower_local): it stops Flower's managed local SuperLink only
 when that is what listens on the port and it has no unfinished run. A stand-in process plays the
 SuperLink here (a script named flower-superlink with the command line `flwr` gives it, and a child like
 its SuperExec); tests/e2e/test_flwr_run.py sees the real one stopped after a real `flwr run .`. The
@@ -17,8 +17,7 @@ import time
 import pytest
 
 from fedcl.cli import main
-from fedcl.server.loopback import REAPER_LOG_NAME, start_superlink_reaper
-from fedcl.sim.flower_local import (
+from fedcl.server.flower_local import (
     LocalSuperLinkError,
     client_pids,
     is_managed_superlink,
@@ -27,6 +26,7 @@ from fedcl.sim.flower_local import (
     reap_after_run,
     stop_local_superlink,
 )
+from fedcl.server.loopback import REAPER_LOG_NAME, start_superlink_reaper
 
 FAKE = textwrap.dedent("""\
     import signal, socket, subprocess, sys

@@ -85,7 +85,7 @@ REAPER_LOG_NAME = "local-superlink-reaper.log"
 
 def start_superlink_reaper(run_id: int, out_dir: Path, *, answer_within: float = 120.0) -> str:
     """Start, detached, the process that stops Flower's managed local SuperLink once this run is over
-    and nothing else uses it (``fedcl.sim.flower_local``'s ``reap``; it finds that SuperLink among
+    and nothing else uses it (``fedcl.server.flower_local``'s ``reap``; it finds that SuperLink among
     this process's ancestors, and does nothing on any other SuperLink). Its one line, to log."""
     import fedcl
 
@@ -94,7 +94,7 @@ def start_superlink_reaper(run_id: int, out_dir: Path, *, answer_within: float =
                                                                       os.environ.get("PYTHONPATH")]))}
     log_path = Path(out_dir).resolve() / REAPER_LOG_NAME
     reaper = subprocess.Popen(
-        [sys.executable, "-m", "fedcl.sim.flower_local", "reap", "--run-id", str(run_id),
+        [sys.executable, "-m", "fedcl.server.flower_local", "reap", "--run-id", str(run_id),
          "--serverapp-pid", str(os.getpid()), "--log", str(log_path)],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
         start_new_session=True)

@@ -7,7 +7,7 @@ after the run. ``fedcl stop-local-superlink`` stops it, and only it: the process
 Flower's local SuperLink port (``FLWR_LOCAL_SUPERLINK_HTTP_API_PORT``, 39091 by default) must be a
 ``flower-superlink --simulation`` on that port, owned by this user, and it must have no run that
 is not finished (Flower's own ``flwr list``); otherwise nothing is stopped and one line says why.
-``python -m fedcl.sim.flower_local reap``, which the ServerApp of ``flwr run .`` starts detached at the
+``python -m fedcl.server.flower_local reap``, which the ServerApp of ``flwr run .`` starts detached at the
 end of its run, does the same once the run is over and ``flwr run`` has disconnected (``reap_after_run``).
 Linux only (it reads /proc).
 """
@@ -247,12 +247,12 @@ def reap_after_run(run_id: str, serverapp_pid: int, superlink: tuple[int, int], 
 
 
 def reap_main(argv: list[str] | None = None) -> int:
-    """`python -m fedcl.sim.flower_local reap --run-id ID --serverapp-pid PID --log FILE`: started by the
+    """`python -m fedcl.server.flower_local reap --run-id ID --serverapp-pid PID --log FILE`: started by the
     ServerApp of `flwr run .` at the end of the run, detached. Its first line on stdout says what it
     will do; the rest goes to the log file."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m fedcl.sim.flower_local")
+    parser = argparse.ArgumentParser(prog="python -m fedcl.server.flower_local")
     parser.add_argument("command", choices=["reap"])
     parser.add_argument("--run-id", required=True)
     parser.add_argument("--serverapp-pid", type=int, required=True)
