@@ -220,19 +220,22 @@ def test_fedcl_client_with_the_wrong_ca_stops_with_one_clear_message(tmp_path, t
     assert "Traceback" not in proc.stderr and "Starting Flower SuperNode" not in proc.stdout + proc.stderr
 
 
+def _supervise_refused_child(child: str, *, timeout: float) -> subprocess.CompletedProcess:
+    """fedcl-client's supervisor, without rejoining and with the refused-key hint, over a child that runs
+    the Python code ``child``, in a process of its own."""
+    return subprocess.run(
+        [sys.executable, "-c",
+         "import sys; from fedcl.client.cli import supervise, NODE_REFUSED, NODE_REFUSED_HINT;"
+         f"sys.exit(supervise([sys.executable, '-c', {child!r}], rejoin=False,"
+         " output_hints={NODE_REFUSED: NODE_REFUSED_HINT}))"],
+        capture_output=True, text=True, timeout=timeout, cwd=REPO,
+    )
+
+
 def test_supervisor_explains_a_refused_supernode(tmp_path):
     # what flower-supernode prints (and its status) when the SuperLink does not know its key
     child = "print('[code: 2004] Failed to activate SuperNode.'); import sys; sys.exit(1)"
-    proc = subprocess.run(
-        [
-            sys.executable, "-c",
-            (
-                "import sys; from fedcl.client.cli import supervise, NODE_REFUSED, NODE_REFUSED_HINT;"
-                f"sys.exit(supervise([sys.executable, '-c', {child!r}], rejoin=False,"
-                " output_hints={NODE_REFUSED: NODE_REFUSED_HINT}))"),
-        ],
-        capture_output=True, text=True, timeout=60, cwd=REPO,
-    )
+    proc = _supervise_refused_child(child, timeout=60)
     assert proc.returncode == 1
     lines = proc.stdout.splitlines()
     assert lines[0] == "[code: 2004] Failed to activate SuperNode."  # Flower's own line, passed on
@@ -248,16 +251,7 @@ def test_supervisor_restarts_a_refused_supernode_whose_children_linger(tmp_path)
               "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])")
     child = f"{linger}; print('[code: 2004] Failed to activate SuperNode.'); sys.exit(1)"
     t0 = time.monotonic()
-    proc = subprocess.run(
-        [
-            sys.executable, "-c",
-            (
-                "import sys; from fedcl.client.cli import supervise, NODE_REFUSED, NODE_REFUSED_HINT;"
-                f"sys.exit(supervise([sys.executable, '-c', {child!r}], rejoin=False,"
-                " output_hints={NODE_REFUSED: NODE_REFUSED_HINT}))"),
-        ],
-        capture_output=True, text=True, timeout=200, cwd=REPO,
-    )
+    proc = _supervise_refused_child(child, timeout=200)
     assert proc.returncode == 1 and time.monotonic() - t0 < 100  # well below the lingering child's 120 s
     assert "does not know this SuperNode's key" in proc.stdout
 

@@ -247,6 +247,23 @@ def make_certs(out: Path, sites: list[str]) -> tuple[str, dict[str, str]]:
     return tokens["coordinator_token"], dict(tokens["site_tokens"])
 
 
+def start_sites(tmp_path: Path, processes: Processes, *, port: int, tokens: dict[str, str], data: list[Path],
+                env: dict, certs: Path | None = None) -> None:
+    """One fedcl-client per site of ``tokens`` (site i on data[i]), each with its own state folder and
+    runtime port, joining the SuperLink on 127.0.0.1:port. certs: make_certs' folder (its token files
+    and CA); None: insecure, each token written to <tmp_path>/<site>.token."""
+    for i, site in enumerate(tokens):
+        if certs is not None:
+            token_file, extra = (certs / "sites" / f"{site}.token",
+                                 ("--root-certificates", str(certs / "ca.pem")))
+        else:
+            token_file, extra = tmp_path / f"{site}.token", ("--insecure",)
+            token_file.write_text(tokens[site])
+        processes.start(site, client_argv(port=port, data=data[i], site_id=site, token_file=token_file,
+                                          state_dir=tmp_path / "sites" / site, runtime_port=free_port(),
+                                          extra=extra), env=env)
+
+
 def start_federation(tmp_path: Path, processes: Processes, *, num_rounds: int = 2, min_nodes: int = 2,
                      extra_config: str = "", tls: bool = False, queue_extra: str = "") -> dict:
     """fedcl-server run + two fedcl-client sites on loopback; returns paths and ports.
@@ -269,14 +286,5 @@ def start_federation(tmp_path: Path, processes: Processes, *, num_rounds: int = 
     data = write_site_data(cfg, tmp_path)
     env = process_env(tmp_path / "home")
     processes.start("server", server_argv("run", "--config", str(cfg)), env=env)
-    for i, site in enumerate(tokens):
-        if certs is not None:
-            token_file, extra = (certs / "sites" / f"{site}.token",
-                                 ("--root-certificates", str(certs / "ca.pem")))
-        else:
-            token_file, extra = tmp_path / f"{site}.token", ("--insecure",)
-            token_file.write_text(tokens[site])
-        processes.start(site, client_argv(port=port, data=data[i], site_id=site, token_file=token_file,
-                                          state_dir=tmp_path / "sites" / site, runtime_port=free_port(),
-                                          extra=extra), env=env)
+    start_sites(tmp_path, processes, port=port, tokens=tokens, data=data, env=env, certs=certs)
     return {"config": cfg, "out_dir": out_dir, "port": port, "env": env, "tokens": tokens, "data": data}

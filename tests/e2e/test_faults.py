@@ -11,13 +11,13 @@ from fedcl.server.checkpoint import find_checkpoint, load_checkpoint
 
 from .helpers import (
     checkpoint_round,
-    client_argv,
     free_port,
     process_env,
     read_history,
     server_argv,
     site_tokens,
     start_federation,
+    start_sites,
     tiny_config_text,
     write_site_data,
 )
@@ -42,14 +42,7 @@ def test_site_killed_mid_round_the_round_completes_with_the_others(tmp_path, pro
     env = process_env(tmp_path / "home")
     processes.start("superlink", server_argv("superlink", "--config", str(cfg)), env=env)
     processes.start("queue", server_argv("serve-queue", "--config", str(cfg)), env=env)
-    for i, site in enumerate(tokens):
-        (tmp_path / f"{site}.token").write_text(tokens[site])
-        processes.start(
-            site,
-            client_argv(port=port, data=data[i], site_id=site, token_file=tmp_path / f"{site}.token",
-                        state_dir=tmp_path / "sites" / site, runtime_port=free_port()),
-            env=env,
-        )
+    start_sites(tmp_path, processes, port=port, tokens=tokens, data=data, env=env)
     # both sites connected before the run starts, so that round 1 samples both
     superlink_log = tmp_path / "logs" / "superlink.log"
     processes.wait_for(

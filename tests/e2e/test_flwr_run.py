@@ -27,19 +27,20 @@ import time
 import uuid
 from pathlib import Path
 
-from fedcl.server.loopback import REAPER_LOG_NAME, SITE_TOKEN_DIR_NAME
+from fedcl.server.flower_local import REAPER_LOG_NAME
+from fedcl.server.loopback import SITE_TOKEN_DIR_NAME
 from tests.server.test_loopback import TINY_TOML  # the same tiny 2-round federation, run in-process there
 
 from .helpers import (
     BIN,
     PATIENCE,
     REPO,
-    client_argv,
     free_port,
     process_env,
     read_history,
     server_argv,
     site_tokens,
+    start_sites,
     tiny_config_text,
     write_site_data,
 )
@@ -203,14 +204,7 @@ def test_flwr_run_with_a_connection_to_fedcl_servers_superlink_uses_the_queue_se
     block, queue_line, run_line = _superlink_instructions(processes.log("superlink", 100_000))
     assert queue_line == f"fedcl-server queue --config {cfg}"
     processes.start("queue", server_argv(*shlex.split(queue_line)[1:]), env=env)
-    for i, site in enumerate(tokens):
-        (tmp_path / f"{site}.token").write_text(tokens[site])
-        processes.start(
-            site,
-            client_argv(port=port, data=data[i], site_id=site, token_file=tmp_path / f"{site}.token",
-                        state_dir=tmp_path / "sites" / site, runtime_port=free_port()),
-            env=env,
-        )
+    start_sites(tmp_path, processes, port=port, tokens=tokens, data=data, env=env)
     processes.wait_for("both sites to connect", lambda: len(re.findall(
         r"Activated node_id", processes.log("superlink", 1_000_000))) >= 2,
                        timeout=180, alive=["superlink", "queue", "site-0", "site-1"])
