@@ -18,15 +18,16 @@ import pytest
 
 from fedcl.cli import main
 from fedcl.server.flower_local import (
+    REAPER_LOG_NAME,
     LocalSuperLinkError,
     client_pids,
     is_managed_superlink,
     listening_pids,
     managed_superlink_above,
     reap_after_run,
+    start_superlink_reaper,
     stop_local_superlink,
 )
-from fedcl.server.loopback import REAPER_LOG_NAME, start_superlink_reaper
 
 FAKE = textwrap.dedent("""\
     import signal, socket, subprocess, sys
@@ -198,10 +199,10 @@ def test_run_config_keep_local_superlink_starts_no_reaper(monkeypatch, tmp_path,
     from types import SimpleNamespace
 
     import fedcl.server.app as server_app
-    import fedcl.server.loopback as loopback
+    import fedcl.server.flower_local as flower_local
 
     calls = []
-    monkeypatch.setattr(loopback, "start_superlink_reaper",
+    monkeypatch.setattr(flower_local, "start_superlink_reaper",
                         lambda run_id, out_dir: calls.append(run_id) or "ok")
     context = SimpleNamespace(run_id=7, run_config={"keep-local-superlink": keep})
     server_app._after_a_local_run(context, tmp_path)

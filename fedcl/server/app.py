@@ -829,7 +829,7 @@ def flower_runtime_env_note(environ: dict[str, str]) -> str | None:
 def _after_a_local_run(context: Context, out_dir: Path) -> None:
     """On Flower's managed local SuperLink (`flwr run .`), have it stopped once this run is over,
     unless the run config says ``keep-local-superlink=true`` (docs/flower.md)."""
-    from fedcl.server.loopback import start_superlink_reaper
+    from fedcl.server.flower_local import start_superlink_reaper
 
     if str(context.run_config.get("keep-local-superlink", False)).lower() in ("true", "1"):
         log.info("keep-local-superlink is set: Flower's local SuperLink, if this run is on it, stays up")

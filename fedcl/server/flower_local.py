@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -94,15 +95,15 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def _parent(pid: int) -> int:
+    try:
+        return int((PROC / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def _children(pid: int) -> list[int]:
-    found = []
-    for proc in PROC.iterdir():
-        try:
-            if proc.name.isdigit() and int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(proc.name))
-        except (OSError, ValueError, IndexError):
-            continue
-    return found
+    return [int(p.name) for p in PROC.iterdir() if p.name.isdigit() and _parent(int(p.name)) == pid]
 
 
 def is_managed_superlink(argv: list[str], port: int) -> bool:
@@ -174,13 +175,6 @@ def stop_local_superlink(port: int, *, runs: Callable[[int], list[tuple[str, str
             f"{len(family) - len(pids)} child process(es); the next `flwr run` starts a new one")
 
 
-def _parent(pid: int) -> int:
-    try:
-        return int((PROC / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
 def managed_superlink_above(pid: int) -> tuple[int, int] | None:
     """(pid, port) of the managed local SuperLink (flower-superlink --simulation --port PORT) that
     ``pid`` runs under, i.e. an ancestor of it; None when it runs under none."""
@@ -246,6 +240,31 @@ def reap_after_run(run_id: str, serverapp_pid: int, superlink: tuple[int, int], 
     return stop_local_superlink(port, runs=lambda p: _unfinished(runs(p)))
 
 
+REAPER_LOG_NAME = "local-superlink-reaper.log"
+
+
+def start_superlink_reaper(run_id: int, out_dir: Path, *, answer_within: float = 120.0) -> str:
+    """Start, detached, the process that stops Flower's managed local SuperLink once this run is over
+    and nothing else uses it (``reap_main`` below, in a process of its own; it finds that SuperLink among
+    this process's ancestors, and does nothing on any other SuperLink). Its one line, to log."""
+    import fedcl
+
+    package_root = str(Path(fedcl.__file__).resolve().parents[1])  # the FAB's copy, when Flower runs one
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root,
+                                                                      os.environ.get("PYTHONPATH")]))}
+    log_path = Path(out_dir).resolve() / REAPER_LOG_NAME
+    reaper = subprocess.Popen(
+        [sys.executable, "-m", "fedcl.server.flower_local", "reap", "--run-id", str(run_id),
+         "--serverapp-pid", str(os.getpid()), "--log", str(log_path)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+        start_new_session=True)
+    with reaper.stdout:
+        ready, _, _ = select.select([reaper.stdout], [], [], answer_within)
+        line = reaper.stdout.readline().strip() if ready else ""
+    return line or (f"the reaper of Flower's local SuperLink said nothing within {answer_within:.0f} s "
+                    f"(see {log_path})")
+
+
 def reap_main(argv: list[str] | None = None) -> int:
     """`python -m fedcl.server.flower_local reap --run-id ID --serverapp-pid PID --log FILE`: started by the
     ServerApp of `flwr run .` at the end of the run, detached. Its first line on stdout says what it
@@ -278,9 +297,9 @@ def reap_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["LocalSuperLinkError", "client_pids", "is_managed_superlink", "list_runs", "listening_pids",
-           "local_superlink_port", "managed_superlink_above", "reap_after_run", "reap_main",
-           "stop_local_superlink", "unfinished_runs"]
+__all__ = ["REAPER_LOG_NAME", "LocalSuperLinkError", "client_pids", "is_managed_superlink", "list_runs",
+           "listening_pids", "local_superlink_port", "managed_superlink_above", "reap_after_run", "reap_main",
+           "start_superlink_reaper", "stop_local_superlink", "unfinished_runs"]
 
 
 if __name__ == "__main__":

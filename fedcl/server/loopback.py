@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import os
 import secrets
-import select
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -80,30 +77,4 @@ def site_token_files(out_dir: Path, site_tokens: dict[str, str]) -> Iterator[Pat
         shutil.rmtree(folder, ignore_errors=True)
 
 
-REAPER_LOG_NAME = "local-superlink-reaper.log"
-
-
-def start_superlink_reaper(run_id: int, out_dir: Path, *, answer_within: float = 120.0) -> str:
-    """Start, detached, the process that stops Flower's managed local SuperLink once this run is over
-    and nothing else uses it (``fedcl.server.flower_local``'s ``reap``; it finds that SuperLink among
-    this process's ancestors, and does nothing on any other SuperLink). Its one line, to log."""
-    import fedcl
-
-    package_root = str(Path(fedcl.__file__).resolve().parents[1])  # the FAB's copy, when Flower runs one
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root,
-                                                                      os.environ.get("PYTHONPATH")]))}
-    log_path = Path(out_dir).resolve() / REAPER_LOG_NAME
-    reaper = subprocess.Popen(
-        [sys.executable, "-m", "fedcl.server.flower_local", "reap", "--run-id", str(run_id),
-         "--serverapp-pid", str(os.getpid()), "--log", str(log_path)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
-        start_new_session=True)
-    with reaper.stdout:
-        ready, _, _ = select.select([reaper.stdout], [], [], answer_within)
-        line = reaper.stdout.readline().strip() if ready else ""
-    return line or (f"the reaper of Flower's local SuperLink said nothing within {answer_within:.0f} s "
-                    f"(see {log_path})")
-
-
-__all__ = ["REAPER_LOG_NAME", "SITE_TOKEN_DIR_NAME", "TOKEN_SUFFIX", "loopback_queue", "site_token_files",
-           "start_superlink_reaper"]
+__all__ = ["SITE_TOKEN_DIR_NAME", "TOKEN_SUFFIX", "loopback_queue", "site_token_files"]
