@@ -93,6 +93,11 @@ def _connect_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
 
 
+def _advertised_host(host: str) -> str:
+    """Where other machines reach a service bound to ``host``: this machine's name for an any-address."""
+    return socket.getfqdn() if host in ("0.0.0.0", "", "::") else host
+
+
 def _load(config: Path | None, overrides: list[str]):
     from fedcl.config import ConfigError, load_config
 
@@ -381,9 +386,9 @@ def _start_queue(cfg, *, generate_coordinator_token: bool):
     if len(server.queue) or server.queue.current_round:
         _log(f"queue restored from {settings.snapshot_path}: {len(server.queue)} entries, "
              f"round {server.queue.current_round}")
-    advertised = s.queue_host if s.queue_host not in ("0.0.0.0", "::", "") else socket.getfqdn()
     cfg = cfg.model_copy(update={"server": s.model_copy(update={
-        "queue_port": server.port, "queue_host": advertised, "coordinator_token": coordinator})})
+        "queue_port": server.port, "queue_host": _advertised_host(s.queue_host),
+        "coordinator_token": coordinator})})
     return server, cfg
 
 
@@ -418,8 +423,8 @@ def cmd_run(args) -> int:
         wait_superlink(address, insecure=cfg.server.insecure, ca=cfg.server.tls_ca, timeout=120,
                        proc=superlink)
         _log(f"SuperLink on {cfg.server.superlink_host}:{port}")
-        return start_and_follow_run(cfg, superlink_address=address, join_address=(
-            f"{socket.getfqdn()}:{port}" if cfg.server.superlink_host == "0.0.0.0" else address))
+        return start_and_follow_run(cfg, superlink_address=address,
+                                    join_address=f"{_advertised_host(cfg.server.superlink_host)}:{port}")
     except KeyboardInterrupt:
         _log(f"stopping ({'signal ' + str(stop['signal']) if stop['signal'] else 'interrupted'}); "
              "run fedcl-server again to resume from the last checkpoint")
@@ -532,9 +537,7 @@ def cmd_superlink(args) -> int:
         except ServerCliError as exc:
             _log(f"{exc}; no `flwr run` instructions")
         else:
-            shown = (
-                f"{socket.getfqdn()}:{s.superlink_port}" if s.superlink_host in ("0.0.0.0", "::") else address
-            )
+            shown = f"{_advertised_host(s.superlink_host)}:{s.superlink_port}"
             queue_cmd = ["fedcl-server", "queue",
                          *(["--config", str(args.config.resolve())] if args.config else []),
                          *[a for o in args.set for a in ("--set", o)],
