@@ -58,6 +58,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pydantic import ValidationError  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from fedcl.augment import TwoViewAugment  # noqa: E402
@@ -417,11 +418,12 @@ def write_markdown(path: Path, result: dict) -> None:
     not tabulated: they are in the JSON beside it and in its _rounds plot."""
     stem = path.with_suffix("").name
     cpu = result.get("cpu", {})
+    cpu_text = (f"{cpu['hours']:.2f} h over the {cpu['runs']} runs that recorded it ({cpu['runs_without']} "
+                "cached runs did not)" if cpu.get("runs") else "not recorded")
     lines = [
-        "# Quality benchmark\n", f"Command: `{result['command']}`\n",
+        f"# {result.get('title', 'Quality benchmark')}\n", f"Command: `{result['command']}`\n",
         f"Data set: {result.get('config', {}).get('dataset', {'name': 'fashion-mnist'})}. Commit: "
-        f"{result.get('commit', 'unknown')}. CPU: {cpu.get('hours', float('nan')):.2f} h over the "
-        f"{cpu.get('runs', 0)} runs that recorded it ({cpu.get('runs_without', 0)} cached runs did not).\n",
+        f"{result.get('commit', 'unknown')}. CPU: {cpu_text}.\n",
         "Accuracies in %, mean ± std over seeds (std 0 with one seed). Lower is better for "
         "alignment and uniformity. ε at δ = 1e-5 per site; 'not DP' = channel not protected.\n",
         f"Per-round kNN, loss, drift and ε of every federated method: `{stem}.json` "
@@ -608,6 +610,10 @@ def config_key(cfg: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    # the probes' scikit-learn solvers use numpy's BLAS pool, which torch's setting does not reach: beside
+    # other processes its idle threads spin (a pixels row beside three other processes: over 750 CPU s,
+    # against 156 alone)
+    threadpool_limits(args.threads)
     methods = [m for m in args.methods.split(",") if m]
     splits = [s for s in args.splits.split(",") if s]
     seeds = [int(s) for s in args.seeds.split(",") if s]
