@@ -138,19 +138,10 @@ class SiteTrainSettings(_Section):
     weight_decay: float = Field(1e-6, ge=0)
     temperature: float = Field(0.2, gt=0)
     in_batch_negatives: bool = True
-    # global: keys from the frozen round model (fedcl); online: the trained model's (FedSimCLR);
-    # mixed: SimCLR's NT-Xent on the trained model's views plus the frozen-key term against the queue
     key_encoder: Literal["global", "online", "mixed"] = "global"
     num_push: int = Field(512, ge=0)
     threads: int | None = Field(None, ge=1)  # torch intra-op threads; None: all cores
     seed: int = 0
-
-    @model_validator(mode="after")
-    def _mixed_needs_in_batch(self) -> "SiteTrainSettings":
-        if self.key_encoder == "mixed" and not self.in_batch_negatives:
-            raise ValueError("key_encoder 'mixed' is NT-Xent over the batch plus the queue term, so it needs "
-                             "in_batch_negatives = true; use key_encoder 'global' for queue-only negatives")
-        return self
 
 
 class TrainSettings(SiteTrainSettings):

@@ -53,9 +53,6 @@ class RoundRecipe:
             raise ValueError(f"key_encoder must be 'global', 'online' or 'mixed', got {self.key_encoder!r}")
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"unknown optimizer {self.optimizer!r}: use 'adam' or 'sgd'")
-        if self.key_encoder == "mixed" and not self.in_batch_negatives:
-            raise ValueError("key_encoder 'mixed' is NT-Xent over the batch plus the queue term: it needs "
-                             "in_batch_negatives=True")
         if self.epochs < 1 or self.batch_size < 1 or self.num_push < 0:
             raise ValueError(f"epochs and batch_size must be >= 1 and num_push >= 0, got {self.epochs}, "
                              f"{self.batch_size} and {self.num_push}")
@@ -103,9 +100,6 @@ def contrastive_loss(
 
     key_model: the frozen round model (keys detached), or None for online keys: with online keys,
     in-batch negatives and no queue negatives this is SimCLR's NT-Xent (FedSimCLR).
-    mixed: NT-Xent on the trained model's two views (its in-batch negatives online, as FedSimCLR)
-    plus the symmetric frozen-key InfoNCE against the queue negatives only; without queue
-    negatives it is NT-Xent alone.
     negatives: (K, d) detached queue entries or None. The two views go through ``model`` in two
     forward calls, so that under Opacus each example's per-sample gradient collects both of its
     views (a stacked 2B batch would be clipped per view).

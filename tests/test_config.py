@@ -120,14 +120,6 @@ def test_unknown_section_and_bad_literal():
         load_config(None, ["privacy.release=leaky"])
 
 
-def test_mixed_key_encoder_needs_in_batch_negatives_and_so_is_refused_under_dp():
-    with pytest.raises(ConfigError, match="key_encoder 'mixed'.*in_batch_negatives = true"):
-        load_config(None, ["train.key_encoder=mixed", "train.in_batch_negatives=false"])
-    with pytest.raises(ConfigError, match="in_batch_negatives"):
-        load_config(None, ["train.key_encoder=mixed", "privacy.dpsgd=true"])
-    assert load_config(None, ["train.key_encoder=mixed"]).train.key_encoder == "mixed"
-
-
 def test_dp_with_in_batch_negatives_is_refused():
     with pytest.raises(ConfigError, match="in_batch_negatives"):
         load_config(None, ["privacy.dpsgd=true", "train.in_batch_negatives=true"])

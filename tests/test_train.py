@@ -66,8 +66,7 @@ def test_pushed_embeddings_come_from_the_round_model(data):
     assert sims_round.mean() > sims_trained.mean()
 
 
-@pytest.mark.parametrize("key_encoder,in_batch",
-                         [("global", False), ("online", True), ("online", False), ("mixed", True)])
+@pytest.mark.parametrize("key_encoder,in_batch", [("global", False), ("online", True), ("online", False)])
 def test_modes_and_tiny_batches(data, key_encoder, in_batch):
     model = build_model(in_channels=1, width=8, proj_dim=16, proj_hidden=32)
     res = _round(model, data.images[:5], batch_size=1, key_encoder=key_encoder, in_batch_negatives=in_batch,
@@ -142,31 +141,7 @@ def test_contrastive_loss_frozen_keys_is_symmetric_infonce_and_online_keys_witho
     torch.testing.assert_close(fedsimclr, nt_xent(q1, q2, temperature=0.3))
 
 
-def test_mixed_loss_is_ntxent_plus_the_frozen_key_queue_term():
-    from fedcl.losses import nt_xent
-    from fedcl.train import contrastive_loss
-
-    torch.manual_seed(1)
-    model = build_model(in_channels=1, width=8, proj_dim=16, proj_hidden=32)
-    key_model = _nearby_copy(model, 0.05)
-    v1, v2 = torch.rand(6, 1, 28, 28), torch.rand(6, 1, 28, 28)
-    negs = F.normalize(torch.randn(10, 16), dim=1)
-    q1, q2, k1, k2 = model(v1), model(v2), key_model(v1), key_model(v2)
-    got = contrastive_loss(model, key_model, v1, v2, negatives=negs, temperature=0.3, in_batch=True,
-                           mixed=True)
-    want = nt_xent(q1, q2, temperature=0.3) + 0.5 * (
-        _manual_queue_term(q1, k2, negs, 0.3) + _manual_queue_term(q2, k1, negs, 0.3))
-    torch.testing.assert_close(got, want)
-    got.backward()
-    assert all(p.grad is None for p in key_model.parameters())
-    # no queue negatives yet (the warm-up round): NT-Xent alone, as FedSimCLR
-    alone = contrastive_loss(model, key_model, v1, v2, negatives=None, temperature=0.3, in_batch=True,
-                             mixed=True)
-    torch.testing.assert_close(alone, nt_xent(q1, q2, temperature=0.3))
-
-
 @pytest.mark.parametrize("bad,match", [
-    (dict(key_encoder="mixed", in_batch_negatives=False), "in_batch_negatives"),
     (dict(key_encoder="ema"), "key_encoder"), (dict(optimizer="rmsprop"), "optimizer"),
     (dict(epochs=0), "epochs"), (dict(batch_size=0), "batch_size"), (dict(num_push=-1), "num_push"),
     (dict(lr=0.0), "lr"), (dict(temperature=-0.1), "temperature"),
