@@ -77,13 +77,12 @@ class FedMethod:
 
     queue: bool = False  # queue.enabled: negatives from other sites (how: ``release``)
     release: Literal["raw", "prototypes", "public"] = "raw"  # privacy.release
-    key_encoder: Literal["global", "online", "mixed"] = "global"  # train.key_encoder
+    key_encoder: Literal["global", "online"] = "global"  # train.key_encoder: frozen round model or online
     in_batch_negatives: bool = True  # train.in_batch_negatives
     warmup_rounds: int = 1  # queue.warmup_rounds: rounds trained without queue negatives
     max_staleness: int = 2  # queue.max_staleness
     fresh_push: bool = False  # queue.fresh_push: sites push from the received model before anyone trains
     dp_epsilon: float | None = None  # privacy.dpsgd + privacy.target_epsilon over the whole run
-    server_lr: float = 1.0  # != 1: federation.strategy FedAvgM with this server_learning_rate
 
 
 # The methods of the tables in docs/benchmarks.md. "random", "local" and "central" are not
@@ -97,10 +96,6 @@ METHODS: dict[str, FedMethod | str] = {
     # model they just received, before anyone trains), only this round's entries, one warm-up round
     "fedcl": FedMethod(queue=True, release="raw", key_encoder="global", fresh_push=True, max_staleness=0),
     "fedcl_noqueue": FedMethod(queue=False, key_encoder="global"),
-    "fedcl_mixed": FedMethod(queue=True, release="raw", key_encoder="mixed", fresh_push=True,
-                             max_staleness=0),
-    "fedcl_slr2": FedMethod(queue=True, release="raw", key_encoder="global", fresh_push=True, max_staleness=0,
-                            server_lr=2.0),
     # DP-SGD has no in-batch negatives, so no warm-up: the release phase fills the queue in round 1
     "fedcl_dp8": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0,
                            in_batch_negatives=False, dp_epsilon=8.0, warmup_rounds=0),
@@ -156,9 +151,7 @@ def federation_config(method: FedMethod, cfg: dict, *, split: str, seed: int, da
         # the bench evaluates itself; the server's kNN curve every eval_every rounds (not in the cache key:
         # it changes the curve's points, not the training)
         federation={"num_rounds": cfg["rounds"], "fraction_evaluate": 0.0,
-                    "eval_every": cfg.get("eval_every", 1)}
-        | ({"strategy": "FedAvgM", "strategy_kwargs": {"server_learning_rate": method.server_lr}}
-           if method.server_lr != 1.0 else {}),
+                    "eval_every": cfg.get("eval_every", 1)},
     )
 
 

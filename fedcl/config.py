@@ -138,7 +138,7 @@ class SiteTrainSettings(_Section):
     weight_decay: float = Field(1e-6, ge=0)
     temperature: float = Field(0.2, gt=0)
     in_batch_negatives: bool = True
-    key_encoder: Literal["global", "online", "mixed"] = "global"
+    key_encoder: Literal["global", "online"] = "global"
     num_push: int = Field(512, ge=0)
     threads: int | None = Field(None, ge=1)  # torch intra-op threads; None: all cores
     seed: int = 0

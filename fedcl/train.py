@@ -39,9 +39,7 @@ class RoundRecipe:
     batch_size: int = 256  # non-DP batch; DP-SGD's expected batch is sample_rate x images
     lr: float = 3e-4
     temperature: float = 0.2
-    # frozen round model (fedcl), online (FedSimCLR), or mixed: NT-Xent on the online views plus the
-    # frozen-key InfoNCE against the queue
-    key_encoder: Literal["global", "online", "mixed"] = "global"
+    key_encoder: Literal["global", "online"] = "global"  # frozen round model (fedcl) or online (FedSimCLR)
     in_batch_negatives: bool = True  # the other keys of the batch are negatives too (not under DP-SGD)
     num_push: int = 512  # embeddings of the round model to return for the queue (0: none)
     optimizer: Literal["adam", "sgd"] = "adam"
@@ -49,8 +47,8 @@ class RoundRecipe:
     weight_decay: float = 1e-6
 
     def __post_init__(self) -> None:
-        if self.key_encoder not in ("global", "online", "mixed"):
-            raise ValueError(f"key_encoder must be 'global', 'online' or 'mixed', got {self.key_encoder!r}")
+        if self.key_encoder not in ("global", "online"):
+            raise ValueError(f"key_encoder must be 'global' or 'online', got {self.key_encoder!r}")
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"unknown optimizer {self.optimizer!r}: use 'adam' or 'sgd'")
         if self.epochs < 1 or self.batch_size < 1 or self.num_push < 0:
@@ -94,7 +92,7 @@ def _to_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def contrastive_loss(
     model: nn.Module, key_model: nn.Module | None, v1: torch.Tensor, v2: torch.Tensor, *,
-    negatives: torch.Tensor | None, temperature: float, in_batch: bool, mixed: bool = False,
+    negatives: torch.Tensor | None, temperature: float, in_batch: bool,
 ) -> torch.Tensor:
     """Symmetric InfoNCE for a batch of view pairs v1, v2 (B, C, H, W).
 
@@ -106,14 +104,6 @@ def contrastive_loss(
     """
     q1, q2 = model(v1), model(v2)  # (B, d) each
     no_queue = negatives is None or negatives.shape[0] == 0
-    if mixed:
-        online = nt_xent(q1, q2, temperature=temperature)
-        if no_queue or key_model is None:
-            return online
-        with torch.no_grad():
-            k1, k2 = key_model(v1), key_model(v2)
-        return online + 0.5 * (info_nce(q1, k2, negatives, temperature=temperature)
-                               + info_nce(q2, k1, negatives, temperature=temperature))
     if key_model is None and no_queue and in_batch:
         return nt_xent(q1, q2, temperature=temperature)
     if key_model is not None:
@@ -276,8 +266,7 @@ def _train_steps(
         v1, v2 = views(idx)
         t1 = time.perf_counter()
         loss = contrastive_loss(train_model, key_model, v1, v2, negatives=negatives,
-                                temperature=recipe.temperature, in_batch=recipe.in_batch_negatives,
-                                mixed=recipe.key_encoder == "mixed")
+                                temperature=recipe.temperature, in_batch=recipe.in_batch_negatives)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if check is not None:
@@ -355,7 +344,7 @@ def local_round(
     secret, noise_gen, secure_mode = _dp_randomness(dp_generator, dp=dp, public=gen, device=device)
     model.to(device).train()
     round_model = _frozen_copy(model)  # the round's global weights
-    key_model = round_model if recipe.key_encoder in ("global", "mixed") else None
+    key_model = round_model if recipe.key_encoder == "global" else None
     negs = negatives.to(device).float() if negatives is not None and negatives.numel() > 0 else None  # (K, d)
     optimizer = _round_optimizer(model, recipe, optimizer_state)  # DP-SGD wraps it; its state is kept
     if dp is None:
