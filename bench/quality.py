@@ -440,8 +440,8 @@ def write_markdown(path: Path, result: dict) -> None:
 
 # curves with more points than this are drawn as lines alone (dots would hide them)
 MAX_DOTTED = 30
-# methods without rounds, drawn as a horizontal line at their final kNN: (linestyle, colour)
-FINAL_LINES = {"random": ("--", "grey"), "local": (":", "black")}
+# rows without rounds (raw pixels too), drawn as a horizontal line at their final kNN: (linestyle, colour)
+FINAL_LINES = {"pixels": ("-.", "tab:olive"), "random": ("--", "grey"), "local": (":", "black")}
 
 
 def write_plots(prefix: Path, result: dict) -> None:
@@ -476,7 +476,7 @@ def write_plots(prefix: Path, result: dict) -> None:
                ylabel="kNN accuracy (%)")
         ax.xaxis.get_major_locator().set_params(integer=True)
         if not ax.get_legend_handles_labels()[0]:
-            pass  # nothing drawn (e.g. only the pixels row): no legend
+            pass  # nothing drawn: no legend
         elif many:  # outside the axes, so that it hides no curve
             ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         else:
