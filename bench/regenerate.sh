@@ -26,7 +26,8 @@ cached=()
 [ "$tables_only" = 1 ] && cached=(--cached-only)
 
 # the main table (quality.json, the README's): the cluttered regime, pathological split, 3 seeds, 8 epochs as
-# 64 rounds of 1/8 epoch with kept Adam state (docs/benchmarks.md, "Cluttered regime: the table")
+# 64 rounds of 1/8 epoch with kept Adam state (docs/benchmarks.md, "The main table: cluttered
+# Fashion-MNIST")
 "$PY" bench/quality.py --dataset fashion-mnist-cluttered --splits pathological --seeds 0,1,2 --sites 5 \
     --images-per-site 2000 --width 16 --batch-size 64 --lr 1e-3 --rounds 64 --rounds-per-epoch 8 --persist-optimizer \
     --eval-every 8 --test-images 2000 --threads 1 \

@@ -88,14 +88,17 @@ def _with_server(cfg, **update):
     return cfg.model_copy(update={"server": cfg.server.model_copy(update=update)})
 
 
+_ANY_ADDRESSES = ("0.0.0.0", "", "::")  # a bind host that means every interface
+
+
 def _connect_host(host: str) -> str:
     """Where to reach a service bound to ``host`` from this machine."""
-    return "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+    return "127.0.0.1" if host in _ANY_ADDRESSES else host
 
 
 def _advertised_host(host: str) -> str:
     """Where other machines reach a service bound to ``host``: this machine's name for an any-address."""
-    return socket.getfqdn() if host in ("0.0.0.0", "", "::") else host
+    return socket.getfqdn() if host in _ANY_ADDRESSES else host
 
 
 def _load(config: Path | None, overrides: list[str]):
