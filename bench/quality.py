@@ -28,8 +28,9 @@ The sites are the shipped partitions of that config; ``fedcl_public`` uses the s
 reference set (``queue.public_images`` training images, not held out of the sites). The per-round
 kNN curve is the server's (its bank: a random subset of the training split). DP-SGD rows run with
 the sites' insecure_reproducible_dp switch (public noise seeds: the rows reproduce, the noise is
-not private). Results per (split, method, seed) are cached under ``<out>/cache`` keyed by the
-configuration, so reruns and added methods reuse finished work.
+not private). Results per (split, method, seed) are cached under ``<out>/cache`` keyed by the part
+of the configuration the method reads (``row_key``), so reruns, added methods and recipe changes that
+do not reach a row (the queue's settings for FedSimCLR, say) reuse finished work.
 
 Writes <out>/quality<tag>.json, quality<tag>.md, quality<tag>_rounds.png, quality<tag>_epsilon.png.
 The JSON records the command, the commit (``-dirty`` when tracked files differed) and the CPU time
@@ -128,6 +129,12 @@ def data_settings(cfg: dict, *, split: str, seed: int, data_root: Path) -> dict:
             **cfg.get("dataset", {})}
 
 
+def effective_staleness(method: FedMethod, cfg: dict) -> int:
+    """queue.max_staleness of ``method`` under the recipe: ``--max-staleness`` (``cfg["max_staleness"]``)
+    sets it for the fresh-push rows (fedcl and its DP-SGD rows); the others keep their own."""
+    return cfg.get("max_staleness", method.max_staleness) if method.fresh_push else method.max_staleness
+
+
 def federation_config(method: FedMethod, cfg: dict, *, split: str, seed: int, data_root: Path) -> FedclConfig:
     """The FedclConfig that runs ``method`` with the benchmark's recipe ``cfg`` (see run_config)."""
     dp = method.dp_epsilon is not None
@@ -143,7 +150,7 @@ def federation_config(method: FedMethod, cfg: dict, *, split: str, seed: int, da
                "in_batch_negatives": method.in_batch_negatives, "key_encoder": method.key_encoder,
                "num_push": cfg["num_push"], "device": "cpu", "threads": cfg.get("threads", 1), "seed": seed},
         queue={"enabled": method.queue, "num_negatives": cfg["num_negatives"],
-               "fresh_push": method.fresh_push, "max_staleness": method.max_staleness,
+               "fresh_push": method.fresh_push, "max_staleness": effective_staleness(method, cfg),
                "warmup_rounds": method.warmup_rounds, "public_images": cfg["public_images"],
                "dtype": "float32"},
         privacy={"dpsgd": dp, "target_epsilon": method.dp_epsilon or 8.0, "release": method.release,
@@ -352,7 +359,7 @@ def run_method(name: str, *, data: dict, cfg: dict, split: str, seed: int, data_
         ledger = next(iter(res.ledgers.values()), None)
         if ledger:
             out["privacy"] = ledger["channels"] | {"epsilon": ledger["epsilon"]}
-        out["method_settings"] = asdict(kind)
+        out["method_settings"] = asdict(kind) | {"max_staleness": effective_staleness(kind, cfg)}
     out["seconds"] = time.perf_counter() - t0
     out["cpu_seconds"] = time.process_time() - cpu0  # every thread of this process, the federation's included
     return out
@@ -530,6 +537,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--crop-scale-min", type=float, default=0.3, help="smallest random-crop area (augment)")
     p.add_argument("--num-negatives", type=int, default=4096)
     p.add_argument("--num-push", type=int, default=512)
+    p.add_argument(
+        "--max-staleness", type=int, default=None,
+        help="queue.max_staleness of the fresh-push rows (fedcl, DP-SGD) in rounds; default: 0 (only this "
+        "round's pushes). With a smaller --num-push a few rounds' pushes keep the queue's size")
     p.add_argument("--test-images", type=int, default=2000)
     p.add_argument("--public-images", type=int, default=1000)
     p.add_argument("--threads", type=int, default=1)
@@ -570,6 +581,8 @@ def run_config(args: argparse.Namespace) -> dict:
            "knn": {"k": 200, "t": 0.1}, "fewlabel_per_class": 10, "dp": {"epsilon": 8.0}, "release": RELEASE,
            "rounds_per_epoch": args.rounds_per_epoch, "persist_optimizer": args.persist_optimizer,
            "runner": RUNNER}
+    if args.max_staleness is not None:  # absent by default: the cached rows keep their key
+        cfg["max_staleness"] = args.max_staleness
     if args.dataset != "fashion-mnist":  # absent for plain Fashion-MNIST: its cached rows keep their key
         cfg["dataset"] = {"name": args.dataset, "clutter": {
             "canvas": args.canvas, "scale": args.item_scale, "patches": args.clutter_patches,
@@ -598,6 +611,26 @@ def cpu_summary(runs: dict[str, dict[str, list[dict]]]) -> dict:
 def config_key(cfg: dict) -> str:
     """The cache key of a configuration (file names under <out>/cache end with it)."""
     return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# recipe fields a row does not read are left out of its key, so that changing them (the queue's
+# --num-push, say) retrains only the rows they change: the queue and release settings reach only rows
+# with the queue or DP-SGD on; the training recipe does not reach the untrained rows.
+QUEUE_FIELDS = ("num_negatives", "num_push", "max_staleness", "public_images", "release", "dp")
+TRAINING_FIELDS = ("rounds", "local_epochs", "rounds_per_epoch", "persist_optimizer", "batch_size", "lr",
+                   "temperature", "optimizer", *QUEUE_FIELDS)
+
+
+def row_key(cfg: dict, name: str) -> str:
+    """The cache key of method ``name``'s rows: ``config_key`` of the fields of ``cfg`` it reads."""
+    kind = METHODS[name]
+    if kind in ("pixels", "random"):
+        unread: tuple[str, ...] = TRAINING_FIELDS
+    elif kind in ("local", "central") or (not kind.queue and kind.dp_epsilon is None):
+        unread = QUEUE_FIELDS
+    else:
+        unread = ()
+    return config_key({k: v for k, v in cfg.items() if k not in unread})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -644,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
     bar = tqdm(todo, desc="quality", unit="run")
     for split, seed, name in bar:
         bar.set_description(f"{split} seed {seed} {name}")
-        path = cache / f"{split}_{name}_seed{seed}_{key}.json"
+        path = cache / f"{split}_{name}_seed{seed}_{row_key(cfg, name)}.json"
         if path.exists() and not args.no_cache:
             run = json.loads(path.read_text())
         elif args.cached_only:
@@ -678,7 +711,8 @@ def main(argv: list[str] | None = None) -> int:
             shlex.quote(a) for a in [str(Path(sys.argv[0]))] + (argv if argv is not None else sys.argv[1:])),
         "commit": commit, "cpu": cpu_summary(runs),
         "config": cfg
-        | {"seeds": seeds, "splits": splits, "methods": methods, "config_key": key, "threads": args.threads,
+        | {"seeds": seeds, "splits": splits, "methods": methods, "config_key": key,
+           "cache_keys": {name: row_key(cfg, name) for name in methods}, "threads": args.threads,
            "eval_every": args.eval_every, "device": str(device)},
         "splits": {
             split: {name: aggregate(rs) for name, rs in by_method.items()}

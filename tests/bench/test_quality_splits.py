@@ -68,3 +68,38 @@ def test_cached_only_with_an_empty_cache_writes_nothing(capsys, tmp_path):
     assert main(MAIN_TABLE + ["--cached-only", "--out", str(tmp_path)]) == 2
     assert "nothing to tabulate" in capsys.readouterr().err
     assert not list(tmp_path.glob("quality*"))
+
+
+def test_each_row_is_keyed_by_the_recipe_fields_it_reads():
+    """A queue setting retrains the queue's rows only; the training recipe does not reach the untrained rows."""
+    from bench.quality import parse_args, row_key, run_config
+
+    def keys(extra: list[str]) -> dict[str, str]:
+        cfg = run_config(parse_args(MAIN_TABLE + extra))
+        return {m: row_key(cfg, m) for m in ("pixels", "random", "central", "local", "fedsimclr",
+                                             "fedcl_noqueue", "fedcl", "fedcl_dp8", "fedcl_prototypes")}
+
+    base = keys([])
+    assert len(set(base.values())) == 3  # untrained; no queue (trained); the queue's rows (whole config)
+    for extra in (["--num-push", "128"], ["--max-staleness", "3"], ["--num-negatives", "1024"]):
+        changed = {m for m, k in keys(extra).items() if k != base[m]}
+        assert changed == {"fedcl", "fedcl_dp8", "fedcl_prototypes"}, extra
+    for extra in (["--rounds", "12"], ["--lr", "1e-3"], ["--rounds-per-epoch", "2"]):
+        changed = {m for m, k in keys(extra).items() if k != base[m]}
+        assert changed == set(base) - {"pixels", "random"}, extra
+    changed = {m for m, k in keys(["--width", "8"]).items() if k != base[m]}
+    assert changed == set(base)  # the encoder reaches every row (pixels included: over-keying is safe)
+
+
+def test_max_staleness_sets_the_fresh_push_rows_only():
+    from bench.quality import METHODS, federation_config, parse_args, run_config
+
+    cfg = run_config(parse_args(MAIN_TABLE + ["--max-staleness", "3"]))
+    staleness = {m: federation_config(METHODS[m], cfg, split="pathological", seed=0,
+                                      data_root=Path("/x")).queue.max_staleness
+                 for m in ("fedcl", "fedcl_dp3", "fedcl_prototypes", "fedcl_public")}
+    assert staleness == {"fedcl": 3, "fedcl_dp3": 3, "fedcl_prototypes": 2, "fedcl_public": 2}
+    default = run_config(parse_args(MAIN_TABLE))
+    assert "max_staleness" not in default  # so that the rows cached before the option keep their key
+    assert federation_config(METHODS["fedcl"], default, split="pathological", seed=0,
+                             data_root=Path("/x")).queue.max_staleness == 0
