@@ -26,12 +26,12 @@ cached=()
 [ "$tables_only" = 1 ] && cached=(--cached-only)
 
 # the main table (quality.json, the README's): the cluttered regime, pathological split, 3 seeds, 8 epochs as
-# 64 rounds of 1/8 epoch with kept Adam state (docs/benchmarks.md, "The main table: cluttered
-# Fashion-MNIST")
+# 256 rounds of 1/32 epoch (1 local step) with kept Adam state, 128 fresh pushes per site and round
+# (docs/benchmarks.md, "The main table: cluttered Fashion-MNIST")
 "$PY" bench/quality.py --dataset fashion-mnist-cluttered --splits pathological --seeds 0,1,2 --sites 5 \
-    --images-per-site 2000 --width 16 --batch-size 64 --lr 1e-3 --rounds 64 --rounds-per-epoch 8 --persist-optimizer \
-    --eval-every 8 --test-images 2000 --threads 1 \
-    --methods pixels,random,fedsimclr,fedcl,fedcl_noqueue,fedcl_dp8,central "${cached[@]}"
+    --images-per-site 2000 --width 16 --batch-size 64 --lr 1e-3 --rounds 256 --rounds-per-epoch 32 \
+    --persist-optimizer --num-push 128 --eval-every 32 --test-images 2000 --threads 1 \
+    --methods pixels,random,fedsimclr,fedcl,fedcl_noqueue,fedcl_dp8,fedcl_dp3,central "${cached[@]}"
 
 # plain Fashion-MNIST's main rows on the shipped federation (quality_fashion_mnist_shipped.*). The committed
 # quality_fashion_mnist.* is the table of the former bench copy of the round (removed): no command rebuilds

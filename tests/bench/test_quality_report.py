@@ -43,3 +43,31 @@ def test_rounds_plot_skips_rounds_without_knn(tmp_path):
                                                      "rounds": []}])}}
     write_plots(tmp_path / "quality", {"splits": splits})
     assert (tmp_path / "quality_rounds.png").stat().st_size > 0
+
+
+def test_dp_row_with_raw_embeddings_keeps_its_accounted_epsilon_per_round(tmp_path, monkeypatch):
+    """DP-SGD with the raw release: the sites' whole ε has no bound (None), the accounted channel's
+    does, and the per-round record and the ε plot keep it."""
+    from bench import quality
+
+    history = [{"round": r, "epsilon": None,
+                "sites": {"0": {"epsilon": -1.0, "epsilon-accounted": 1.5 * r},
+                          "1": {"epsilon": -1.0, "epsilon-accounted": 2.0 * r}}} for r in (1, 2)]
+    records = quality.round_records(history)
+    assert [(r["epsilon"], r["epsilon_accounted"]) for r in records] == [(None, 2.0), (None, 4.0)]
+    assert quality.round_records([{"round": 1, "sites": {"0": {"epsilon-accounted": -1.0}}}])[0][
+        "epsilon_accounted"] is None  # nothing accounted (plain SGD, raw release)
+
+    from matplotlib.axes import Axes
+
+    labels = []
+    real_plot = Axes.plot
+
+    def plot(ax, *a, **kw):
+        labels.append(kw.get("label"))
+        return real_plot(ax, *a, **kw)
+
+    monkeypatch.setattr(Axes, "plot", plot)
+    dp = {"metrics": run(0.5, 0)["metrics"], "seconds": 1.0, "rounds": records}
+    write_plots(tmp_path / "quality", {"splits": {"pathological": {"fedcl_dp8": aggregate([dp])}}})
+    assert any(lab and "fedcl_dp8 (accounted channels only" in lab for lab in labels), labels

@@ -71,7 +71,7 @@ def test_cached_only_with_an_empty_cache_writes_nothing(capsys, tmp_path):
 
 
 def test_each_row_is_keyed_by_the_recipe_fields_it_reads():
-    """A queue setting retrains the queue's rows only; the training recipe does not reach the untrained rows."""
+    """A queue setting retrains the queue's rows only; the training recipe misses the untrained rows."""
     from bench.quality import parse_args, row_key, run_config
 
     def keys(extra: list[str]) -> dict[str, str]:
