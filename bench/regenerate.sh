@@ -6,7 +6,7 @@
 #
 # bench/quality.py keeps every finished (split, method, seed) run in bench/results/cache (ignored by git),
 # so a rerun trains only what is missing. On a fresh clone the cache is empty: the two quality tables then
-# train 39 runs of 8 or 20 epochs each, 6 to 7 CPU-hours. The timing benchmarks (overhead, DP
+# train 42 runs of 8 or 20 epochs each, about 7.5 CPU-hours. The timing benchmarks (overhead, DP
 # overhead, context state, scale) always rerun and take minutes; their figures depend on the machine's load.
 set -euo pipefail
 cd "$(dirname "$0")/.."
