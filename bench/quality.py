@@ -667,6 +667,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     cfg = run_config(args)
     key = config_key(cfg)
+    row_keys = {name: row_key(cfg, name) for name in methods}  # each row's cache key (its file names)
     commit = git_commit()  # at the start: the code that runs, even if the checkout moves meanwhile
     device = torch.device("cpu")
     try:
@@ -689,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
     bar = tqdm(todo, desc="quality", unit="run")
     for split, seed, name in bar:
         bar.set_description(f"{split} seed {seed} {name}")
-        path = cache / f"{split}_{name}_seed{seed}_{row_key(cfg, name)}.json"
+        path = cache / f"{split}_{name}_seed{seed}_{row_keys[name]}.json"
         if path.exists() and not args.no_cache:
             run = json.loads(path.read_text())
         elif args.cached_only:
@@ -714,8 +715,8 @@ def main(argv: list[str] | None = None) -> int:
         runs.setdefault(split, {}).setdefault(name, []).append(run)
 
     if not runs:  # --cached-only with nothing cached under this key: keep the tables that are there
-        print(f"no finished run in {cache} for configuration {key}: nothing to tabulate, {args.out} left "
-              "as it is; run without --cached-only to train them", file=sys.stderr)
+        print(f"no finished run in {cache} for configuration {key} (row keys {row_keys}): nothing to "
+              f"tabulate, {args.out} left as it is; run without --cached-only to train them", file=sys.stderr)
         return 2
     result = {
         "command": "python "
@@ -724,7 +725,7 @@ def main(argv: list[str] | None = None) -> int:
         "commit": commit, "cpu": cpu_summary(runs),
         "config": cfg
         | {"seeds": seeds, "splits": splits, "methods": methods, "config_key": key,
-           "cache_keys": {name: row_key(cfg, name) for name in methods}, "threads": args.threads,
+           "cache_keys": row_keys, "threads": args.threads,
            "eval_every": args.eval_every, "device": str(device)},
         "splits": {
             split: {name: aggregate(rs) for name, rs in by_method.items()}
