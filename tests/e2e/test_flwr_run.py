@@ -138,6 +138,28 @@ def test_flwr_run_dot_runs_the_simulation_with_its_own_queue_and_leaves_nothing_
         run_id = re.search(r"started run (\d+)", log)
         assert run_id, f"`flwr run` started no run:\n{log[-4000:]}"
 
+        # Flower's status of the run, as `flwr list` gave it to the reaper the ServerApp left: it stops
+        # Flower's managed local SuperLink once the run is over and `flwr run` has disconnected, so nothing
+        # the command started is left, without `stop-local-superlink`. Waiting for that (an event: the
+        # processes are gone) before reading the outputs also waits out a run that `flwr run --stream`
+        # stopped following early.
+        deadline = time.monotonic() + 300 * PATIENCE
+        while _started_by(marker) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        reaper_log = out / REAPER_LOG_NAME
+        said = reaper_log.read_text() if reaper_log.exists() else "(no reaper log)"
+        superlink_log = home / ".flwr" / "local-superlink" / "superlink.log"
+        superlink_said = superlink_log.read_text()[-6000:] if superlink_log.exists() else "(none)"
+        what_happened = (f"`flwr run` said:\n{log[-6000:]}\nthe reaper said:\n{said}\n"
+                         f"the local SuperLink's log ends:\n{superlink_said}")
+        assert _started_by(marker) == {}, (
+            f"left running {300 * PATIENCE} s after `flwr run .` exited: {_started_by(marker)}\n"
+            f"{what_happened}")
+        # (a `flwr list` here would start a new local SuperLink once that one is stopped)
+        assert f"run {run_id.group(1)} is finished:completed;" in said, what_happened
+        assert "stopped Flower's local SuperLink" in said, what_happened
+
+        assert (out / "summary.json").exists(), f"the run wrote no summary.json\n{what_happened}"
         summary = json.loads((out / "summary.json").read_text())
         assert summary["rounds"] == 2
         history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -148,25 +170,12 @@ def test_flwr_run_dot_runs_the_simulation_with_its_own_queue_and_leaves_nothing_
         queue_port = re.search(r"serving one on 127\.0\.0\.1:(\d+) for this run only", log)
         assert queue_port, log[-4000:]
         assert not _listening(int(queue_port.group(1))), "the run's queue service still listens"
+        audit = [json.loads(line) for line in (out / "queue-audit.jsonl").read_text().splitlines()]
+        assert audit[-1]["event"] == "stop", audit[-3:]  # stopped with the run, not with its process
 
         status = subprocess.run(["git", "status", "--porcelain"], cwd=app, capture_output=True, text=True,
                                 check=True)
         assert status.stdout == "", f"`flwr run .` changed the project:\n{status.stdout}"
-
-        # the ServerApp left a reaper that stops Flower's managed local SuperLink once the run is over and
-        # `flwr run` has disconnected: nothing the command started is left, without `stop-local-superlink`
-        deadline = time.monotonic() + 300 * PATIENCE
-        while _started_by(marker) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        reaper_log = out / REAPER_LOG_NAME
-        said = reaper_log.read_text() if reaper_log.exists() else "(no reaper log)"
-        assert _started_by(marker) == {}, (
-            f"left running {300 * PATIENCE} s after `flwr run .` exited: {_started_by(marker)}\n"
-            f"reaper's log:\n{said}")
-        # Flower's status of the run, as `flwr list` gave it to the reaper (a `flwr list` here would start a
-        # new local SuperLink once that one is stopped)
-        assert f"run {run_id.group(1)} is finished:completed;" in said, said
-        assert "stopped Flower's local SuperLink" in said, said
         assert "will be stopped once run" in log, log[-4000:]  # the ServerApp said so in the run's log
     finally:
         left = _stop_and_wait(marker, timeout=60 * PATIENCE)  # only what a failed assertion above left
