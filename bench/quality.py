@@ -427,28 +427,33 @@ def write_markdown(path: Path, result: dict) -> None:
     cpu = result.get("cpu", {})
     cpu_text = (f"{cpu['hours']:.2f} h over the {cpu['runs']} runs that recorded it ({cpu['runs_without']} "
                 "cached runs did not)" if cpu.get("runs") else "not recorded")
+    # the drift column only where a run measured it (the former bench copy's runs; no runner writes it now)
+    has_drift = any((agg.get("rounds") or [{}])[-1].get("drift") is not None
+                    for methods in result["splits"].values() for agg in methods.values())
     lines = [
         f"# {result.get('title', 'Quality benchmark')}\n", f"Command: `{result['command']}`\n",
         f"Data set: {result.get('config', {}).get('dataset', {'name': 'fashion-mnist'})}. Commit: "
         f"{result.get('commit', 'unknown')}. CPU: {cpu_text}.\n",
         "Accuracies in %, mean ± std over seeds (std 0 with one seed). Lower is better for "
         "alignment and uniformity. ε at δ = 1e-5 per site; 'not DP' = channel not protected.\n",
-        f"Per-round kNN, loss, drift and ε of every federated method: `{stem}.json` "
+        f"Per-round kNN, loss{', drift' if has_drift else ''} and ε of every federated method: `{stem}.json` "
         f"(`splits.<split>.<method>.rounds`), plotted in `{stem}_rounds.png` and "
         f"`{stem}_epsilon.png`.\n"]
     for split, methods in result["splits"].items():
+        drift_col = "final drift | " if has_drift else ""
         lines += [f"\n## {split}\n",
                   "| method | kNN | linear | few-label (10/class) | alignment | uniformity | "
-                  "final drift | privacy | seconds |", "|---|---|---|---|---|---|---|---|---|"]
+                  f"{drift_col}privacy | seconds |", "|---|---|---|---|---|---|---|---|" + "---|" * has_drift]
         for name, agg in methods.items():
             knn = fmt(agg["knn"])
             if "knn_worst" in agg:
                 knn += f" (worst site {100 * agg['knn_worst']['mean']:.1f})"
             last = agg["rounds"][-1] if agg.get("rounds") else {}
             drift = "–" if last.get("drift") is None else f"{last['drift']:.3f}"
+            drift = f"{drift} | " if has_drift else ""
             lines.append(f"| {name} | {knn} | {fmt(agg.get('linear'))} | {fmt(agg.get('fewlabel'))} | "
                          f"{fmt(agg.get('alignment'), False)} | {fmt(agg.get('uniformity'), False)} | "
-                         f"{drift} | {privacy_cell(agg)} | {agg['seconds']['mean']:.0f} |")
+                         f"{drift}{privacy_cell(agg)} | {agg['seconds']['mean']:.0f} |")
     path.write_text("\n".join(lines) + "\n")
 
 

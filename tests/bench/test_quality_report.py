@@ -32,6 +32,21 @@ def test_report_has_the_final_table_and_points_to_the_curves(tmp_path):
     assert "`quality_x.json`" in text and "`quality_x_rounds.png`" in text
 
 
+def test_the_drift_column_is_there_only_when_a_run_measured_drift(tmp_path):
+    no_drift = run(0.70, 4)
+    for r in no_drift["rounds"]:
+        del r["drift"]  # the shipped runner writes none
+    result = {"command": "x", "splits": {"pathological": {"fedcl": aggregate([no_drift])}}}
+    write_markdown(tmp_path / "q.md", result)
+    text = (tmp_path / "q.md").read_text()
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert "drift" not in text and {line.count("|") for line in table} == {9}, text
+    result["splits"]["pathological"]["fedsimclr"] = aggregate([run(0.68, 4)])  # a former run with drift
+    write_markdown(tmp_path / "q.md", result)
+    text = (tmp_path / "q.md").read_text()
+    assert "final drift" in text and "| 0.900 |" in text and "| – |" in text, text
+
+
 def test_rounds_plot_skips_rounds_without_knn(tmp_path):
     # --eval-every 8: the server's curve has a kNN every 8th round only; one seed may have every round
     sparse = run(0.70, 16)
