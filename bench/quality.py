@@ -299,15 +299,12 @@ def run_federated(method: FedMethod, *, cfg: dict, split: str, seed: int, data_r
 def round_records(history: list[dict]) -> list[dict]:
     """The benchmark's per-round record of each round of the server's history. ``epsilon`` is the
     sites' whole ε (None when a channel has no DP bound, e.g. ``raw`` embeddings);
-    ``epsilon_accounted`` the ε of their accounted channels alone (DP-SGD updates, DP releases)."""
-    def accounted(r: dict) -> float | None:
-        eps = [m.get("epsilon-accounted") for m in (r.get("sites") or {}).values()]
-        eps = [e for e in eps if e is not None and e >= 0]
-        return max(eps) if eps else None
-
+    ``epsilon_accounted`` the ε of their accounted channels alone (DP-SGD updates, DP releases), as the
+    server's round record has them."""
     return [{"round": r["round"], "loss": r.get("loss"), "knn": r.get("knn"),
              "negatives": r.get("negatives_used"), "queue_size": r.get("queue_size"),
-             "epsilon": r.get("epsilon"), "epsilon_accounted": accounted(r), "seconds": r.get("seconds")}
+             "epsilon": r.get("epsilon"), "epsilon_accounted": r.get("epsilon_accounted"),
+             "seconds": r.get("seconds")}
             for r in history]
 
 

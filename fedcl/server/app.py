@@ -498,6 +498,9 @@ def _round_record(rnd: int, trained: _Trained, *, knn: float | None, random_init
     # sites report their cumulative ε; a negative value means unbounded (a raw, non-DP release)
     epsilons = [m["epsilon"] for m in sites.values() if "epsilon" in m]
     finite_eps = [e for e in epsilons if 0 <= e < math.inf]
+    # and the ε of their accounted channels alone (DP-SGD updates, DP releases), bounded even when a raw
+    # release leaves the whole ε without one
+    accounted = [e for m in sites.values() if 0 <= (e := m.get("epsilon-accounted", -1.0)) < math.inf]
     return {
         "round": rnd,
         "time": time.time(),
@@ -512,6 +515,7 @@ def _round_record(rnd: int, trained: _Trained, *, knn: float | None, random_init
         "queue_size": queue_info.get("size_in_round"),  # during the round, after its pushes
         "epsilon": max(finite_eps) if finite_eps else None,
         "epsilon_unbounded": any(e < 0 or e == math.inf for e in epsilons),
+        "epsilon_accounted": max(accounted) if accounted else None,
         "sites_ok": len(sites),
         "sites_failed": len(errors),
         "errors": errors,

@@ -8,7 +8,10 @@ One record per round (also kept in the checkpoint):
 
 ``epsilon`` is the largest finite ε any site reported for the round (None when none did);
 ``epsilon_unbounded`` is true when some site released data without a DP guarantee (it reports a
-negative ε: raw embeddings or plain SGD), shown as ∞ in the table.
+negative ε: raw embeddings or plain SGD), shown as ∞ in the table. ``epsilon_accounted`` is the
+largest ε of the sites' accounted channels alone (DP-SGD updates, DP releases; None when no channel
+is accounted): with DP-SGD and raw embeddings the whole ε is ∞ and this is the updates' ε, shown
+beside the ∞ ("∞ (not DP; accounted 1.50)").
 """
 
 from __future__ import annotations
@@ -204,6 +207,14 @@ def write_plots(history: list[dict[str, Any]], out_dir: Path, *, random_init_knn
 TABLE_COLUMNS = ("round", "loss", "kNN acc", "negatives", "queue size", "ε", "sites", "seconds")
 
 
+def _epsilon_cell(r: dict[str, Any]) -> str:
+    if not r.get("epsilon_unbounded"):
+        return _fmt(r.get("epsilon"), ".2f")
+    accounted = r.get("epsilon_accounted")
+    # 0: nothing was accounted (no DP-SGD, no DP release): the ∞ says it all
+    return "∞ (not DP)" if not accounted else f"∞ (not DP; accounted {accounted:.2f})"
+
+
 def table_rows(history: list[dict[str, Any]]) -> list[tuple[str, ...]]:
     rows = []
     for r in history:
@@ -214,7 +225,7 @@ def table_rows(history: list[dict[str, Any]]) -> list[tuple[str, ...]]:
             "—" if knn is None else f"{100 * knn:.2f}%",
             _fmt(r.get("negatives_used"), ".0f"),
             _fmt(r.get("queue_size"), "d"),
-            "∞ (not DP)" if r.get("epsilon_unbounded") else _fmt(r.get("epsilon"), ".2f"),
+            _epsilon_cell(r),
             f"{r.get('sites_ok', 0)}/{r.get('sites_ok', 0) + r.get('sites_failed', 0)}",
             _fmt(r.get("seconds"), ".1f"),
         ))

@@ -63,15 +63,24 @@ def test_rounds_plot_skips_rounds_without_knn(tmp_path):
 def test_dp_row_with_raw_embeddings_keeps_its_accounted_epsilon_per_round(tmp_path, monkeypatch):
     """DP-SGD with the raw release: the sites' whole ε has no bound (None), the accounted channel's
     does, and the per-round record and the ε plot keep it."""
-    from bench import quality
+    import time
 
-    history = [{"round": r, "epsilon": None,
-                "sites": {"0": {"epsilon": -1.0, "epsilon-accounted": 1.5 * r},
-                          "1": {"epsilon": -1.0, "epsilon-accounted": 2.0 * r}}} for r in (1, 2)]
+    from bench import quality
+    from fedcl.server.app import _round_record, _Trained
+
+    def server_record(rnd: int, sites: dict) -> dict:  # the coordinator's line in metrics.jsonl
+        trained = _Trained(rc=None, replies=[], sites=sites, ledgers={}, errors=[], release_info={},
+                           queue_at_start={}, evicted=None, weights_sha256="", t0=time.time())
+        return _round_record(rnd, trained, knn=None, random_init_knn=None, fed_eval={}, queue_info={},
+                             queue_loss={})
+
+    history = [server_record(r, {"0": {"epsilon": -1.0, "epsilon-accounted": 1.5 * r},
+                                 "1": {"epsilon": -1.0, "epsilon-accounted": 2.0 * r}}) for r in (1, 2)]
+    assert [(r["epsilon_unbounded"], r["epsilon_accounted"]) for r in history] == [(True, 2.0), (True, 4.0)]
     records = quality.round_records(history)
     assert [(r["epsilon"], r["epsilon_accounted"]) for r in records] == [(None, 2.0), (None, 4.0)]
-    assert quality.round_records([{"round": 1, "sites": {"0": {"epsilon-accounted": -1.0}}}])[0][
-        "epsilon_accounted"] is None  # nothing accounted (plain SGD, raw release)
+    nothing = server_record(1, {"0": {"epsilon": -1.0, "epsilon-accounted": -1.0}, "1": {"loss": 1.0}})
+    assert quality.round_records([nothing])[0]["epsilon_accounted"] is None  # no site's ε is bounded
 
     from matplotlib.axes import Axes
 

@@ -32,6 +32,10 @@ def test_the_round_line_says_which_site_is_not_dp_and_when_no_site_reports_epsil
     assert "| ε ∞ (not DP) (site-0 1.50, site-1 ∞) |" in format_round_line(record, num_rounds=3)
     no_dp = dict(record, sites={"site-0": {"epsilon": -1.0}, "site-1": {"epsilon": -1.0}})
     assert "| ε ∞ (not DP) |" in format_round_line(no_dp, num_rounds=3)  # said once, not per site
+    # DP-SGD with raw embeddings: the whole ε has no bound, the updates' ε is said beside it
+    dpsgd_raw = dict(no_dp, epsilon_accounted=2.345)
+    assert "| ε ∞ (not DP; accounted 2.35) |" in format_round_line(dpsgd_raw, num_rounds=3)
+    assert "| ε ∞ (not DP) |" in format_round_line(dict(no_dp, epsilon_accounted=0.0), num_rounds=3)
     plain = dict(RECORD, epsilon=None, sites={"site-0": {"loss": 0.8}}, knn=None, loss=None)
     line = format_round_line(plain, num_rounds=3)
     assert "| ε — |" in line and "loss — | kNN acc — |" in line
