@@ -24,6 +24,7 @@ from fedcl.server.flower_local import (
     is_managed_superlink,
     listening_pids,
     managed_superlink_above,
+    parse_run_list,
     reap_after_run,
     start_superlink_reaper,
     stop_local_superlink,
@@ -186,6 +187,19 @@ def test_the_reaper_stops_nothing_while_another_run_is_not_finished(fake_superli
                        say=said.append, patience=2)
     assert said == ["the ServerApp of run 7 has exited"]
     assert proc.poll() is None and _running(child)
+
+
+def test_a_listed_run_carries_flowers_details_of_its_status():
+    """What the reaper logs: why Flower failed a run (here its expired task heartbeat), not only that it
+    did; a completed run has none (Flower: N/A). Flower's banner before the JSON is skipped."""
+    listed = ('Loading project configuration...\n{"success": true, "runs": ['
+              '{"run-id": "7", "status": "finished:failed",'
+              ' "status-details": "No heartbeat received from the task"},'
+              ' {"run-id": "8", "status": "finished:completed", "status-details": "N/A"},'
+              ' {"run-id": "9", "status": "running", "status-details": ""},'
+              ' {"run-id": "10", "status": "pending"}]}')
+    assert parse_run_list(listed) == [("7", "finished:failed (No heartbeat received from the task)"),
+                                      ("8", "finished:completed"), ("9", "running"), ("10", "pending")]
 
 
 def test_a_serverapp_not_on_the_managed_superlink_starts_a_reaper_that_does_nothing(tmp_path):

@@ -115,7 +115,8 @@ def is_managed_superlink(argv: list[str], port: int) -> bool:
 
 def list_runs(port: int) -> list[tuple[str, str]]:
     """(run id, status) of every run of the SuperLink on 127.0.0.1:``port``, from `flwr list` on a
-    connection of its own (the user's Flower config is neither read nor changed)."""
+    connection of its own (the user's Flower config is neither read nor changed). A status with details
+    carries them: "finished:failed (No heartbeat received from the task)"."""
     flwr = Path(sys.executable).parent / "flwr"
     with tempfile.TemporaryDirectory() as home:
         Path(home, "config.toml").write_text(
@@ -127,12 +128,20 @@ def list_runs(port: int) -> list[tuple[str, str]]:
         done = subprocess.run([str(flwr if flwr.exists() else "flwr"), "list", "managed", "--format", "json"],
                               env=env, capture_output=True, text=True, timeout=120)
     try:
-        runs = json.loads(done.stdout[done.stdout.find("{"):])["runs"]
-        return [(str(r["run-id"]), str(r["status"])) for r in runs]
+        return parse_run_list(done.stdout)
     except (ValueError, KeyError, TypeError):
         detail = (done.stdout.strip() or done.stderr.strip())[-300:]
         raise LocalSuperLinkError(
             f"could not list its runs with `flwr list` ({detail}): not stopped") from None
+
+
+def parse_run_list(listed: str) -> list[tuple[str, str]]:
+    """(run id, status and details) of each run in the output of `flwr list --format json`."""
+    runs = json.loads(listed[listed.find("{"):])["runs"]
+    def status(run: dict) -> str:  # Flower writes N/A where a run has no details
+        details = str(run.get("status-details") or "")
+        return str(run["status"]) + (f" ({details})" if details not in ("", "N/A") else "")
+    return [(str(r["run-id"]), status(r)) for r in runs]
 
 
 def unfinished_runs(port: int) -> list[tuple[str, str]]:
@@ -298,8 +307,8 @@ def reap_main(argv: list[str] | None = None) -> int:
 
 
 __all__ = ["REAPER_LOG_NAME", "LocalSuperLinkError", "client_pids", "is_managed_superlink", "list_runs",
-           "listening_pids", "local_superlink_port", "managed_superlink_above", "reap_after_run", "reap_main",
-           "start_superlink_reaper", "stop_local_superlink", "unfinished_runs"]
+           "listening_pids", "local_superlink_port", "managed_superlink_above", "parse_run_list",
+           "reap_after_run", "reap_main", "start_superlink_reaper", "stop_local_superlink", "unfinished_runs"]
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import socket
 import subprocess
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 from fedcl.server.flower_local import REAPER_LOG_NAME
@@ -113,12 +114,20 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def test_flwr_run_dot_runs_the_simulation_with_its_own_queue_and_leaves_nothing_behind(tmp_path):
-    app, home, out = tmp_path / "app", tmp_path / "home", tmp_path / "out"
-    app.mkdir()
-    home.mkdir()
+# How Flower details a run it failed because the simulation's task heartbeat (sent every 17.5 to 22.5 s)
+# went unacknowledged for 60 s (both Flower constants); the simulation then stops itself
+# (`flwr run --stream` still exits 0). Reproduced here by stopping the simulation's process for 80 s.
+HEARTBEAT_EXPIRED = "finished:failed (No heartbeat received from the task)"
+
+
+def _flwr_run_dot(root: Path) -> dict:
+    """`flwr run . --stream` in a fresh copy under ``root``, as a user runs it, and what was left once every
+    process it started is gone (or after 300 s): the run's log, the reaper's log, a description of both."""
+    app, home, out = root / "app", root / "home", root / "out"
+    for d in (app, home):
+        d.mkdir(parents=True)
     _copy_tracked_files(app)
-    config = tmp_path / "tiny.toml"
+    config = root / "tiny.toml"
     config.write_text(TINY_TOML)
     marker = uuid.uuid4().hex
     env = process_env(
@@ -156,30 +165,44 @@ def test_flwr_run_dot_runs_the_simulation_with_its_own_queue_and_leaves_nothing_
             f"left running {300 * PATIENCE} s after `flwr run .` exited: {_started_by(marker)}\n"
             f"{what_happened}")
         # (a `flwr list` here would start a new local SuperLink once that one is stopped)
-        assert f"run {run_id.group(1)} is finished:completed;" in said, what_happened
-        assert "stopped Flower's local SuperLink" in said, what_happened
-
-        assert (out / "summary.json").exists(), f"the run wrote no summary.json\n{what_happened}"
-        summary = json.loads((out / "summary.json").read_text())
-        assert summary["rounds"] == 2
-        history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        assert [r["sites_ok"] for r in history] == [2, 2], history
-        # both sites pushed to the run's queue with the tokens it gave
-        assert history[1]["queue_size"] == 2 * 20
-        assert not (out / SITE_TOKEN_DIR_NAME).exists()  # the tokens went with the run
-        queue_port = re.search(r"serving one on 127\.0\.0\.1:(\d+) for this run only", log)
-        assert queue_port, log[-4000:]
-        assert not _listening(int(queue_port.group(1))), "the run's queue service still listens"
-        audit = [json.loads(line) for line in (out / "queue-audit.jsonl").read_text().splitlines()]
-        assert audit[-1]["event"] == "stop", audit[-3:]  # stopped with the run, not with its process
-
-        status = subprocess.run(["git", "status", "--porcelain"], cwd=app, capture_output=True, text=True,
-                                check=True)
-        assert status.stdout == "", f"`flwr run .` changed the project:\n{status.stdout}"
-        assert "will be stopped once run" in log, log[-4000:]  # the ServerApp said so in the run's log
+        return {"app": app, "out": out, "log": log, "run_id": run_id.group(1), "said": said,
+                "what_happened": what_happened}
     finally:
         left = _stop_and_wait(marker, timeout=60 * PATIENCE)  # only what a failed assertion above left
-    assert left == {}, f"still running after SIGTERM: {left}"
+        assert left == {}, f"still running after SIGTERM: {left}"
+
+
+def test_flwr_run_dot_runs_the_simulation_with_its_own_queue_and_leaves_nothing_behind(tmp_path):
+    """Flower failing the run for its expired task heartbeat (Flower's 60 s, on a machine too loaded to
+    answer within it) is Flower's condition, not fedcl's: the reaper's log names it, the test warns and
+    runs once more in a fresh copy. Any other failed run fails the test."""
+    run = _flwr_run_dot(tmp_path / "first")
+    if f"run {run['run_id']} is {HEARTBEAT_EXPIRED};" in run["said"]:
+        warnings.warn(f"Flower failed the first `flwr run .` for its task heartbeat; running it again.\n"
+                      f"{run['what_happened'][-3000:]}", stacklevel=1)
+        run = _flwr_run_dot(tmp_path / "again")
+    app, out, log, said, what_happened = run["app"], run["out"], run["log"], run["said"], run["what_happened"]
+    assert f"run {run['run_id']} is finished:completed;" in said, what_happened
+    assert "stopped Flower's local SuperLink" in said, what_happened
+
+    assert (out / "summary.json").exists(), f"the run wrote no summary.json\n{what_happened}"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 2
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["sites_ok"] for r in history] == [2, 2], history
+    # both sites pushed to the run's queue with the tokens it gave
+    assert history[1]["queue_size"] == 2 * 20
+    assert not (out / SITE_TOKEN_DIR_NAME).exists()  # the tokens went with the run
+    queue_port = re.search(r"serving one on 127\.0\.0\.1:(\d+) for this run only", log)
+    assert queue_port, log[-4000:]
+    assert not _listening(int(queue_port.group(1))), "the run's queue service still listens"
+    audit = [json.loads(line) for line in (out / "queue-audit.jsonl").read_text().splitlines()]
+    assert audit[-1]["event"] == "stop", audit[-3:]  # stopped with the run, not with its process
+
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=app, capture_output=True, text=True,
+                            check=True)
+    assert status.stdout == "", f"`flwr run .` changed the project:\n{status.stdout}"
+    assert "will be stopped once run" in log, log[-4000:]  # the ServerApp said so in the run's log
 
 
 def _superlink_instructions(log: str) -> tuple[str, str, str]:
