@@ -102,8 +102,9 @@ METHODS: dict[str, FedMethod | str] = {
                            in_batch_negatives=False, dp_epsilon=8.0, warmup_rounds=0),
     "fedcl_dp3": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0,
                            in_batch_negatives=False, dp_epsilon=3.0, warmup_rounds=0),
-    "fedcl_prototypes": FedMethod(queue=True, release="prototypes"),
-    "fedcl_public": FedMethod(queue=True, release="public"),
+    # the release modes as the shipped config runs them, like fedcl's row: fresh push, this round's entries
+    "fedcl_prototypes": FedMethod(queue=True, release="prototypes", fresh_push=True, max_staleness=0),
+    "fedcl_public": FedMethod(queue=True, release="public", fresh_push=True, max_staleness=0),
     "central": "central",
 }
 MAIN_METHODS = ["pixels", "random", "local", "fedsimclr", "fedcl", "fedcl_noqueue", "fedcl_dp8", "fedcl_dp3",

@@ -74,7 +74,8 @@ def test_each_method_maps_to_the_shipped_settings():
     assert (noqueue.train.key_encoder, noqueue.queue.enabled) == ("global", False)
     assert dp.privacy.dpsgd and dp.privacy.target_epsilon == 8.0 and not dp.train.in_batch_negatives
     assert (dp.queue.warmup_rounds, dp.queue.fresh_push) == (0, True)
-    assert protos.privacy.release == "prototypes" and not protos.queue.fresh_push
+    assert protos.privacy.release == "prototypes"
+    assert (protos.queue.fresh_push, protos.queue.max_staleness) == (True, 0)  # as the shipped default
     assert (protos.data.partition, protos.data.alpha) == ("dirichlet", 0.1)
     assert (protos.data.seed, protos.train.seed) == (3, 3)
     assert config("fedcl_public").privacy.release == "public"

@@ -98,7 +98,10 @@ def test_max_staleness_sets_the_fresh_push_rows_only():
     staleness = {m: federation_config(METHODS[m], cfg, split="pathological", seed=0,
                                       data_root=Path("/x")).queue.max_staleness
                  for m in ("fedcl", "fedcl_dp3", "fedcl_prototypes", "fedcl_public")}
-    assert staleness == {"fedcl": 3, "fedcl_dp3": 3, "fedcl_prototypes": 2, "fedcl_public": 2}
+    assert staleness == {"fedcl": 3, "fedcl_dp3": 3, "fedcl_prototypes": 3, "fedcl_public": 3}
+    noqueue = federation_config(METHODS["fedcl_noqueue"], cfg, split="pathological", seed=0,
+                                data_root=Path("/x"))
+    assert not noqueue.queue.enabled and noqueue.queue.max_staleness == METHODS["fedcl_noqueue"].max_staleness
     default = run_config(parse_args(MAIN_TABLE))
     assert "max_staleness" not in default  # so that the rows cached before the option keep their key
     assert federation_config(METHODS["fedcl"], default, split="pathological", seed=0,
