@@ -6,8 +6,8 @@
 #
 # bench/quality.py keeps every finished (split, method, seed) run in bench/results/cache (ignored by git),
 # so a rerun trains only what is missing. On a fresh clone the cache is empty: the three quality tables then
-# train 75 runs of 8 or 20 epochs each: about 7.5 CPU-hours for the main and plain tables on the machine that
-# ran them, and about 4.7 more for the supplement on a machine 2.4 times faster per run (docs/benchmarks.md).
+# train 78 runs of 8 or 20 epochs each: about 7.5 CPU-hours for the main and plain tables on the machine that
+# ran them, and about 5.1 more for the supplement on a machine 2.4 times faster per run (docs/benchmarks.md).
 # The timing benchmarks (overhead, DP overhead, context state, scale) always rerun and take minutes; their
 # figures depend on the machine's load.
 set -euo pipefail
@@ -41,7 +41,8 @@ cached=()
 "$PY" bench/quality.py --dataset fashion-mnist-cluttered --splits pathological,dirichlet0.1 --seeds 0,1,2 --sites 5 \
     --images-per-site 2000 --width 16 --batch-size 64 --lr 1e-3 --rounds 256 --rounds-per-epoch 32 \
     --persist-optimizer --num-push 128 --eval-every 32 --test-images 2000 --threads 1 \
-    --methods pixels,random,local,fedsimclr,fedcl,fedcl_noqueue,fedcl_dp8,central --tag _supplement "${cached[@]}"
+    --methods pixels,random,local,fedsimclr,fedcl,fedcl_noqueue,fedcl_dp8,fedcl_dp3,fedcl_prototypes,central \
+    --tag _supplement "${cached[@]}"
 
 # plain Fashion-MNIST's main rows on the shipped federation (quality_fashion_mnist_shipped.*). The committed
 # quality_fashion_mnist.* is the table of the former bench copy of the round (removed): no command rebuilds
