@@ -35,9 +35,9 @@ cached=()
     --persist-optimizer --num-push 128 --eval-every 32 --test-images 2000 --threads 1 \
     --methods pixels,random,fedsimclr,fedcl,fedcl_noqueue,fedcl_dp8,fedcl_dp3,central "${cached[@]}"
 
-# the supplement (quality_supplement.*): the same regime and recipe, rows run after the main table: local-only on
-# the pathological split, and the Dirichlet alpha = 0.1 split (docs/benchmarks.md, "The supplement"). Its
-# pathological rows other than pixels, random and local are the main table's cached runs.
+# the supplement (quality_supplement.*): the same regime and recipe, rows run after the main table: local-only and
+# the prototypes release on the pathological split, and the Dirichlet alpha = 0.1 split (docs/benchmarks.md, "The
+# supplement"). Its other pathological rows are the main table's cached runs.
 "$PY" bench/quality.py --dataset fashion-mnist-cluttered --splits pathological,dirichlet0.1 --seeds 0,1,2 --sites 5 \
     --images-per-site 2000 --width 16 --batch-size 64 --lr 1e-3 --rounds 256 --rounds-per-epoch 32 \
     --persist-optimizer --num-push 128 --eval-every 32 --test-images 2000 --threads 1 \
