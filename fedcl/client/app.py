@@ -63,6 +63,7 @@ from fedcl.client.privacy import (
 from fedcl.client.privacy import release as release_embeddings
 from fedcl.config import SitePrivacySettings
 from fedcl.privacy.randomness import mechanism_generator
+from fedcl.privacy.release import LazyRecords
 from fedcl.wire.protocol import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -564,10 +565,7 @@ def release_handler(msg: Message, context: Context, simulated: SimulatedSites | 
                               insecure=site.insecure_reproducible_dp,
                               where=f"site {site.site_id}, release phase")  # picks and noise
     n = int(images.shape[0])
-    # prototypes: every image is a candidate record (the release Poisson-samples them)
-    pick = torch.randperm(n, generator=gen)[: (n if mode == "prototypes" else rc.train.num_push)]
     augment = make_augment(rc.augment)
-    embeddings = encode(model, images[pick], device=torch.device("cpu"), augment=augment, generator=public)
     records: dict[str, Any] = {}
     pushed = 0
     if mode == "prototypes":
@@ -575,11 +573,17 @@ def release_handler(msg: Message, context: Context, simulated: SimulatedSites | 
         if arrays is None or "prototypes" not in arrays:
             raise ProtocolError("a prototypes-mode release message carries no 'prototypes' record")
         current = torch.from_numpy(arrays["prototypes"].numpy().copy()).float()
-        rel = release_prototype_sums(privacy, embeddings, prototypes=current, round=rc.round, generator=gen)
+        # every image is a candidate record; only those the release Poisson-samples are encoded
+        lazy = LazyRecords(n=n, dim=int(model.head[-1].out_features), embed=lambda idx: encode(
+            model, images[idx], device=torch.device("cpu"), augment=augment, generator=public))
+        rel = release_prototype_sums(privacy, lazy, prototypes=current, round=rc.round, generator=gen)
         if rel is not None:
             records[PROTOTYPES_KEY] = ArrayRecord({"sums": rel.sums.float(), "counts": rel.counts.float()})
             pushed = int(rel.sums.shape[0])
     else:
+        pick = torch.randperm(n, generator=gen)[: rc.train.num_push]  # release selection: secret under DP
+        embeddings = encode(model, images[pick], device=torch.device("cpu"), augment=augment,
+                            generator=public)
         to_push = release_embeddings(privacy, embeddings, round=rc.round, prototypes=None, generator=gen)
         if to_push.shape[0] > 0:
             with _queue_client(site, rc) as queue:

@@ -40,6 +40,7 @@ from fedcl.privacy.dp import DPParams, noise_for_budget
 from fedcl.privacy.ledger import BudgetExceeded, PrivacyLedger
 from fedcl.privacy.release import (
     PROTOTYPE_SEED,
+    LazyRecords,
     PrototypeRelease,
     init_prototypes,
     release_gaussian,
@@ -183,17 +184,19 @@ def _release_allowed(rp: RoundPrivacy, *, round: int) -> bool:
 
 
 def release_prototype_sums(
-    rp: RoundPrivacy, embeddings: torch.Tensor, *, prototypes: torch.Tensor, round: int,
+    rp: RoundPrivacy, embeddings: torch.Tensor | LazyRecords, *, prototypes: torch.Tensor, round: int,
     generator: torch.Generator | None,
 ) -> PrototypeRelease | None:
     """Prototypes mode with a server merge: the noisy per-prototype sums (P, d) and counts (P,) of
     ``embeddings`` (N, d) against the server's current ``prototypes`` (P, d, public), or None when
-    the budget refuses. The Gaussian mechanism's noise covers sums and counts together."""
+    the budget refuses. The Gaussian mechanism's noise covers sums and counts together.
+    ``LazyRecords`` embeds only the records the release samples (the same mechanism, less work)."""
     s = rp.settings
     if s.release != "prototypes":
         raise ValueError(f"release_prototype_sums is for release mode 'prototypes', not {s.release!r}")
-    if prototypes.dim() != 2 or prototypes.shape[1] != embeddings.shape[1]:
-        raise ValueError(f"prototypes must be (P, {embeddings.shape[1]}), got {tuple(prototypes.shape)}")
+    dim = embeddings.dim if isinstance(embeddings, LazyRecords) else embeddings.shape[1]
+    if prototypes.dim() != 2 or prototypes.shape[1] != dim:
+        raise ValueError(f"prototypes must be (P, {dim}), got {tuple(prototypes.shape)}")
     if not _release_allowed(rp, round=round):
         return None
     return release_prototypes(embeddings, prototypes, noise_multiplier=s.release_noise_multiplier,

@@ -36,7 +36,7 @@ in L2 together), so the same noise_multiplier is then a per-group guarantee.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +54,20 @@ class PrototypeRelease:
 
     sums: torch.Tensor
     counts: torch.Tensor
+
+
+@dataclass(frozen=True)
+class LazyRecords:
+    """``n`` records whose ``dim``-wide embeddings are computed only for the rows a release samples.
+
+    ``embed`` maps (B,) record indices to their (B, dim) embeddings. A prototype release then encodes
+    about ``sample_rate * n`` images, not all ``n``: the sampling, the noise and the accounting are
+    those of the same release over all ``n`` embeddings.
+    """
+
+    n: int
+    dim: int
+    embed: Callable[[torch.Tensor], torch.Tensor]
 
 
 def clip_rows(x: torch.Tensor, *, max_norm: float) -> torch.Tensor:
@@ -119,7 +133,7 @@ def release_gaussian(
 
 
 def release_prototypes(
-    embeddings: torch.Tensor,
+    embeddings: torch.Tensor | LazyRecords,
     prototypes: torch.Tensor,
     *,
     noise_multiplier: float,
@@ -130,16 +144,28 @@ def release_prototypes(
 ) -> PrototypeRelease:
     """Noisy per-prototype sums and counts of the Poisson-sampled records.
 
-    embeddings: (N, d); prototypes: (P, d), public (last round's global prototypes). Accounted as
-    (noise_multiplier, sample_rate), add/remove adjacency (see module docstring).
+    embeddings: (N, d), or ``LazyRecords`` to embed only the sampled records; prototypes: (P, d),
+    public (last round's global prototypes). Accounted as (noise_multiplier, sample_rate),
+    add/remove adjacency (see module docstring).
     """
-    x = _validated(embeddings, noise_multiplier, sample_rate)
+    if isinstance(embeddings, LazyRecords):
+        n = embeddings.n
+        _validated(torch.zeros(0, 1), noise_multiplier, sample_rate)  # the settings, before any work
+    else:
+        x = _validated(embeddings, noise_multiplier, sample_rate)
+        n = x.shape[0]
+    idx = _sample(n, sample_rate=sample_rate, generator=generator, groups=groups,
+                  max_per_group=max_per_group)  # (B,) the records that take part
+    if isinstance(embeddings, LazyRecords):
+        x = _validated(embeddings.embed(idx), noise_multiplier, sample_rate)
+        if x.shape != (idx.shape[0], embeddings.dim):
+            raise ValueError(f"embed returned shape {tuple(x.shape)} for {idx.shape[0]} sampled records "
+                             f"of dim {embeddings.dim}")
+        idx = torch.arange(x.shape[0])
     if prototypes.dim() != 2 or prototypes.shape[1] != x.shape[1] or prototypes.shape[0] == 0:
         raise ValueError(f"prototypes must be (P >= 1, {x.shape[1]}), got shape {tuple(prototypes.shape)}")
     protos = F.normalize(prototypes.detach().to("cpu", torch.float32), dim=1)  # (P, d)
     p, d = protos.shape
-    idx = _sample(x.shape[0], sample_rate=sample_rate, generator=generator, groups=groups,
-                  max_per_group=max_per_group)
     weight = 1.0 / max_per_group  # a group's records move sums and counts by <= 1 each
     rows = clip_rows(x[idx], max_norm=1.0) * weight  # (B, d)
     nearest = (rows @ protos.T).argmax(dim=1) if rows.shape[0] else torch.zeros(0, dtype=torch.long)  # (B,)

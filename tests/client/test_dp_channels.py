@@ -153,10 +153,13 @@ def replay_site_round(folder: Path, monkeypatch) -> dict[str, str]:
     protos = F.normalize(torch.randn(4, 8, generator=torch.Generator().manual_seed(1)), dim=1)
     proto_cfg = {"release": "prototypes", "release_noise_multiplier": 1.0, "release_sample_rate": 0.5,
                  "num_prototypes": 4}
+    before = len(picked)
     reply = release_handler(_message(_rc(proto_cfg), "query", protos), _context(data, folder / "state-proto"),
                             None)
     rel = reply.content.array_records["prototypes"]
+    prototype_picks = picked[before:]
     return {
+        "prototype_pick": _digest(prototype_picks),
         "poisson_batches": _digest(train_batches),
         "release_pick": _digest(gaussian_picks),
         "gaussian_rows": _digest(pushed),
@@ -176,6 +179,27 @@ def test_a_replay_with_every_seed_reproduces_no_batch_pick_or_noise(tmp_path, ta
 # a second Python process: e2e tier; in process:
 # test_a_replay_with_every_seed_reproduces_no_batch_pick_or_noise
 @pytest.mark.e2e
+def test_a_prototypes_release_encodes_only_the_records_it_samples(tmp_path, task_identity, monkeypatch):
+    """Poisson sampling comes before encoding: about sample_rate * N images go through the model,
+    not all N, and the noisy counts still hold exactly those records."""
+    data = _npz(tmp_path / "site.npz")
+    encoded: list[int] = []
+    real_encode = fedcl.train.encode
+
+    def counting_encode(model, images, **kw):
+        encoded.append(int(images.shape[0]))
+        return real_encode(model, images, **kw)
+
+    monkeypatch.setattr(fedcl.train, "encode", counting_encode)
+    protos = F.normalize(torch.randn(4, 8, generator=torch.Generator().manual_seed(1)), dim=1)
+    cfg = {"release": "prototypes", "release_noise_multiplier": 1e-6, "release_sample_rate": 0.25,
+           "num_prototypes": 4}
+    reply = release_handler(_message(_rc(cfg), "query", protos), _context(data, tmp_path / "state"), None)
+    counts = reply.content.array_records["prototypes"]["counts"].numpy()
+    assert len(encoded) == 1 and 0 < encoded[0] < N  # one pass over the sampled records only
+    assert round(float(counts.sum())) == encoded[0]  # noise 1e-6: the counts are the sampled records
+
+
 def test_a_replay_in_another_process_reproduces_nothing(tmp_path, task_identity, monkeypatch):
     here = replay_site_round(tmp_path / "here", monkeypatch)
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",

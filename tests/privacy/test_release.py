@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from fedcl.privacy.release import (
+    LazyRecords,
     PrototypeRelease,
     clip_rows,
     init_prototypes,
@@ -154,3 +155,30 @@ def test_bad_inputs_are_refused():
                          generator=_gen())
     with pytest.raises(ValueError):
         release_prototypes(x, torch.randn(3, 5), noise_multiplier=1.0, sample_rate=1.0, generator=_gen())
+
+
+def test_lazy_records_embed_only_the_sampled_rows_and_release_the_same_sums():
+    protos = init_prototypes(num=4, dim=8, seed=3)
+    x = F.normalize(torch.randn(1000, 8, generator=_gen(5)), dim=1)
+    asked: list[int] = []
+
+    def embed(idx: torch.Tensor) -> torch.Tensor:
+        asked.append(int(idx.numel()))
+        return x[idx]
+
+    eager = release_prototypes(x, protos, noise_multiplier=0.7, sample_rate=0.1, generator=_gen(6))
+    lazy = release_prototypes(LazyRecords(n=1000, dim=8, embed=embed), protos, noise_multiplier=0.7,
+                              sample_rate=0.1, generator=_gen(6))
+    assert len(asked) == 1 and 50 < asked[0] < 150  # about sample_rate * n rows encoded, once
+    torch.testing.assert_close(lazy.sums, eager.sums)  # the same sampling and the same noise
+    torch.testing.assert_close(lazy.counts, eager.counts)
+
+
+def test_lazy_records_reject_embeddings_of_the_wrong_shape():
+    protos = init_prototypes(num=4, dim=8, seed=3)
+    bad = LazyRecords(n=100, dim=8, embed=lambda idx: torch.zeros(idx.numel(), 5))
+    with pytest.raises(ValueError, match="dim 8"):
+        release_prototypes(bad, protos, noise_multiplier=1.0, sample_rate=1.0, generator=_gen())
+    nan = LazyRecords(n=100, dim=8, embed=lambda idx: torch.full((idx.numel(), 8), float("nan")))
+    with pytest.raises(ValueError, match="NaN"):
+        release_prototypes(nan, protos, noise_multiplier=1.0, sample_rate=1.0, generator=_gen())
