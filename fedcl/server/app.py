@@ -165,6 +165,9 @@ def round_config(cfg, *, rnd: int, model_spec: dict[str, Any], queue: QueueLink 
 # ------------------------------------------------------------------------------- release phase
 
 
+PUBLIC_VIEW_SEED = 7717  # the public set's augmentation: public data, so a public seed
+
+
 @dataclass
 class ReleaseState:
     """What the server keeps for the embedding releases across rounds (checkpointed)."""
@@ -212,6 +215,7 @@ def release_phase(grid: Grid, *, rnd: int, train_messages: list[Message], arrays
     from flwr.app import MessageType
 
     from fedcl.privacy.release import PrototypeRelease, init_prototypes, merge_prototypes
+    from fedcl.runtime import make_augment
     from fedcl.train import encode
 
     mode = cfg.privacy.release
@@ -219,7 +223,10 @@ def release_phase(grid: Grid, *, rnd: int, train_messages: list[Message], arrays
     if mode == "public":
         if state.public_images is None:
             state.public_images = load_public_images(cfg)
-        emb = encode(model, state.public_images, device=torch.device("cpu"))  # (N, d) of the global model
+        # one augmented view per image, as the sites' pushes are
+        views = torch.Generator().manual_seed(PUBLIC_VIEW_SEED + 1_000_003 * cfg.train.seed + rnd)
+        emb = encode(model, state.public_images, device=torch.device("cpu"),
+                     augment=make_augment(cfg.augment), generator=views)  # (N, d) of the global model
         with queue.client(site_id=PUBLIC_SITE) as qc:
             info["pushed"] = qc.push(emb, round=rnd, model_version=rnd - 1)
         return info

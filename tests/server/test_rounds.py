@@ -3,6 +3,7 @@ to the ClientApp's handlers, the queue service runs on loopback. Rounds, failure
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 
 import pytest
@@ -390,3 +391,47 @@ def test_a_killed_site_is_named_by_its_site_id_once_it_has_replied(tmp_path, fed
     assert result.history[0]["sites_failed"] == 0
     assert result.history[1]["errors"] == [f"site-1 (node {SITE1}): Node Unavailable"]
     assert f"round 2: a site failed: site-1 (node {SITE1}): Node Unavailable" in caplog.text
+
+
+class _CapturingQueue:
+    """A QueueLink stand-in that keeps what the coordinator pushes."""
+
+    def __init__(self) -> None:
+        self.pushed: list[torch.Tensor] = []
+
+    @contextlib.contextmanager
+    def client(self, *, site_id: str):
+        outer = self
+
+        class _Client:
+            def push(self, emb, *, round: int, model_version: int) -> int:
+                outer.pushed.append(emb.clone())
+                return int(emb.shape[0])
+
+        yield _Client()
+
+
+def test_public_mode_pushes_augmented_views_like_the_sites_do():
+    """The public reference set enters the queue as one augmented view per image (a fresh draw each
+    round), as the sites' pushes are, not as clean images that an encoder tells apart from the
+    augmented queries by the augmentation alone."""
+    from fedcl.runtime import make_augment, make_model
+    from fedcl.server.app import PUBLIC_VIEW_SEED, ReleaseState, release_phase
+    from fedcl.train import encode
+
+    cfg = _with(load_config(None, TINY), "privacy", release="public")
+    torch.manual_seed(0)
+    model = make_model(cfg.model, in_channels=1)
+    images = torch.randint(0, 256, (12, 1, 28, 28), dtype=torch.uint8)
+    state, queue = ReleaseState(public_images=images), _CapturingQueue()
+    for rnd in (1, 2):
+        info = release_phase(None, rnd=rnd, train_messages=[], arrays=None, rc=None, cfg=cfg, model=model,
+                             queue=queue, state=state, timeout=1.0)
+        assert info["pushed"] == 12
+    first, second = queue.pushed
+    clean = encode(model, images, device=torch.device("cpu"))
+    assert not torch.allclose(first, clean, atol=1e-3)  # not the un-augmented images
+    assert not torch.allclose(first, second, atol=1e-3)  # a new view each round, the same weights
+    views = torch.Generator().manual_seed(PUBLIC_VIEW_SEED + 1_000_003 * cfg.train.seed + 1)
+    torch.testing.assert_close(first, encode(model, images, device=torch.device("cpu"),
+                                             augment=make_augment(cfg.augment), generator=views))
