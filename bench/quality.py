@@ -96,6 +96,7 @@ METHODS: dict[str, FedMethod | str] = {
     # fedcl as the shipped config runs it by default: fresh push (sites push embeddings of the global
     # model they just received, before anyone trains), only this round's entries, one warm-up round
     "fedcl": FedMethod(queue=True, release="raw", key_encoder="global", fresh_push=True, max_staleness=0),
+    # the queue off: the queue term needs the queue, so this trains NT-Xent alone, FedSimCLR's loss
     "fedcl_noqueue": FedMethod(queue=False, key_encoder="global"),
     # DP-SGD has no in-batch negatives, so no warm-up: the release phase fills the queue in round 1
     "fedcl_dp8": FedMethod(queue=True, release="raw", fresh_push=True, max_staleness=0,
@@ -637,7 +638,11 @@ TRAINING_FIELDS = ("rounds", "local_epochs", "rounds_per_epoch", "persist_optimi
 
 
 def row_key(cfg: dict, name: str) -> str:
-    """The cache key of method ``name``'s rows: ``config_key`` of the fields of ``cfg`` it reads."""
+    """The cache key of method ``name``'s rows: ``config_key`` of the fields of ``cfg`` it reads and,
+    for a federation, of the method's definition and the name of the local loss it trains with
+    (``fedcl.train.loss_name``), so that a changed preset or loss does not reuse an old run."""
+    from fedcl.train import loss_name
+
     kind = METHODS[name]
     if kind in ("pixels", "random"):
         unread: tuple[str, ...] = TRAINING_FIELDS
@@ -645,7 +650,11 @@ def row_key(cfg: dict, name: str) -> str:
         unread = QUEUE_FIELDS
     else:
         unread = ()
-    return config_key({k: v for k, v in cfg.items() if k not in unread})
+    keyed = {k: v for k, v in cfg.items() if k not in unread}
+    if isinstance(kind, FedMethod):
+        loss = loss_name(key_encoder=kind.key_encoder, in_batch=kind.in_batch_negatives, queue=kind.queue)
+        keyed["method"] = asdict(kind) | {"loss": loss}
+    return config_key(keyed)
 
 
 def main(argv: list[str] | None = None) -> int:

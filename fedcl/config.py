@@ -137,7 +137,11 @@ class SiteTrainSettings(_Section):
     momentum: float = Field(0.9, ge=0, lt=1)  # SGD only
     weight_decay: float = Field(1e-6, ge=0)
     temperature: float = Field(0.2, gt=0)
+    # in-batch contrast: SimCLR's NT-Xent on the two views (gradients through both), beside the
+    # queue term; couples the examples of a batch, so it must be off under DP-SGD
     in_batch_negatives: bool = True
+    # the queue term's positive keys: "global", the frozen round model (fedcl, MoCo-style), or
+    # "online" (the other view through the trained model; against the queue it crowds the embeddings)
     key_encoder: Literal["global", "online"] = "global"
     num_push: int = Field(512, ge=0)
     threads: int | None = Field(None, ge=1)  # torch intra-op threads; None: all cores

@@ -2,11 +2,13 @@
 
 A round: the global weights and K detached negatives from the queue come in; the local model
 trains on two augmented views per image; trained weights, embeddings to share and metrics go
-out. Keys follow MoCo (He et al. 2020) with the round's global model as the slowly moving key
-encoder: query = local model(view a), key = frozen global model(view b), and the embeddings
-pushed to the queue come from the same frozen model, so every key a site sees lives in a global
-model's space at most ``max_staleness`` rounds old. ``key_encoder="online"`` with in-batch
-negatives and no queue is FedSimCLR (SimCLR's NT-Xent under FedAvg), the baseline.
+out. The loss (``contrastive_loss``) is SimCLR's NT-Xent on the two views plus a queue term whose
+keys follow MoCo (He et al. 2020) with the round's global model as the slowly moving key encoder:
+query = local model(view a), key = frozen global model(view b), negatives = the queue, whose
+entries come from the same frozen model, so every key the queue term sees lives in a global
+model's space at most ``max_staleness`` rounds old. Under DP-SGD (no in-batch negatives) the loss
+is the queue term alone. ``key_encoder="online"`` with in-batch negatives and no queue is
+FedSimCLR (SimCLR's NT-Xent under FedAvg), the baseline.
 
 Ideas that were measured and lost (drift compensation, a relational term, online and own
 negatives, EMA keys, a predictor, MoCHi hard negatives, a separate queue temperature) are
@@ -39,8 +41,8 @@ class RoundRecipe:
     batch_size: int = 256  # non-DP batch; DP-SGD's expected batch is sample_rate x images
     lr: float = 3e-4
     temperature: float = 0.2
-    key_encoder: Literal["global", "online"] = "global"  # frozen round model (fedcl) or online (FedSimCLR)
-    in_batch_negatives: bool = True  # the other keys of the batch are negatives too (not under DP-SGD)
+    key_encoder: Literal["global", "online"] = "global"  # queue term's keys: frozen round model or online
+    in_batch_negatives: bool = True  # NT-Xent over the batch besides the queue term (not under DP-SGD)
     num_push: int = 512  # embeddings of the round model to return for the queue (0: none)
     optimizer: Literal["adam", "sgd"] = "adam"
     momentum: float = 0.9  # SGD only
@@ -90,22 +92,50 @@ def _to_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     return images.to(device, non_blocking=True).float().div_(255.0)
 
 
+def loss_name(*, key_encoder: str, in_batch: bool, queue: bool) -> str:
+    """The name of the loss ``contrastive_loss`` computes with these settings (for records and keys)."""
+    if key_encoder == "global":
+        if in_batch:
+            return "nt-xent + frozen-key queue term" if queue else "nt-xent"
+        return "frozen-key queue term"
+    if in_batch and not queue:
+        return "nt-xent"
+    return "online-key infonce" + (" + queue" if queue else "")
+
+
 def contrastive_loss(
     model: nn.Module, key_model: nn.Module | None, v1: torch.Tensor, v2: torch.Tensor, *,
     negatives: torch.Tensor | None, temperature: float, in_batch: bool,
 ) -> torch.Tensor:
-    """Symmetric InfoNCE for a batch of view pairs v1, v2 (B, C, H, W).
+    """The local loss for a batch of view pairs v1, v2 (B, C, H, W).
 
-    key_model: the frozen round model (keys detached), or None for online keys: with online keys,
-    in-batch negatives and no queue negatives this is SimCLR's NT-Xent (FedSimCLR).
-    negatives: (K, d) detached queue entries or None. The two views go through ``model`` in two
-    forward calls, so that under Opacus each example's per-sample gradient collects both of its
-    views (a stacked 2B batch would be clipped per view).
+    key_model: the frozen round model (keys detached), or None for online keys.
+    negatives: (K, d) detached queue entries or None.
+
+    - Frozen keys with in-batch negatives (fedcl): SimCLR's NT-Xent on the trained model's two
+      views (in-batch negatives, gradients through both views) plus the queue term, the symmetric
+      InfoNCE of each view's query against the frozen model's key of the other view, with the
+      queue's entries as its only negatives. Without queue negatives (warm-up, queue off) it is
+      NT-Xent alone. The queue term's positive is frozen because its negatives are: online keys
+      against the queue crowd the embeddings (``research/online-keys/``).
+    - Frozen keys without in-batch negatives (DP-SGD): the queue term alone, so one example's loss
+      depends on no other example of the batch.
+    - Online keys: the symmetric InfoNCE with the online view as the positive; with in-batch
+      negatives and no queue this is NT-Xent (FedSimCLR).
+
+    The two views go through ``model`` in two forward calls, so that under Opacus each example's
+    per-sample gradient collects both of its views (a stacked 2B batch would be clipped per view).
     """
     q1, q2 = model(v1), model(v2)  # (B, d) each
     no_queue = negatives is None or negatives.shape[0] == 0
-    if key_model is None and no_queue and in_batch:
-        return nt_xent(q1, q2, temperature=temperature)
+    if in_batch and (key_model is not None or no_queue):
+        loss = nt_xent(q1, q2, temperature=temperature)
+        if key_model is None or no_queue:
+            return loss
+        with torch.no_grad():  # detached: the queue term's keys come from the frozen round model
+            k1, k2 = key_model(v1), key_model(v2)  # (B, d) each
+        return loss + 0.5 * (info_nce(q1, k2, negatives, temperature=temperature)
+                             + info_nce(q2, k1, negatives, temperature=temperature))
     if key_model is not None:
         with torch.no_grad():  # detached: keys come from the frozen round model
             k1, k2 = key_model(v1), key_model(v2)  # (B, d) each
@@ -116,7 +146,6 @@ def contrastive_loss(
     return 0.5 * (loss_a + loss_b)
 
 
-@torch.no_grad()
 def encode(
     model: nn.Module, images: torch.Tensor, *, device: torch.device, batch_size: int = 1024,
     augment: TwoViewAugment | None = None, generator: torch.Generator | None = None, projected: bool = True,

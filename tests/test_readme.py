@@ -24,10 +24,10 @@ def test_readme_library_example_runs_and_prints_its_stated_output(capsys):
     # in-process: torch is already loaded
     exec(compile(code, "README.md (library example)", "exec"), {"__name__": "__main__"})
     got = capsys.readouterr().out.strip()
-    # the loss depends on which queue entries are sampled (unseeded, as on a real site): compare it
-    # to the README's within 0.3, and everything else exactly
-    pattern = r"InfoNCE (\d+\.\d\d) with (.*)"
-    g, e = re.fullmatch(pattern, got), re.fullmatch(pattern, expected)
-    assert e, f"the README's output block does not match {pattern!r}: {expected!r}"
-    assert g, f"the example printed {got!r}, the README says {expected!r}"
-    assert g.group(2) == e.group(2) and abs(float(g.group(1)) - float(e.group(1))) <= 0.3, (got, expected)
+    # the losses depend on which queue entries are sampled (unseeded, as on a real site): compare
+    # each printed figure to the README's within 0.3, and everything else exactly
+    figure = r"\d+\.\d\d"
+    assert re.search(figure, expected), f"the README's output block has no loss figure: {expected!r}"
+    assert re.sub(figure, "#", got) == re.sub(figure, "#", expected), (got, expected)
+    pairs = zip(re.findall(figure, got), re.findall(figure, expected), strict=True)
+    assert all(abs(float(g) - float(e)) <= 0.3 for g, e in pairs), (got, expected)

@@ -141,6 +141,41 @@ def test_contrastive_loss_frozen_keys_is_symmetric_infonce_and_online_keys_witho
     torch.testing.assert_close(fedsimclr, nt_xent(q1, q2, temperature=0.3))
 
 
+def test_fedcl_loss_is_ntxent_on_the_online_views_plus_the_frozen_key_queue_term():
+    from fedcl.losses import nt_xent
+    from fedcl.train import contrastive_loss
+
+    torch.manual_seed(0)
+    model = build_model(in_channels=1, width=8, proj_dim=16, proj_hidden=32)
+    key_model = _nearby_copy(model, 0.05)
+    v1, v2 = torch.rand(6, 1, 28, 28), torch.rand(6, 1, 28, 28)
+    negs = F.normalize(torch.randn(10, 16), dim=1)
+    q1, q2, k1, k2 = model(v1), model(v2), key_model(v1), key_model(v2)
+    got = contrastive_loss(model, key_model, v1, v2, negatives=negs, temperature=0.3, in_batch=True)
+    queue_term = 0.5 * (_manual_queue_term(q1, k2, negs, 0.3) + _manual_queue_term(q2, k1, negs, 0.3))
+    torch.testing.assert_close(got, nt_xent(q1, q2, temperature=0.3) + queue_term)
+    # without queue negatives (warm-up round, queue off) it is NT-Xent alone, and the key model idles
+    calls = []
+    key_model.register_forward_hook(lambda *a: calls.append(1))
+    warm = contrastive_loss(model, key_model, v1, v2, negatives=None, temperature=0.3, in_batch=True)
+    torch.testing.assert_close(warm, nt_xent(q1, q2, temperature=0.3))
+    assert not calls
+    got.backward()
+    assert all(p.grad is None for p in key_model.parameters())
+
+
+def test_loss_name_tells_the_settings_apart():
+    from fedcl.train import loss_name
+
+    names = {(k, b, q): loss_name(key_encoder=k, in_batch=b, queue=q)
+             for k in ("global", "online") for b in (True, False) for q in (True, False)}
+    assert names[("global", True, True)] == "nt-xent + frozen-key queue term"  # fedcl
+    assert names[("global", True, False)] == names[("online", True, False)] == "nt-xent"  # FedSimCLR
+    assert names[("global", False, True)] == "frozen-key queue term"  # fedcl under DP-SGD
+    assert len({names[("global", True, True)], names[("global", False, True)], names[("online", True, True)],
+                names[("online", True, False)]}) == 4
+
+
 @pytest.mark.parametrize("bad,match", [
     (dict(key_encoder="ema"), "key_encoder"), (dict(optimizer="rmsprop"), "optimizer"),
     (dict(epochs=0), "epochs"), (dict(batch_size=0), "batch_size"), (dict(num_push=-1), "num_push"),

@@ -80,7 +80,9 @@ def test_each_row_is_keyed_by_the_recipe_fields_it_reads():
                                              "fedcl_noqueue", "fedcl", "fedcl_dp8", "fedcl_prototypes")}
 
     base = keys([])
-    assert len(set(base.values())) == 3  # untrained; no queue (trained); the queue's rows (whole config)
+    # untrained; central and local (no queue, trained); then each federation by its own definition
+    assert base["pixels"] == base["random"] and base["central"] == base["local"]
+    assert len(set(base.values())) == 2 + 5
     for extra in (["--num-push", "128"], ["--max-staleness", "3"], ["--num-negatives", "1024"]):
         changed = {m for m, k in keys(extra).items() if k != base[m]}
         assert changed == {"fedcl", "fedcl_dp8", "fedcl_prototypes"}, extra
@@ -89,6 +91,22 @@ def test_each_row_is_keyed_by_the_recipe_fields_it_reads():
         assert changed == set(base) - {"pixels", "random"}, extra
     changed = {m for m, k in keys(["--width", "8"]).items() if k != base[m]}
     assert changed == set(base)  # the encoder reaches every row (pixels included: over-keying is safe)
+
+
+def test_a_changed_preset_or_loss_gets_a_new_cache_key(monkeypatch):
+    """A run cached under one definition of a method is not reused for another one."""
+    import dataclasses
+
+    import bench.quality as q
+
+    cfg = q.run_config(q.parse_args(MAIN_TABLE))
+    before = q.row_key(cfg, "fedcl")
+    monkeypatch.setitem(q.METHODS, "fedcl", dataclasses.replace(q.METHODS["fedcl"], max_staleness=2))
+    assert q.row_key(cfg, "fedcl") != before
+    monkeypatch.setitem(q.METHODS, "fedcl", dataclasses.replace(q.METHODS["fedcl"], max_staleness=0))
+    assert q.row_key(cfg, "fedcl") == before
+    monkeypatch.setattr("fedcl.train.loss_name", lambda **kw: "another loss")
+    assert q.row_key(cfg, "fedcl") != before
 
 
 def test_max_staleness_sets_the_fresh_push_rows_only():
