@@ -6,7 +6,7 @@
 #
 # bench/quality.py keeps every finished (split, method, seed) run in bench/results/cache (ignored by git),
 # so a rerun trains only what is missing. On a fresh clone the cache is empty: the two quality tables then
-# train 84 runs of 8 or 20 epochs each: 61 of the main table's 66 took 5.1 CPU-hours on the machine that ran
+# train 84 runs of 8 or 20 epochs each: 63 of the main table's 66 took 5.3 CPU-hours on the machine that ran
 # them, and the plain table about 3.5 on a machine 2.4 times slower per run (docs/benchmarks.md).
 # The timing benchmarks (overhead, DP overhead, context state, scale) always rerun and take minutes; their
 # figures depend on the machine's load.
