@@ -146,6 +146,7 @@ def contrastive_loss(
     return 0.5 * (loss_a + loss_b)
 
 
+@torch.no_grad()
 def encode(
     model: nn.Module, images: torch.Tensor, *, device: torch.device, batch_size: int = 1024,
     augment: TwoViewAugment | None = None, generator: torch.Generator | None = None, projected: bool = True,
