@@ -81,6 +81,11 @@ def _validated(embeddings: torch.Tensor, noise_multiplier: float, sample_rate: f
         raise ValueError(f"embeddings must be (N, d), got shape {tuple(embeddings.shape)}")
     if not torch.isfinite(embeddings).all():
         raise ValueError("embeddings contain NaN or Inf")
+    _check_mechanism(noise_multiplier, sample_rate)
+    return embeddings.detach().to("cpu", torch.float32)
+
+
+def _check_mechanism(noise_multiplier: float, sample_rate: float) -> None:
     if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
         raise ValueError(
             f"noise_multiplier must be > 0 for a DP release, got {noise_multiplier} (use release mode 'raw' "
@@ -88,7 +93,6 @@ def _validated(embeddings: torch.Tensor, noise_multiplier: float, sample_rate: f
         )
     if not (0 < sample_rate <= 1):
         raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
-    return embeddings.detach().to("cpu", torch.float32)
 
 
 def _sample(n: int, *, sample_rate: float, generator: torch.Generator | None, groups: torch.Tensor | None,
@@ -148,26 +152,26 @@ def release_prototypes(
     public (last round's global prototypes). Accounted as (noise_multiplier, sample_rate),
     add/remove adjacency (see module docstring).
     """
-    if isinstance(embeddings, LazyRecords):
-        n = embeddings.n
-        _validated(torch.zeros(0, 1), noise_multiplier, sample_rate)  # the settings, before any work
+    lazy = isinstance(embeddings, LazyRecords)
+    if lazy:
+        _check_mechanism(noise_multiplier, sample_rate)  # before any record is encoded
     else:
-        x = _validated(embeddings, noise_multiplier, sample_rate)
-        n = x.shape[0]
-    idx = _sample(n, sample_rate=sample_rate, generator=generator, groups=groups,
-                  max_per_group=max_per_group)  # (B,) the records that take part
-    if isinstance(embeddings, LazyRecords):
-        x = _validated(embeddings.embed(idx), noise_multiplier, sample_rate)
+        embeddings = _validated(embeddings, noise_multiplier, sample_rate)
+    idx = _sample(embeddings.n if lazy else embeddings.shape[0], sample_rate=sample_rate,
+                  generator=generator, groups=groups, max_per_group=max_per_group)  # (B,) taking part
+    if lazy:
+        x = _validated(embeddings.embed(idx), noise_multiplier, sample_rate)  # (B, d)
         if x.shape != (idx.shape[0], embeddings.dim):
             raise ValueError(f"embed returned shape {tuple(x.shape)} for {idx.shape[0]} sampled records "
                              f"of dim {embeddings.dim}")
-        idx = torch.arange(x.shape[0])
+    else:
+        x = embeddings[idx]  # (B, d)
     if prototypes.dim() != 2 or prototypes.shape[1] != x.shape[1] or prototypes.shape[0] == 0:
         raise ValueError(f"prototypes must be (P >= 1, {x.shape[1]}), got shape {tuple(prototypes.shape)}")
     protos = F.normalize(prototypes.detach().to("cpu", torch.float32), dim=1)  # (P, d)
     p, d = protos.shape
     weight = 1.0 / max_per_group  # a group's records move sums and counts by <= 1 each
-    rows = clip_rows(x[idx], max_norm=1.0) * weight  # (B, d)
+    rows = clip_rows(x, max_norm=1.0) * weight  # (B, d)
     nearest = (rows @ protos.T).argmax(dim=1) if rows.shape[0] else torch.zeros(0, dtype=torch.long)  # (B,)
     sums = torch.zeros(p, d).index_add_(0, nearest, rows)  # (P, d)
     counts = torch.zeros(p).index_add_(0, nearest, torch.full((rows.shape[0],), weight))  # (P,)
