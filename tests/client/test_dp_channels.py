@@ -176,9 +176,6 @@ def test_a_replay_with_every_seed_reproduces_no_batch_pick_or_noise(tmp_path, ta
         assert first[what] != second[what], f"a replay in the same process reproduced the site's {what}"
 
 
-# a second Python process: e2e tier; in process:
-# test_a_replay_with_every_seed_reproduces_no_batch_pick_or_noise
-@pytest.mark.e2e
 def test_a_prototypes_release_encodes_only_the_records_it_samples(tmp_path, task_identity, monkeypatch):
     """Poisson sampling comes before encoding: about sample_rate * N images go through the model,
     not all N, and the noisy counts still hold exactly those records."""
@@ -200,6 +197,9 @@ def test_a_prototypes_release_encodes_only_the_records_it_samples(tmp_path, task
     assert round(float(counts.sum())) == encoded[0]  # noise 1e-6: the counts are the sampled records
 
 
+# a second Python process: e2e tier; in process:
+# test_a_replay_with_every_seed_reproduces_no_batch_pick_or_noise
+@pytest.mark.e2e
 def test_a_replay_in_another_process_reproduces_nothing(tmp_path, task_identity, monkeypatch):
     here = replay_site_round(tmp_path / "here", monkeypatch)
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
