@@ -93,13 +93,12 @@ def _to_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def loss_name(*, key_encoder: str, in_batch: bool, queue: bool) -> str:
-    """The name of the loss ``contrastive_loss`` computes with these settings (for records and keys)."""
+    """The name of the loss ``contrastive_loss`` computes with these settings (for records and keys).
+    ``contrastive_loss`` branches on this name, so the two cannot drift apart."""
+    if in_batch and (key_encoder == "global" or not queue):
+        return "nt-xent + frozen-key queue term" if key_encoder == "global" and queue else "nt-xent"
     if key_encoder == "global":
-        if in_batch:
-            return "nt-xent + frozen-key queue term" if queue else "nt-xent"
         return "frozen-key queue term"
-    if in_batch and not queue:
-        return "nt-xent"
     return "online-key infonce" + (" + queue" if queue else "")
 
 
@@ -126,11 +125,12 @@ def contrastive_loss(
     The two views go through ``model`` in two forward calls, so that under Opacus each example's
     per-sample gradient collects both of its views (a stacked 2B batch would be clipped per view).
     """
+    name = loss_name(key_encoder="online" if key_model is None else "global", in_batch=in_batch,
+                     queue=negatives is not None and negatives.shape[0] > 0)
     q1, q2 = model(v1), model(v2)  # (B, d) each
-    no_queue = negatives is None or negatives.shape[0] == 0
-    if in_batch and (key_model is not None or no_queue):
+    if name.startswith("nt-xent"):
         loss = nt_xent(q1, q2, temperature=temperature)
-        if key_model is None or no_queue:
+        if name == "nt-xent":
             return loss
         with torch.no_grad():  # detached: the queue term's keys come from the frozen round model
             k1, k2 = key_model(v1), key_model(v2)  # (B, d) each

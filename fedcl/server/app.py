@@ -24,7 +24,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, RecordDict
@@ -46,6 +46,9 @@ from fedcl.wire.protocol import (
     is_budget_refusal,
     parse_site_record,
 )
+
+if TYPE_CHECKING:
+    from fedcl.config import FedclConfig
 
 log = logging.getLogger("flwr.fedcl")  # a child of Flower's logger: shows up in `flwr log` and the console
 
@@ -168,6 +171,12 @@ def round_config(cfg, *, rnd: int, model_spec: dict[str, Any], queue: QueueLink 
 PUBLIC_VIEW_SEED = 7717  # the public set's augmentation: public data, so a public seed
 
 
+def public_view_generator(cfg: FedclConfig, rnd: int) -> torch.Generator:
+    """The generator of round ``rnd``'s augmented views of the public reference set: public data, so
+    a seed anyone can compute, a fresh draw per round and run seed."""
+    return torch.Generator().manual_seed(PUBLIC_VIEW_SEED + 1_000_003 * cfg.train.seed + rnd)
+
+
 @dataclass
 class ReleaseState:
     """What the server keeps for the embedding releases across rounds (checkpointed)."""
@@ -224,7 +233,7 @@ def release_phase(grid: Grid, *, rnd: int, train_messages: list[Message], arrays
         if state.public_images is None:
             state.public_images = load_public_images(cfg)
         # one augmented view per image, as the sites' pushes are
-        views = torch.Generator().manual_seed(PUBLIC_VIEW_SEED + 1_000_003 * cfg.train.seed + rnd)
+        views = public_view_generator(cfg, rnd)
         emb = encode(model, state.public_images, device=torch.device("cpu"),
                      augment=make_augment(cfg.augment), generator=views)  # (N, d) of the global model
         with queue.client(site_id=PUBLIC_SITE) as qc:
