@@ -194,9 +194,6 @@ def release_prototype_sums(
     s = rp.settings
     if s.release != "prototypes":
         raise ValueError(f"release_prototype_sums is for release mode 'prototypes', not {s.release!r}")
-    dim = embeddings.dim if isinstance(embeddings, LazyRecords) else embeddings.shape[1]
-    if prototypes.dim() != 2 or prototypes.shape[1] != dim:
-        raise ValueError(f"prototypes must be (P, {dim}), got {tuple(prototypes.shape)}")
     if not _release_allowed(rp, round=round):
         return None
     return release_prototypes(embeddings, prototypes, noise_multiplier=s.release_noise_multiplier,

@@ -136,6 +136,12 @@ def release_gaussian(
     return noisy[perm], int(idx.numel())
 
 
+def _check_prototypes(prototypes: torch.Tensor, dim: int) -> None:
+    """Raise ValueError unless ``prototypes`` is (P >= 1, ``dim``)."""
+    if prototypes.dim() != 2 or prototypes.shape[1] != dim or prototypes.shape[0] == 0:
+        raise ValueError(f"prototypes must be (P >= 1, {dim}), got shape {tuple(prototypes.shape)}")
+
+
 def release_prototypes(
     embeddings: torch.Tensor | LazyRecords,
     prototypes: torch.Tensor,
@@ -157,6 +163,7 @@ def release_prototypes(
         _check_mechanism(noise_multiplier, sample_rate)  # before any record is encoded
     else:
         embeddings = _validated(embeddings, noise_multiplier, sample_rate)
+    _check_prototypes(prototypes, embeddings.dim if lazy else embeddings.shape[1])  # before any encode
     idx = _sample(embeddings.n if lazy else embeddings.shape[0], sample_rate=sample_rate,
                   generator=generator, groups=groups, max_per_group=max_per_group)  # (B,) taking part
     if lazy:
@@ -166,8 +173,6 @@ def release_prototypes(
                              f"of dim {embeddings.dim}")
     else:
         x = embeddings[idx]  # (B, d)
-    if prototypes.dim() != 2 or prototypes.shape[1] != x.shape[1] or prototypes.shape[0] == 0:
-        raise ValueError(f"prototypes must be (P >= 1, {x.shape[1]}), got shape {tuple(prototypes.shape)}")
     protos = F.normalize(prototypes.detach().to("cpu", torch.float32), dim=1)  # (P, d)
     p, d = protos.shape
     weight = 1.0 / max_per_group  # a group's records move sums and counts by <= 1 each

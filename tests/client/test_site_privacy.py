@@ -129,7 +129,7 @@ def test_a_prototype_release_past_the_budget_is_refused(tmp_path):
                release_noise_multiplier=0.5, release_sample_rate=1.0, num_prototypes=4)
     assert release_prototype_sums(rp, _emb(), prototypes=_emb(4, 16), round=1, generator=None) is None
     assert "would exceed" in rp.push_refused and round_metrics(rp)["budget-exhausted"] == 1.0
-    with pytest.raises(ValueError, match=r"prototypes must be \(P, 16\)"):
+    with pytest.raises(ValueError, match=r"prototypes must be \(P >= 1, 16\)"):
         release_prototype_sums(_plan(tmp_path, 1, release="prototypes"), _emb(), prototypes=_emb(4, 8),
                                round=1, generator=None)
 

@@ -182,3 +182,17 @@ def test_lazy_records_reject_embeddings_of_the_wrong_shape():
     nan = LazyRecords(n=100, dim=8, embed=lambda idx: torch.full((idx.numel(), 8), float("nan")))
     with pytest.raises(ValueError, match="NaN"):
         release_prototypes(nan, protos, noise_multiplier=1.0, sample_rate=1.0, generator=_gen())
+
+
+def test_prototypes_of_the_wrong_width_are_refused_before_any_record_is_encoded():
+    asked: list[int] = []
+
+    def embed(idx):
+        asked.append(idx.numel())
+        return torch.zeros(idx.numel(), 8)
+
+    for protos in (init_prototypes(num=4, dim=6, seed=3), torch.zeros(0, 8)):
+        with pytest.raises(ValueError, match=r"prototypes must be \(P >= 1, 8\)"):
+            release_prototypes(LazyRecords(n=100, dim=8, embed=embed), protos, noise_multiplier=1.0,
+                               sample_rate=1.0, generator=_gen())
+    assert asked == []
