@@ -131,8 +131,9 @@ def simulate(args: argparse.Namespace) -> None:
         run_simulation_main(cfg, out_dir=args.out or cfg.server.out_dir, engine=args.engine)
     except Exception as exc:  # user-facing errors are raised with clear messages by the driver
         from fedcl.data import DataError
+        from fedcl.server.app import FederationError
 
-        if isinstance(exc, (DataError, FileNotFoundError)):
+        if isinstance(exc, (DataError, FileNotFoundError, FederationError)):
             _fail(str(exc))
         raise
 

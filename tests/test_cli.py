@@ -129,3 +129,17 @@ def test_train_then_eval_a_tiny_encoder(tmp_path, capsys):
     assert [row.split()[0] for row in table[1:]] == ["encoder"]  # no random-init row
     assert main(["eval", str(tmp_path / "missing.pt"), *_sets(TINY)]) == 2
     assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_a_federation_that_cannot_go_on_is_one_line_from_simulate(capsys, monkeypatch):
+    """e.g. a finished run's folder rerun with other settings: the server's reason, not a traceback."""
+    from fedcl.server.app import FederationError
+
+    def refuse(cfg, **kwargs):
+        raise FederationError("checkpoint runs/latest/checkpoints/federation.pt belongs to a run with other "
+                              "settings (queue.enabled: True -> False); resume with that run's settings")
+
+    monkeypatch.setattr("fedcl.sim.simulate.run_simulation_main", refuse)
+    assert main(["simulate", "-s", "queue.enabled=false"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: checkpoint runs/latest/") and err.count("\n") == 1

@@ -462,8 +462,31 @@ def _global_model(cfg):
     return evaluator, model
 
 
+# the settings that define what a run learns: a checkpoint written under others belongs to another run
+# (the number of rounds, timeouts, addresses and output folders may change between a kill and a resume)
+RUN_DEFINING: dict[str, tuple[str, ...] | None] = {
+    "augment": None, "train": None, "queue": None, "privacy": None,
+    "federation": ("strategy", "strategy_kwargs", "fraction_train"),
+}
+
+
+def config_changes(saved_json: str, now_json: str) -> list[str]:
+    """``section.key: saved -> now`` for each run-defining setting that differs between two
+    ``dump_config`` JSONs; settings only one of them has (an older fedcl's checkpoint) are skipped."""
+    if not saved_json:
+        return []
+    saved, now = json.loads(saved_json), json.loads(now_json)
+    changes = []
+    for section, keys in RUN_DEFINING.items():
+        a, b = saved.get(section) or {}, now.get(section) or {}
+        for k in sorted(set(a) & set(b)) if keys is None else keys:
+            if k in a and k in b and a[k] != b[k]:
+                changes.append(f"{section}.{k}: {a[k]!r} -> {b[k]!r}")
+    return changes
+
+
 def _resume_or_start(ckpt_dir: Path, *, model, evaluator: CentralEvaluator | None, queue: QueueLink | None,
-                     num_rounds: int) -> _Progress:
+                     num_rounds: int, config_json: str = "") -> _Progress:
     """Load the last checkpoint into ``model`` and return its progress, or start afresh (round 1,
     with the random model's kNN as the baseline)."""
     from fedcl.models import load_canonical_state_dict
@@ -476,6 +499,12 @@ def _resume_or_start(ckpt_dir: Path, *, model, evaluator: CentralEvaluator | Non
         raise FederationError(
             f"checkpoint {checkpoint_path(ckpt_dir)} was written for model {ckpt.model_spec}, but the config "
             f"builds {spec}; move the checkpoint folder away to start afresh")
+    changes = config_changes(ckpt.config_json, config_json) if config_json else []
+    if changes:
+        raise FederationError(
+            f"checkpoint {checkpoint_path(ckpt_dir)} belongs to a run with other settings "
+            f"({'; '.join(changes)}); resume with that run's settings, or start afresh in another output "
+            "folder (--out) or after moving the checkpoint folder away")
     load_canonical_state_dict(model, ckpt.state_dict)
     progress = _Progress(history=list(ckpt.history), ledgers=dict(ckpt.ledgers), start=ckpt.round + 1,
                          release=ReleaseState.from_checkpoint(ckpt.queue.get("release")))
@@ -729,8 +758,9 @@ def run_federation(
             min_available_nodes=cfg.federation.min_available_nodes,
             fraction_evaluate=float(getattr(cfg.federation, "fraction_evaluate", 1.0)),
             extra=getattr(cfg.federation, "strategy_kwargs", None)))
+    config_json = dump_config(cfg)
     progress = _resume_or_start(ckpt_dir, model=model, evaluator=evaluator, queue=queue,
-                                num_rounds=num_rounds)
+                                num_rounds=num_rounds, config_json=config_json)
     if queue is not None and cfg.privacy.release == "public":
         progress.release.public_images = load_public_images(cfg)  # fail now, not after round 1
     _log_plan(cfg, queue=queue, out_dir=out_dir)
@@ -740,7 +770,6 @@ def run_federation(
         observer.on_start(start_round=progress.start, num_rounds=num_rounds,
                           initial_knn=progress.random_init_knn)
     arrays = ArrayRecord(canonical_state_dict(model))
-    config_json = dump_config(cfg)
     stopped_for_budget: int | None = None
     try:
         for rnd in range(progress.start, num_rounds + 1):

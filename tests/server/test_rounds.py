@@ -208,6 +208,40 @@ def test_a_checkpoint_of_another_model_is_not_resumed(tmp_path, federation):
         run_federation(_grid(simulated), config=_with_rounds(wider, 2), out_dir=out, queue=link)
 
 
+def test_a_checkpoint_of_other_run_settings_is_not_resumed_and_stays_as_it_was(tmp_path, federation):
+    """A finished run's folder, rerun with other training settings (here a new learning rate and
+    the queue off), is refused: resuming would report the old run's rounds under the new
+    settings. More rounds are still a resume."""
+    cfg, link, simulated, _ = federation
+    out = tmp_path / "out"
+    run_federation(_grid(simulated), config=_with_rounds(cfg, 1), out_dir=out, queue=link)
+    before = (out / "metrics.jsonl").read_text()
+    other = _with(_with(_with_rounds(cfg, 2), "train", lr=cfg.train.lr * 2), "queue", enabled=False)
+    changed = r"other settings \(train\.lr: [0-9.e-]+ -> [0-9.e-]+; queue\.enabled: True -> False\)"
+    with pytest.raises(FederationError, match=changed):
+        run_federation(_grid(simulated), config=other, out_dir=out, queue=link)
+    assert find_checkpoint(out / "checkpoints").round == 1
+    assert (out / "metrics.jsonl").read_text() == before
+    again = run_federation(_grid(simulated), config=_with_rounds(cfg, 2), out_dir=out, queue=link)
+    assert again.resumed_from == 1
+
+
+def test_config_changes_name_only_run_defining_settings_both_configs_have():
+    import json
+
+    from fedcl.config import dump_config
+    from fedcl.server.app import config_changes
+
+    cfg = load_config(None, TINY)
+    now = dump_config(cfg)
+    assert config_changes("", now) == []  # a checkpoint without its config
+    assert config_changes(dump_config(_with_rounds(cfg, 99)), now) == []  # more rounds: the same run
+    older = json.loads(dump_config(_with(cfg, "train", seed=cfg.train.seed + 1)))
+    assert config_changes(json.dumps(older), now) == [f"train.seed: {cfg.train.seed + 1} -> {cfg.train.seed}"]
+    del older["train"]["seed"]  # a setting an older fedcl did not write is not a change
+    assert config_changes(json.dumps(older), now) == []
+
+
 def test_weights_that_do_not_fit_are_refused_by_the_site(tmp_path, federation):
     cfg, link, simulated, _ = federation
     from flwr.app import ArrayRecord
