@@ -463,11 +463,13 @@ def _global_model(cfg):
 
 
 # the settings that define what a run learns: a checkpoint written under others belongs to another run
-# (the number of rounds, timeouts, addresses and output folders may change between a kill and a resume)
+# (the number of rounds, timeouts, addresses, output folders and the machine's threads and device may
+# change between a kill and a resume)
 RUN_DEFINING: dict[str, tuple[str, ...] | None] = {
     "augment": None, "train": None, "queue": None, "privacy": None,
     "federation": ("strategy", "strategy_kwargs", "fraction_train"),
 }
+NOT_RUN_DEFINING = frozenset({"train.threads", "train.device"})  # where the run computes, not what
 
 
 def config_changes(saved_json: str, now_json: str) -> list[str]:
@@ -480,7 +482,7 @@ def config_changes(saved_json: str, now_json: str) -> list[str]:
     for section, keys in RUN_DEFINING.items():
         a, b = saved.get(section) or {}, now.get(section) or {}
         for k in sorted(set(a) & set(b)) if keys is None else keys:
-            if k in a and k in b and a[k] != b[k]:
+            if k in a and k in b and a[k] != b[k] and f"{section}.{k}" not in NOT_RUN_DEFINING:
                 changes.append(f"{section}.{k}: {a[k]!r} -> {b[k]!r}")
     return changes
 

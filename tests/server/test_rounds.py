@@ -236,6 +236,7 @@ def test_config_changes_name_only_run_defining_settings_both_configs_have():
     now = dump_config(cfg)
     assert config_changes("", now) == []  # a checkpoint without its config
     assert config_changes(dump_config(_with_rounds(cfg, 99)), now) == []  # more rounds: the same run
+    assert config_changes(dump_config(_with(cfg, "train", threads=7, device="cpu")), now) == []  # the machine
     older = json.loads(dump_config(_with(cfg, "train", seed=cfg.train.seed + 1)))
     assert config_changes(json.dumps(older), now) == [f"train.seed: {cfg.train.seed + 1} -> {cfg.train.seed}"]
     del older["train"]["seed"]  # a setting an older fedcl did not write is not a change
