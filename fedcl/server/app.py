@@ -488,7 +488,7 @@ def config_changes(saved_json: str, now_json: str) -> list[str]:
 
 
 def _resume_or_start(ckpt_dir: Path, *, model, evaluator: CentralEvaluator | None, queue: QueueLink | None,
-                     num_rounds: int, config_json: str = "") -> _Progress:
+                     num_rounds: int, config_json: str) -> _Progress:
     """Load the last checkpoint into ``model`` and return its progress, or start afresh (round 1,
     with the random model's kNN as the baseline)."""
     from fedcl.models import load_canonical_state_dict
@@ -501,7 +501,7 @@ def _resume_or_start(ckpt_dir: Path, *, model, evaluator: CentralEvaluator | Non
         raise FederationError(
             f"checkpoint {checkpoint_path(ckpt_dir)} was written for model {ckpt.model_spec}, but the config "
             f"builds {spec}; move the checkpoint folder away to start afresh")
-    changes = config_changes(ckpt.config_json, config_json) if config_json else []
+    changes = config_changes(ckpt.config_json, config_json)
     if changes:
         raise FederationError(
             f"checkpoint {checkpoint_path(ckpt_dir)} belongs to a run with other settings "
