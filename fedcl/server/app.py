@@ -462,14 +462,25 @@ def _global_model(cfg):
     return evaluator, model
 
 
-# the settings that define what a run learns: a checkpoint written under others belongs to another run
-# (the number of rounds, timeouts, addresses, output folders and the machine's threads and device may
-# change between a kill and a resume)
+# the settings that define what a run learns: a checkpoint written under others belongs to another run.
+# Every setting of FedclConfig is in exactly one of the two tables (a test checks it, so a new setting
+# has to be placed): a section name alone covers all of its settings.
 RUN_DEFINING: dict[str, tuple[str, ...] | None] = {
     "augment": None, "train": None, "queue": None, "privacy": None,
+    # how the sites' data is made (the partitions a site started with a partition id trains on)
+    "data": ("name", "partition", "num_sites", "alpha", "classes_per_site", "max_images_per_site",
+             "synthetic_images", "synthetic_classes", "clutter", "seed"),
     "federation": ("strategy", "strategy_kwargs", "fraction_train"),
 }
-NOT_RUN_DEFINING = frozenset({"train.threads", "train.device"})  # where the run computes, not what
+# what may change between a kill and a resume: where the run computes, reads and writes, how long it
+# runs and waits, and what the server evaluates on; the model is compared through its own spec
+NOT_RUN_DEFINING = frozenset({
+    "train.threads", "train.device",
+    "data.path", "data.eval_split", "data.eval_max_images", "data.train_max_images",
+    "federation.num_rounds", "federation.min_available_nodes", "federation.min_train_nodes",
+    "federation.eval_every", "federation.round_timeout", "federation.fraction_evaluate",
+    "model", "server",
+})
 
 
 def config_changes(saved_json: str, now_json: str) -> list[str]:

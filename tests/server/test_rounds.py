@@ -243,6 +243,33 @@ def test_config_changes_name_only_run_defining_settings_both_configs_have():
     assert config_changes(json.dumps(older), now) == []
 
 
+def test_every_setting_is_either_run_defining_or_allowed_to_change_on_resume():
+    from fedcl.config import FedclConfig
+    from fedcl.server.app import NOT_RUN_DEFINING, RUN_DEFINING
+
+    for section, field in FedclConfig.model_fields.items():
+        names = field.annotation.model_fields
+        keys = RUN_DEFINING.get(section, ())
+        defining = {k for k in names if keys is None and f"{section}.{k}" not in NOT_RUN_DEFINING} | set(keys or ())
+        free = set(names) if section in NOT_RUN_DEFINING else {
+            k for k in names if f"{section}.{k}" in NOT_RUN_DEFINING}
+        assert defining <= set(names), f"{section}: RUN_DEFINING names unknown settings {defining - set(names)}"
+        assert not defining & free, f"{section}: {sorted(defining & free)} are in both tables"
+        assert defining | free == set(names), (
+            f"{section}: {sorted(set(names) - defining - free)} in neither RUN_DEFINING nor NOT_RUN_DEFINING")
+
+
+def test_a_changed_data_split_is_a_change_and_a_moved_data_folder_is_not():
+    from fedcl.config import dump_config
+    from fedcl.server.app import config_changes
+
+    cfg = load_config(None, TINY)
+    now = dump_config(cfg)
+    assert config_changes(dump_config(_with(cfg, "data", path="/elsewhere", eval_max_images=7)), now) == []
+    assert config_changes(dump_config(_with(cfg, "data", seed=cfg.data.seed + 1)), now) == [
+        f"data.seed: {cfg.data.seed + 1} -> {cfg.data.seed}"]
+
+
 def test_weights_that_do_not_fit_are_refused_by_the_site(tmp_path, federation):
     cfg, link, simulated, _ = federation
     from flwr.app import ArrayRecord
