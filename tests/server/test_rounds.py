@@ -250,10 +250,11 @@ def test_every_setting_is_either_run_defining_or_allowed_to_change_on_resume():
     for section, field in FedclConfig.model_fields.items():
         names = field.annotation.model_fields
         keys = RUN_DEFINING.get(section, ())
-        defining = {k for k in names if keys is None and f"{section}.{k}" not in NOT_RUN_DEFINING} | set(keys or ())
+        defining = set(keys or ()) | {
+            k for k in names if keys is None and f"{section}.{k}" not in NOT_RUN_DEFINING}
         free = set(names) if section in NOT_RUN_DEFINING else {
             k for k in names if f"{section}.{k}" in NOT_RUN_DEFINING}
-        assert defining <= set(names), f"{section}: RUN_DEFINING names unknown settings {defining - set(names)}"
+        assert defining <= set(names), f"{section}: RUN_DEFINING names unknown {defining - set(names)}"
         assert not defining & free, f"{section}: {sorted(defining & free)} are in both tables"
         assert defining | free == set(names), (
             f"{section}: {sorted(set(names) - defining - free)} in neither RUN_DEFINING nor NOT_RUN_DEFINING")
