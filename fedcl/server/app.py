@@ -32,7 +32,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedcl.server.checkpoint import FederationCheckpoint, checkpoint_path, find_checkpoint, save_checkpoint
 from fedcl.server.metrics import MetricsLog, format_round_line, write_plots
-from fedcl.server.strategy import build_strategy
+from fedcl.server.strategy import build_strategy, restore_strategy_state, strategy_state
 from fedcl.wire.protocol import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -499,9 +499,9 @@ def config_changes(saved_json: str, now_json: str) -> list[str]:
 
 
 def _resume_or_start(ckpt_dir: Path, *, model, evaluator: CentralEvaluator | None, queue: QueueLink | None,
-                     num_rounds: int, config_json: str) -> _Progress:
-    """Load the last checkpoint into ``model`` and return its progress, or start afresh (round 1,
-    with the random model's kNN as the baseline)."""
+                     num_rounds: int, config_json: str, strategy: Any = None) -> _Progress:
+    """Load the last checkpoint into ``model`` (and its round-to-round state into ``strategy``) and
+    return its progress, or start afresh (round 1, with the random model's kNN as the baseline)."""
     from fedcl.models import load_canonical_state_dict
 
     ckpt = find_checkpoint(ckpt_dir)
@@ -519,6 +519,8 @@ def _resume_or_start(ckpt_dir: Path, *, model, evaluator: CentralEvaluator | Non
             f"({'; '.join(changes)}); resume with that run's settings, or start afresh in another output "
             "folder (--out) or after moving the checkpoint folder away")
     load_canonical_state_dict(model, ckpt.state_dict)
+    if strategy is not None:
+        restore_strategy_state(strategy, ckpt.strategy_state)
     progress = _Progress(history=list(ckpt.history), ledgers=dict(ckpt.ledgers), start=ckpt.round + 1,
                          release=ReleaseState.from_checkpoint(ckpt.queue.get("release")))
     if progress.history and progress.history[0].get("random_init_knn") is not None:
@@ -711,7 +713,7 @@ class _Federation:
         save_checkpoint(checkpoint_path(self.ckpt_dir), FederationCheckpoint(
             round=rnd, state_dict=canonical_state_dict(self.model), model_spec=dict(self.model.spec),
             queue=queue_info, ledgers=progress.ledgers, history=progress.history, config_json=config_json,
-            strategy=cfg.federation.strategy))
+            strategy=cfg.federation.strategy, strategy_state=strategy_state(self.strategy)))
 
 
 def _write_outputs(cfg, *, out_dir: Path, model, progress: _Progress, stopped_for_budget: int | None,
@@ -773,7 +775,7 @@ def run_federation(
             extra=getattr(cfg.federation, "strategy_kwargs", None)))
     config_json = dump_config(cfg)
     progress = _resume_or_start(ckpt_dir, model=model, evaluator=evaluator, queue=queue,
-                                num_rounds=num_rounds, config_json=config_json)
+                                num_rounds=num_rounds, config_json=config_json, strategy=fed.strategy)
     if queue is not None and cfg.privacy.release == "public":
         progress.release.public_images = load_public_images(cfg)  # fail now, not after round 1
     _log_plan(cfg, queue=queue, out_dir=out_dir)

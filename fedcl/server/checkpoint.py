@@ -3,7 +3,8 @@
 A checkpoint holds what a restarted ServerApp needs to continue at round k + 1 as if nothing had
 happened: the global weights (canonical state dict) with the model spec to rebuild them, the
 round, the queue's state as the queue service reported it (its own snapshot file holds the
-embeddings), the per-site privacy-ledger summaries the sites reported, and the metrics history.
+embeddings), the strategy's own round-to-round state (server momentum, adaptive moments), the
+per-site privacy-ledger summaries the sites reported, and the metrics history.
 
 Written with ``torch.save`` to a temp file in the same folder, fsync, rename, fsync of the
 folder; read with ``torch.load(weights_only=True)`` (tensors and plain containers only).
@@ -39,6 +40,9 @@ class FederationCheckpoint:
     history: list[dict[str, Any]] = field(default_factory=list)  # one record per round, as in metrics.jsonl
     config_json: str = ""  # the effective FedclConfig (fedcl.config.dump_config)
     strategy: str = "FedAvg"
+    # the strategy's round-to-round state (fedcl.server.strategy.strategy_state): server momentum,
+    # adaptive moments; empty for FedAvg
+    strategy_state: dict[str, Any] = field(default_factory=dict)
 
     def to_payload(self) -> dict[str, Any]:
         return {
@@ -51,6 +55,7 @@ class FederationCheckpoint:
             "history": _plain(self.history),
             "config_json": self.config_json,
             "strategy": self.strategy,
+            "strategy_state": self.strategy_state,
         }
 
 
@@ -92,6 +97,7 @@ def load_checkpoint(path: Path) -> FederationCheckpoint:
             history=list(payload.get("history", [])),
             config_json=str(payload.get("config_json", "")),
             strategy=str(payload.get("strategy", "FedAvg")),
+            strategy_state=dict(payload.get("strategy_state", {})),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(

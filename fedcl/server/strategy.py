@@ -5,6 +5,8 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import numpy as np
+import torch
 from flwr.serverapp import strategy as flwr_strategies
 from flwr.serverapp.strategy import Strategy
 
@@ -69,3 +71,36 @@ def build_strategy(
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise StrategyError(f"strategy {name} rejected its settings: {exc}") from None
+
+
+# What Flower's strategies carry from one round to the next: the adaptive optimizers' moments
+# (FedAdam, FedYogi, FedAdagrad: ``m_t``, ``v_t``, dicts of arrays) and FedAvgM's momentum (a list of
+# arrays). The weights the strategy started the round from are set again by every configure_train.
+STATE_ATTRIBUTES = ("m_t", "v_t", "momentum_vector")
+
+
+def strategy_state(strategy: Strategy) -> dict[str, Any]:
+    """The round-to-round state of ``strategy`` as tensors, for the checkpoint (empty for FedAvg)."""
+    state: dict[str, Any] = {}
+    for name in STATE_ATTRIBUTES:
+        value = getattr(strategy, name, None)
+        if value is None:
+            continue
+        if isinstance(value, dict):
+            state[name] = {str(k): torch.from_numpy(np.array(v)) for k, v in value.items()}
+        else:
+            state[name] = [torch.from_numpy(np.array(v)) for v in value]
+    return state
+
+
+def restore_strategy_state(strategy: Strategy, state: dict[str, Any]) -> None:
+    """Put ``strategy_state``'s output back into a freshly built strategy of the same class."""
+    for name, value in state.items():
+        if name not in STATE_ATTRIBUTES or not hasattr(strategy, name):
+            raise StrategyError(
+                f"the checkpoint holds strategy state {name!r} that {type(strategy).__name__} does not "
+                "have; resume with the strategy that wrote it, or start afresh in another output folder")
+        if isinstance(value, dict):
+            setattr(strategy, name, {k: v.numpy() for k, v in value.items()})
+        else:
+            setattr(strategy, name, [v.numpy() for v in value])

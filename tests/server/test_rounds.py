@@ -243,6 +243,18 @@ def test_config_changes_name_only_run_defining_settings_both_configs_have():
     assert config_changes(json.dumps(older), now) == []
 
 
+def test_server_momentum_is_checkpointed_and_resumed(tmp_path, federation):
+    cfg, link, simulated, _ = federation
+    cfg = _with(cfg, "federation", strategy="FedAvgM", strategy_kwargs={"server_momentum": 0.9})
+    out = tmp_path / "out"
+    run_federation(_grid(simulated), config=_with_rounds(cfg, 1), out_dir=out, queue=link)
+    saved = find_checkpoint(out / "checkpoints").strategy_state["momentum_vector"]
+    assert saved and all(isinstance(t, torch.Tensor) for t in saved)
+    resumed = run_federation(_grid(simulated), config=_with_rounds(cfg, 2), out_dir=out, queue=link)
+    assert resumed.resumed_from == 1
+    assert len(find_checkpoint(out / "checkpoints").strategy_state["momentum_vector"]) == len(saved)
+
+
 def test_every_setting_is_either_run_defining_or_allowed_to_change_on_resume():
     from fedcl.config import FedclConfig
     from fedcl.server.app import NOT_RUN_DEFINING, RUN_DEFINING
