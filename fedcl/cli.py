@@ -132,8 +132,10 @@ def simulate(args: argparse.Namespace) -> None:
     except Exception as exc:  # user-facing errors are raised with clear messages by the driver
         from fedcl.data import DataError
         from fedcl.server.app import FederationError
+        from fedcl.server.checkpoint import CheckpointError
+        from fedcl.server.strategy import StrategyError
 
-        if isinstance(exc, (DataError, FileNotFoundError, FederationError)):
+        if isinstance(exc, (DataError, FileNotFoundError, FederationError, StrategyError, CheckpointError)):
             _fail(str(exc))
         raise
 

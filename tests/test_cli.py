@@ -131,13 +131,18 @@ def test_train_then_eval_a_tiny_encoder(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: ")
 
 
-def test_a_federation_that_cannot_go_on_is_one_line_from_simulate(capsys, monkeypatch):
-    """e.g. a finished run's folder rerun with other settings: the server's reason, not a traceback."""
-    from fedcl.server.app import FederationError
+@pytest.mark.parametrize("error", ["FederationError", "StrategyError", "CheckpointError"])
+def test_a_federation_that_cannot_go_on_is_one_line_from_simulate(capsys, monkeypatch, error):
+    """e.g. a finished run's folder rerun with other settings, an unknown strategy, an unreadable
+    checkpoint: the server's reason, not a traceback."""
+    from fedcl.server import app, checkpoint, strategy
+
+    cls = {"FederationError": app.FederationError, "StrategyError": strategy.StrategyError,
+           "CheckpointError": checkpoint.CheckpointError}[error]
 
     def refuse(cfg, **kwargs):
-        raise FederationError("checkpoint runs/latest/checkpoints/federation.pt belongs to a run with other "
-                              "settings (queue.enabled: True -> False); resume with that run's settings")
+        raise cls("checkpoint runs/latest/checkpoints/federation.pt belongs to a run with other "
+                  "settings (queue.enabled: True -> False); resume with that run's settings")
 
     monkeypatch.setattr("fedcl.sim.simulate.run_simulation_main", refuse)
     assert main(["simulate", "-s", "queue.enabled=false"]) == 2
