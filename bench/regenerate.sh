@@ -6,7 +6,7 @@
 #
 # bench/quality.py keeps every finished (split, method, seed) run in bench/results/cache (ignored by git),
 # so a rerun trains only what is missing. On a fresh clone the cache is empty: the three quality tables then
-# train 99 runs of 8, 16 or 20 epochs each: 63 of the main table's 66 took 5.3 CPU-hours on the machine that ran
+# train 102 runs of 8, 16 or 20 epochs each: 63 of the main table's 66 took 5.3 CPU-hours on the machine that ran
 # them, the budget probe's 15 (16 epochs) 2.7 more, and the plain table about 3.5 on a machine 2.4 times slower
 # per run (docs/benchmarks.md).
 # The timing benchmarks (overhead, DP overhead, context state, scale) always rerun and take minutes; their
@@ -43,6 +43,16 @@ cached=()
     --sites 5 --images-per-site 2000 --width 16 --batch-size 64 --lr 1e-3 --rounds 512 --rounds-per-epoch 32 \
     --persist-optimizer --num-push 128 --eval-every 32 --test-images 2000 --threads 1 \
     --methods pixels,random,fedsimclr,fedcl,fedcl_noqueue,fedcl_dp8,central --tag _budget16 "${cached[@]}"
+
+# the control of the budget probe (quality_central_b320.*): central SimCLR with the images of a whole federated
+# round in each step (batch 320 = 5 sites x 64), so as many sequential updates as the federation's 512 rounds;
+# and the plot of every curve against sequential updates (quality_budget16_updates.png)
+"$PY" bench/quality.py --dataset fashion-mnist-cluttered --splits pathological --seeds 0,1,2 \
+    --sites 5 --images-per-site 2000 --width 16 --batch-size 320 --lr 1e-3 --rounds 512 --rounds-per-epoch 32 \
+    --persist-optimizer --num-push 128 --eval-every 32 --test-images 2000 --threads 1 \
+    --methods central --tag _central_b320 "${cached[@]}"
+"$PY" bench/plot_updates.py bench/results/quality_budget16.json bench/results/quality_central_b320.json \
+    --out bench/results/quality_budget16_updates.png
 
 # plain Fashion-MNIST's main rows on the shipped federation (quality_fashion_mnist_shipped.*). The committed
 # quality_fashion_mnist.* is the table of the former bench copy of the round (removed): no command rebuilds
