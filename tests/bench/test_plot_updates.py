@@ -26,8 +26,8 @@ def test_rounds_of_several_steps_are_refused():
 
 def test_the_plot_is_written_and_a_table_without_the_methods_is_an_error(tmp_path, capsys):
     table = tmp_path / "q.json"
-    table.write_text(json.dumps({"config": CONFIG, "splits": {"pathological": {
-        "fedcl": {"rounds": [{"round": 32, "knn": 0.5}]}, "central": {"rounds": [{"round": 32, "knn": 0.6}]}}}}))
+    curves = {name: {"rounds": [{"round": 32, "knn": k}]} for name, k in (("fedcl", 0.5), ("central", 0.6))}
+    table.write_text(json.dumps({"config": CONFIG, "splits": {"pathological": curves}}))
     assert main([str(table), "--out", str(tmp_path / "u.png")]) == 0
     assert (tmp_path / "u.png").stat().st_size > 0
     assert main([str(table), "--methods", "fedsimclr", "--out", str(tmp_path / "v.png")]) == 2
