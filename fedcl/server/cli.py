@@ -337,10 +337,13 @@ def start_and_follow_run(cfg, *, superlink_address: str, join_address: str | Non
              + ", ".join(sorted(cfg.server.revoked_sites)))
     config_path = write_effective_config(cfg, out_dir)
     app_dir = write_app_dir(out_dir / "flwr-app")
+    log_path = out_dir / "serverapp.log"
+    start = log_path.stat().st_size if log_path.exists() else 0
     run_id, code = submit_run(app_dir=app_dir, env=env, config_path=config_path, out_dir=out_dir,
-                              log_path=out_dir / "serverapp.log")
+                              log_path=log_path)
     status = run_status(run_id, env=env)
-    _log(f"run {run_id}: {status}")
+    reason = run_failure_reason(log_path, start=start) if status != "finished:completed" else None
+    _log(f"run {run_id}: {status}" + (f": {reason}" if reason else ""))
     summary = out_dir / "summary.json"
     if status == "finished:completed" and summary.exists():
         s = json.loads(summary.read_text())
@@ -351,6 +354,23 @@ def start_and_follow_run(cfg, *, superlink_address: str, join_address: str | Non
         )
         return 0
     return 1 if code == 0 else code
+
+
+# the errors by which fedcl's ServerApp refuses to start or go on, each raised with the reason and the fix
+_RUN_ERRORS = re.compile(r"\b(?:FederationError|StrategyError|CheckpointError|DataError|ConfigError): (.+)")
+
+
+def run_failure_reason(log_path: Path, *, start: int = 0) -> str | None:
+    """The last refusal fedcl's ServerApp logged after byte ``start`` of ``log_path`` (this run's part
+    of the appended log), as one line; None when there is none (a crash of another kind: see the log)."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(start)
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    found = _RUN_ERRORS.findall(text)
+    return found[-1].strip() if found else None
 
 
 def restart_note(cfg) -> str | None:

@@ -319,3 +319,24 @@ def test_superlink_instructions_register_node_keys_and_need_a_coordinator_token(
                                      config_json=tmp_path / "c.json", queue_command=["q"])
     assert (
         "flwr run ." not in no_token and "server.coordinator_token" in no_token and no_token.count("\n") == 1)
+
+
+def test_a_failed_runs_reason_is_read_from_this_runs_part_of_the_serverapp_log(tmp_path):
+    from fedcl.server.cli import run_failure_reason
+
+    log = tmp_path / "serverapp.log"
+    log.write_text("Traceback (most recent call last):\n"
+                   "fedcl.server.app.FederationError: an older run's refusal\n")
+    start = log.stat().st_size
+    with open(log, "a") as f:
+        f.write("INFO :      round 1\nTraceback (most recent call last):\n  File \"app.py\", line 1\n"
+                "fedcl.server.app.FederationError: checkpoint out/checkpoints/federation.pt belongs to a run "
+                "with other settings (queue.enabled: True -> False); resume with that run's settings\n"
+                "ERROR :     ServerApp thread raised an exception\n")
+    assert run_failure_reason(log, start=start) == (
+        "checkpoint out/checkpoints/federation.pt belongs to a run with other settings "
+        "(queue.enabled: True -> False); resume with that run's settings")
+    assert run_failure_reason(log) is not None
+    log.write_text("Traceback (most recent call last):\nZeroDivisionError: division by zero\n")
+    assert run_failure_reason(log) is None  # not one of fedcl's refusals: the log has it
+    assert run_failure_reason(tmp_path / "missing.log") is None
