@@ -37,12 +37,13 @@ cached=()
     --methods pixels,random,local,fedsimclr,fedcl,fedcl_noqueue,fedcl_dp8,fedcl_dp3,fedcl_prototypes,fedcl_public,central \
     "${cached[@]}"
 
-# the budget probe (quality_budget16.*): the main table's recipe at 16 epochs (512 rounds) instead of 8, on the
-# pathological split, with the rows the targets compare (docs/benchmarks.md, "Twice the budget")
+# the 16-epoch table (quality_budget16.*, the README's): the main table's recipe at 16 epochs (512 rounds) instead
+# of 8, on the pathological split, every row (docs/benchmarks.md, "Twice the budget")
 "$PY" bench/quality.py --dataset fashion-mnist-cluttered --splits pathological --seeds 0,1,2 \
     --sites 5 --images-per-site 2000 --width 16 --batch-size 64 --lr 1e-3 --rounds 512 --rounds-per-epoch 32 \
     --persist-optimizer --num-push 128 --eval-every 32 --test-images 2000 --threads 1 \
-    --methods pixels,random,fedsimclr,fedcl,fedcl_noqueue,fedcl_dp8,central --tag _budget16 "${cached[@]}"
+    --methods pixels,random,local,fedsimclr,fedcl,fedcl_noqueue,fedcl_dp8,fedcl_dp3,fedcl_prototypes,fedcl_public,central \
+    --tag _budget16 "${cached[@]}"
 
 # the control of the budget probe (quality_central_b320.*): central SimCLR with the images of a whole federated
 # round in each step (batch 320 = 5 sites x 64), so as many sequential updates as the federation's 512 rounds;
