@@ -499,7 +499,7 @@ def config_changes(saved_json: str, now_json: str) -> list[str]:
 
 
 def _resume_or_start(ckpt_dir: Path, *, model, evaluator: CentralEvaluator | None, queue: QueueLink | None,
-                     num_rounds: int, config_json: str, strategy: Any = None) -> _Progress:
+                     num_rounds: int, config_json: str, strategy: Any) -> _Progress:
     """Load the last checkpoint into ``model`` (and its round-to-round state into ``strategy``) and
     return its progress, or start afresh (round 1, with the random model's kNN as the baseline)."""
     from fedcl.models import load_canonical_state_dict
@@ -519,8 +519,7 @@ def _resume_or_start(ckpt_dir: Path, *, model, evaluator: CentralEvaluator | Non
             f"({'; '.join(changes)}); resume with that run's settings, or start afresh in another output "
             "folder (--out) or after moving the checkpoint folder away")
     load_canonical_state_dict(model, ckpt.state_dict)
-    if strategy is not None:
-        restore_strategy_state(strategy, ckpt.strategy_state)
+    restore_strategy_state(strategy, ckpt.strategy_state)
     progress = _Progress(history=list(ckpt.history), ledgers=dict(ckpt.ledgers), start=ckpt.round + 1,
                          release=ReleaseState.from_checkpoint(ckpt.queue.get("release")))
     if progress.history and progress.history[0].get("random_init_knn") is not None:
