@@ -60,9 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in wanted:
             if name not in methods or not methods[name].get("rounds"):
                 continue
-            pts = updates_curve(methods[name], config, federated=name != "central")
+            federated = name != "central"
+            pts = updates_curve(methods[name], config, federated=federated)
             label = f"{name} (batch {config['batch_size']}" + (
-                f" per site × {config['sites']})" if name != "central" else ")")
+                f" per site × {config['sites']})" if federated else ")")
             ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", markersize=3, label=label)
             drawn += 1
     if not drawn:
