@@ -20,7 +20,6 @@ settings allow do.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import re
 import signal
@@ -31,6 +30,7 @@ import threading
 import time
 from pathlib import Path
 
+from fedcl.bound_child import popen_bound
 from fedcl.client import preflight
 from fedcl.client.preflight import PreflightError
 from fedcl.wire.flower import flower_environment
@@ -291,13 +291,6 @@ def _store_token(token: str, state_dir: Path) -> Path:
     return path
 
 
-def _die_with_parent() -> None:  # runs in the child before exec (Linux): no orphaned SuperNode
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 # What flower-supernode prints when a SuperLink with SuperNode authentication does not know its key
 # (Flower's ApiError 2004; the process then exits with status 1, like many other failures).
 NODE_REFUSED = "Failed to activate SuperNode"
@@ -373,9 +366,8 @@ def supervise(argv: list[str], *, rejoin: bool, min_delay: float = 1.0, max_dela
         while True:
             started = time.time()
             piped = subprocess.PIPE if output_hints or fatal_output else None
-            child = subprocess.Popen(argv, preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-                                     stdout=piped, stderr=subprocess.STDOUT if piped else None,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            child = popen_bound(argv, stdout=piped, stderr=subprocess.STDOUT if piped else None,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
             forwarder, fatal_seen = None, []
             if piped:  # a thread: the SuperNode's own children may hold the pipe open after it exits
                 forwarder = threading.Thread(target=_forward, daemon=True, args=(

@@ -23,7 +23,6 @@ queue service (PERMISSION_DENIED, audited).
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import re
@@ -36,6 +35,7 @@ import sys
 import time
 from pathlib import Path
 
+from fedcl.bound_child import popen_bound
 from fedcl.wire.flower import flower_environment
 
 FEDERATION_NAME = "fedcl"
@@ -524,13 +524,6 @@ def _forward_signals(proc: subprocess.Popen) -> dict:
     return {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
 
 
-def _die_with_parent() -> None:  # in the SuperLink's process before exec (Linux): not orphaned
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 def cmd_superlink(args) -> int:
     """Flower's SuperLink with the config's TLS, in a child process (signals are passed on); once it
     is up, the Flower connection and the `flwr run` line that submit a run to it."""
@@ -550,7 +543,7 @@ def cmd_superlink(args) -> int:
     out_dir = Path(cfg.server.out_dir)
     env = _flower_env(out_dir / "flwr-home" / "superlink")
     _log(" ".join(cmd))
-    proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
+    proc = popen_bound(cmd, env=env)
     previous = _forward_signals(proc)
     try:
         s = cfg.server

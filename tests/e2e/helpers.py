@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -14,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from fedcl.bound_child import popen_bound
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[2]
@@ -124,15 +125,6 @@ def process_env(home: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def _own_session_ended_with_the_test() -> None:
-    """In the child: its own session (stop it with its children), and SIGTERM if pytest itself dies."""
-    os.setsid()
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 class Processes:
     """Processes started in their own sessions, so that stopping one stops its children too."""
 
@@ -143,8 +135,9 @@ class Processes:
     def start(self, name: str, argv: list[str], *, env: dict[str, str],
               cwd: Path | None = None) -> subprocess.Popen:
         log = open(self.log_dir / f"{name}.log", "ab")
-        proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
-                                preexec_fn=_own_session_ended_with_the_test)
+        # its own session (stopping it stops its children), ended by SIGTERM if pytest itself dies
+        proc = popen_bound(argv, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                           start_new_session=True)
         log.close()
         self.procs[name] = proc
         return proc
