@@ -283,6 +283,29 @@ def release_phase(grid: Grid, *, rnd: int, train_messages: list[Message], arrays
     return info
 
 
+def wait_for_ray(grid: Grid, *, is_ready=None, poll_s: float = 0.1, backstop_s: float = 600.0) -> bool:
+    """In Flower's simulation runtime (an ``InMemoryGrid``: `flwr run .` on a local SuperLink) the
+    ServerApp thread starts before the runtime initialises Ray in the same process, and Ray starts its
+    processes with a preexec_fn: fork(), which runs gRPC's fork handlers; with gRPC threads busy (the
+    queue service this run serves, its clients) they can abort Ray's child or block this process, and
+    gRPC was imported before fedcl could switch them off. So no gRPC is started here until Ray is up.
+    True once it is (at once on any other grid); False, with a warning, after ``backstop_s``."""
+    if type(grid).__name__ != "InMemoryGrid":
+        return True
+    if is_ready is None:
+        import ray
+
+        is_ready = ray.is_initialized
+    deadline = time.monotonic() + backstop_s
+    while not is_ready():
+        if time.monotonic() > deadline:
+            log.warning("Ray is not initialised after %.0f s; starting the queue without waiting for it",
+                        backstop_s)
+            return False
+        time.sleep(poll_s)
+    return True
+
+
 def wait_for_sites(grid: Grid, minimum: int, *, poll_s: float = 1.0, log_every_s: float = 30.0) -> int:
     """Block until ``minimum`` SuperNodes are connected; returns how many are.
 
@@ -922,6 +945,7 @@ def main(grid: Grid, context: Context) -> None:
         )
         log.error("%s", reason)
         raise FederationError(reason)
+    wait_for_ray(grid)
     if cfg.queue.enabled and cfg.server.coordinator_token is None:
         try:
             run_with_loopback_queue(grid, config=cfg, out_dir=out_dir)
@@ -934,4 +958,4 @@ def main(grid: Grid, context: Context) -> None:
 
 __all__ = ["CentralEvaluator", "FederationError", "FederationResult", "QueueLink", "app", "load_run_config",
            "flower_runtime_env_note", "make_server_app", "round_config", "run_federation",
-           "run_with_loopback_queue"]
+           "run_with_loopback_queue", "wait_for_ray"]

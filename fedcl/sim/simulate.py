@@ -174,7 +174,11 @@ def run_simulation_main(
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silences a Ray FutureWarning
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # gRPC core notes about fork() under Ray
-    # Flower (and with it gRPC, which reads GRPC_VERBOSITY once) is imported only from here on
+    # Ray starts its processes with a preexec_fn, i.e. fork(), after the queue service's gRPC threads are
+    # up; gRPC's fork handlers can then abort the child or block this process. No child of ours uses gRPC
+    # before exec, so they are switched off.
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+    # Flower (and with it gRPC, which reads both variables once) is imported only from here on
     from fedcl.client.app import make_client_app
     from fedcl.server.app import make_server_app
 
