@@ -55,6 +55,13 @@ cached=()
 "$PY" bench/plot_updates.py bench/results/quality_budget16.json bench/results/quality_central_b320.json \
     --out bench/results/quality_budget16_updates.png
 
+# the batch-32 probe (quality_b32.*): the 16-epoch recipe at batch 32 for every row it has, i.e. twice the
+# sequential updates for the federated rows and for central alike (docs/benchmarks.md, "At batch 32")
+"$PY" bench/quality.py --dataset fashion-mnist-cluttered --splits pathological --seeds 0,1,2 \
+    --sites 5 --images-per-site 2000 --width 16 --batch-size 32 --lr 1e-3 --rounds 512 --rounds-per-epoch 32 \
+    --persist-optimizer --num-push 128 --eval-every 32 --test-images 2000 --threads 1 \
+    --methods pixels,random,fedsimclr,fedcl,central --tag _b32 "${cached[@]}"
+
 # plain Fashion-MNIST's main rows on the shipped federation (quality_fashion_mnist_shipped.*). The committed
 # quality_fashion_mnist.* is the table of the former bench copy of the round (removed): no command rebuilds
 # it; its pixels row is this command's. Its fedcl rows predate fdb2b3d's loss, which this command trains.
