@@ -63,6 +63,13 @@ cached=()
     --persist-optimizer --num-push 128 --eval-every 32 --test-images 2000 --threads 1 \
     --methods pixels,random,fedsimclr,fedcl,central --tag _b32 "${cached[@]}"
 
+# the Dirichlet split at 16 epochs, the rows of the targets only (quality_budget16_dirichlet.*): the 16-epoch
+# table's command on the other split (docs/benchmarks.md, "The 16-epoch table")
+"$PY" bench/quality.py --dataset fashion-mnist-cluttered --splits dirichlet0.1 --seeds 0,1,2 \
+    --sites 5 --images-per-site 2000 --width 16 --batch-size 64 --lr 1e-3 --rounds 512 --rounds-per-epoch 32 \
+    --persist-optimizer --num-push 128 --eval-every 32 --test-images 2000 --threads 1 \
+    --methods pixels,random,fedsimclr,fedcl,central --tag _budget16_dirichlet "${cached[@]}"
+
 # plain Fashion-MNIST's main rows on the shipped federation (quality_fashion_mnist_shipped.*). The committed
 # quality_fashion_mnist.* is the table of the former bench copy of the round (removed): no command rebuilds
 # it; its pixels row is this command's. Its fedcl rows predate fdb2b3d's loss, which this command trains.
