@@ -29,45 +29,39 @@ esac
 cached=()
 [ "$tables_only" = 1 ] && cached=(--cached-only)
 
-# the main table (quality.json, the README's): the cluttered regime, both splits (pathological, Dirichlet
-# alpha = 0.1), 3 seeds, every row; 8 epochs as 256 rounds of 1/32 epoch (1 local step) with kept Adam state,
-# 128 fresh pushes per site and round (docs/benchmarks.md, "The main table: cluttered Fashion-MNIST")
-"$PY" bench/quality.py --dataset fashion-mnist-cluttered --splits pathological,dirichlet0.1 --seeds 0,1,2 \
-    --sites 5 --images-per-site 2000 --width 16 --batch-size 64 --lr 1e-3 --rounds 256 --rounds-per-epoch 32 \
-    --persist-optimizer --num-push 128 --eval-every 32 --test-images 2000 --threads 1 \
-    --methods pixels,random,local,fedsimclr,fedcl,fedcl_noqueue,fedcl_dp8,fedcl_dp3,fedcl_prototypes,fedcl_public,central \
-    "${cached[@]}"
+# the recipe of every cluttered-regime table below (docs/benchmarks.md, "The main table: cluttered Fashion-MNIST"):
+# 5 sites x 2000 images, width 16, Adam at 1e-3 with kept state, rounds of 1/32 epoch (1 local step), 128 fresh
+# pushes per site and round; each command adds its splits, batch size, rounds, rows and tag
+CLUTTERED=(--dataset fashion-mnist-cluttered --seeds 0,1,2 --sites 5 --images-per-site 2000 --width 16 --lr 1e-3
+           --rounds-per-epoch 32 --persist-optimizer --num-push 128 --eval-every 32 --test-images 2000 --threads 1)
+ALL_ROWS=pixels,random,local,fedsimclr,fedcl,fedcl_noqueue,fedcl_dp8,fedcl_dp3,fedcl_prototypes,fedcl_public,central
 
-# the 16-epoch table (quality_budget16.*, the README's): the main table's recipe at 16 epochs (512 rounds) instead
-# of 8, on the pathological split, every row (docs/benchmarks.md, "Twice the budget")
-"$PY" bench/quality.py --dataset fashion-mnist-cluttered --splits pathological --seeds 0,1,2 \
-    --sites 5 --images-per-site 2000 --width 16 --batch-size 64 --lr 1e-3 --rounds 512 --rounds-per-epoch 32 \
-    --persist-optimizer --num-push 128 --eval-every 32 --test-images 2000 --threads 1 \
-    --methods pixels,random,local,fedsimclr,fedcl,fedcl_noqueue,fedcl_dp8,fedcl_dp3,fedcl_prototypes,fedcl_public,central \
-    --tag _budget16 "${cached[@]}"
+# the 8-epoch table (quality.json): both splits (pathological, Dirichlet alpha = 0.1), 3 seeds, every row;
+# 8 epochs as 256 rounds
+"$PY" bench/quality.py "${CLUTTERED[@]}" --splits pathological,dirichlet0.1 --batch-size 64 --rounds 256 \
+    --methods "$ALL_ROWS" "${cached[@]}"
+
+# the 16-epoch table (quality_budget16.*, the README's): the same recipe at 16 epochs (512 rounds) instead of 8,
+# on the pathological split, every row (docs/benchmarks.md, "The 16-epoch table")
+"$PY" bench/quality.py "${CLUTTERED[@]}" --splits pathological --batch-size 64 --rounds 512 \
+    --methods "$ALL_ROWS" --tag _budget16 "${cached[@]}"
 
 # the control of the budget probe (quality_central_b320.*): central SimCLR with the images of a whole federated
 # round in each step (batch 320 = 5 sites x 64), so as many sequential updates as the federation's 512 rounds;
 # and the plot of every curve against sequential updates (quality_budget16_updates.png)
-"$PY" bench/quality.py --dataset fashion-mnist-cluttered --splits pathological --seeds 0,1,2 \
-    --sites 5 --images-per-site 2000 --width 16 --batch-size 320 --lr 1e-3 --rounds 512 --rounds-per-epoch 32 \
-    --persist-optimizer --num-push 128 --eval-every 32 --test-images 2000 --threads 1 \
+"$PY" bench/quality.py "${CLUTTERED[@]}" --splits pathological --batch-size 320 --rounds 512 \
     --methods central --tag _central_b320 "${cached[@]}"
 "$PY" bench/plot_updates.py bench/results/quality_budget16.json bench/results/quality_central_b320.json \
     --out bench/results/quality_budget16_updates.png
 
 # the batch-32 probe (quality_b32.*): the 16-epoch recipe at batch 32 for every row it has, i.e. twice the
 # sequential updates for the federated rows and for central alike (docs/benchmarks.md, "At batch 32")
-"$PY" bench/quality.py --dataset fashion-mnist-cluttered --splits pathological --seeds 0,1,2 \
-    --sites 5 --images-per-site 2000 --width 16 --batch-size 32 --lr 1e-3 --rounds 512 --rounds-per-epoch 32 \
-    --persist-optimizer --num-push 128 --eval-every 32 --test-images 2000 --threads 1 \
+"$PY" bench/quality.py "${CLUTTERED[@]}" --splits pathological --batch-size 32 --rounds 512 \
     --methods pixels,random,fedsimclr,fedcl,central --tag _b32 "${cached[@]}"
 
 # the Dirichlet split at 16 epochs, the rows of the targets only (quality_budget16_dirichlet.*): the 16-epoch
 # table's command on the other split (docs/benchmarks.md, "The 16-epoch table")
-"$PY" bench/quality.py --dataset fashion-mnist-cluttered --splits dirichlet0.1 --seeds 0,1,2 \
-    --sites 5 --images-per-site 2000 --width 16 --batch-size 64 --lr 1e-3 --rounds 512 --rounds-per-epoch 32 \
-    --persist-optimizer --num-push 128 --eval-every 32 --test-images 2000 --threads 1 \
+"$PY" bench/quality.py "${CLUTTERED[@]}" --splits dirichlet0.1 --batch-size 64 --rounds 512 \
     --methods pixels,random,fedsimclr,fedcl,central --tag _budget16_dirichlet "${cached[@]}"
 
 # plain Fashion-MNIST's main rows on the shipped federation (quality_fashion_mnist_shipped.*). The committed
