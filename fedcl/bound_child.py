@@ -18,6 +18,7 @@ import subprocess
 import sys
 
 PR_SET_PDEATHSIG = 1
+CANNOT_START = 127  # the launcher's status when COMMAND cannot be executed (as a shell's)
 
 
 def bound_argv(argv: list[str]) -> list[str]:
@@ -49,7 +50,7 @@ def main(args: list[str]) -> int:
         os.execvp(command[0], command)
     except OSError as exc:
         print(f"fedcl: cannot start {command[0]!r}: {exc.strerror}", file=sys.stderr)
-        return 127
+        return CANNOT_START
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import threading
 import time
 from pathlib import Path
 
-from fedcl.bound_child import popen_bound
+from fedcl.bound_child import CANNOT_START, popen_bound
 from fedcl.client import preflight
 from fedcl.client.preflight import PreflightError
 from fedcl.wire.flower import flower_environment
@@ -380,6 +380,11 @@ def supervise(argv: list[str], *, rejoin: bool, min_delay: float = 1.0, max_dela
                 return 0
             if fatal_seen:
                 print(f"fedcl-client: error: {fatal_seen[0]}", file=sys.stderr, flush=True)
+                return 2
+            if code == CANNOT_START:  # not installed or not on PATH: a restart cannot fix it
+                print(f"fedcl-client: error: {argv[0]} could not be started (the line above says why): "
+                      "install Flower (flwr) in this Python environment, or put its bin folder on PATH",
+                      file=sys.stderr, flush=True)
                 return 2
             if not rejoin:
                 return code

@@ -285,3 +285,17 @@ def test_supervisor_stops_on_a_permanent_local_error(tmp_path):
     assert "rejoining" not in proc.stdout
     assert proc.stderr.strip().splitlines()[-1].startswith(
         f"fedcl-client: error: the SuperNode could not serve its runtime API at 127.0.0.1:{port}")
+
+
+def test_supervisor_stops_when_the_supernode_cannot_be_started():
+    """A SuperNode command that is not installed (or not on PATH) is not restarted forever: one line,
+    status 2."""
+    code = ("from fedcl.client.cli import supervise; "
+            "raise SystemExit(supervise(['fedcl-no-such-supernode'], rejoin=True))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == [
+        "fedcl: cannot start 'fedcl-no-such-supernode': No such file or directory",
+        "fedcl-client: error: fedcl-no-such-supernode could not be started (the line above says why): "
+        "install Flower (flwr) in this Python environment, or put its bin folder on PATH"]
+    assert "rejoining" not in proc.stdout
