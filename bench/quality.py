@@ -149,6 +149,7 @@ def federation_config(method: FedMethod, cfg: dict, *, split: str, seed: int, da
         train={"epochs": cfg["local_epochs"], "rounds_per_epoch": cfg.get("rounds_per_epoch", 1),
                "persist_optimizer": cfg.get("persist_optimizer", False), "batch_size": cfg["batch_size"],
                "optimizer": "adam", "lr": cfg["lr"], "weight_decay": 1e-6, "temperature": cfg["temperature"],
+               "queue_temperature": cfg.get("queue_temperature", cfg["temperature"]),
                "in_batch_negatives": method.in_batch_negatives, "key_encoder": method.key_encoder,
                "num_push": cfg["num_push"], "device": "cpu", "threads": cfg.get("threads", 1), "seed": seed},
         queue={"enabled": method.queue, "num_negatives": cfg["num_negatives"],
@@ -550,6 +551,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--temperature", type=float, default=0.2)
+    p.add_argument("--queue-temperature", type=float, default=0.1,
+                   help="the frozen-key queue term's temperature (train.queue_temperature, shipped "
+                   "default 0.1); equal to --temperature: the queue term at NT-Xent's, as in every "
+                   "table before it")
     p.add_argument("--crop-scale-min", type=float, default=0.3, help="smallest random-crop area (augment)")
     p.add_argument("--num-negatives", type=int, default=4096)
     p.add_argument("--num-push", type=int, default=512)
@@ -597,6 +602,8 @@ def run_config(args: argparse.Namespace) -> dict:
            "knn": {"k": 200, "t": 0.1}, "fewlabel_per_class": 10, "dp": {"epsilon": 8.0}, "release": RELEASE,
            "rounds_per_epoch": args.rounds_per_epoch, "persist_optimizer": args.persist_optimizer,
            "runner": RUNNER}
+    if args.queue_temperature != args.temperature:  # absent when equal: rows cached before it keep their key
+        cfg["queue_temperature"] = args.queue_temperature
     if args.max_staleness is not None:  # absent by default: the cached rows keep their key
         cfg["max_staleness"] = args.max_staleness
     if args.dataset != "fashion-mnist":  # absent for plain Fashion-MNIST: its cached rows keep their key
@@ -632,7 +639,8 @@ def config_key(cfg: dict) -> str:
 # recipe fields a row does not read are left out of its key, so that changing them (the queue's
 # --num-push, say) retrains only the rows they change: the queue and release settings reach only rows
 # with the queue or DP-SGD on; the training recipe does not reach the untrained rows.
-QUEUE_FIELDS = ("num_negatives", "num_push", "max_staleness", "public_images", "release", "dp")
+QUEUE_FIELDS = ("num_negatives", "num_push", "max_staleness", "public_images", "release", "dp",
+                "queue_temperature")
 TRAINING_FIELDS = ("rounds", "local_epochs", "rounds_per_epoch", "persist_optimizer", "batch_size", "lr",
                    "temperature", "optimizer", *QUEUE_FIELDS)
 

@@ -35,34 +35,43 @@ cached=()
 CLUTTERED=(--dataset fashion-mnist-cluttered --seeds 0,1,2 --sites 5 --images-per-site 2000 --width 16 --lr 1e-3
            --rounds-per-epoch 32 --persist-optimizer --num-push 128 --eval-every 32 --test-images 2000 --threads 1)
 ALL_ROWS=pixels,random,local,fedsimclr,fedcl,fedcl_noqueue,fedcl_dp8,fedcl_dp3,fedcl_prototypes,fedcl_public,central
+# the tables trained before train.queue_temperature existed had the queue term at NT-Xent's temperature (0.2);
+# this flag keeps their cache keys. The rows without a queue term do not read it (same key either way).
+FORMER=(--queue-temperature 0.2)
 
 # the 8-epoch table (quality.json): both splits (pathological, Dirichlet alpha = 0.1), 3 seeds, every row;
 # 8 epochs as 256 rounds
 "$PY" bench/quality.py "${CLUTTERED[@]}" --splits pathological,dirichlet0.1 --batch-size 64 --rounds 256 \
-    --methods "$ALL_ROWS" "${cached[@]}"
+    --methods "$ALL_ROWS" "${FORMER[@]}" "${cached[@]}"
 
 # the 16-epoch table (quality_budget16.*, the README's): the same recipe at 16 epochs (512 rounds) instead of 8,
 # on the pathological split, every row (docs/benchmarks.md, "The 16-epoch table")
 "$PY" bench/quality.py "${CLUTTERED[@]}" --splits pathological --batch-size 64 --rounds 512 \
-    --methods "$ALL_ROWS" --tag _budget16 "${cached[@]}"
+    --methods "$ALL_ROWS" --tag _budget16 "${FORMER[@]}" "${cached[@]}"
 
 # the control of the budget probe (quality_central_b320.*): central SimCLR with the images of a whole federated
 # round in each step (batch 320 = 5 sites x 64), so as many sequential updates as the federation's 512 rounds;
 # and the plot of every curve against sequential updates (quality_budget16_updates.png)
 "$PY" bench/quality.py "${CLUTTERED[@]}" --splits pathological --batch-size 320 --rounds 512 \
-    --methods central --tag _central_b320 "${cached[@]}"
+    --methods central --tag _central_b320 "${FORMER[@]}" "${cached[@]}"
 "$PY" bench/plot_updates.py bench/results/quality_budget16.json bench/results/quality_central_b320.json \
     --out bench/results/quality_budget16_updates.png
 
 # the batch-32 probe (quality_b32.*): the 16-epoch recipe at batch 32 for every row it has, i.e. twice the
 # sequential updates for the federated rows and for central alike (docs/benchmarks.md, "At batch 32")
 "$PY" bench/quality.py "${CLUTTERED[@]}" --splits pathological --batch-size 32 --rounds 512 \
-    --methods pixels,random,fedsimclr,fedcl,central --tag _b32 "${cached[@]}"
+    --methods pixels,random,fedsimclr,fedcl,central --tag _b32 "${FORMER[@]}" "${cached[@]}"
 
 # the Dirichlet split at 16 epochs, the rows of the targets only (quality_budget16_dirichlet.*): the 16-epoch
 # table's command on the other split (docs/benchmarks.md, "The 16-epoch table")
 "$PY" bench/quality.py "${CLUTTERED[@]}" --splits dirichlet0.1 --batch-size 64 --rounds 512 \
-    --methods pixels,random,fedsimclr,fedcl,central --tag _budget16_dirichlet "${cached[@]}"
+    --methods pixels,random,fedsimclr,fedcl,central --tag _budget16_dirichlet "${FORMER[@]}" "${cached[@]}"
+
+# the 16-epoch table at the shipped queue temperature 0.1 (quality_qt01.*, the README's): the 16-epoch table's
+# command without --queue-temperature 0.2. The rows without a queue term are the 16-epoch table's runs (same
+# cache keys); the queue's rows retrain (docs/benchmarks.md, "Queue temperature 0.1")
+"$PY" bench/quality.py "${CLUTTERED[@]}" --splits pathological --batch-size 64 --rounds 512 \
+    --methods pixels,random,local,fedsimclr,fedcl,fedcl_noqueue,fedcl_dp8,central --tag _qt01 "${cached[@]}"
 
 # plain Fashion-MNIST's main rows on the shipped federation (quality_fashion_mnist_shipped.*). The committed
 # quality_fashion_mnist.* is the table of the former bench copy of the round (removed): no command rebuilds
@@ -71,7 +80,7 @@ RECIPE=(--seeds 0,1,2 --local-epochs 1 --images-per-site 1000 --width 16 --test-
         --lr 3e-4 --threads 1)
 "$PY" bench/quality.py --splits pathological "${RECIPE[@]}" --rounds 160 --rounds-per-epoch 8 --persist-optimizer \
     --eval-every 8 --methods pixels,random,fedsimclr,fedcl,fedcl_noqueue,central --tag _fashion_mnist_shipped \
-    "${cached[@]}"
+    "${FORMER[@]}" "${cached[@]}"
 [ "$tables_only" = 1 ] && exit 0
 
 "$PY" bench/overhead.py > bench/results/overhead.txt

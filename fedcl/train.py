@@ -40,7 +40,8 @@ class RoundRecipe:
     epochs: int = 1  # local epochs (non-DP); under DP-SGD the default number of Poisson steps is epochs / q
     batch_size: int = 256  # non-DP batch; DP-SGD's expected batch is sample_rate x images
     lr: float = 3e-4
-    temperature: float = 0.2
+    temperature: float = 0.2  # NT-Xent's (and the online-key loss's)
+    queue_temperature: float = 0.1  # the frozen-key queue term's: its positive and the queue's negatives
     key_encoder: Literal["global", "online"] = "global"  # queue term's keys: frozen round model or online
     in_batch_negatives: bool = True  # NT-Xent over the batch besides the queue term (not under DP-SGD)
     num_push: int = 512  # embeddings of the round model to return for the queue (0: none)
@@ -56,8 +57,9 @@ class RoundRecipe:
         if self.epochs < 1 or self.batch_size < 1 or self.num_push < 0:
             raise ValueError(f"epochs and batch_size must be >= 1 and num_push >= 0, got {self.epochs}, "
                              f"{self.batch_size} and {self.num_push}")
-        if not (self.lr > 0 and self.temperature > 0):
-            raise ValueError(f"lr and temperature must be > 0, got {self.lr} and {self.temperature}")
+        if not (self.lr > 0 and self.temperature > 0 and self.queue_temperature > 0):
+            raise ValueError(f"lr, temperature and queue_temperature must be > 0, got {self.lr}, "
+                             f"{self.temperature} and {self.queue_temperature}")
 
 
 @dataclass
@@ -105,11 +107,14 @@ def loss_name(*, key_encoder: str, in_batch: bool, queue: bool) -> str:
 def contrastive_loss(
     model: nn.Module, key_model: nn.Module | None, v1: torch.Tensor, v2: torch.Tensor, *,
     negatives: torch.Tensor | None, temperature: float, in_batch: bool,
+    queue_temperature: float | None = None,
 ) -> torch.Tensor:
     """The local loss for a batch of view pairs v1, v2 (B, C, H, W).
 
     key_model: the frozen round model (keys detached), or None for online keys.
     negatives: (K, d) detached queue entries or None.
+    temperature: NT-Xent's and the online-key loss's; queue_temperature: the frozen-key queue term's
+    (None: ``temperature``).
 
     - Frozen keys with in-batch negatives (fedcl): SimCLR's NT-Xent on the trained model's two
       views (in-batch negatives, gradients through both views) plus the queue term, the symmetric
@@ -127,6 +132,7 @@ def contrastive_loss(
     """
     name = loss_name(key_encoder="online" if key_model is None else "global", in_batch=in_batch,
                      queue=negatives is not None and negatives.shape[0] > 0)
+    tq = temperature if queue_temperature is None else queue_temperature
     q1, q2 = model(v1), model(v2)  # (B, d) each
     if name.startswith("nt-xent"):
         loss = nt_xent(q1, q2, temperature=temperature)
@@ -134,15 +140,16 @@ def contrastive_loss(
             return loss
         with torch.no_grad():  # detached: the queue term's keys come from the frozen round model
             k1, k2 = key_model(v1), key_model(v2)  # (B, d) each
-        return loss + 0.5 * (info_nce(q1, k2, negatives, temperature=temperature)
-                             + info_nce(q2, k1, negatives, temperature=temperature))
+        return loss + 0.5 * (info_nce(q1, k2, negatives, temperature=tq)
+                             + info_nce(q2, k1, negatives, temperature=tq))
     if key_model is not None:
         with torch.no_grad():  # detached: keys come from the frozen round model
             k1, k2 = key_model(v1), key_model(v2)  # (B, d) each
     else:
         k1, k2 = q1, q2
-    loss_a = info_nce(q1, k2, negatives, temperature=temperature, in_batch=in_batch)
-    loss_b = info_nce(q2, k1, negatives, temperature=temperature, in_batch=in_batch)
+    t = tq if key_model is not None else temperature  # the frozen-key queue term alone (DP-SGD)
+    loss_a = info_nce(q1, k2, negatives, temperature=t, in_batch=in_batch)
+    loss_b = info_nce(q2, k1, negatives, temperature=t, in_batch=in_batch)
     return 0.5 * (loss_a + loss_b)
 
 
@@ -296,7 +303,8 @@ def _train_steps(
         v1, v2 = views(idx)
         t1 = time.perf_counter()
         loss = contrastive_loss(train_model, key_model, v1, v2, negatives=negatives,
-                                temperature=recipe.temperature, in_batch=recipe.in_batch_negatives)
+                                temperature=recipe.temperature, in_batch=recipe.in_batch_negatives,
+                                queue_temperature=recipe.queue_temperature)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if check is not None:

@@ -164,6 +164,52 @@ def test_fedcl_loss_is_ntxent_on_the_online_views_plus_the_frozen_key_queue_term
     assert all(p.grad is None for p in key_model.parameters())
 
 
+def test_queue_temperature_scales_the_queue_term_only():
+    """queue_temperature divides the frozen-key queue term's logits (positive and queue entries); NT-Xent
+    and the online-key loss keep ``temperature``; DP-SGD's loss, the queue term alone, takes it too."""
+    from fedcl.losses import info_nce, nt_xent
+    from fedcl.train import contrastive_loss
+
+    torch.manual_seed(0)
+    model = build_model(in_channels=1, width=8, proj_dim=16, proj_hidden=32)
+    key_model = _nearby_copy(model, 0.05)
+    v1, v2 = torch.rand(6, 1, 28, 28), torch.rand(6, 1, 28, 28)
+    negs = F.normalize(torch.randn(10, 16), dim=1)
+    q1, q2, k1, k2 = model(v1), model(v2), key_model(v1), key_model(v2)
+
+    def term(t):
+        return 0.5 * (_manual_queue_term(q1, k2, negs, t) + _manual_queue_term(q2, k1, negs, t))
+
+    fedcl = contrastive_loss(model, key_model, v1, v2, negatives=negs, temperature=0.3, in_batch=True,
+                             queue_temperature=0.1)
+    torch.testing.assert_close(fedcl, nt_xent(q1, q2, temperature=0.3) + term(0.1))
+    assert not torch.allclose(fedcl, nt_xent(q1, q2, temperature=0.3) + term(0.3))
+    dp = contrastive_loss(model, key_model, v1, v2, negatives=negs, temperature=0.3, in_batch=False,
+                          queue_temperature=0.1)
+    torch.testing.assert_close(dp, term(0.1))
+    online = contrastive_loss(model, None, v1, v2, negatives=negs, temperature=0.3, in_batch=True,
+                              queue_temperature=0.1)
+    want = 0.5 * (info_nce(q1, q2, negs, temperature=0.3, in_batch=True)
+                  + info_nce(q2, q1, negs, temperature=0.3, in_batch=True))
+    torch.testing.assert_close(online, want)
+    # None: the queue term at ``temperature`` (every table before queue_temperature existed)
+    torch.testing.assert_close(contrastive_loss(model, key_model, v1, v2, negatives=negs, temperature=0.3,
+                                                in_batch=True, queue_temperature=None),
+                               nt_xent(q1, q2, temperature=0.3) + term(0.3))
+
+
+def test_local_round_trains_with_the_recipes_queue_temperature(data, monkeypatch):
+    import fedcl.train as T
+
+    seen = []
+    real = T.contrastive_loss
+    monkeypatch.setattr(T, "contrastive_loss",
+                        lambda *a, **kw: seen.append(kw["queue_temperature"]) or real(*a, **kw))
+    model = build_model(in_channels=1, width=8, proj_dim=16, proj_hidden=32)
+    _round(model, data.images, queue_temperature=0.07)
+    assert seen and set(seen) == {0.07}
+
+
 def test_loss_name_tells_the_settings_apart():
     from fedcl.train import loss_name
 
@@ -180,6 +226,7 @@ def test_loss_name_tells_the_settings_apart():
     (dict(key_encoder="ema"), "key_encoder"), (dict(optimizer="rmsprop"), "optimizer"),
     (dict(epochs=0), "epochs"), (dict(batch_size=0), "batch_size"), (dict(num_push=-1), "num_push"),
     (dict(lr=0.0), "lr"), (dict(temperature=-0.1), "temperature"),
+    (dict(queue_temperature=0.0), "queue_temperature"),
 ])
 def test_round_recipe_refuses_bad_settings(bad, match):
     with pytest.raises(ValueError, match=match):

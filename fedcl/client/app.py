@@ -495,6 +495,7 @@ def train_handler(msg: Message, context: Context, simulated: SimulatedSites | No
         push_after = queue is not None and not rc.queue.fresh_push and privacy.settings.release != "public"
         recipe = RoundRecipe(
             epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, temperature=t.temperature,
+            queue_temperature=t.queue_temperature,
             key_encoder=t.key_encoder, in_batch_negatives=t.in_batch_negatives,
             num_push=t.num_push if push_after else 0, optimizer=t.optimizer, momentum=t.momentum,
             weight_decay=t.weight_decay)

@@ -22,9 +22,9 @@ pytestmark = pytest.mark.skipif(not any(ROOT.glob("train-images-idx3-ubyte*")),
 
 # 2 sites x 32 images, 2 rounds of a width-4 CNN: the recipe bench/quality.py would pass
 CFG = {"rounds": 2, "local_epochs": 1, "images_per_site": 32, "sites": 2, "width": 4, "batch_size": 16,
-       "lr": 1e-3, "temperature": 0.2, "num_negatives": 64, "num_push": 16, "crop_scale_min": 0.3,
-       "test_images": 100, "public_images": 32, "rounds_per_epoch": 1, "persist_optimizer": False,
-       "threads": 1}
+       "lr": 1e-3, "temperature": 0.2, "queue_temperature": 0.1, "num_negatives": 64, "num_push": 16,
+       "crop_scale_min": 0.3, "test_images": 100, "public_images": 32, "rounds_per_epoch": 1,
+       "persist_optimizer": False, "threads": 1}
 # the same federation as a user writes it for `fedcl simulate --engine inprocess` (shipped keys)
 SAME_BY_HAND = [
     f"data.path='{ROOT}'", "data.partition=pathological", "data.classes_per_site=2", "data.num_sites=2",

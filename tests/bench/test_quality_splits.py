@@ -93,6 +93,25 @@ def test_each_row_is_keyed_by_the_recipe_fields_it_reads():
     assert changed == set(base)  # the encoder reaches every row (pixels included: over-keying is safe)
 
 
+def test_queue_temperature_keys_the_queue_rows_only_and_at_the_temperature_keeps_the_former_keys():
+    """Tables trained before train.queue_temperature had the queue term at --temperature: passing that
+    value keeps their keys; another value retrains the rows whose loss has a queue term."""
+    from bench.quality import parse_args, row_key, run_config
+
+    def keys(extra: list[str]) -> dict[str, str]:
+        cfg = run_config(parse_args(MAIN_TABLE + extra))
+        return {m: row_key(cfg, m) for m in ("pixels", "central", "local", "fedsimclr", "fedcl_noqueue",
+                                             "fedcl", "fedcl_dp8", "fedcl_public", "fedcl_prototypes")}
+
+    assert "queue_temperature" not in run_config(parse_args(MAIN_TABLE + ["--queue-temperature", "0.2"]))
+    former, default = keys(["--queue-temperature", "0.2"]), keys([])
+    assert run_config(parse_args(MAIN_TABLE))["queue_temperature"] == 0.1  # the shipped default
+    changed = {m for m in former if former[m] != default[m]}
+    assert changed == {"fedcl", "fedcl_dp8", "fedcl_public", "fedcl_prototypes"}
+    assert keys(["--queue-temperature", "0.1", "--temperature", "0.1"])["fedcl"] not in (former["fedcl"],
+                                                                                          default["fedcl"])
+
+
 def test_a_changed_preset_or_loss_gets_a_new_cache_key(monkeypatch):
     """A run cached under one definition of a method is not reused for another one."""
     import dataclasses
