@@ -6,9 +6,10 @@
 #
 # bench/quality.py keeps every finished (split, method, seed) run in bench/results/cache (ignored by git),
 # so a rerun trains only what is missing. On a fresh clone the cache is empty: the quality tables then train
-# 133 runs of 8, 16 or 20 epochs each: 63 of the 8-epoch table's 66 took 5.3 CPU-hours on the machine that ran
+# 139 runs of 8, 16 or 20 epochs each: 63 of the 8-epoch table's 66 took 5.3 CPU-hours on the machine that ran
 # them, the 16-epoch table's 28 trained runs 6.1 more, its batch-320 control's 3 0.3, the batch-32 probe's 9
-# trained runs 1.3, the 16-epoch Dirichlet rows' 9 trained runs 1.3, and the plain table about
+# trained runs 1.3, the 16-epoch Dirichlet rows' 9 trained runs 1.3, the queue-temperature-0.1 table's 6
+# trained runs 1.8, and the plain table about
 # 3.5 on a machine 2.4 times slower per run (docs/benchmarks.md).
 # The timing benchmarks (overhead, DP overhead, context state, scale) always rerun and take minutes; their
 # figures depend on the machine's load.
@@ -44,7 +45,7 @@ FORMER=(--queue-temperature 0.2)
 "$PY" bench/quality.py "${CLUTTERED[@]}" --splits pathological,dirichlet0.1 --batch-size 64 --rounds 256 \
     --methods "$ALL_ROWS" "${FORMER[@]}" "${cached[@]}"
 
-# the 16-epoch table (quality_budget16.*, the README's): the same recipe at 16 epochs (512 rounds) instead of 8,
+# the 16-epoch table (quality_budget16.*, queue term at 0.2): the same recipe at 16 epochs (512 rounds) instead of 8,
 # on the pathological split, every row (docs/benchmarks.md, "The 16-epoch table")
 "$PY" bench/quality.py "${CLUTTERED[@]}" --splits pathological --batch-size 64 --rounds 512 \
     --methods "$ALL_ROWS" --tag _budget16 "${FORMER[@]}" "${cached[@]}"
