@@ -120,16 +120,22 @@ def _manual_queue_term(q, k, negatives, t):
     return (-torch.log(pos / (pos + neg))).mean()
 
 
+def _loss_inputs():
+    """A model, a different frozen key model near it, two views of 6 images, 10 queue entries and the
+    four embeddings (q1, q2, k1, k2) that the losses are checked against."""
+    torch.manual_seed(0)
+    model = build_model(in_channels=1, width=8, proj_dim=16, proj_hidden=32)
+    key_model = _nearby_copy(model, 0.05)
+    v1, v2 = torch.rand(6, 1, 28, 28), torch.rand(6, 1, 28, 28)
+    negs = F.normalize(torch.randn(10, 16), dim=1)
+    return model, key_model, v1, v2, negs, (model(v1), model(v2), key_model(v1), key_model(v2))
+
+
 def test_contrastive_loss_frozen_keys_is_symmetric_infonce_and_online_keys_without_queue_is_ntxent():
     from fedcl.losses import nt_xent
     from fedcl.train import contrastive_loss
 
-    torch.manual_seed(0)
-    model = build_model(in_channels=1, width=8, proj_dim=16, proj_hidden=32)
-    key_model = _nearby_copy(model, 0.05)  # a different frozen key model
-    v1, v2 = torch.rand(6, 1, 28, 28), torch.rand(6, 1, 28, 28)
-    negs = F.normalize(torch.randn(10, 16), dim=1)
-    q1, q2, k1, k2 = model(v1), model(v2), key_model(v1), key_model(v2)
+    model, key_model, v1, v2, negs, (q1, q2, k1, k2) = _loss_inputs()
     got = contrastive_loss(model, key_model, v1, v2, negatives=negs, temperature=0.3, in_batch=False)
     want = 0.5 * (_manual_queue_term(q1, k2, negs, 0.3) + _manual_queue_term(q2, k1, negs, 0.3))
     torch.testing.assert_close(got, want)
@@ -145,12 +151,7 @@ def test_fedcl_loss_is_ntxent_on_the_online_views_plus_the_frozen_key_queue_term
     from fedcl.losses import nt_xent
     from fedcl.train import contrastive_loss
 
-    torch.manual_seed(0)
-    model = build_model(in_channels=1, width=8, proj_dim=16, proj_hidden=32)
-    key_model = _nearby_copy(model, 0.05)
-    v1, v2 = torch.rand(6, 1, 28, 28), torch.rand(6, 1, 28, 28)
-    negs = F.normalize(torch.randn(10, 16), dim=1)
-    q1, q2, k1, k2 = model(v1), model(v2), key_model(v1), key_model(v2)
+    model, key_model, v1, v2, negs, (q1, q2, k1, k2) = _loss_inputs()
     got = contrastive_loss(model, key_model, v1, v2, negatives=negs, temperature=0.3, in_batch=True)
     queue_term = 0.5 * (_manual_queue_term(q1, k2, negs, 0.3) + _manual_queue_term(q2, k1, negs, 0.3))
     torch.testing.assert_close(got, nt_xent(q1, q2, temperature=0.3) + queue_term)
@@ -170,12 +171,7 @@ def test_queue_temperature_scales_the_queue_term_only():
     from fedcl.losses import info_nce, nt_xent
     from fedcl.train import contrastive_loss
 
-    torch.manual_seed(0)
-    model = build_model(in_channels=1, width=8, proj_dim=16, proj_hidden=32)
-    key_model = _nearby_copy(model, 0.05)
-    v1, v2 = torch.rand(6, 1, 28, 28), torch.rand(6, 1, 28, 28)
-    negs = F.normalize(torch.randn(10, 16), dim=1)
-    q1, q2, k1, k2 = model(v1), model(v2), key_model(v1), key_model(v2)
+    model, key_model, v1, v2, negs, (q1, q2, k1, k2) = _loss_inputs()
 
     def term(t):
         return 0.5 * (_manual_queue_term(q1, k2, negs, t) + _manual_queue_term(q2, k1, negs, t))
