@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -506,15 +507,30 @@ NOT_RUN_DEFINING = frozenset({
 })
 
 
+# run-defining settings added after checkpoints existed, with the value a checkpoint written before the
+# setting ran with (read from that checkpoint's own section). A new setting whose default changes what an
+# older run did belongs here: without an entry, a resume from an older checkpoint would switch it silently.
+FORMER_VALUES: dict[str, Callable[[dict], Any]] = {
+    # 726d6d8: before it, the queue term divided by train.temperature
+    "train.queue_temperature": lambda train: train.get("temperature"),
+}
+
+
 def config_changes(saved_json: str, now_json: str) -> list[str]:
     """``section.key: saved -> now`` for each run-defining setting that differs between two
-    ``dump_config`` JSONs; settings only one of them has (an older fedcl's checkpoint) are skipped."""
+    ``dump_config`` JSONs. A setting the saved config lacks (an older fedcl's checkpoint) takes its
+    ``FORMER_VALUES`` entry, the value that run had; settings without one are skipped."""
     if not saved_json:
         return []
     saved, now = json.loads(saved_json), json.loads(now_json)
     changes = []
     for section, keys in RUN_DEFINING.items():
-        a, b = saved.get(section) or {}, now.get(section) or {}
+        a, b = dict(saved.get(section) or {}), now.get(section) or {}
+        for k in b:
+            former = FORMER_VALUES.get(f"{section}.{k}")
+            value = former(a) if k not in a and former is not None else None
+            if value is not None:
+                a[k] = value
         for k in sorted(set(a) & set(b)) if keys is None else keys:
             if k in a and k in b and a[k] != b[k] and f"{section}.{k}" not in NOT_RUN_DEFINING:
                 changes.append(f"{section}.{k}: {a[k]!r} -> {b[k]!r}")

@@ -243,6 +243,22 @@ def test_config_changes_name_only_run_defining_settings_both_configs_have():
     assert config_changes(json.dumps(older), now) == []
 
 
+def test_a_checkpoint_from_before_queue_temperature_resumes_only_at_its_former_value():
+    import json
+
+    from fedcl.config import dump_config
+    from fedcl.server.app import config_changes
+
+    cfg = _with(load_config(None, TINY), "train", temperature=0.2, queue_temperature=0.1)
+    before = json.loads(dump_config(cfg))
+    del before["train"]["queue_temperature"]  # written before 726d6d8: the queue term divided by 0.2
+    assert config_changes(json.dumps(before), dump_config(cfg)) == ["train.queue_temperature: 0.2 -> 0.1"]
+    same = _with(cfg, "train", queue_temperature=0.2)  # the older run's value: the same run
+    assert config_changes(json.dumps(before), dump_config(same)) == []
+    del before["train"]  # a checkpoint without the section at all: nothing to compare
+    assert config_changes(json.dumps(before), dump_config(cfg)) == []
+
+
 def test_server_momentum_is_checkpointed_and_resumed(tmp_path, federation):
     cfg, link, simulated, _ = federation
     cfg = _with(cfg, "federation", strategy="FedAvgM", strategy_kwargs={"server_momentum": 0.9})
