@@ -6,10 +6,11 @@
 #
 # bench/quality.py keeps every finished (split, method, seed) run in bench/results/cache (ignored by git),
 # so a rerun trains only what is missing. On a fresh clone the cache is empty: the quality tables then train
-# 139 runs of 8, 16 or 20 epochs each: 63 of the 8-epoch table's 66 took 5.3 CPU-hours on the machine that ran
+# 148 runs of 8, 16 or 20 epochs each: 63 of the 8-epoch table's 66 took 5.3 CPU-hours on the machine that ran
 # them, the 16-epoch table's 28 trained runs 6.1 more, its batch-320 control's 3 0.3, the batch-32 probe's 9
 # trained runs 1.3, the 16-epoch Dirichlet rows' 9 trained runs 1.3, the queue-temperature-0.1 table's 6
-# trained runs 1.8, and the plain table about
+# trained runs 1.8, its `public` row's 3 runs 0.8, the doubled-learning-rate DP rows' 6 runs 1.7 (with their
+# pixels and random rows), and the plain table about
 # 3.5 on a machine 2.4 times slower per run (docs/benchmarks.md).
 # The timing benchmarks (overhead, DP overhead, context state, scale) always rerun and take minutes; their
 # figures depend on the machine's load.
@@ -73,6 +74,16 @@ FORMER=(--queue-temperature 0.2)
 # cache keys); the queue's rows retrain (docs/benchmarks.md, "Queue temperature 0.1")
 "$PY" bench/quality.py "${CLUTTERED[@]}" --splits pathological --batch-size 64 --rounds 512 \
     --methods pixels,random,local,fedsimclr,fedcl,fedcl_noqueue,fedcl_dp8,central --tag _qt01 "${cached[@]}"
+
+# the `public` release at queue temperature 0.1 (quality_qt01_public.*): the qt01 table's command for the row
+# it did not retrain. `prototypes` at 0.1 is not trained (its figures at 0.2 are the 16-epoch table's)
+"$PY" bench/quality.py "${CLUTTERED[@]}" --splits pathological --batch-size 64 --rounds 512 \
+    --methods fedcl_public --tag _qt01_public "${cached[@]}"
+# DP-SGD at epsilon = 8 and 3 with the learning rate doubled (quality_qt01_dp.*, docs/benchmarks.md, "DP-SGD
+# at twice the learning rate"): the qt01 table's command at --lr 2e-3, with its pixels and random-init rows
+# (they do not read the learning rate: the qt01 table's runs, same cache keys)
+"$PY" bench/quality.py "${CLUTTERED[@]}" --splits pathological --batch-size 64 --rounds 512 --lr 2e-3 \
+    --methods pixels,random,fedcl_dp8,fedcl_dp3 --tag _qt01_dp "${cached[@]}"
 
 # plain Fashion-MNIST's main rows on the shipped federation (quality_fashion_mnist_shipped.*). The committed
 # quality_fashion_mnist.* is the table of the former bench copy of the round (removed): no command rebuilds
