@@ -523,14 +523,14 @@ def config_changes(saved_json: str, now_json: str) -> list[str]:
     if not saved_json:
         return []
     saved, now = json.loads(saved_json), json.loads(now_json)
+    for name, former in FORMER_VALUES.items():  # fill in what an older checkpoint's run had
+        section, key = name.split(".", 1)
+        old = saved.get(section)
+        if old and key not in old and (value := former(old)) is not None:
+            old[key] = value
     changes = []
     for section, keys in RUN_DEFINING.items():
-        a, b = dict(saved.get(section) or {}), now.get(section) or {}
-        for k in b:
-            former = FORMER_VALUES.get(f"{section}.{k}")
-            value = former(a) if k not in a and former is not None else None
-            if value is not None:
-                a[k] = value
+        a, b = saved.get(section) or {}, now.get(section) or {}
         for k in sorted(set(a) & set(b)) if keys is None else keys:
             if k in a and k in b and a[k] != b[k] and f"{section}.{k}" not in NOT_RUN_DEFINING:
                 changes.append(f"{section}.{k}: {a[k]!r} -> {b[k]!r}")
