@@ -10,7 +10,8 @@
 # them, the 16-epoch table's 28 trained runs 6.1 more, its batch-320 control's 3 0.3, the batch-32 probe's 9
 # trained runs 1.3, the 16-epoch Dirichlet rows' 9 trained runs 1.3, the queue-temperature-0.1 table's 6
 # trained runs 1.8, its `public` row's 3 runs 0.8, the doubled-learning-rate DP rows' 6 runs 1.7 (with their
-# pixels and random rows), and the plain table about
+# pixels and random rows), the 2e-3 rows' 12 runs 1.9, the queue-temperature-0.1 Dirichlet fedcl rows' 3 runs
+# 0.7, and the plain table about
 # 3.5 on a machine 2.4 times slower per run (docs/benchmarks.md).
 # The timing benchmarks (overhead, DP overhead, context state, scale) always rerun and take minutes; their
 # figures depend on the machine's load.
@@ -84,6 +85,14 @@ FORMER=(--queue-temperature 0.2)
 # (they do not read the learning rate: the qt01 table's runs, same cache keys)
 "$PY" bench/quality.py "${CLUTTERED[@]}" --splits pathological --batch-size 64 --rounds 512 --lr 2e-3 \
     --methods pixels,random,fedcl_dp8,fedcl_dp3 --tag _qt01_dp "${cached[@]}"
+# every learned row that reads the learning rate at 2e-3 (quality_qt01_lr2.*, docs/benchmarks.md, "The few-label
+# gap to central"): the qt01 table's command at --lr 2e-3; pixels and random init are the qt01 table's runs
+"$PY" bench/quality.py "${CLUTTERED[@]}" --splits pathological --batch-size 64 --rounds 512 --lr 2e-3 \
+    --methods pixels,random,fedsimclr,fedcl,fedcl_noqueue,central --tag _qt01_lr2 "${cached[@]}"
+# fedcl on the Dirichlet split at 16 epochs at the shipped queue temperature 0.1 (quality_qt01_dirichlet.*), with
+# pixels and random init; FedSimCLR and central do not read the setting: their runs are quality_budget16_dirichlet's
+"$PY" bench/quality.py "${CLUTTERED[@]}" --splits dirichlet0.1 --batch-size 64 --rounds 512 \
+    --methods pixels,random,fedcl --tag _qt01_dirichlet "${cached[@]}"
 
 # plain Fashion-MNIST's main rows on the shipped federation (quality_fashion_mnist_shipped.*). The committed
 # quality_fashion_mnist.* is the table of the former bench copy of the round (removed): no command rebuilds
