@@ -136,8 +136,8 @@ class SiteTrainSettings(_Section):
     lr: float = Field(3e-4, gt=0)  # 1e-3 dips kNN below random init after the first pathological round
     # (under DP-SGD every per-example gradient is clipped, and twice the non-private rate paid: the cluttered
     # table's epsilon = 8 row at 2e-3 against 1e-3 gained 3.05 kNN over 3 seeds. With one local step per round
-    # a FedAvg round is one step over every site's batch, and fedcl there gained 1.33 kNN at 2e-3 where central
-    # SimCLR and FedSimCLR did not; docs/benchmarks.md, "The few-label gap to central")
+    # a FedAvg round is close to one step over every site's batch; fedcl there gained 1.33 kNN at 2e-3 where
+    # central SimCLR and FedSimCLR did not; docs/benchmarks.md, "The few-label gap to central")
     momentum: float = Field(0.9, ge=0, lt=1)  # SGD only
     weight_decay: float = Field(1e-6, ge=0)
     temperature: float = Field(0.2, gt=0)
