@@ -134,7 +134,7 @@ class SiteTrainSettings(_Section):
     batch_size: int = Field(256, ge=1)
     optimizer: Literal["adam", "sgd"] = "adam"  # SGD at lr 0.05 collapsed the small CNN here
     lr: float = Field(3e-4, gt=0)  # 1e-3 dips kNN below random init after the first pathological round
-    # (under DP-SGD every per-example gradient is clipped, and twice the non-private rate paid: the cluttered
+    # (under DP-SGD every per-example gradient is clipped, and twice the first rate paid: the cluttered
     # table's epsilon = 8 row at 2e-3 against 1e-3 gained 3.05 kNN over 3 seeds. With one local step per round
     # a FedAvg round is close to one step over every site's batch; fedcl there gained 1.33 kNN at 2e-3 where
     # central SimCLR and FedSimCLR did not; docs/benchmarks.md, "The few-label gap to central")
