@@ -137,6 +137,14 @@ def effective_staleness(method: FedMethod, cfg: dict) -> int:
     return cfg.get("max_staleness", method.max_staleness) if method.fresh_push else method.max_staleness
 
 
+def server_strategy(cfg: dict) -> dict:
+    """The ``[federation]`` strategy settings of the recipe: FedAvg, or FedAvgM at ``--server-momentum``."""
+    momentum = cfg.get("server_momentum", 0.0)
+    if not momentum:
+        return {"strategy": "FedAvg"}
+    return {"strategy": "FedAvgM", "strategy_kwargs": {"server_momentum": momentum}}
+
+
 def federation_config(method: FedMethod, cfg: dict, *, split: str, seed: int, data_root: Path) -> FedclConfig:
     """The FedclConfig that runs ``method`` with the benchmark's recipe ``cfg`` (see run_config)."""
     dp = method.dp_epsilon is not None
@@ -161,7 +169,7 @@ def federation_config(method: FedMethod, cfg: dict, *, split: str, seed: int, da
         # the bench evaluates itself; the server's kNN curve every eval_every rounds (not in the cache key:
         # it changes the curve's points, not the training)
         federation={"num_rounds": cfg["rounds"], "fraction_evaluate": 0.0,
-                    "eval_every": cfg.get("eval_every", 1)},
+                    "eval_every": cfg.get("eval_every", 1)} | server_strategy(cfg),
     )
 
 
@@ -555,6 +563,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="the frozen-key queue term's temperature (train.queue_temperature, shipped "
                    "default 0.1); equal to --temperature: the queue term at NT-Xent's, as in every "
                    "table before it")
+    p.add_argument(
+        "--server-momentum", type=float, default=0.0,
+        help="the federated rows aggregate with Flower's FedAvgM at this server momentum "
+        "(federation.strategy = \"FedAvgM\"); 0: FedAvg, as in every table before it")
     p.add_argument("--crop-scale-min", type=float, default=0.3, help="smallest random-crop area (augment)")
     p.add_argument("--num-negatives", type=int, default=4096)
     p.add_argument("--num-push", type=int, default=512)
@@ -604,6 +616,8 @@ def run_config(args: argparse.Namespace) -> dict:
            "runner": RUNNER}
     if args.queue_temperature != args.temperature:  # absent when equal: rows cached before it keep their key
         cfg["queue_temperature"] = args.queue_temperature
+    if args.server_momentum:  # absent for FedAvg: the cached rows keep their key
+        cfg["server_momentum"] = args.server_momentum
     if args.max_staleness is not None:  # absent by default: the cached rows keep their key
         cfg["max_staleness"] = args.max_staleness
     if args.dataset != "fashion-mnist":  # absent for plain Fashion-MNIST: its cached rows keep their key
@@ -641,8 +655,9 @@ def config_key(cfg: dict) -> str:
 # with the queue or DP-SGD on; the training recipe does not reach the untrained rows.
 QUEUE_FIELDS = ("num_negatives", "num_push", "max_staleness", "public_images", "release", "dp",
                 "queue_temperature")
+FEDERATION_FIELDS = ("server_momentum",)  # read by the federations only
 TRAINING_FIELDS = ("rounds", "local_epochs", "rounds_per_epoch", "persist_optimizer", "batch_size", "lr",
-                   "temperature", "optimizer", *QUEUE_FIELDS)
+                   "temperature", "optimizer", *QUEUE_FIELDS, *FEDERATION_FIELDS)
 
 
 def row_key(cfg: dict, name: str) -> str:
@@ -654,7 +669,9 @@ def row_key(cfg: dict, name: str) -> str:
     kind = METHODS[name]
     if kind in ("pixels", "random"):
         unread: tuple[str, ...] = TRAINING_FIELDS
-    elif kind in ("local", "central") or (not kind.queue and kind.dp_epsilon is None):
+    elif kind in ("local", "central"):
+        unread = (*QUEUE_FIELDS, *FEDERATION_FIELDS)
+    elif not kind.queue and kind.dp_epsilon is None:
         unread = QUEUE_FIELDS
     else:
         unread = ()

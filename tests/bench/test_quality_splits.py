@@ -143,3 +143,20 @@ def test_max_staleness_sets_the_fresh_push_rows_only():
     assert "max_staleness" not in default  # so that the rows cached before the option keep their key
     assert federation_config(METHODS["fedcl"], default, split="pathological", seed=0,
                              data_root=Path("/x")).queue.max_staleness == 0
+
+
+def test_server_momentum_sets_fedavgm_for_the_federations_only():
+    from bench.quality import METHODS, federation_config, parse_args, row_key, run_config
+
+    default = run_config(parse_args(MAIN_TABLE))
+    assert "server_momentum" not in default  # FedAvg: the rows cached before the option keep their key
+    fed = federation_config(METHODS["fedcl"], default, split="pathological", seed=0, data_root=Path("/x"))
+    assert fed.federation.strategy == "FedAvg"
+    cfg = run_config(parse_args(MAIN_TABLE + ["--server-momentum", "0.5"]))
+    for m in ("fedsimclr", "fedcl", "fedcl_noqueue", "fedcl_dp8"):
+        fed = federation_config(METHODS[m], cfg, split="pathological", seed=0, data_root=Path("/x"))
+        fed = fed.federation
+        assert (fed.strategy, fed.strategy_kwargs) == ("FedAvgM", {"server_momentum": 0.5})
+    changed = {m for m in ("pixels", "random", "local", "central", "fedsimclr", "fedcl", "fedcl_noqueue")
+               if row_key(cfg, m) != row_key(default, m)}
+    assert changed == {"fedsimclr", "fedcl", "fedcl_noqueue"}
