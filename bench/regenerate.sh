@@ -6,12 +6,12 @@
 #
 # bench/quality.py keeps every finished (split, method, seed) run in bench/results/cache (ignored by git),
 # so a rerun trains only what is missing. On a fresh clone the cache is empty: the quality tables then train
-# 148 runs of 8, 16 or 20 epochs each: 63 of the 8-epoch table's 66 took 5.3 CPU-hours on the machine that ran
+# 161 runs of 8, 16 or 20 epochs each: 63 of the 8-epoch table's 66 took 5.3 CPU-hours on the machine that ran
 # them, the 16-epoch table's 28 trained runs 6.1 more, its batch-320 control's 3 0.3, the batch-32 probe's 9
 # trained runs 1.3, the 16-epoch Dirichlet rows' 9 trained runs 1.3, the queue-temperature-0.1 table's 6
 # trained runs 1.8, its `public` row's 3 runs 0.8, the doubled-learning-rate DP rows' 6 runs 1.7 (with their
 # pixels and random rows), the 2e-3 rows' 12 runs 1.9, the queue-temperature-0.1 Dirichlet fedcl rows' 3 runs
-# 0.7, and the plain table about
+# 0.7, the same at 2e-3 0.7, the five-seed tables' 10 runs of seeds 3 and 4 1.0, and the plain table about
 # 3.5 on a machine 2.4 times slower per run (docs/benchmarks.md).
 # The timing benchmarks (overhead, DP overhead, context state, scale) always rerun and take minutes; their
 # figures depend on the machine's load.
@@ -93,6 +93,17 @@ FORMER=(--queue-temperature 0.2)
 # pixels and random init; FedSimCLR and central do not read the setting: their runs are quality_budget16_dirichlet's
 "$PY" bench/quality.py "${CLUTTERED[@]}" --splits dirichlet0.1 --batch-size 64 --rounds 512 \
     --methods pixels,random,fedcl --tag _qt01_dirichlet "${cached[@]}"
+# the same at 2e-3 (quality_qt01_dirichlet_lr2.*, docs/benchmarks.md, "Around 2e-3"): fedcl retrains, pixels
+# and random init are the command above's runs
+"$PY" bench/quality.py "${CLUTTERED[@]}" --splits dirichlet0.1 --batch-size 64 --rounds 512 --lr 2e-3 \
+    --methods pixels,random,fedcl --tag _qt01_dirichlet_lr2 "${cached[@]}"
+# seeds 3 and 4 beside 0 to 2 for the rows of the within-3-of-central target (docs/benchmarks.md, "Around
+# 2e-3"): central at 1e-3 (quality_qt01_seeds5.*), fedcl and central at 2e-3 (quality_qt01_lr2_seeds5.*);
+# seeds 0 to 2 are the qt01 and qt01_lr2 tables' runs
+"$PY" bench/quality.py "${CLUTTERED[@]}" --splits pathological --batch-size 64 --rounds 512 --seeds 0,1,2,3,4 \
+    --methods pixels,random,central --tag _qt01_seeds5 "${cached[@]}"
+"$PY" bench/quality.py "${CLUTTERED[@]}" --splits pathological --batch-size 64 --rounds 512 --seeds 0,1,2,3,4 \
+    --lr 2e-3 --methods pixels,random,fedcl,central --tag _qt01_lr2_seeds5 "${cached[@]}"
 
 # plain Fashion-MNIST's main rows on the shipped federation (quality_fashion_mnist_shipped.*). The committed
 # quality_fashion_mnist.* is the table of the former bench copy of the round (removed): no command rebuilds
