@@ -138,11 +138,10 @@ def effective_staleness(method: FedMethod, cfg: dict) -> int:
 
 
 def server_strategy(cfg: dict) -> dict:
-    """The ``[federation]`` strategy settings of the recipe: FedAvg, or FedAvgM at ``--server-momentum``."""
+    """The ``[federation]`` strategy settings of the recipe: FedAvgM at ``--server-momentum``, else none
+    (the shipped default strategy, FedAvg)."""
     momentum = cfg.get("server_momentum", 0.0)
-    if not momentum:
-        return {"strategy": "FedAvg"}
-    return {"strategy": "FedAvgM", "strategy_kwargs": {"server_momentum": momentum}}
+    return {"strategy": "FedAvgM", "strategy_kwargs": {"server_momentum": momentum}} if momentum else {}
 
 
 def federation_config(method: FedMethod, cfg: dict, *, split: str, seed: int, data_root: Path) -> FedclConfig:
