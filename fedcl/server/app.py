@@ -574,11 +574,11 @@ def _resume_or_start(ckpt_dir: Path, *, model, evaluator: CentralEvaluator | Non
     return progress
 
 
-# Server optimizers measured with fedcl's recipe (docs/benchmarks.md, "What was tried" and "Around 2e-3"):
-# on top of the sites' kept Adam state they stalled training where FedAvg went on learning.
-STALLED_STRATEGIES = {
-    "FedAvgM": "server momentum 0.3 and 0.5",
-    "FedAdam": "server learning rates 1e-3 and 1e-4",
+# Server optimizers measured with fedcl's recipe (docs/benchmarks.md, "What was tried" and "Around 2e-3"): on
+# top of the sites' kept Adam state they fell behind FedAvg (FedAvgM at 0.3) or stalled (the others).
+LOSING_STRATEGIES = {
+    "FedAvgM": "server momentum 0.3: behind FedAvg; 0.5: stalled",
+    "FedAdam": "server learning rates 1e-3 and 1e-4: stalled",
 }
 
 
@@ -586,12 +586,11 @@ def _log_plan(cfg, *, queue: QueueLink | None, out_dir: Path) -> None:
     num_rounds = cfg.federation.num_rounds
     log.info("fedcl federation: %d rounds, strategy %s, queue %s; writing to %s", num_rounds,
              cfg.federation.strategy, queue.address if queue else "off", out_dir.resolve())
-    if cfg.federation.strategy in STALLED_STRATEGIES:
+    if cfg.federation.strategy in LOSING_STRATEGIES:
         log.warning(
-            "federation.strategy = %s (%s) stalled fedcl's training in the cluttered benchmark, with "
-            "each site's Adam state kept (docs/benchmarks.md): the server's kNN stopped rising while "
-            "FedAvg's went on; use FedAvg unless you have measured otherwise",
-            cfg.federation.strategy, STALLED_STRATEGIES[cfg.federation.strategy])
+            "federation.strategy = %s lost to FedAvg in fedcl's cluttered benchmark, with each site's Adam "
+            "state kept (%s; docs/benchmarks.md); use FedAvg unless you have measured otherwise",
+            cfg.federation.strategy, LOSING_STRATEGIES[cfg.federation.strategy])
     if cfg.train.rounds_per_epoch > 1:  # easy to miss: the same num_rounds now trains k times less
         how = ("1/%d of an epoch's DP-SGD steps over all its images" if cfg.privacy.dpsgd
                else "on 1/%d of its images") % cfg.train.rounds_per_epoch
